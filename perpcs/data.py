@@ -1,0 +1,206 @@
+"""Reading and validating the data layout of SPEC section 3, and writing files atomically.
+
+Loaded data is never changed in place: truncation and formatting make new strings (the original
+truncated fields in place and crashed on integer ``date`` fields).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import fail
+from .tasks import Task
+
+
+def read_json(path, what: str = "file"):
+    """Parse a JSON file; a missing file or malformed JSON names the file (and line and column)."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        fail(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}")
+    except UnicodeDecodeError as err:
+        fail(f"{path}: not UTF-8 text ({err})")
+
+
+def write_json_atomic(path, obj, indent: int | None = 1) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it, so a reader never sees half a file."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _user_label(path, index: int, user) -> str:
+    uid = user.get("user_id", "?") if isinstance(user, dict) else "?"
+    return f"{path}: user #{index} (user_id {uid!r})"
+
+
+def validate_users(users, path, task: Task, need_gold: bool = False) -> list:
+    """Check a users file's structure; returns the same list (validated, unchanged)."""
+    if not isinstance(users, list):
+        fail(f"{path}: expected a JSON list of users, got {type(users).__name__}")
+    for ui, user in enumerate(users):
+        where = _user_label(path, ui, user)
+        if not isinstance(user, dict):
+            fail(f"{where}: expected an object with user_id, profile, query")
+        for key in ("user_id", "profile", "query"):
+            if key not in user:
+                fail(f"{where}: missing field '{key}'")
+        if not isinstance(user["user_id"], (str, int)):
+            fail(f"{where}: field 'user_id' must be a string")
+        if not isinstance(user["profile"], list):
+            fail(f"{where}: field 'profile' must be a list of history items")
+        if not isinstance(user["query"], list):
+            fail(f"{where}: field 'query' must be a list")
+        for hi, item in enumerate(user["profile"]):
+            if not isinstance(item, dict):
+                fail(f"{where}: profile item #{hi} is not an object")
+            for fname in task.history_fields:
+                if fname not in item or item[fname] is None:
+                    fail(f"{where}: profile item #{hi} (id {item.get('id', '?')!r}) is missing field "
+                         f"'{fname}' needed by task {task.name}")
+        for qi, q in enumerate(user["query"]):
+            if not isinstance(q, dict):
+                fail(f"{where}: query #{qi} is not an object")
+            for key in ("id", "input") + (("gold",) if need_gold else ()):
+                if key not in q:
+                    fail(f"{where}: query #{qi} (id {q.get('id', '?')!r}) is missing field '{key}'")
+    return users
+
+
+def load_users(path, task: Task, need_gold: bool = False) -> list:
+    return validate_users(read_json(path, "users file"), path, task, need_gold)
+
+
+def user_id(user) -> str:
+    return str(user["user_id"])
+
+
+def load_profiles(path) -> dict:
+    """``profile-id2text.json``: {user_id: profile text}."""
+    profiles = read_json(path, "profile file")
+    if not isinstance(profiles, dict):
+        fail(f"{path}: expected a JSON object {{user_id: profile text}}")
+    for uid, text in profiles.items():
+        if not isinstance(text, str):
+            fail(f"{path}: profile of user {uid!r} must be a string")
+    return profiles
+
+
+def profile_text(profiles: dict, user, path, index: int | None = None) -> str:
+    uid = user_id(user)
+    if uid not in profiles:
+        who = f"user #{index} " if index is not None else "user "
+        fail(f"{path}: no profile text for {who}(user_id {uid!r}); run data/gen_profile.py for this task "
+             f"or leave the profile variants out")
+    return profiles[uid]
+
+
+def validate_golds(golds, path) -> dict:
+    """LaMP golds file -> {id: output}."""
+    if not isinstance(golds, dict) or not isinstance(golds.get("golds"), list):
+        fail(f"{path}: expected a LaMP file {{\"task\": ..., \"golds\": [{{\"id\", \"output\"}}]}}")
+    out = {}
+    for i, g in enumerate(golds["golds"]):
+        if not isinstance(g, dict) or "id" not in g or "output" not in g:
+            fail(f"{path}: golds entry #{i} needs 'id' and 'output'")
+        out[str(g["id"])] = g["output"]
+    return out
+
+
+def golds_from_users(users, task: Task) -> dict:
+    """A LaMP golds file built from the test users' query golds (when golds.json is absent)."""
+    golds = []
+    for ui, user in enumerate(users):
+        for q in user["query"]:
+            if "gold" not in q:
+                fail(f"no golds.json and user #{ui} (user_id {user_id(user)!r}) query {q.get('id')!r} "
+                     f"has no 'gold' to derive it from")
+            golds.append({"id": str(q["id"]), "output": q["gold"]})
+    return {"task": task.lamp_id, "golds": golds}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one task's data directory (SPEC section 3)."""
+
+    data_dir: Path
+    task: Task
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir) / self.task.name
+
+    @property
+    def base_users(self) -> Path:
+        return self.root / "user_base_LLM.json"
+
+    @property
+    def candidate_users(self) -> Path:
+        return self.root / "user_anchor_candidate.json"
+
+    @property
+    def test_users(self) -> Path:
+        return self.root / "test_100" / "user_test_100.json"
+
+    @property
+    def reserve_users(self) -> Path:
+        return self.root / "user_reserve_10_percent.json"
+
+    @property
+    def profiles(self) -> Path:
+        return self.root / "profile-id2text.json"
+
+    @property
+    def golds(self) -> Path:
+        return self.root / "test_100" / "golds.json"
+
+    def split_path(self, split: str) -> Path:
+        return {"base": self.base_users, "candidate": self.candidate_users, "test": self.test_users,
+                "reserve": self.reserve_users}[split]
+
+    def load_split(self, split: str, need_gold: bool = False) -> list:
+        return load_users(self.split_path(split), self.task, need_gold=need_gold)
+
+    def load_profiles(self) -> dict:
+        return load_profiles(self.profiles)
+
+    def load_golds(self, test_users=None) -> dict:
+        """The test golds as a LaMP dict; derived from the test users' queries when golds.json is absent."""
+        if self.golds.is_file():
+            raw = read_json(self.golds, "golds file")
+            validate_golds(raw, self.golds)
+            return raw
+        users = test_users if test_users is not None else self.load_split("test")
+        print(f"note: {self.golds} not found; golds derived from the test users' query golds")
+        return golds_from_users(users, self.task)
+
+
+def all_splits_users(layout: Layout, splits=("base", "candidate", "test", "reserve")) -> list:
+    """Users of every split that exists (profile generation reads them all)."""
+    users = []
+    for split in splits:
+        path = layout.split_path(split)
+        if path.is_file():
+            users.extend(layout.load_split(split))
+    return users
