@@ -1,0 +1,41 @@
+"""Stage 6: LaMP metrics of a predictions file against a golds file (SPEC section 8).
+
+    python eval/eval_task.py --golds_json G --preds_json P --task_name LaMP_2M --output_file R
+
+Prints the metrics; with --output_file also writes them there as JSON.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from perpcs.data import write_json_atomic  # noqa: E402
+from perpcs.errors import run_cli  # noqa: E402
+from perpcs.metrics import evaluate_files  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--golds_json", required=True, help="LaMP golds file {task, golds: [{id, output}]}")
+    parser.add_argument("--preds_json", required=True, help="LaMP predictions file, same format and ids")
+    parser.add_argument("--task_name", required=True,
+                        help="LaMP id (LaMP_2M) or project name (movie_tagging)")
+    parser.add_argument("--output_file", default=None, help="where to write the metrics JSON (optional)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    metrics = evaluate_files(args.golds_json, args.preds_json, args.task_name)
+    print(json.dumps(metrics, indent=1))
+    if args.output_file:
+        write_json_atomic(args.output_file, metrics)
+        print(f"metrics written to {args.output_file}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,97 @@
+"""Batched generation and the test-time prediction files (no retrieval / BM25 k, without / with profile).
+
+Prompts are sorted by length and left-padded, so a batch wastes little compute on padding and every row's
+new tokens start at the same column; only the new tokens are decoded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .data import profile_text, write_json_atomic
+from .prompts import UserHistory, query_example
+from .tasks import Task
+from .training import autocast_for
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch.device,
+             temperature: float = 0.1, top_p: float = 0.9, seed: int = 0, batch_size: int = 16,
+             max_seq_len: int = 3000, cpu_bf16: bool = False, show_progress: bool = False) -> list:
+    """Completions (new tokens only, stripped) for each prompt; greedy when temperature is 0."""
+    if not prompts:
+        return []
+    torch.manual_seed(seed)
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    max_prompt = max(1, max_seq_len - max_new_tokens)
+    encoded = [ids[-max_prompt:] for ids in encoded]   # keep the instruction end, as training does
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = temperature > 0
+    outputs = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not show_progress,
+                      leave=False):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            n = len(encoded[i])
+            ids[r, width - n:] = torch.tensor(encoded[i])
+            mask[r, width - n:] = 1
+        kwargs = dict(do_sample=sampling, temperature=temperature, top_p=top_p) if sampling else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with autocast_for(device, cpu_bf16):
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
+        for r, i in enumerate(rows):
+            outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return outputs
+
+
+def variant_names(k_list) -> list:
+    """(file stem, k, with_profile) for the 8 test-time variants: kNP, k1, k2, k4, each +/- profile."""
+    ks = [("kNP", 0)] + [(f"k{k}", k) for k in k_list]
+    return [(stem + ("-profile" if prof else ""), k, prof) for prof in (False, True) for stem, k in ks]
+
+
+def variant_prompts(task: Task, users: list, k: int, with_profile: bool, profiles: dict | None,
+                    profiles_path=None) -> list:
+    """(query id, prompt) for every query of every user under one variant."""
+    rows = []
+    for ui, user in enumerate(users):
+        history = UserHistory(task, user["profile"])
+        prof = profile_text(profiles, user, profiles_path, ui) if with_profile else None
+        for q in user["query"]:
+            rows.append((str(q["id"]), query_example(task, q, history, k, prof).prompt))
+    return rows
+
+
+def write_predictions(path: Path, task: Task, ids: list, outputs: list) -> None:
+    write_json_atomic(path, {"task": task.lamp_id,
+                             "golds": [{"id": i, "output": o} for i, o in zip(ids, outputs)]})
+
+
+def predict_variants(model, tokenizer, task: Task, users: list, profiles: dict | None, out_dir: Path,
+                     device: torch.device, k_list=(1, 2, 4), max_new_tokens: int | None = None,
+                     profiles_path=None, overwrite: bool = False, **gen_kwargs) -> dict:
+    """Write ``<out_dir>/<variant>.json`` for the 8 variants; finished files are kept unless overwrite."""
+    out_dir = Path(out_dir)
+    written = {}
+    for stem, k, with_profile in variant_names(k_list):
+        path = out_dir / f"{stem}.json"
+        written[stem] = path
+        if path.is_file() and not overwrite:
+            continue
+        rows = variant_prompts(task, users, k, with_profile, profiles, profiles_path)
+        outputs = generate(model, tokenizer, [p for _, p in rows],
+                           max_new_tokens or task.max_gen_len, device, **gen_kwargs)
+        write_predictions(path, task, [i for i, _ in rows], outputs)
+        print(f"  wrote {path} ({len(rows)} predictions)")
+    return written

@@ -1,0 +1,210 @@
+"""The fine-tuning loop shared by the task LoRA, sharer LoRAs, gates and OPPU (SPEC section 5).
+
+AdamW (0.9, 0.95), half-cycle cosine decay to 0 with no warm-up, gradient-norm clip, gradient accumulation,
+optional gradient checkpointing, loss on answer tokens only. Whatever parameters have ``requires_grad`` train:
+LoRA weights for adapters, gate vectors for gates.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import fail
+from .prompts import Example
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 6
+    accum_iter: int = 1
+    epochs: int = 3
+    max_step: int | None = None    # optimizer steps; whichever of epochs / max_step ends first
+    clip: float = 0.3
+    max_seq_len: int = 3000
+    grad_ckpt: bool = True
+    seed: int = 0
+    betas: tuple = (0.9, 0.95)
+    cpu_bf16: bool = False
+    group_by_length: bool = True   # batches of similar lengths: far less padding, same examples per epoch
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def user_seed(seed: int, user: str) -> int:
+    """A per-user seed, so a user's result does not depend on which users ran before it or in which shard."""
+    import hashlib
+    digest = hashlib.sha256(f"{seed}:{user}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass
+class Tokenized:
+    input_ids: list
+    labels: list
+    source: str
+
+    @property
+    def n_answer(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def tokenize_example(tokenizer, example: Example, max_seq_len: int, add_eos: bool = True) -> Tokenized:
+    """Prompt + answer (+ EOS) token ids; labels are -100 on the prompt, so the loss sees the answer only.
+
+    Too long: the prompt is cut from the left (after BOS), keeping the instruction and the answer: the
+    profile/history sections come first and are the least important part.
+    """
+    prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+    full_ids = tokenizer(example.prompt + example.answer, add_special_tokens=True)["input_ids"]
+    n_prompt = len(prompt_ids)
+    if full_ids[:n_prompt] != prompt_ids:   # a token merged across the boundary: use the common prefix
+        n_prompt = next(i for i, (a, b) in enumerate(zip(full_ids, prompt_ids)) if a != b)
+    if add_eos and tokenizer.eos_token_id is not None:
+        full_ids = full_ids + [tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] * n_prompt + full_ids[n_prompt:]
+    if len(full_ids) > max_seq_len:
+        keep_bos = 1 if tokenizer.bos_token_id is not None and full_ids[0] == tokenizer.bos_token_id else 0
+        cut = len(full_ids) - max_seq_len
+        full_ids = full_ids[:keep_bos] + full_ids[keep_bos + cut:]
+        labels = labels[:keep_bos] + labels[keep_bos + cut:]
+    return Tokenized(full_ids, labels, example.source)
+
+
+def collate(batch: list, pad_id: int, device=None) -> dict:
+    """Right-padded tensors; padding masked in attention and labels."""
+    width = max(len(t.input_ids) for t in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, t in enumerate(batch):
+        n = len(t.input_ids)
+        ids[row, :n] = torch.tensor(t.input_ids)
+        labels[row, :n] = torch.tensor(t.labels)
+        mask[row, :n] = 1
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def make_batches(n: int, batch_size: int, generator: torch.Generator, lengths=None) -> list:
+    """Shuffled index batches; with lengths, batches hold similar lengths (shuffled among themselves).
+
+    Length grouping sorts within windows of 16 batches, so an epoch still sees every example once and
+    batch composition stays random at a coarse scale.
+    """
+    order = torch.randperm(n, generator=generator).tolist()
+    if lengths is not None:
+        window = batch_size * 16
+        order = [i for s in range(0, n, window)
+                 for i in sorted(order[s:s + window], key=lambda j: -lengths[j])]
+    batches = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    if lengths is not None:
+        perm = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def lr_at(step: int, total_steps: int, base_lr: float) -> float:
+    """Half-cycle cosine from base_lr (step 0) towards 0 (after the last step), no warm-up."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+
+
+def count_steps(n_examples: int, cfg: TrainConfig) -> int:
+    batches_per_epoch = math.ceil(n_examples / cfg.batch_size)
+    steps = cfg.epochs * math.ceil(batches_per_epoch / cfg.accum_iter)
+    return min(steps, cfg.max_step) if cfg.max_step is not None else steps
+
+
+def autocast_for(device: torch.device, cpu_bf16: bool):
+    if device.type == "cpu" and cpu_bf16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.device,
+          desc: str = "train", log_path: Path | None = None, show_progress: bool = True) -> dict:
+    """Train the parameters of ``model`` that require grad on ``examples``; returns loss/speed stats.
+
+    A non-finite loss stops with an error naming ``desc`` and the step; the caller saves nothing then.
+    """
+    if not examples:
+        fail(f"{desc}: no training examples (empty history?)")
+    seed_all(cfg.seed)
+    tokenized = [tokenize_example(tokenizer, ex, cfg.max_seq_len) for ex in examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        fail(f"{desc}: the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    total_steps = count_steps(len(tokenized), cfg)
+    if cfg.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    lengths = [len(t.input_ids) for t in tokenized] if cfg.group_by_length else None
+    log = open(log_path, "a", encoding="utf-8") if log_path else None
+    bar = tqdm(total=total_steps, desc=desc, disable=not show_progress, leave=False)
+    step, micro, losses, tokens, t0 = 0, 0, [], 0, time.perf_counter()
+    running = None
+    try:
+        for epoch in range(cfg.epochs):
+            if step >= total_steps:
+                break
+            for batch_idx in make_batches(len(tokenized), cfg.batch_size, generator, lengths):
+                batch = collate([tokenized[i] for i in batch_idx], pad_id, device)
+                with autocast_for(device, cfg.cpu_bf16):
+                    loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    fail(f"{desc}: non-finite loss ({loss.item()}) at step {step + 1}, epoch {epoch + 1}; "
+                         f"nothing was saved (try a lower --lr)")
+                (loss / cfg.accum_iter).backward()
+                losses.append(loss.item())
+                tokens += int(batch["attention_mask"].sum())
+                micro += 1
+                if micro % cfg.accum_iter:
+                    continue
+                lr = lr_at(step, total_steps, cfg.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                step_loss = float(np.mean(losses[-cfg.accum_iter:]))
+                running = step_loss if running is None else 0.9 * running + 0.1 * step_loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}")
+                if log:
+                    elapsed = time.perf_counter() - t0
+                    log.write(json.dumps({"desc": desc, "step": step, "loss": step_loss, "lr": lr,
+                                          "tokens_per_s": tokens / max(elapsed, 1e-9)}) + "\n")
+                if step >= total_steps:
+                    break
+    finally:
+        bar.close()
+        if log:
+            log.close()
+        if cfg.grad_ckpt:
+            model.gradient_checkpointing_disable()
+        model.eval()
+    elapsed = time.perf_counter() - t0
+    return {"steps": step, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "mean_loss": float(np.mean(losses)) if losses else None,
+            "seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
