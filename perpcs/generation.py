@@ -73,25 +73,26 @@ def variant_prompts(task: Task, users: list, k: int, with_profile: bool, profile
     return rows
 
 
-def write_predictions(path: Path, task: Task, ids: list, outputs: list) -> None:
-    write_json_atomic(path, {"task": task.lamp_id,
-                             "golds": [{"id": i, "output": o} for i, o in zip(ids, outputs)]})
+def write_predictions(path: Path, task: Task, rows: list) -> None:
+    """A LaMP-format predictions file from (query id, output) rows."""
+    write_json_atomic(path, {"task": task.lamp_id, "golds": [{"id": i, "output": o} for i, o in rows]})
 
 
-def predict_variants(model, tokenizer, task: Task, users: list, profiles: dict | None, out_dir: Path,
-                     device: torch.device, k_list=(1, 2, 4), max_new_tokens: int | None = None,
-                     profiles_path=None, overwrite: bool = False, **gen_kwargs) -> dict:
-    """Write ``<out_dir>/<variant>.json`` for the 8 variants; finished files are kept unless overwrite."""
-    out_dir = Path(out_dir)
-    written = {}
-    for stem, k, with_profile in variant_names(k_list):
-        path = out_dir / f"{stem}.json"
-        written[stem] = path
-        if path.is_file() and not overwrite:
-            continue
-        rows = variant_prompts(task, users, k, with_profile, profiles, profiles_path)
-        outputs = generate(model, tokenizer, [p for _, p in rows],
-                           max_new_tokens or task.max_gen_len, device, **gen_kwargs)
-        write_predictions(path, task, [i for i, _ in rows], outputs)
-        print(f"  wrote {path} ({len(rows)} predictions)")
-    return written
+def predict_variants(model, tokenizer, task: Task, users: list, profiles: dict | None, device: torch.device,
+                     k_list=(1, 2, 4), max_new_tokens: int | None = None, profiles_path=None,
+                     **gen_kwargs) -> dict:
+    """{variant stem: [(query id, output)]} for the 8 variants, generated in one length-sorted pass."""
+    variants = variant_names(k_list)
+    rows = [(stem, qid, prompt) for stem, k, with_profile in variants
+            for qid, prompt in variant_prompts(task, users, k, with_profile, profiles, profiles_path)]
+    outputs = generate(model, tokenizer, [r[2] for r in rows], max_new_tokens or task.max_gen_len, device,
+                       **gen_kwargs)
+    preds = {stem: [] for stem, _, _ in variants}
+    for (stem, qid, _), out in zip(rows, outputs):
+        preds[stem].append((qid, out))
+    return preds
+
+
+def write_variant_files(out_dir: Path, task: Task, preds: dict) -> None:
+    for stem, rows in preds.items():
+        write_predictions(Path(out_dir) / f"{stem}.json", task, rows)

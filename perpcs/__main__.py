@@ -1,0 +1,65 @@
+"""``python -m perpcs <command>``: small tools beside the stage scripts.
+
+show-prompts  print the exact prompts the model gets for the first n queries of a split
+materialize   rebuild a user's peft adapter from its recipe and the sharer LoRAs
+"""
+from __future__ import annotations
+
+import argparse
+
+from .errors import fail, run_cli
+
+
+def show_prompts(args) -> None:
+    from .data import Layout, profile_text
+    from .prompts import UserHistory, query_example
+    from .tasks import get_task
+    task = get_task(args.task_name)
+    layout = Layout(args.data_dir, task)
+    users = layout.load_split(args.split)
+    profiles = layout.load_profiles() if args.profile else None
+    shown = 0
+    for ui, user in enumerate(users):
+        history = UserHistory(task, user["profile"])
+        prof = profile_text(profiles, user, layout.profiles, ui) if args.profile else None
+        for q in user["query"]:
+            if shown >= args.n:
+                return
+            ex = query_example(task, q, history, args.k, prof)
+            print(f"===== user {user['user_id']} query {q['id']} (k={args.k}, profile={bool(args.profile)}) =====")
+            print(ex.prompt)
+            print(f"----- gold:{ex.answer}")
+            shown += 1
+    if shown == 0:
+        fail(f"{layout.split_path(args.split)}: no queries to show")
+
+
+def materialize_cmd(args) -> None:
+    from .compose_stage import materialize
+    out = materialize(args.recipe, args.anchor_dir, args.output_dir)
+    print(f"wrote the adapter to {out}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m perpcs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("show-prompts", help="print the prompts of the first n queries")
+    sp.add_argument("--task_name", required=True)
+    sp.add_argument("--data_dir", default="data")
+    sp.add_argument("--split", default="test", choices=["test", "base", "candidate", "reserve"])
+    sp.add_argument("--n", type=int, default=3)
+    sp.add_argument("--k", type=int, default=1, help="BM25 history items (0 = none)")
+    sp.add_argument("--profile", action="store_true", help="prepend the user's profile text")
+    sp.set_defaults(func=show_prompts)
+    mp = sub.add_parser("materialize", help="rebuild a peft adapter from a recipe")
+    mp.add_argument("--recipe", required=True)
+    mp.add_argument("--anchor_dir", required=True, help="the sharer LoRAs (stage 3 output)")
+    mp.add_argument("--output_dir", required=True)
+    mp.set_defaults(func=materialize_cmd)
+    args = p.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,124 @@
+"""Stage 5 driver: recipes, optional adapters, predictions and a summary for every target user."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .cli import shard_of
+from .composition import (Composer, ComposeSettings, PiecePool, assemble_user, install_composer, make_recipe,
+                          recipe_weights, write_recipe)
+from .data import Layout, read_json, user_id, write_json_atomic
+from .errors import fail
+from .runner import run_per_user
+from .sharers import (combine_user_predictions, default_dirs, load_merged_base, load_sharers, predict_one_user,
+                      resolve_anchor_dir, user_examples, user_predictions_path, _profiles_if_needed)
+from .tasks import get_task
+from .training import tokenize_example, user_seed
+
+
+def settings_from_args(args) -> ComposeSettings:
+    return ComposeSettings(topk=args.topk, agg_temperature=args.agg_temperature, share_ratio=args.share_ratio,
+                           epochs=args.epochs, batch_size=args.batch_size, recent_k=args.recent_k, seed=args.seed,
+                           sample=args.sample, sample_topk=args.sample_topk,
+                           sample_temperature=args.sample_temperature, sample_top_p=args.sample_top_p)
+
+
+def recipe_path(root, uid: str) -> Path:
+    return Path(root) / "recipes" / f"user_{uid}.json"
+
+
+def compose(args) -> Path:
+    task = get_task(args.task_name)
+    layout = Layout(args.data_dir, task)
+    dirs = default_dirs(task.name)
+    out_root = Path(args.output_dir or dirs["composition"])
+    settings = settings_from_args(args)
+    test_users = layout.load_split("test")
+    layout.load_golds(test_users)
+    all_profiles = layout.load_profiles()
+    sharers = load_sharers(args.anchor_idx_path or dirs["anchor_idx"], layout.candidate_users, task)
+    settings.check(len(sharers))
+    pool = PiecePool([uid for uid, _ in sharers], resolve_anchor_dir(args.anchor_path or dirs["anchor_peft"]),
+                     Path(args.gate_path or dirs["anchor_gate"]))
+    profiles = _profiles_if_needed(layout, task)
+    users = [(user_id(u), u) for u in test_users]
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, settings.recent_k)
+                for i, (uid, u) in enumerate(users)}
+    num_shards, shard_id = shard_of(args)
+
+    model, tokenizer, device = load_merged_base(args)
+    pool_device = pool.A[pool.pieces[0]].device
+    if pool_device != device:   # the pool lives beside the model
+        pool = _move_pool(pool, device)
+    composer = Composer(pool, settings)
+    install_composer(model, composer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def work(uid, user):
+        seed = user_seed(args.seed, uid)
+        path = recipe_path(out_root, uid)
+        t0 = time.perf_counter()
+        if path.is_file() and not args.overwrite:   # killed after the recipe, before the predictions
+            recipe = read_json(path, "recipe")
+            weights = recipe_weights(recipe, pool, path)
+        else:
+            tokenized = [tokenize_example(tokenizer, ex, args.max_seq_len) for ex in examples[uid]]
+            weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}")
+            seconds = time.perf_counter() - t0
+            recipe = make_recipe(pool, weights, settings, uid, task.name, batches,
+                                 {"seed_user": seed, "assembly_seconds": round(seconds, 4),
+                                  "examples": len(tokenized)})
+            write_recipe(recipe, path)
+        if args.save_adapters:
+            pool.save_adapter(weights, out_root / "adapters" / f"user_{uid}")
+        composer.use_fixed(weights)
+        preds = predict_one_user(model, tokenizer, task, user, all_profiles, layout.profiles, device, args)
+        composer.mode = "off"
+        write_json_atomic(user_predictions_path(out_root, uid), preds)
+        return {"assembly_seconds": recipe.get("assembly_seconds")}
+
+    run_per_user(users, lambda uid: recipe_path(out_root, uid).is_file()
+                 and user_predictions_path(out_root, uid).is_file(),
+                 work, "composition", out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+    if combine_user_predictions(out_root, task, test_users):
+        write_summary(out_root, pool, [uid for uid, _ in users])
+    return out_root
+
+
+def _move_pool(pool: PiecePool, device) -> PiecePool:
+    for table in (pool.A, pool.B, pool.G):
+        for piece in table:
+            table[piece] = table[piece].to(device)
+    return pool
+
+
+def write_summary(out_root: Path, pool: PiecePool, uids: list) -> dict:
+    """Per user and on average: assembly seconds, recipe bytes, adapter bytes (what OPPU stores), sharers
+    chosen per piece."""
+    adapter_bytes = pool.adapter_bytes()
+    per_user = {}
+    for uid in uids:
+        path = recipe_path(out_root, uid)
+        recipe = read_json(path, "recipe")
+        counts = [len(v) for v in recipe["pieces"].values()]
+        per_user[uid] = {"assembly_seconds": recipe.get("assembly_seconds"), "recipe_bytes": path.stat().st_size,
+                         "adapter_bytes": adapter_bytes,
+                         "sharers_per_piece": sum(counts) / max(len(counts), 1)}
+    n = max(len(per_user), 1)
+    mean = {key: sum(float(u[key] or 0) for u in per_user.values()) / n
+            for key in ("assembly_seconds", "recipe_bytes", "adapter_bytes", "sharers_per_piece")}
+    summary = {"users": per_user, "mean": mean, "n_users": len(per_user), "n_sharers": len(pool),
+               "n_pieces": len(pool.pieces)}
+    write_json_atomic(out_root / "summary.json", summary)
+    print(f"summary: {mean['assembly_seconds']:.2f} s per user, recipe {mean['recipe_bytes']:.0f} B vs "
+          f"adapter {adapter_bytes} B per user -> {out_root / 'summary.json'}")
+    return summary
+
+
+def materialize(recipe_file, anchor_dir, output_dir) -> Path:
+    """Rebuild a user's peft adapter from its recipe and the sharer LoRAs (gates are not needed)."""
+    recipe = read_json(recipe_file, "recipe")
+    if "sharers" not in recipe or "pieces" not in recipe:
+        fail(f"{recipe_file}: not a Per-Pcs recipe (needs 'sharers' and 'pieces')")
+    pool = PiecePool(recipe["sharers"], resolve_anchor_dir(anchor_dir))
+    return pool.save_adapter(recipe_weights(recipe, pool, recipe_file), Path(output_dir))

@@ -1,0 +1,365 @@
+"""Stage 5, the heart of Per-Pcs (SPEC section 7): a target user's LoRA assembled from sharers' pieces.
+
+No gradient step. The user's history examples run through base + task model; at every piece position the
+module input scores every sharer's piece with its gate, the top-k pieces are mixed (A and B separately) and
+used at once, so deeper layers see the assembled shallower pieces. The final piece is the mean of the per-batch
+mixtures, i.e. a sparse weighted sum of sharer pieces: the *recipe*, which rebuilds the LoRA exactly.
+
+The sharer pool (all LoRAs and gates) is read once per process and scored for all sharers at once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapters import write_dir_atomic
+from .data import read_json
+from .errors import fail
+from .gates import GATES_FILE, load_gates
+
+ADAPTER_PREFIX = "base_model.model."
+RECIPE_FORMAT = "perpcs-recipe/1"
+
+
+@dataclass
+class ComposeSettings:
+    topk: int = 3
+    agg_temperature: float = 1.0
+    share_ratio: float = 1.0
+    epochs: int = 1
+    batch_size: int = 16
+    recent_k: int = 2000
+    seed: int = 0
+    sample: bool = False
+    sample_topk: int = 10
+    sample_temperature: float = 1.0
+    sample_top_p: float = 0.9
+
+    def check(self, pool_size: int) -> None:
+        if not 0 < self.share_ratio <= 1:
+            fail(f"--share_ratio must be in (0, 1], got {self.share_ratio}")
+        if self.topk < 1:
+            fail(f"--topk must be at least 1, got {self.topk}")
+        if self.agg_temperature <= 0:
+            fail(f"--agg_temperature must be positive, got {self.agg_temperature}")
+        usable = int(self.share_ratio * pool_size)
+        if self.topk > usable:
+            fail(f"--topk {self.topk} is larger than the sharer pool ({pool_size} sharers"
+                 + (f", {usable} with --share_ratio {self.share_ratio})" if self.share_ratio < 1 else ")"))
+        if self.sample and self.sample_topk < self.topk:
+            fail(f"--sample_topk {self.sample_topk} must be at least --topk {self.topk}")
+
+
+class PiecePool:
+    """Every sharer's LoRA pieces and layer-normed gates, stacked per piece position: read once."""
+
+    def __init__(self, sharer_ids: list, anchor_dir, gate_dir=None, device="cpu"):
+        """gate_dir None: LoRAs only, enough to rebuild adapters from recipes."""
+        self.sharer_ids = [str(s) for s in sharer_ids]
+        if not self.sharer_ids:
+            fail("the sharer pool is empty")
+        self.anchor_dir = Path(anchor_dir)
+        configs = [self._read_config(uid) for uid in self.sharer_ids]
+        self.config = configs[0]
+        for uid, cfg in zip(self.sharer_ids[1:], configs[1:]):
+            for key in ("r", "lora_alpha", "target_modules", "base_model_name_or_path", "use_rslora"):
+                a, b = _norm(self.config.get(key)), _norm(cfg.get(key))
+                if a != b:
+                    fail(f"sharer {uid!r} ({self._adapter_dir(uid)}) has {key} = {cfg.get(key)!r}, but sharer "
+                         f"{self.sharer_ids[0]!r} has {self.config.get(key)!r}: all sharers must share one config")
+        r, alpha = self.config["r"], self.config["lora_alpha"]
+        self.scaling = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        tensors = [self._read_adapter(uid) for uid in self.sharer_ids]
+        self.pieces = list(tensors[0])
+        for uid, t in zip(self.sharer_ids[1:], tensors[1:]):
+            if set(t) != set(self.pieces):
+                fail(f"sharer {uid!r} has other LoRA modules than sharer {self.sharer_ids[0]!r}")
+        self.dtype = next(iter(tensors[0].values()))[0].dtype
+        gates = [load_gates(Path(gate_dir) / f"user_{uid}" / GATES_FILE, self.pieces, f"sharer {uid!r}")
+                 for uid in self.sharer_ids] if gate_dir is not None else None
+        self.A, self.B, self.G = {}, {}, {}
+        for piece in self.pieces:
+            for uid, t in zip(self.sharer_ids, tensors):
+                if t[piece][0].shape != tensors[0][piece][0].shape or t[piece][1].shape != tensors[0][piece][1].shape:
+                    fail(f"sharer {uid!r}: piece {piece} has another shape than sharer {self.sharer_ids[0]!r}")
+            self.A[piece] = torch.stack([t[piece][0].float() for t in tensors]).to(device)   # (S, r, d_in)
+            self.B[piece] = torch.stack([t[piece][1].float() for t in tensors]).to(device)   # (S, d_out, r)
+            if gates is None:
+                continue
+            g = torch.stack([gs[piece].float() for gs in gates])                               # (S, d_in)
+            if g.shape[1] != self.A[piece].shape[2]:
+                fail(f"gates of piece {piece} have size {g.shape[1]}, the LoRA input size is "
+                     f"{self.A[piece].shape[2]}")
+            self.G[piece] = F.layer_norm(g, (g.shape[1],), eps=1e-5).to(device)
+
+    def __len__(self) -> int:
+        return len(self.sharer_ids)
+
+    def _adapter_dir(self, uid: str) -> Path:
+        return self.anchor_dir / f"user_{uid}"
+
+    def _read_config(self, uid: str) -> dict:
+        path = self._adapter_dir(uid) / "adapter_config.json"
+        if not path.is_file():
+            fail(f"no sharer LoRA for user {uid!r}: {path} is missing (run train_anchor_PEFT.py)")
+        return read_json(path, "adapter config")
+
+    def _read_adapter(self, uid: str) -> dict:
+        """{piece: (A, B)} of one sharer adapter file."""
+        path = self._adapter_dir(uid) / "adapter_model.safetensors"
+        if not path.is_file():
+            fail(f"no sharer LoRA weights for user {uid!r}: {path} is missing")
+        raw = load_file(str(path))
+        pieces: dict = {}
+        for key, tensor in raw.items():
+            for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+                if key.endswith(part):
+                    piece = key[:-len(part)]
+                    piece = piece[len(ADAPTER_PREFIX):] if piece.startswith(ADAPTER_PREFIX) else piece
+                    pieces.setdefault(piece, [None, None])[slot] = tensor
+        broken = [p for p, ab in pieces.items() if ab[0] is None or ab[1] is None]
+        if not pieces or broken:
+            fail(f"{path}: not a complete LoRA adapter (pieces without A or B: {broken[:3]})")
+        return {p: tuple(ab) for p, ab in pieces.items()}
+
+    def build(self, weights: dict) -> dict:
+        """{piece: (A, B)} in fp32 from {piece: sharer weight vector (S,)}: sum_s w_s A_s, sum_s w_s B_s."""
+        out = {}
+        for piece in self.pieces:
+            w = weights[piece].to(self.A[piece].device, torch.float32)
+            out[piece] = (torch.einsum("s,srd->rd", w, self.A[piece]), torch.einsum("s,sdr->dr", w, self.B[piece]))
+        return out
+
+    def save_adapter(self, weights: dict, target) -> Path:
+        """Write the assembled LoRA as a standard peft adapter (the sharers' config, the sharers' dtype)."""
+        pieces = self.build(weights)
+        config_src = self._adapter_dir(self.sharer_ids[0]) / "adapter_config.json"
+        tensors = {}
+        for piece, (a, b) in pieces.items():
+            tensors[f"{ADAPTER_PREFIX}{piece}.lora_A.weight"] = a.to(self.dtype).cpu().contiguous()
+            tensors[f"{ADAPTER_PREFIX}{piece}.lora_B.weight"] = b.to(self.dtype).cpu().contiguous()
+
+        def write(staging: Path) -> None:
+            save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+            shutil.copyfile(config_src, staging / "adapter_config.json")
+
+        return write_dir_atomic(target, write)
+
+    def adapter_bytes(self) -> int:
+        """Bytes of one full LoRA of this shape in the adapters' dtype: what OPPU stores per user."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return sum((self.A[p][0].numel() + self.B[p][0].numel()) * elem for p in self.pieces)
+
+
+def _norm(value):
+    return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+
+class ComposedLinear(nn.Module):
+    """A target module of the base (+task) model with a composed LoRA: base(x) + B(A(x)) * scaling."""
+
+    def __init__(self, base: nn.Linear, piece: str, composer: "Composer"):
+        super().__init__()
+        self.base, self.piece, self.composer = base, piece, composer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        ab = self.composer.piece_for(self.piece, x)
+        if ab is None:
+            return out
+        a, b = ab
+        lora = (x.to(a.dtype) @ a.T) @ b.T
+        return out + (lora * self.composer.pool.scaling).to(out.dtype)
+
+
+class Composer:
+    """Drives assembly: holds the pool, the per-piece share pools, the score mask and the weight sums."""
+
+    def __init__(self, pool: PiecePool, settings: ComposeSettings):
+        self.pool, self.settings = pool, settings
+        self.mode = "off"                 # off | assemble | fixed
+        self.score_mask = None            # (batch, T) positions whose next token is an answer token
+        self.weight_sum: dict = {}
+        self.fixed: dict = {}
+        self.allowed: dict = {}
+        self.generator = torch.Generator()
+        self.n_batches = 0
+
+    # --- per user -------------------------------------------------------------------------------------
+    def start_user(self, seed: int) -> None:
+        """Fresh sums; share-ratio pools drawn once per user and piece (seeded), serving every batch."""
+        S = len(self.pool)
+        self.weight_sum = {p: torch.zeros(S, dtype=torch.float64) for p in self.pool.pieces}
+        self.n_batches = 0
+        rnd = random.Random(seed)
+        size = int(self.settings.share_ratio * S)
+        self.allowed = {p: (sorted(rnd.sample(range(S), size)) if size < S else list(range(S)))
+                        for p in self.pool.pieces}
+        self.generator.manual_seed(seed)
+        self.mode = "assemble"
+
+    def final_weights(self) -> dict:
+        return {p: w / max(self.n_batches, 1) for p, w in self.weight_sum.items()}
+
+    def use_fixed(self, weights: dict) -> None:
+        """Run the model with an assembled LoRA (for predictions), stored in the adapters' dtype."""
+        built = self.pool.build(weights)
+        self.fixed = {p: (a.to(self.pool.dtype), b.to(self.pool.dtype)) for p, (a, b) in built.items()}
+        self.mode = "fixed"
+
+    # --- inside the forward ---------------------------------------------------------------------------
+    def piece_for(self, piece: str, x: torch.Tensor):
+        if self.mode == "off":
+            return None
+        if self.mode == "fixed":
+            return self.fixed[piece]
+        return self._assemble(piece, x)
+
+    def scores(self, piece: str, x: torch.Tensor) -> torch.Tensor:
+        """(S,) score of every sharer: batch mean of the per-example mean over answer-predicting positions
+        of LayerNorm(x_t) . LayerNorm(g_s) / sqrt(d), in fp32."""
+        mask = self.score_mask
+        rows, cols = mask.nonzero(as_tuple=True)
+        d = x.shape[-1]
+        h = F.layer_norm(x[rows, cols].float(), (d,), eps=1e-5)                   # (N, d)
+        per_example = torch.zeros(mask.shape[0], d, dtype=torch.float32, device=x.device)
+        per_example.index_add_(0, rows, h)
+        per_example /= mask.sum(dim=1, keepdim=True).clamp(min=1).float()
+        return (per_example.mean(dim=0) @ self.pool.G[piece].T) / math.sqrt(d)
+
+    def choose(self, piece: str, scores: torch.Tensor) -> torch.Tensor:
+        """Indices of the chosen sharers within the piece's pool; ties go to the lower sharer index."""
+        allowed = torch.tensor(self.allowed[piece], device=scores.device)
+        s = scores[allowed]
+        order = torch.sort(-s, stable=True).indices
+        k = self.settings.topk
+        if not self.settings.sample:
+            return allowed[order[:k]]
+        cand = order[:self.settings.sample_topk]
+        probs = torch.softmax(s[cand].double() / self.settings.sample_temperature, dim=0).cpu()
+        keep = int((torch.cumsum(probs, 0) < self.settings.sample_top_p).sum()) + 1   # nucleus
+        keep = max(keep, k)
+        picked = torch.multinomial(probs[:keep], k, replacement=False, generator=self.generator)
+        return allowed[cand[picked.to(cand.device)]]
+
+    def _assemble(self, piece: str, x: torch.Tensor):
+        scores = self.scores(piece, x)
+        chosen = self.choose(piece, scores)
+        w = torch.softmax(scores[chosen] / self.settings.agg_temperature, dim=0)
+        self.weight_sum[piece].index_add_(0, chosen.cpu(), w.double().cpu())
+        a = torch.einsum("k,krd->rd", w, self.pool.A[piece][chosen])
+        b = torch.einsum("k,kdr->dr", w, self.pool.B[piece][chosen])
+        return a, b
+
+
+def install_composer(model, composer: Composer) -> None:
+    """Wrap each target module named by the pool's pieces; checks that the pieces fit the model."""
+    modules = dict(model.named_modules())
+    for piece in composer.pool.pieces:
+        module = modules.get(piece)
+        if module is None:
+            fail(f"the sharer LoRAs target {piece!r}, which this model does not have: were they trained on "
+                 f"another base model?")
+        base = module.base if isinstance(module, ComposedLinear) else module
+        a, b = composer.pool.A[piece][0], composer.pool.B[piece][0]
+        if base.in_features != a.shape[1] or base.out_features != b.shape[0]:
+            fail(f"piece {piece}: the sharer LoRA is {a.shape[1]} -> {b.shape[0]}, the model's module is "
+                 f"{base.in_features} -> {base.out_features}: another base model?")
+        parent_name, _, child = piece.rpartition(".")
+        setattr(modules[parent_name], child, ComposedLinear(base, piece, composer))
+
+
+def answer_predicting_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions t whose next token (labels shifted by one) is an answer token."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+@torch.no_grad()
+def assemble_user(model, composer: Composer, tokenized: list, pad_id: int, device, seed: int,
+                  who: str = "user") -> tuple:
+    """Assemble one user's LoRA from its tokenized examples; returns (weights per piece, batches).
+
+    Examples without an answer-predicting position are dropped with a warning that names them.
+    """
+    from .training import collate
+    usable = []
+    for i, t in enumerate(tokenized):
+        if t.n_answer == 0 or len(t.input_ids) < 2:
+            warnings.warn(f"{who}: example {i} ({t.source}) has no answer token after truncation; "
+                          f"left out of the scoring")
+        else:
+            usable.append(i)
+    if not usable:
+        fail(f"{who}: no history example with an answer token to score the pieces with")
+    settings = composer.settings
+    composer.start_user(seed)
+    generator = torch.Generator().manual_seed(seed)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    model.eval()
+    batches = []
+    for _ in range(settings.epochs):
+        order = [usable[j] for j in torch.randperm(len(usable), generator=generator).tolist()]
+        for s in range(0, len(order), settings.batch_size):
+            idx = order[s:s + settings.batch_size]
+            batch = collate([tokenized[i] for i in idx], pad_id, device)
+            composer.score_mask = answer_predicting_mask(batch["labels"])
+            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            composer.n_batches += 1
+            batches.append(idx)
+    composer.score_mask = None
+    composer.mode = "off"
+    return composer.final_weights(), batches
+
+
+def make_recipe(pool: PiecePool, weights: dict, settings: ComposeSettings, user: str, task: str,
+                batches: list, extra: dict | None = None) -> dict:
+    pieces = {}
+    for piece in pool.pieces:
+        w = weights[piece]
+        nz = torch.nonzero(w).flatten().tolist()
+        pieces[piece] = [[pool.sharer_ids[i], float(w[i])] for i in nz]
+    return {"format": RECIPE_FORMAT, "user_id": user, "task": task, "settings": vars(settings).copy(),
+            "lora": {k: pool.config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora",
+                                                    "base_model_name_or_path")},
+            "sharers": pool.sharer_ids, "batches": batches, "pieces": pieces, **(extra or {})}
+
+
+def recipe_weights(recipe: dict, pool: PiecePool, path="recipe") -> dict:
+    """{piece: weight vector over the pool's sharers} from a recipe (which must fit the pool)."""
+    if recipe.get("format") != RECIPE_FORMAT:
+        fail(f"{path}: not a Per-Pcs recipe (format {recipe.get('format')!r})")
+    index = {uid: i for i, uid in enumerate(pool.sharer_ids)}
+    weights = {}
+    for piece in pool.pieces:
+        if piece not in recipe["pieces"]:
+            fail(f"{path}: no entry for piece {piece}")
+        w = torch.zeros(len(pool), dtype=torch.float64)
+        for uid, weight in recipe["pieces"][piece]:
+            if uid not in index:
+                fail(f"{path}: piece {piece} uses sharer {uid!r}, which is not in the sharer pool")
+            w[index[uid]] = weight
+        weights[piece] = w
+    return weights
+
+
+def recipe_sharers(path) -> list:
+    return [str(s) for s in read_json(path, "recipe")["sharers"]]
+
+
+def write_recipe(recipe: dict, path) -> int:
+    from .data import write_bytes_atomic
+    data = (json.dumps(recipe, indent=None, separators=(",", ":")) + "\n").encode()
+    write_bytes_atomic(path, data)
+    return len(data)

@@ -1,0 +1,42 @@
+"""The per-user loop of stages 3, 4, 5 and OPPU: sharding, resuming, per-user seeds and a JSONL log.
+
+A user's work is seeded from (seed, user id), and its output is published atomically, so a run killed at any
+moment and started again produces the same files as an uninterrupted one, without redoing finished users.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+
+def shard_users(users: list, num_shards: int, shard_id: int) -> list:
+    """Users i with i % num_shards == shard_id: deterministic, and the shards' union is every user once."""
+    return [u for i, u in enumerate(users) if i % num_shards == shard_id]
+
+
+def run_per_user(users: list, is_done: Callable, work: Callable, desc: str, log_path: Path | None = None,
+                 num_shards: int = 1, shard_id: int = 0, overwrite: bool = False) -> dict:
+    """Call ``work(uid, user) -> dict`` for each (uid, user) of this shard that is not done yet.
+
+    Returns {"done": [...], "skipped": [...]}; each finished user appends a line (time, stats) to log_path.
+    """
+    mine = shard_users(users, num_shards, shard_id)
+    todo = [(uid, u) for uid, u in mine if overwrite or not is_done(uid)]
+    skipped = [uid for uid, u in mine if not overwrite and is_done(uid)]
+    print(f"{desc}: {len(mine)} users in shard {shard_id}/{num_shards}, {len(skipped)} already done, "
+          f"{len(todo)} to do")
+    done = []
+    for uid, user in tqdm(todo, desc=desc, unit="user"):
+        t0 = time.perf_counter()
+        stats = work(uid, user) or {}
+        record = {"user_id": uid, "seconds": round(time.perf_counter() - t0, 3), **stats}
+        if log_path is not None:
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        done.append(uid)
+    return {"done": done, "skipped": skipped}

@@ -1,0 +1,223 @@
+"""Per-user training stages on base + merged task LoRA: sharer LoRAs (3), gates (4) and the OPPU baseline.
+
+The base model is loaded and the task LoRA merged once per process; each user then gets a fresh peft
+adapter on that same model, which is unloaded again (not merged) when the user is done.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from .adapters import is_complete_adapter, load_adapter_weights, save_peft_adapter, write_dir_atomic
+from .cli import generation_kwargs, shard_of, train_config
+from .data import Layout, load_users, profile_text, read_json, user_id, write_json_atomic
+from .errors import fail
+from .gates import GATES_FILE, install_gates, remove_gates, save_gates
+from .generation import predict_variants, write_variant_files
+from .prompts import history_examples
+from .runner import run_per_user
+from .tasks import get_task
+from .training import seed_all, train, user_seed
+
+
+def user_dir(root, uid: str) -> Path:
+    return Path(root) / f"user_{uid}"
+
+
+def default_dirs(task_name: str) -> dict:
+    root = Path("./output") / task_name
+    return {"task_lora": root / "task-base_LLM", "anchor_peft": root / "anchor_PEFT",
+            "anchor_gate": root / "anchor_gate", "composition": root / "composition", "oppu": root / "OPPU",
+            "anchor_idx": Path("./anchor_selection") / task_name / "anchor_user_idx.json"}
+
+
+def resolve_anchor_dir(path) -> Path:
+    """The dir holding user_<id>/ sharer adapters; its parent (holding anchor_PEFT/) is accepted too."""
+    path = Path(path)
+    if path.is_dir() and not any(path.glob("user_*")) and (path / "anchor_PEFT").is_dir():
+        return path / "anchor_PEFT"
+    return path
+
+
+def load_sharers(anchor_idx_path, candidate_path, task) -> list:
+    """[(user id, user record)] of the chosen sharers, from stage 2's index into the candidate file."""
+    from .anchors import load_anchor_index
+    index = load_anchor_index(anchor_idx_path)
+    candidates = load_users(candidate_path, task)
+    sharers = []
+    for pos, (idx, uid) in enumerate(zip(index["indices"], index["user_ids"])):
+        if not 0 <= idx < len(candidates):
+            fail(f"{anchor_idx_path}: sharer #{pos} has index {idx}, but {candidate_path} holds "
+                 f"{len(candidates)} candidates")
+        if user_id(candidates[idx]) != str(uid):
+            fail(f"{anchor_idx_path}: sharer #{pos} index {idx} is user {user_id(candidates[idx])!r} in "
+                 f"{candidate_path}, the index says {uid!r}: was the candidate file changed after stage 2?")
+        sharers.append((str(uid), candidates[idx]))
+    return sharers
+
+
+def load_merged_base(args):
+    """Base LLM with the stage 1 task LoRA merged into its weights (every personal LoRA sits on top)."""
+    from .modeling import load_base_model, merge_lora_into_base, resolve_lora_ckpt
+    adapter = resolve_lora_ckpt(args.lora_ckpt or default_dirs(get_task(args.task_name).name)["task_lora"])
+    model, tokenizer, device = load_base_model(args.llama_model_path, args.tokenizer_path, args.device,
+                                               cpu_bf16=args.cpu_bf16)
+    return merge_lora_into_base(model, adapter), tokenizer, device
+
+
+def needs_profiles(task) -> bool:
+    return task.uses_profile_in_history_training
+
+
+def user_examples(task, user, profiles, profiles_path, index, recent_k=None):
+    prof = profile_text(profiles, user, profiles_path, index) if needs_profiles(task) else None
+    examples = history_examples(task, user["profile"], prof, recent_k=recent_k)
+    if not examples:
+        fail(f"user {user_id(user)!r}: empty history, nothing to train on")
+    return examples
+
+
+def _profiles_if_needed(layout, task):
+    return layout.load_profiles() if needs_profiles(task) else None
+
+
+def train_sharer_loras(args) -> Path:
+    """Stage 3: one LoRA per sharer on its own history."""
+    from peft import get_peft_model
+
+    from .modeling import lora_config
+    task = get_task(args.task_name)
+    layout = Layout(args.data_dir, task)
+    dirs = default_dirs(task.name)
+    out_root = Path(args.output_dir or dirs["anchor_peft"])
+    sharers = load_sharers(args.anchor_idx_path or dirs["anchor_idx"], layout.candidate_users, task)
+    profiles = _profiles_if_needed(layout, task)
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i) for i, (uid, u) in enumerate(sharers)}
+    num_shards, shard_id = shard_of(args)
+    model, tokenizer, device = load_merged_base(args)
+    base_cfg = train_config(args)
+
+    def work(uid, user):
+        seed = user_seed(args.seed, uid)
+        seed_all(seed)   # the fresh LoRA's A init comes from this seed
+        peft_model = get_peft_model(model, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
+                                                       args.target_modules))
+        try:
+            stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
+                          desc=f"sharer {uid}", log_path=out_root / "train_log.jsonl")
+            save_peft_adapter(peft_model, user_dir(out_root, uid))
+        finally:
+            peft_model.unload()
+        return {"examples": len(examples[uid]), "tokens": stats["tokens"], "last_loss": stats["last_loss"]}
+
+    run_per_user(sharers, lambda uid: is_complete_adapter(user_dir(out_root, uid)), work, "sharer LoRAs",
+                 out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+    return out_root
+
+
+def train_sharer_gates(args) -> Path:
+    """Stage 4: one gate per piece of each (frozen) sharer LoRA, on the sharer's last recent_k items."""
+    from peft import PeftModel
+    task = get_task(args.task_name)
+    layout = Layout(args.data_dir, task)
+    dirs = default_dirs(task.name)
+    anchor_dir = resolve_anchor_dir(args.anchor_path or dirs["anchor_peft"])
+    out_root = Path(args.output_dir or dirs["anchor_gate"])
+    sharers = load_sharers(args.anchor_idx_path or dirs["anchor_idx"], layout.candidate_users, task)
+    for uid, _ in sharers:
+        if not is_complete_adapter(user_dir(anchor_dir, uid)):
+            fail(f"no sharer LoRA for user {uid!r} in {user_dir(anchor_dir, uid)} (run train_anchor_PEFT.py)")
+    profiles = _profiles_if_needed(layout, task)
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, args.recent_k)
+                for i, (uid, u) in enumerate(sharers)}
+    num_shards, shard_id = shard_of(args)
+    model, tokenizer, device = load_merged_base(args)
+    base_cfg = train_config(args)
+
+    def work(uid, user):
+        seed = user_seed(args.seed, uid)
+        peft_model = PeftModel.from_pretrained(model, str(user_dir(anchor_dir, uid)), is_trainable=False)
+        try:
+            gates = install_gates(peft_model)
+            stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
+                          desc=f"gates {uid}", log_path=out_root / "train_log.jsonl")
+            write_dir_atomic(user_dir(out_root, uid), lambda d: save_gates(gates, d / GATES_FILE))
+            remove_gates(peft_model)
+        finally:
+            peft_model.unload()
+        return {"examples": len(examples[uid]), "tokens": stats["tokens"], "last_loss": stats["last_loss"]}
+
+    run_per_user(sharers, lambda uid: (user_dir(out_root, uid) / GATES_FILE).is_file(), work, "sharer gates",
+                 out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+    return out_root
+
+
+def user_predictions_path(root, uid: str) -> Path:
+    return Path(root) / "user_predictions" / f"user_{uid}.json"
+
+
+def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, device, args) -> dict:
+    preds = predict_variants(model, tokenizer, task, [user], profiles, device, k_list=args.k_list,
+                             max_new_tokens=args.max_gen_len, profiles_path=profiles_path,
+                             **generation_kwargs(args))
+    return {stem: [list(r) for r in rows] for stem, rows in preds.items()}
+
+
+def combine_user_predictions(root, task, users: list) -> bool:
+    """Join the per-user prediction files into <root>/predictions/<variant>.json once every user is done."""
+    paths = [user_predictions_path(root, user_id(u)) for u in users]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        print(f"{len(missing)} of {len(paths)} users have no predictions yet (other shards?); "
+              f"the combined files are written when all are done")
+        return False
+    combined: dict = {}
+    for p in paths:
+        for stem, rows in read_json(p).items():
+            combined.setdefault(stem, []).extend(tuple(r) for r in rows)
+    write_variant_files(Path(root) / "predictions", task, combined)
+    print(f"predictions of {len(users)} users in {Path(root) / 'predictions'}")
+    return True
+
+
+def train_oppu(args) -> Path:
+    """The OPPU baseline: a LoRA per test user on that user's own history only, then its predictions."""
+    from peft import get_peft_model
+
+    from .modeling import lora_config
+    task = get_task(args.task_name)
+    layout = Layout(args.data_dir, task)
+    out_root = Path(args.output_dir or default_dirs(task.name)["oppu"])
+    test_users = layout.load_split("test")
+    layout.load_golds(test_users)
+    profiles = layout.load_profiles()
+    users = [(user_id(u), u) for u in test_users]
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i) for i, (uid, u) in enumerate(users)}
+    num_shards, shard_id = shard_of(args)
+    model, tokenizer, device = load_merged_base(args)
+    base_cfg = train_config(args)
+
+    def work(uid, user):
+        seed = user_seed(args.seed, uid)
+        seed_all(seed)
+        adapter_dir = out_root / "adapters" / f"user_{uid}"
+        peft_model = get_peft_model(model, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
+                                                       args.target_modules))
+        try:
+            if is_complete_adapter(adapter_dir) and not args.overwrite:   # killed after saving, before predicting
+                load_adapter_weights(peft_model, adapter_dir)
+                stats = {"tokens": 0, "last_loss": None}
+            else:
+                stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
+                              desc=f"OPPU {uid}", log_path=out_root / "train_log.jsonl")
+                save_peft_adapter(peft_model, adapter_dir)
+            preds = predict_one_user(peft_model, tokenizer, task, user, profiles, layout.profiles, device, args)
+            write_json_atomic(user_predictions_path(out_root, uid), preds)
+        finally:
+            peft_model.unload()
+        return {"examples": len(examples[uid]), "tokens": stats["tokens"], "last_loss": stats["last_loss"]}
+
+    run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
+                 out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+    combine_user_predictions(out_root, task, test_users)
+    return out_root

@@ -1,0 +1,70 @@
+"""Stage 1: the task LoRA on the base LLM, and the non-personalized / RAG / PAG baseline predictions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .adapters import is_complete_adapter, save_peft_adapter
+from .cli import generation_kwargs, train_config
+from .data import Layout, profile_text
+from .generation import predict_variants, write_variant_files
+from .prompts import UserHistory, query_example
+from .tasks import get_task
+from .training import train
+
+
+def task_lora_examples(task, users: list, profiles: dict, profiles_path) -> list:
+    """SPEC 4: each query of each base user with profile text + BM25 top-1 of the user's history; target gold."""
+    examples = []
+    for ui, user in enumerate(users):
+        history = UserHistory(task, user["profile"])
+        prof = profile_text(profiles, user, profiles_path, ui)
+        examples.extend(query_example(task, q, history, 1, prof) for q in user["query"])
+    return examples
+
+
+def default_output_dir(task_name: str) -> Path:
+    return Path("./output") / task_name / "task-base_LLM"
+
+
+def run(args) -> Path:
+    from peft import PeftModel, get_peft_model
+
+    from .modeling import load_base_model, lora_config, resolve_lora_ckpt
+
+    task = get_task(args.task_name)
+    layout = Layout(args.data_dir, task)
+    out_dir = Path(args.output_dir or default_output_dir(task.name))
+    # read and validate every input before the (slow) model load
+    test_users = layout.load_split("test")
+    golds = layout.load_golds(test_users)
+    profiles = layout.load_profiles()
+    base_users = None if args.infer else layout.load_split("base", need_gold=True)
+
+    model, tokenizer, device = load_base_model(args.llama_model_path, args.tokenizer_path, args.device,
+                                               cpu_bf16=args.cpu_bf16)
+    if args.infer or (is_complete_adapter(out_dir) and not args.overwrite):
+        adapter_dir = resolve_lora_ckpt(args.lora_ckpt) if args.lora_ckpt else resolve_lora_ckpt(out_dir)
+        print(f"loading the task LoRA from {adapter_dir}" + ("" if args.infer else " (already trained)"))
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    else:
+        examples = task_lora_examples(task, base_users, profiles, layout.profiles)
+        cfg = train_config(args)
+        model = get_peft_model(model, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
+                                                  args.target_modules))
+        print(f"training the task LoRA on {len(examples)} queries of {len(base_users)} base users")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stats = train(model, tokenizer, examples, cfg, device, desc=f"task LoRA ({task.name})",
+                      log_path=out_dir / "train_log.jsonl")
+        save_peft_adapter(model, out_dir)
+        print(f"saved the task LoRA to {out_dir} ({stats['steps']} steps, last loss {stats['last_loss']:.4f}, "
+              f"{stats['tokens_per_s']:.0f} tokens/s)")
+    model = model.merge_and_unload()   # faster generation; the adapter on disk is unchanged
+
+    pred_dir = out_dir / "predictions"
+    preds = predict_variants(model, tokenizer, task, test_users, profiles, device, k_list=args.k_list,
+                             max_new_tokens=args.max_gen_len, profiles_path=layout.profiles,
+                             show_progress=True, **generation_kwargs(args))
+    write_variant_files(pred_dir, task, preds)
+    n_golds = len(golds["golds"])
+    print(f"predictions for {n_golds} test queries in {pred_dir}")
+    return out_dir

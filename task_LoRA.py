@@ -1,0 +1,37 @@
+"""Stage 1: train the task LoRA on the base users, then predict the 8 baseline variants for the test users.
+
+    python task_LoRA.py --task_name movie_tagging --llama_model_path ./llama_download/Llama-2-7b
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from perpcs import cli  # noqa: E402
+from perpcs.errors import run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_data_args(p)
+    cli.add_model_args(p)
+    cli.add_lora_args(p)
+    cli.add_train_args(p, lr=1e-4, weight_decay=0.01, batch_size=6, epochs=3, max_seq_len=3000)
+    cli.add_generation_args(p)
+    p.add_argument("--output_dir", default=None, help="default ./output/<task>/task-base_LLM")
+    p.add_argument("--lora_ckpt", default=None, help="with --infer: the task LoRA dir (or .../lora_ckpt.pt)")
+    p.add_argument("--infer", action=argparse.BooleanOptionalAction, default=False,
+                   help="skip training; load the task LoRA and predict")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                   help="retrain and re-predict even if outputs exist")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from perpcs.task_lora import run
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)

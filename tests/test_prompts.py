@@ -1,0 +1,139 @@
+"""Task registry, query parsing, BM25 and prompt construction (SPEC sections 3 and 4)."""
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rank_bm25 import BM25Okapi
+
+from perpcs.errors import PerpcsError
+from perpcs.prompts import UserHistory, history_examples, query_example, truncated_item
+from perpcs.retrieval import PrefixBM25
+from perpcs.tasks import TASKS, get_task, load_prompt_file
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+RAW_INPUTS = {
+    "citation": ('For an author who has written the paper with the title "Deep "nested" nets", which reference is '
+                 'related? Just answer with [1] or [2] without explanation. [1]: "Graph kernels" [2]: "Conv nets"',
+                 ("Deep \"nested\" nets", "Graph kernels", "Conv nets")),
+    "movie_tagging": ("Which tag does this movie relate to among the following tags? Just answer with the tag name "
+                      "without further explanation. tags: [sci-fi, comedy] description: A robot learns to love.",
+                      ("A robot learns to love.",)),
+    "news_categorize": ("Which category does this article relate to among the following categories? Just answer "
+                        "with the category name without further explanation. categories: [travel, crime] article: "
+                        "Police arrest a man.", ("Police arrest a man.",)),
+    "product_rating": ("What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, "
+                       "4, or 5 without further explanation. review: Great blender.", ("Great blender.",)),
+    "news_headline": ("Generate a headline for the following article: Rain falls in Paris.", ("Rain falls in Paris.",)),
+    "scholarly_title": ("Generate a title for the following abstract of a paper: We study LoRA.", ("We study LoRA.",)),
+    "tweet_paraphrase": ("Paraphrase the following tweet without any explanation before or after it: so tired lol",
+                         ("so tired lol",)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_parses_its_raw_input(name):
+    text, expected = RAW_INPUTS[name]
+    assert get_task(name).parse_query(text, "q1") == expected
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_parse_failure_names_task_query_and_expectation(name):
+    with pytest.raises(PerpcsError) as err:
+        get_task(name).parse_query("something else entirely", "q42")
+    assert name in str(err.value) and "q42" in str(err.value) and "expected" in str(err.value)
+
+
+def test_real_lamp_2n_questions_parse():
+    path = SHARED / "lamp_real" / "LaMP_2N" / "lamp2_full.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    task = get_task("LaMP_2N")
+    for row in rows:
+        (article,) = task.parse_query(row["question"], row["id"])
+        assert article and row["question"].endswith(article) and "categories:" not in article
+
+
+def test_shipped_prompts_are_the_reference_verbatim():
+    assert load_prompt_file() == json.loads((SHARED / "reference" / "prompts.json").read_text())
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(PerpcsError, match="movie_tagging"):
+        get_task("movie_rating")
+    assert get_task("LaMP_7").name == "tweet_paraphrase"
+
+
+def test_bm25_equals_rank_bm25_on_every_prefix():
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(25)]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 15))) for _ in range(30)]
+    bm = PrefixBM25(docs)
+    for n in (1, 2, 3, 10, 30):
+        for _ in range(4):
+            query = " ".join(rng.choice(words + ["unseen"]) for _ in range(7))
+            expected = BM25Okapi([d.split() for d in docs[:n]]).get_scores(query.split())
+            np.testing.assert_allclose(bm.scores(query, n), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bm25_ties_go_to_the_earlier_document():
+    bm = PrefixBM25(["apple pie", "banana", "apple pie", "cherry", "plum", "fig"])
+    assert bm.scores("apple")[0] == bm.scores("apple")[2] > 0
+    assert bm.top_k("apple", 2) == [0, 2]
+    assert bm.top_k("nothing matches", 2) == [0, 1]
+
+
+MOVIES = [{"id": str(i), "description": d, "tag": t, "date": 2000 + i} for i, (d, t) in enumerate([
+    ("a robot war in deep space", "sci-fi"), ("two friends open a bakery", "comedy"),
+    ("a robot falls in love in space", "romance"), ("a detective hunts a killer", "violence")])]
+
+
+def test_query_prompt_sections_in_order():
+    task = get_task("movie_tagging")
+    query = {"id": "9", "input": RAW_INPUTS["movie_tagging"][0].replace("A robot learns to love.",
+                                                                         "robot love in space war"), "gold": "sci-fi"}
+    ex = query_example(task, query, UserHistory(task, MOVIES), 2, "likes robots")
+    assert ex.prompt.startswith("### User Profile:\nlikes robots\n\n### User History:\n"
+                                "Description: a robot war in deep space Tag: sci-fi\n"
+                                "Description: a robot falls in love in space Tag: romance\n\n\n### User Instruction:")
+    assert ex.prompt.endswith("Description: robot love in space war Tag:")
+    assert ex.answer == " sci-fi"
+    plain = query_example(task, query, UserHistory(task, MOVIES), 0, None)
+    assert plain.prompt.startswith("### User Instruction:")
+
+
+def test_citation_prompt_uses_title_and_both_options():
+    task = get_task("citation")
+    query = {"id": "1", "input": RAW_INPUTS["citation"][0], "gold": "[2]"}
+    ex = query_example(task, query, UserHistory(task, []), 1, None)
+    assert 'Paper Title: Deep "nested" nets\nReference: [1] - Graph kernels [2] - Conv nets\nAnswer:' in ex.prompt
+    assert ex.answer == " [2]"
+
+
+def test_history_examples_use_the_past_in_the_full_history():
+    task = get_task("movie_tagging")
+    # the last item resembles item 0 most: its BM25 past must come from the full history, not the recent slice
+    items = MOVIES + [{"id": "9", "description": "robot war in deep space again", "tag": "action"}]
+    examples = history_examples(task, items, "P", recent_k=1)
+    assert [e.answer for e in examples] == [" action", " action"]
+    assert "Description: a robot war in deep space Tag: sci-fi" in examples[1].prompt
+    full = history_examples(task, items, "P")
+    assert len(full) == 2 * len(items) - 1          # plain for every item, augmented for items i >= 1
+    assert "### User History:" not in full[0].prompt
+
+
+def test_no_augmented_examples_for_citation_and_tweets():
+    task = get_task("tweet_paraphrase")
+    items = [{"id": str(i), "text": f"tweet number {i}"} for i in range(3)]
+    examples = history_examples(task, items, "P")
+    assert [e.prompt for e in examples] == ["Tweet:"] * 3
+    assert [e.answer for e in examples] == [" tweet number 0", " tweet number 1", " tweet number 2"]
+
+
+def test_truncation_never_mutates_and_keeps_integer_dates():
+    item = {"id": "1", "date": 2011, "text": " ".join(["w"] * 1000), "score": 4}
+    copy = json.loads(json.dumps(item))
+    cut = truncated_item(item, 768)
+    assert len(cut["text"].split()) == 768 and cut["date"] == 2011 and cut["score"] == 4
+    assert item == copy

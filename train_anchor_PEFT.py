@@ -1,0 +1,38 @@
+"""Stage 3: one LoRA per sharer (on base + merged task LoRA), trained on the sharer's own history.
+
+    python train_anchor_PEFT.py --task_name movie_tagging --llama_model_path ./llama_download/Llama-2-7b \
+        --lora_ckpt ./output/movie_tagging/task-base_LLM/lora_ckpt.pt
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from perpcs import cli  # noqa: E402
+from perpcs.errors import run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_data_args(p)
+    cli.add_model_args(p)
+    cli.add_lora_args(p)
+    cli.add_train_args(p, lr=2e-5, weight_decay=0.01, batch_size=6, epochs=1000, max_step=100,
+                       max_seq_len=3000)
+    cli.add_shard_args(p)
+    p.add_argument("--lora_ckpt", default=None, help="task LoRA of stage 1 (dir or .../lora_ckpt.pt); "
+                   "default ./output/<task>/task-base_LLM")
+    p.add_argument("--anchor_idx_path", default=None,
+                   help="stage 2 output; default anchor_selection/<task>/anchor_user_idx.json")
+    p.add_argument("--output_dir", default=None, help="default ./output/<task>/anchor_PEFT (user_<id>/ each)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from perpcs.sharers import train_sharer_loras
+    return train_sharer_loras(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)

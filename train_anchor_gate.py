@@ -1,0 +1,40 @@
+"""Stage 4: one gate vector per piece of each sharer LoRA (the LoRA frozen, only the gates train).
+
+    python train_anchor_gate.py --task_name movie_tagging --llama_model_path ./llama_download/Llama-2-7b \
+        --lora_ckpt ./output/movie_tagging/task-base_LLM/lora_ckpt.pt --anchor_path ./output/movie_tagging/anchor_PEFT
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from perpcs import cli  # noqa: E402
+from perpcs.errors import run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_data_args(p)
+    cli.add_model_args(p)
+    cli.add_train_args(p, lr=2e-5, weight_decay=0.0, batch_size=6, epochs=1000, max_step=200,
+                       max_seq_len=3300)
+    cli.add_shard_args(p)
+    p.add_argument("--lora_ckpt", default=None, help="task LoRA of stage 1; default ./output/<task>/task-base_LLM")
+    p.add_argument("--anchor_path", default=None,
+                   help="sharer LoRAs of stage 3 (holding user_<id>/, or its parent); default ./output/<task>/anchor_PEFT")
+    p.add_argument("--anchor_idx_path", default=None,
+                   help="stage 2 output; default anchor_selection/<task>/anchor_user_idx.json")
+    p.add_argument("--recent_k", type=int, default=2000, help="gates train on the last recent_k history items")
+    p.add_argument("--output_dir", default=None,
+                   help="default ./output/<task>/anchor_gate (user_<id>/gates.safetensors each)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from perpcs.sharers import train_sharer_gates
+    return train_sharer_gates(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)
