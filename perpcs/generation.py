@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .data import profile_text, write_json_atomic
 from .prompts import UserHistory, query_example
 from .tasks import Task
-from .training import autocast_for
+from .modeling import autocast_context
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch
             mask[r, width - n:] = 1
         kwargs = dict(do_sample=sampling, temperature=temperature, top_p=top_p) if sampling else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with autocast_for(device, cpu_bf16):
+        with autocast_context(device, cpu_bf16):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                  eos_token_id=tokenizer.eos_token_id, **kwargs)

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import fail
+from .modeling import autocast_context
 from .prompts import Example
 
 IGNORE_INDEX = -100
@@ -130,13 +131,6 @@ def count_steps(n_examples: int, cfg: TrainConfig) -> int:
     return min(steps, cfg.max_step) if cfg.max_step is not None else steps
 
 
-def autocast_for(device: torch.device, cpu_bf16: bool):
-    if device.type == "cpu" and cpu_bf16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    import contextlib
-    return contextlib.nullcontext()
-
-
 def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.device,
           desc: str = "train", log_path: Path | None = None, show_progress: bool = True) -> dict:
     """Train the parameters of ``model`` that require grad on ``examples``; returns loss/speed stats.
@@ -169,7 +163,7 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
                 break
             for batch_idx in make_batches(len(tokenized), cfg.batch_size, generator, lengths):
                 batch = collate([tokenized[i] for i in batch_idx], pad_id, device)
-                with autocast_for(device, cfg.cpu_bf16):
+                with autocast_context(device, cfg.cpu_bf16):
                     loss = model(**batch).loss
                 if not torch.isfinite(loss):
                     fail(f"{desc}: non-finite loss ({loss.item()}) at step {step + 1}, epoch {epoch + 1}; "
