@@ -131,6 +131,20 @@ def count_steps(n_examples: int, cfg: TrainConfig) -> int:
     return min(steps, cfg.max_step) if cfg.max_step is not None else steps
 
 
+def _checkpointing(model, on: bool) -> None:
+    """Gradient (activation) checkpointing, non-reentrant so frozen inputs need no requires_grad hack."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if on:
+        if hasattr(base, "activation_checkpointing_enable"):   # transformers >= 5.x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    else:
+        disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        disable()
+
+
 def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.device,
           desc: str = "train", log_path: Path | None = None, show_progress: bool = True) -> dict:
     """Train the parameters of ``model`` that require grad on ``examples``; returns loss/speed stats.
@@ -149,7 +163,7 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
                                   fused=device.type == "cuda")
     total_steps = count_steps(len(tokenized), cfg)
     if cfg.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed)
     lengths = [len(t.input_ids) for t in tokenized] if cfg.group_by_length else None
@@ -196,7 +210,7 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
         if log:
             log.close()
         if cfg.grad_ckpt:
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, False)
         model.eval()
     elapsed = time.perf_counter() - t0
     return {"steps": step, "first_loss": losses[0] if losses else None,

@@ -1,0 +1,53 @@
+"""Stage 2: choose the sharer ("anchor") users among the candidates (SPEC section 5).
+
+    python anchor_selection/history_anchor.py --task_name movie_tagging --k 50
+    cd anchor_selection && python history_anchor.py \
+        --candidate_path ../data/movie_tagging/user_anchor_candidate.json --task_name movie_tagging --k 50
+
+Writes <output_dir>/anchor_user_idx.json (the sharers) and user_history_emb.npy (one row per candidate),
+by default in <repo>/anchor_selection/<task>/ whatever the working directory.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from perpcs.anchors import KMEANS_N_INIT, STRATEGIES, run_anchor_selection  # noqa: E402
+from perpcs.errors import run_cli  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task_name", required=True, help="movie_tagging, news_headline, ... or a LaMP id")
+    p.add_argument("--candidate_path", default=None,
+                   help="candidate users file (default: <repo>/data/<task>/user_anchor_candidate.json)")
+    p.add_argument("--output_dir", default=None,
+                   help="where to write the index and embeddings (default: <repo>/anchor_selection/<task>)")
+    p.add_argument("--k", type=int, default=50, help="number of clusters (cluster) or sharers (others)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="cluster",
+                   help=f"cluster: k-means (n_init={KMEANS_N_INIT}) over history embeddings, most active "
+                        "user per cluster; most_active: the k longest histories; random: k seeded draws")
+    p.add_argument("--min_history", type=int, default=10,
+                   help="a sharer needs more than this many history items")
+    p.add_argument("--seed", type=int, default=0, help="k-means random_state / random strategy seed")
+    p.add_argument("--encoder", default=None,
+                   help="local Hugging Face encoder directory (default: the bundled all-MiniLM-L6-v2)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_length", type=int, default=512, help="tokens per history item")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--reembed", action="store_true",
+                   help="recompute the embeddings even if matching ones are stored in output_dir")
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    run_anchor_selection(args.task_name, candidate_path=args.candidate_path, output_dir=args.output_dir,
+                         k=args.k, strategy=args.strategy, min_history=args.min_history, seed=args.seed,
+                         encoder=args.encoder, batch_size=args.batch_size, max_length=args.max_length,
+                         device=args.device, reembed=args.reembed)
+
+
+if __name__ == "__main__":
+    run_cli(main)

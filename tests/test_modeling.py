@@ -1,0 +1,436 @@
+"""Model loading: Meta checkpoint conversion, the tiny and bundled models, devices, LoRA adapter files."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perpcs import modeling
+from perpcs.errors import PerpcsError
+from perpcs.modeling import (adapter_tensor_names, autocast_context, llama_intermediate_size, load_base_model,
+                             load_tokenizer, lora_config, merge_lora_into_base, resolve_device,
+                             resolve_lora_ckpt, resolve_model_dir, rotary_to_half_split, verify_adapter)
+from tiny import CORPUS, build_tiny_llama
+
+TOKEN_IDS = torch.tensor([[1, 5, 17, 42, 99, 230, 7, 300, 12, 64]])
+# Split of each Meta tensor between model-parallel shards (None: replicated), as in Meta's Llama code.
+META_SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1,
+                  "w1": 0, "w3": 0, "w2": 1}
+
+
+# ---------------------------------------------------------------- helpers: a Meta-format checkpoint
+
+def train_sentencepiece(path: Path, vocab_size: int = 400, **options) -> Path:
+    """A tiny sentencepiece BPE model with Llama 2's settings (byte fallback, no normalization)."""
+    import sentencepiece
+
+    settings = dict(model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+                    character_coverage=1.0, normalization_rule_name="identity",
+                    remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
+    settings.update(options)
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 3), model_writer=buffer,
+                                             vocab_size=vocab_size, **settings)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def half_split_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of HF's rotary layout: per head, rows (i, i + d/2) become the pair (2i, 2i+1)."""
+    out_features, in_features = weight.shape
+    head_dim = out_features // n_heads
+    return weight.reshape(n_heads, 2, head_dim // 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def hf_to_meta_state(model) -> dict:
+    config, hf = model.config, model.state_dict()
+    meta = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
+            "output.weight": hf["lm_head.weight"], "rope.freqs": torch.ones(8)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        meta.update({
+            f"layers.{i}.attention.wq.weight": half_split_to_interleaved(
+                hf[p + "self_attn.q_proj.weight"], config.num_attention_heads),
+            f"layers.{i}.attention.wk.weight": half_split_to_interleaved(
+                hf[p + "self_attn.k_proj.weight"], config.num_key_value_heads),
+            f"layers.{i}.attention.wv.weight": hf[p + "self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": hf[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": hf[p + "mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": hf[p + "mlp.down_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": hf[p + "mlp.up_proj.weight"],
+            f"layers.{i}.attention_norm.weight": hf[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": hf[p + "post_attention_layernorm.weight"],
+        })
+    return meta
+
+
+def shard_meta_state(meta: dict, n_shards: int) -> list:
+    shards = [{} for _ in range(n_shards)]
+    for name, tensor in meta.items():
+        kind = name.rsplit(".", 2)[-2]
+        dim = META_SHARD_DIM.get(kind)
+        parts = [tensor] * n_shards if dim is None else tensor.chunk(n_shards, dim=dim)
+        for shard, part in zip(shards, parts):
+            shard[name] = part.clone()
+    return shards
+
+
+def write_meta_download(hf_dir: Path, sp_model: Path, out_dir: Path, n_shards: int = 1,
+                        tokenizer_in_parent: bool = False) -> tuple:
+    """Lay the tiny HF model out as Meta's download does; returns (model dir, Meta state, params)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    config = model.config
+    out_dir.mkdir(parents=True)
+    meta = hf_to_meta_state(model)
+    # multiple_of 64 and multiplier 0.75 give the tiny model's 128 (checked by the converter).
+    params = {"dim": config.hidden_size, "n_layers": config.num_hidden_layers,
+              "n_heads": config.num_attention_heads, "n_kv_heads": config.num_key_value_heads,
+              "multiple_of": 64, "ffn_dim_multiplier": 0.75, "norm_eps": config.rms_norm_eps,
+              "vocab_size": -1, "rope_theta": config.rope_parameters["rope_theta"]}
+    (out_dir / "params.json").write_text(json.dumps(params))
+    for index, shard in enumerate(shard_meta_state(meta, n_shards)):
+        torch.save(shard, out_dir / f"consolidated.{index:02d}.pth")
+    tokenizer_dir = out_dir.parent if tokenizer_in_parent else out_dir
+    (tokenizer_dir / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    return out_dir, meta, params
+
+
+def meta_reference_logits(meta: dict, params: dict, ids: list) -> torch.Tensor:
+    """Llama as Meta's code computes it (complex rotary on interleaved pairs), in float64."""
+    dim, n_heads, n_kv = params["dim"], params["n_heads"], params["n_kv_heads"]
+    head_dim, steps, eps = dim // n_heads, len(ids), params["norm_eps"]
+
+    def rms_norm(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    freqs = 1.0 / params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    rotation = torch.polar(torch.ones(steps, head_dim // 2, dtype=torch.float64),
+                           torch.outer(torch.arange(steps, dtype=torch.float64), freqs))
+
+    def rotary(x):
+        pairs = torch.view_as_complex(x.reshape(steps, x.shape[1], head_dim // 2, 2).contiguous())
+        return torch.view_as_real(pairs * rotation[:, None, :]).reshape(x.shape)
+
+    w = {name: t.double() for name, t in meta.items()}
+    mask = torch.full((steps, steps), float("-inf"), dtype=torch.float64).triu(1)
+    h = w["tok_embeddings.weight"][ids]
+    for i in range(params["n_layers"]):
+        layer = {name.split(".", 2)[2]: t for name, t in w.items() if name.startswith(f"layers.{i}.")}
+        x = rms_norm(h, layer["attention_norm.weight"])
+        q = rotary((x @ layer["attention.wq.weight"].T).view(steps, n_heads, head_dim))
+        k = rotary((x @ layer["attention.wk.weight"].T).view(steps, n_kv, head_dim))
+        v = (x @ layer["attention.wv.weight"].T).view(steps, n_kv, head_dim)
+        k, v = (t.repeat_interleave(n_heads // n_kv, dim=1) for t in (k, v))
+        scores = torch.einsum("thd,shd->hts", q, k) / head_dim ** 0.5 + mask
+        attended = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(steps, dim)
+        h = h + attended @ layer["attention.wo.weight"].T
+        x = rms_norm(h, layer["ffn_norm.weight"])
+        gate, up = x @ layer["feed_forward.w1.weight"].T, x @ layer["feed_forward.w3.weight"].T
+        h = h + (F.silu(gate) * up) @ layer["feed_forward.w2.weight"].T
+    return rms_norm(h, w["norm.weight"]) @ w["output.weight"].T
+
+
+def logits_of(model_dir, ids=TOKEN_IDS) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits[0]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> Path:
+    return train_sentencepiece(tmp_path_factory.mktemp("spm") / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def tiny_sp_dir(tmp_path_factory, sp_model) -> Path:
+    """The tiny Llama with an embedding table the size of the sentencepiece vocabulary."""
+    import sentencepiece
+
+    vocab = sentencepiece.SentencePieceProcessor(model_file=str(sp_model)).get_piece_size()
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_sp"), vocab_size=vocab)
+
+
+# ---------------------------------------------------------------- Meta conversion
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+def test_meta_checkpoint_converts_to_the_same_model(tmp_path, tiny_sp_dir, sp_model, n_shards):
+    meta_dir, meta, params = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "llama_download" / "Llama-t",
+                                                 n_shards=n_shards, tokenizer_in_parent=n_shards == 2)
+    hf_dir = resolve_model_dir(str(meta_dir))
+    assert hf_dir == meta_dir / "hf_converted"
+    converted = logits_of(hf_dir)
+    assert torch.allclose(converted, logits_of(tiny_sp_dir), atol=1e-5)
+    # Against Meta's own formulation, so a wrong rotary permutation cannot cancel out with the writer's.
+    reference = meta_reference_logits(meta, params, TOKEN_IDS[0].tolist())
+    assert torch.allclose(converted.double(), reference, atol=1e-5)
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert (config["intermediate_size"], config["num_key_value_heads"], config["max_position_embeddings"]) \
+        == (128, 2, 4096)
+
+
+def test_meta_tokenizer_matches_sentencepiece(tmp_path, tiny_sp_dir, sp_model):
+    import sentencepiece
+
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    tokenizer = load_tokenizer(resolve_model_dir(str(meta_dir)))
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
+    for text in ["The lazy dog reviews a movie.", " leading space", "tabs\tand\nlines 42", "Zürich ☕ 東京"]:
+        ids = tokenizer(text).input_ids
+        assert ids == [1] + processor.encode(text)
+        assert tokenizer.decode(ids, skip_special_tokens=True) == processor.decode(processor.encode(text))
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "</s>")
+
+
+def test_meta_conversion_is_reused(tmp_path, tiny_sp_dir, sp_model, monkeypatch):
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    first = resolve_model_dir(str(meta_dir))
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(modeling, "convert_meta_checkpoint", no_second_conversion)
+    assert resolve_model_dir(str(meta_dir)) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in meta_dir.iterdir() if p.name.startswith(".hf_converted")]  # no temp left
+
+
+def test_changed_meta_checkpoint_is_not_silently_reused(tmp_path, tiny_sp_dir, sp_model):
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    resolve_model_dir(str(meta_dir))
+    (meta_dir / "params.json").write_text((meta_dir / "params.json").read_text() + "\n")
+    with pytest.raises(PerpcsError, match="delete .*hf_converted"):
+        resolve_model_dir(str(meta_dir))
+
+
+def test_read_only_meta_download_converts_into_cache(tmp_path, tiny_sp_dir, sp_model, monkeypatch):
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    monkeypatch.setenv("PERPCS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(modeling.os, "access", lambda path, mode: False)
+    hf_dir = resolve_model_dir(str(meta_dir))
+    assert hf_dir.parent == tmp_path / "cache" / "meta-converted"
+    assert not (meta_dir / "hf_converted").exists()
+    assert torch.allclose(logits_of(hf_dir), logits_of(tiny_sp_dir), atol=1e-5)
+
+
+def test_meta_download_without_tokenizer_fails(tmp_path, tiny_sp_dir, sp_model):
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    (meta_dir / "tokenizer.model").unlink()
+    with pytest.raises(PerpcsError, match="lacks tokenizer.model"):
+        resolve_model_dir(str(meta_dir))
+
+
+def test_params_that_do_not_fit_the_weights_fail(tmp_path, tiny_sp_dir, sp_model):
+    meta_dir, _, params = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    (meta_dir / "params.json").write_text(json.dumps({**params, "ffn_dim_multiplier": None}))
+    with pytest.raises(PerpcsError, match="gate_proj.weight has shape"):
+        resolve_model_dir(str(meta_dir))
+    assert not (meta_dir / "hf_converted").exists()
+
+
+def test_sentencepiece_model_with_normalization_is_refused(tmp_path, tiny_sp_dir):
+    sp_model = train_sentencepiece(tmp_path / "nfkc.model", normalization_rule_name="nmt_nfkc",
+                                   remove_extra_whitespaces=True)
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    with pytest.raises(PerpcsError, match="could not convert this sentencepiece tokenizer"):
+        resolve_model_dir(str(meta_dir))
+
+
+def test_llama_intermediate_sizes():
+    # Published widths: Llama-2-7B 11008, Llama-2-70B 28672, Llama-3-8B 14336.
+    assert llama_intermediate_size(4096, 256) == 11008
+    assert llama_intermediate_size(8192, 4096, 1.3) == 28672
+    assert llama_intermediate_size(4096, 1024, 1.3) == 14336
+
+
+def test_rotary_permutation_moves_pair_members_to_halves():
+    rows = torch.arange(8.0).unsqueeze(1)  # two heads of head_dim 4: pairs (0,1),(2,3) | (4,5),(6,7)
+    assert rotary_to_half_split(rows, n_heads=2).squeeze(1).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert torch.equal(half_split_to_interleaved(rotary_to_half_split(rows, 2), 2), rows)
+
+
+# ---------------------------------------------------------------- HF directories, errors, devices
+
+def test_load_base_model_on_tiny(tiny_model_dir):
+    model, tokenizer, device = load_base_model(str(tiny_model_dir), device="cpu")
+    assert device == torch.device("cpu")
+    assert model.dtype == torch.float32 and not model.training
+    assert model.config._attn_implementation == "sdpa"
+    assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
+    assert tokenizer.padding_side == "left"
+    batch = tokenizer(["a", "a longer text"], return_tensors="pt", padding=True)
+    assert batch.attention_mask[0, 0] == 0  # padded on the left
+
+
+def test_tiny_model_is_deterministic(tmp_path, tiny_model_dir):
+    again = build_tiny_llama(tmp_path / "again")
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (again / name).read_bytes() == (tiny_model_dir / name).read_bytes()
+
+
+def test_tokenizer_larger_than_model_vocabulary_fails(tmp_path):
+    small = build_tiny_llama(tmp_path / "small", vocab_size=100)
+    with pytest.raises(PerpcsError, match="has 512 tokens but model .* only 100"):
+        load_base_model(str(small), device="cpu")
+
+
+def test_hf_directory_is_returned_as_is(tiny_model_dir):
+    assert resolve_model_dir(str(tiny_model_dir)) == tiny_model_dir
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "other_files", "bad_config", "config_no_weights"])
+def test_unusable_model_paths_name_the_expected_files(tmp_path, layout):
+    path = tmp_path / "model"
+    if layout != "missing":
+        path.mkdir()
+    if layout == "other_files":
+        (path / "notes.txt").write_text("hi")
+    if layout == "bad_config":
+        (path / "config.json").write_text("{not json")
+        (path / "model.safetensors").write_bytes(b"")
+    if layout == "config_no_weights":
+        (path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(PerpcsError) as err:
+        resolve_model_dir(str(path))
+    message = str(err.value)
+    for expected in ("config.json", "safetensors", "params.json", "consolidated.00.pth", "tokenizer.model"):
+        assert expected in message
+    assert str(path) in message
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(PerpcsError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_autocast_context_on_cpu():
+    a = torch.ones(2, 2)
+    with autocast_context("cpu", cpu_bf16=True):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast_context("cpu", cpu_bf16=False):
+        assert (a @ a).dtype == torch.float32
+
+
+def test_publish_keeps_the_first_finished_copy(tmp_path):
+    target = tmp_path / "model"
+    for name in ("first", "second"):
+        tmp = tmp_path / f".tmp-{name}"
+        tmp.mkdir()
+        (tmp / "config.json").write_text(name)
+        (tmp / "model.safetensors").write_bytes(b"x")
+        assert modeling._publish_dir(tmp, target) == target
+        assert not tmp.exists()
+    assert (target / "config.json").read_text() == "first"
+
+
+# ---------------------------------------------------------------- LoRA adapters
+
+def random_adapter(base_dir, adapter_dir) -> torch.Tensor:
+    """Save a LoRA with random A and B on the tiny model; returns that PEFT model's logits."""
+    from peft import get_peft_model
+
+    model, _, _ = load_base_model(str(base_dir), device="cpu")
+    peft_model = get_peft_model(model, lora_config())
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)
+    peft_model.eval()
+    peft_model.save_pretrained(adapter_dir)
+    verify_adapter(adapter_dir, peft_model)  # as the stages check what they just saved
+    with torch.no_grad():
+        return peft_model(TOKEN_IDS).logits
+
+
+def test_lora_config_matches_the_published_runs():
+    config = lora_config()
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 8, 0.05)
+    assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert (config.bias, config.init_lora_weights, str(config.task_type)) == ("none", True, "CAUSAL_LM")
+
+
+def test_merge_lora_equals_the_peft_model(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+
+    peft_logits = random_adapter(tiny_model_dir, tmp_path / "adapter")
+    base, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
+    with torch.no_grad():
+        base_logits = base(TOKEN_IDS).logits
+    merged = merge_lora_into_base(base, tmp_path / "adapter" / "lora_ckpt.pt")
+    assert not isinstance(merged, PeftModel)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        merged_logits = merged(TOKEN_IDS).logits
+    assert torch.allclose(merged_logits, peft_logits, atol=1e-5)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)  # the adapter did change the model
+
+
+def test_merge_refuses_an_adapter_of_another_model(tmp_path, tiny_model_dir):
+    random_adapter(tiny_model_dir, tmp_path / "adapter")
+    other = build_tiny_llama(tmp_path / "wide", hidden_size=96, num_heads=4, num_kv_heads=2)
+    model, _, _ = load_base_model(str(other), device="cpu")
+    with pytest.raises(PerpcsError, match="in_features 64, the model.s .* has 96"):
+        merge_lora_into_base(model, tmp_path / "adapter")
+
+
+def test_resolve_lora_ckpt(tmp_path, tiny_model_dir):
+    adapter = tmp_path / "output" / "movie_tagging" / "task-base_LLM"
+    random_adapter(tiny_model_dir, adapter)
+    assert resolve_lora_ckpt(adapter) == adapter
+    assert resolve_lora_ckpt(str(adapter / "lora_ckpt.pt")) == adapter
+    with pytest.raises(PerpcsError, match="adapter_config.json"):
+        resolve_lora_ckpt(tmp_path / "nowhere" / "lora_ckpt.pt")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(PerpcsError, match="adapter_model.safetensors is missing"):
+        resolve_lora_ckpt(adapter)
+
+
+def test_verify_adapter_catches_a_missing_module(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    random_adapter(tiny_model_dir, adapter)
+    model, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
+    names = adapter_tensor_names(adapter)
+    assert len(names) == 2 * 4 * 2  # layers x modules x (A, B)
+    verify_adapter(adapter, model)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    with pytest.raises(PerpcsError, match=r"layers\.1\.self_attn\.v_proj\.lora_B"):
+        verify_adapter(adapter, model)
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(PerpcsError, match="missing or empty"):
+        verify_adapter(adapter, model)
+
+
+# ---------------------------------------------------------------- the bundled SmolLM2
+
+@pytest.mark.slow
+def test_smollm2_loads_and_generates(smollm2_dir):
+    from safetensors import safe_open
+
+    assert resolve_model_dir("smollm2") == smollm2_dir == resolve_model_dir(None)
+    with safe_open(str(smollm2_dir / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert not (smollm2_dir / "config.json").read_text().count("quantization_config")
+    model, tokenizer, device = load_base_model("smollm2", device="cpu")
+    assert model.config.vocab_size == 49152 and len(tokenizer) <= 49152
+    inputs = tokenizer(["The capital of France is"], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    assert text.strip()

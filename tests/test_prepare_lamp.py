@@ -1,0 +1,229 @@
+"""Raw LaMP -> project layout: grouping into users, splits, golds, citation mapping, errors, end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perpcs.data import Layout
+from perpcs.errors import PerpcsError
+from perpcs.prepare import Question, build_user, group_questions, prepare_lamp, split_users
+from perpcs.tasks import TASKS, get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+MOVIE = get_task("movie_tagging")
+SPLITS = ("base", "candidate", "test", "reserve")
+
+
+def _item(i, day=None):
+    item = {"id": str(i), "description": f"A film numbered {i}.", "tag": "comedy"}
+    if day is not None:
+        item["date"] = f"2020-01-{day:02d}"
+    return item
+
+
+def _question(qid, item_ids, dates=None):
+    profile = [_item(i, None if dates is None else dates[k]) for k, i in enumerate(item_ids)]
+    return {"id": qid, "input": f"question {qid} description: a film", "profile": profile}
+
+
+def _write_raw(directory, train, dev=(), task="LaMP_2M", drop_output=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, questions in (("train", train), ("dev", dev)):
+        if not questions:
+            continue
+        (directory / f"{split}_questions.json").write_text(json.dumps(list(questions)))
+        golds = [{"id": q["id"], "output": f"gold-{q['id']}"} for q in questions if q["id"] != drop_output]
+        (directory / f"{split}_outputs.json").write_text(json.dumps({"task": task, "golds": golds}))
+
+
+def _hand_made(directory):
+    """Users A (3 questions over train+dev), B (longest), C (conflicts with A), D, E (dates out of order)."""
+    train = [
+        _question("a2", [1, 2, 3]),
+        _question("b1", [10, 11]),
+        _question("a1", [1, 2]),
+        _question("c1", [1, 2, 5]),          # shares A's first items, but is not a prefix/extension of [1, 2, 3]
+        _question("d1", [20]),
+        _question("e1", [30, 31, 32], dates=[5, 1, 9]),
+    ]
+    dev = [_question("b2", [10, 11, 12, 13, 14]), _question("a3", [1, 2, 3, 4])]
+    _write_raw(directory, train, dev)
+
+
+def _by_id(users):
+    return {u["user_id"]: u for u in users}
+
+
+def test_grouping_from_train_and_dev_with_a_prefix_conflict(tmp_path, capsys):
+    _hand_made(tmp_path / "raw")
+    summary = prepare_lamp("movie_tagging", tmp_path / "raw", tmp_path / "out", n_test=2, seed=0)
+    assert summary["users"] == 5 and summary["prefix_conflicts"] == 1
+    assert "1 prefix conflicts" in capsys.readouterr().out
+    layout = Layout(tmp_path / "out", MOVIE)
+    users = {}
+    for split in SPLITS:
+        users.update(_by_id(layout.load_split(split, need_gold=True)))
+    assert set(users) == {"ua1", "ub1", "uc1", "ud1", "ue1"}
+    a = users["ua1"]
+    assert [it["id"] for it in a["profile"]] == ["1", "2", "3", "4"]            # the longest profile
+    assert [q["id"] for q in a["query"]] == ["a1", "a2", "a3"]                  # train and dev merged
+    assert [q["gold"] for q in a["query"]] == ["gold-a1", "gold-a2", "gold-a3"]
+    assert [it["id"] for it in users["uc1"]["profile"]] == ["1", "2", "5"]
+    assert [it["id"] for it in users["ue1"]["profile"]] == ["31", "30", "32"]   # sorted by date
+    # Test users are the longest (B: 5 items, A: 4), longest first.
+    assert [u["user_id"] for u in layout.load_split("test")] == ["ub1", "ua1"]
+
+
+def test_group_questions_unit():
+    def q(qid, ids):
+        return Question(qid, "x", "g", tuple({"id": i} for i in ids), "train_questions.json")
+    grouping = group_questions([q("3", [1, 2, 3]), q("1", [1]), q("2", [1, 2]), q("4", [1, 3]), q("5", [])])
+    assert sorted([x.id for x in u] for u in grouping.users) == [["1", "2", "3"], ["4"], ["5"]]
+    assert grouping.prefix_conflicts == 1 and grouping.empty_profiles == 1
+
+
+def test_profile_without_comparable_dates_keeps_given_order(tmp_path):
+    train = [_question("x1", [3, 1, 2])]
+    train[0]["profile"][0]["date"] = "2020-01-01"           # only one item dated: keep the given order
+    train.append(_question("y1", [7, 8]))
+    train.append(_question("z1", [9]))
+    _write_raw(tmp_path / "raw", train)
+    prepare_lamp("movie_tagging", tmp_path / "raw", tmp_path / "out", n_test=1, verbose=False)
+    test = Layout(tmp_path / "out", MOVIE).load_split("test")
+    assert [it["id"] for it in test[0]["profile"]] == ["3", "1", "2"]
+
+
+def _many_users(directory, n_users):
+    """n_users single-question users with history lengths 1..n_users (in a scrambled file order)."""
+    train = [_question(f"q{k:03d}", [1000 * k + i for i in range(1 + (k * 7) % n_users)]) for k in range(n_users)]
+    _write_raw(directory, train)
+    return {f"uq{k:03d}": 1 + (k * 7) % n_users for k in range(n_users)}
+
+
+def test_test_users_are_longest_and_fractions_are_honoured(tmp_path):
+    lengths = _many_users(tmp_path / "raw", 50)
+    summary = prepare_lamp("movie_tagging", tmp_path / "raw", tmp_path / "out", n_test=10, seed=0,
+                           base_frac=0.5, candidate_frac=0.4, reserve_frac=0.1, verbose=False)
+    layout = Layout(tmp_path / "out", MOVIE)
+    splits = {s: layout.load_split(s, need_gold=True) for s in SPLITS}
+    assert [len(splits[s]) for s in SPLITS] == [20, 16, 10, 4]
+    assert summary["files"]["test"]["users"] == 10 and summary["unused_users"] == 0
+    shortest_test = min(lengths[u["user_id"]] for u in splits["test"])
+    others = [u for s in ("base", "candidate", "reserve") for u in splits[s]]
+    assert shortest_test >= max(lengths[u["user_id"]] for u in others)
+    assert sorted(u["user_id"] for s in SPLITS for u in splits[s]) == sorted(lengths)   # each user once
+    # Fractions that leave users out; another seed draws other base users.
+    prepare_lamp("movie_tagging", tmp_path / "raw", tmp_path / "out2", n_test=10, seed=1,
+                 base_frac=0.25, candidate_frac=0.25, reserve_frac=0.0, verbose=False)
+    other = Layout(tmp_path / "out2", MOVIE)
+    assert len(other.load_split("base")) == 10 and len(other.load_split("candidate")) == 10
+    assert other.load_split("reserve") == []
+    assert {u["user_id"] for u in other.load_split("base")} != {u["user_id"] for u in splits["base"]}
+
+
+def test_golds_file_matches_test_queries(tmp_path):
+    _hand_made(tmp_path / "raw")
+    prepare_lamp("movie_tagging", tmp_path / "raw", tmp_path / "out", n_test=2, verbose=False)
+    layout = Layout(tmp_path / "out", MOVIE)
+    golds = layout.load_golds()
+    assert golds["task"] == "LaMP_2M"
+    expected = [{"id": q["id"], "output": q["gold"]} for u in layout.load_split("test") for q in u["query"]]
+    assert golds["golds"] == expected and len(expected) == 5
+
+
+def test_rerun_is_byte_identical(tmp_path):
+    _many_users(tmp_path / "raw", 30)
+    for out in ("a", "b"):
+        prepare_lamp("movie_tagging", tmp_path / "raw", tmp_path / out, n_test=5, seed=3, verbose=False)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.json"))
+    assert len(files) == 5
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    text = (tmp_path / "a" / "movie_tagging" / "user_base_LLM.json").read_text(encoding="utf-8")
+    assert text.startswith("[\n {\n  \"user_id\"")           # indent=1
+
+
+def _citation_raw(directory):
+    train = []
+    for k in range(3):
+        profile = [{"id": f"{k}-{i}", "title": f"Paper {k}-{i}", "abstract": f"We study thing {k}-{i}.",
+                    "date": 2000 + i} for i in range(k + 1)]
+        train.append({"id": f"c{k}", "profile": profile,
+                      "input": 'For an author who has written the paper with the title "T", which reference is '
+                               'related? Just answer with [1] or [2] without explanation. [1]: "A" [2]: "B"'})
+    train[0]["profile"][0]["citation"] = "already there"
+    _write_raw(directory, train, task="LaMP_1")
+
+
+@pytest.mark.parametrize("field", ["abstract", "title"])
+def test_citation_field_mapping(tmp_path, field):
+    _citation_raw(tmp_path / "raw")
+    prepare_lamp("citation", tmp_path / "raw", tmp_path / "out", n_test=1, citation_field=field, verbose=False)
+    layout = Layout(tmp_path / "out", get_task("citation"))
+    items = [it for s in SPLITS for u in layout.load_split(s) for it in u["profile"]]
+    assert len(items) == 6
+    for item in items:
+        assert item["title"].startswith("Paper") and item["abstract"].startswith("We study")   # originals kept
+        expected = "already there" if item["id"] == "0-0" else item[field]
+        assert item["citation"] == expected
+
+
+def test_build_user_does_not_mutate_input():
+    items = ({"id": "1", "title": "T", "abstract": "A", "date": 2001}, {"id": "0", "title": "U", "abstract": "B",
+                                                                        "date": 2000})
+    question = Question("q", "x", "[1]", items, "train_questions.json")
+    user = build_user([question], get_task("citation"))
+    assert [it["id"] for it in user["profile"]] == ["0", "1"]
+    assert all("citation" not in it for it in items) and [it["id"] for it in items] == ["1", "0"]
+
+
+def test_missing_output_exits_2_and_names_the_id(tmp_path):
+    _hand_made(tmp_path / "raw")
+    _write_raw(tmp_path / "raw", [_question("a1", [1]), _question("lonely7", [9])], drop_output="lonely7")
+    proc = subprocess.run([sys.executable, str(ROOT / "data" / "prepare_lamp.py"), "--task_name", "movie_tagging",
+                           "--lamp_dir", str(tmp_path / "raw"), "--out_dir", str(tmp_path / "out"), "--n_test", "1"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and "lonely7" in proc.stderr and "train_questions.json" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_few_users_suggests_n_test(tmp_path):
+    _hand_made(tmp_path / "raw")
+    with pytest.raises(PerpcsError, match="--n_test"):
+        prepare_lamp("movie_tagging", tmp_path / "raw", tmp_path / "out", n_test=100, verbose=False)
+
+
+def test_wrong_task_and_bad_fractions_are_errors(tmp_path):
+    _hand_made(tmp_path / "raw")
+    with pytest.raises(PerpcsError, match="LaMP_2M"):
+        prepare_lamp("product_rating", tmp_path / "raw", tmp_path / "out", n_test=1, verbose=False)
+    with pytest.raises(PerpcsError, match="at most 1"):
+        split_users([{"user_id": str(i), "profile": []} for i in range(5)], 1, 0.6, 0.5, 0.0, 0)
+
+
+@pytest.mark.parametrize("task_name", list(TASKS))
+def test_make_sample_then_prepare_end_to_end(tmp_path, task_name):
+    raw, out = tmp_path / "raw", tmp_path / "data"
+    run = [sys.executable, str(ROOT / "data" / "make_sample.py"), "--task_name", task_name, "--out_dir", str(raw),
+           "--n_users", "12", "--n_history", "6", "--n_queries", "3", "--seed", "0"]
+    subprocess.run(run, check=True, capture_output=True, cwd=tmp_path)
+    prep = subprocess.run([sys.executable, str(ROOT / "data" / "prepare_lamp.py"), "--task_name", task_name,
+                           "--lamp_dir", str(raw), "--out_dir", str(out), "--n_test", "3"],
+                          check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert "12 users (0 prefix conflicts" in prep.stdout
+    task = get_task(task_name)
+    layout = Layout(out, task)
+    splits = {s: layout.load_split(s, need_gold=True) for s in SPLITS}
+    assert [len(splits[s]) for s in SPLITS] == [5, 3, 3, 1]   # 9 non-test users: 4.5 rounds up
+    info = json.loads((raw / "sample_info.json").read_text())
+    groups = {f"u{u['question_ids'][0]}": u["question_ids"] for u in info["users"]}
+    for users in splits.values():
+        for user in users:
+            assert [q["id"] for q in user["query"]] == groups[user["user_id"]]     # users recovered exactly
+            assert len(user["profile"]) == 6
+            for q in user["query"]:
+                task.parse_query(q["input"], q["id"])
+    assert len(layout.load_golds()["golds"]) == 3 * 3

@@ -1,0 +1,188 @@
+"""Training loop, answer-only masking, LR schedule, adapter save/load, gates and batched generation."""
+import json
+import math
+
+import pytest
+import torch
+
+from perpcs.adapters import is_complete_adapter, load_adapter_weights, save_peft_adapter
+from perpcs.errors import PerpcsError
+from perpcs.gates import GatedInput, install_gates, lora_modules, remove_gates
+from perpcs.generation import generate, variant_names
+from perpcs.modeling import load_base_model, lora_config
+from perpcs.prompts import Example
+from perpcs.training import (IGNORE_INDEX, TrainConfig, collate, count_steps, lr_at, make_batches,
+                             tokenize_example, train)
+
+
+@pytest.fixture()
+def tiny(tiny_model_dir):
+    return load_base_model(str(tiny_model_dir), device="cpu")
+
+
+def test_loss_mask_covers_exactly_the_answer_and_eos(tiny):
+    _, tok, _ = tiny
+    ex = Example("Review: great blender Score:", " 5")
+    t = tokenize_example(tok, ex, 100)
+    answer_ids = t.input_ids[len(tok(ex.prompt)["input_ids"]):]
+    assert answer_ids[-1] == tok.eos_token_id
+    assert [x for x in t.labels if x != IGNORE_INDEX] == answer_ids
+    assert tok.decode(answer_ids, skip_special_tokens=True) == " 5"
+    assert all(x == IGNORE_INDEX for x in t.labels[:len(t.labels) - len(answer_ids)])
+
+
+def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_answer(tiny):
+    _, tok, _ = tiny
+    ex = Example("word " * 200 + "Score:", " 4")
+    t = tokenize_example(tok, ex, 12)
+    assert len(t.input_ids) == 12
+    assert tok.decode([x for x in t.labels if x != IGNORE_INDEX], skip_special_tokens=True) == " 4"
+
+
+def test_collate_pads_right_and_masks_padding():
+    from perpcs.training import Tokenized
+    batch = collate([Tokenized([1, 2, 3], [IGNORE_INDEX, 2, 3], ""), Tokenized([4], [4], "")], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_half_cycle_cosine_schedule():
+    assert lr_at(0, 10, 1e-4) == pytest.approx(1e-4)
+    assert lr_at(5, 10, 1e-4) == pytest.approx(5e-5)
+    assert lr_at(9, 10, 1e-4) == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    values = [lr_at(s, 10, 1.0) for s in range(10)]
+    assert all(a > b for a, b in zip(values, values[1:])) and values[-1] > 0
+
+
+def test_steps_stop_at_epochs_or_max_step_whichever_first():
+    assert count_steps(12, TrainConfig(batch_size=6, epochs=3)) == 6
+    assert count_steps(12, TrainConfig(batch_size=6, epochs=3, max_step=4)) == 4
+    assert count_steps(13, TrainConfig(batch_size=6, epochs=1, accum_iter=2)) == 2
+
+
+def test_batches_cover_every_example_once_per_epoch():
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 50, 7, 48, 6, 49, 8, 47]
+    batches = make_batches(8, 2, gen, lengths)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(abs(lengths[b[0]] - lengths[b[1]]) < 10 for b in batches)   # grouped by length
+
+
+LEARNABLE = [Example(f"Review: the {w} blender Score:", f" {s}") for w, s in
+             [("awful", 1), ("great", 5), ("bad", 1), ("superb", 5), ("poor", 1), ("lovely", 5)]]
+
+
+def test_loss_falls_on_a_learnable_task_and_only_lora_changes(tiny, tmp_path):
+    from peft import get_peft_model
+    model, tok, device = tiny
+    with torch.no_grad():   # a random 64-wide head caps logits near +-1; widen it so the task is learnable
+        model.lm_head.weight.mul_(10)
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    peft_model = get_peft_model(model, lora_config(r=8, alpha=16, dropout=0.0))
+    log = tmp_path / "log.jsonl"
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.0, batch_size=6, epochs=40, grad_ckpt=True)
+    first = train(peft_model, tok, LEARNABLE, TrainConfig(lr=0.0, batch_size=6, epochs=1), device,
+                  show_progress=False)["mean_loss"]
+    stats = train(peft_model, tok, LEARNABLE, cfg, device, log_path=log, show_progress=False)
+    assert stats["steps"] == 40 and stats["last_loss"] < 0.25 * first
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 41)) and all({"loss", "lr", "tokens_per_s"} <= set(x)
+                                                                   for x in lines)
+    merged_names = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                    for k, v in peft_model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(merged_names[k], v) for k, v in base_before.items())
+
+    # save / load round trip through the standard peft format
+    out = save_peft_adapter(peft_model, tmp_path / "adapter")
+    assert is_complete_adapter(out)
+    from peft import PeftModel
+    ids = collate([tokenize_example(tok, LEARNABLE[0], 64)], tok.pad_token_id)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids["input_ids"]).logits
+    base = peft_model.unload()
+    loaded = PeftModel.from_pretrained(base, str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids["input_ids"]).logits, expected)
+
+
+def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tiny, tmp_path):
+    from peft import get_peft_model
+    model, tok, device = tiny
+    peft_model = get_peft_model(model, lora_config())
+    for name, p in peft_model.named_parameters():   # poison one LoRA weight: the first loss is NaN
+        if "lora_B" in name:
+            p.data[0, 0] = float("nan")
+            break
+    with pytest.raises(PerpcsError, match=r"user u7.*non-finite loss.*step 1"):
+        train(peft_model, tok, LEARNABLE, TrainConfig(epochs=1, batch_size=2), device, desc="user u7",
+              show_progress=False)
+
+
+def test_gate_is_applied_exactly_as_spec_6(tiny):
+    from peft import get_peft_model
+    model, tok, _ = tiny
+    peft_model = get_peft_model(model, lora_config(dropout=0.0))
+    gen = torch.Generator().manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=gen)
+    gates = install_gates(peft_model)
+    piece, module = next(iter(lora_modules(peft_model).items()))
+    gates[piece].gate.data = torch.randn(gates[piece].gate.shape, generator=gen)
+    x = torch.randn(2, 5, module.in_features, generator=gen)
+    a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+    g = gates[piece].gate
+    expected = module.base_layer(x) + ((x * torch.sigmoid(x @ g).unsqueeze(-1)) @ a.T @ b.T) * module.scaling["default"]
+    torch.testing.assert_close(module(x), expected)
+    # only the gates train
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".gate") for n in trainable)
+    remove_gates(peft_model)
+    assert not any(isinstance(m, GatedInput) for m in peft_model.modules())
+
+
+def test_gate_training_changes_gates_only(tiny):
+    from peft import get_peft_model
+    model, tok, device = tiny
+    peft_model = get_peft_model(model, lora_config())
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    gates = install_gates(peft_model)
+    train(peft_model, tok, LEARNABLE, TrainConfig(lr=1e-2, weight_decay=0.0, epochs=3, batch_size=3), device,
+          show_progress=False)
+    after = peft_model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())          # LoRA and base bit-identical
+    assert any(float(g.gate.detach().abs().sum()) > 0 for g in gates.values())   # gates moved
+
+
+def test_batched_generation_equals_one_by_one_greedy(tiny):
+    model, tok, device = tiny
+    prompts = ["Review: great", "Description: a robot falls in love in deep space Tag:", "Tweet:",
+               "Generate a headline for the following article: rain in Paris"]
+    batched = generate(model, tok, prompts, 6, device, temperature=0, batch_size=4)
+    single = [generate(model, tok, [p], 6, device, temperature=0, batch_size=1)[0] for p in prompts]
+    assert batched == single and any(batched)
+
+
+def test_eight_variant_names():
+    names = [stem for stem, _, _ in variant_names([1, 2, 4])]
+    assert names == ["kNP", "k1", "k2", "k4", "kNP-profile", "k1-profile", "k2-profile", "k4-profile"]
+
+
+def test_load_adapter_weights_restores_a_saved_adapter(tiny, tmp_path):
+    from peft import get_peft_model
+    model, tok, _ = tiny
+    peft_model = get_peft_model(model, lora_config())
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data.normal_()
+    out = save_peft_adapter(peft_model, tmp_path / "a")
+    saved = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data.zero_()
+    load_adapter_weights(peft_model, out)
+    assert all(torch.equal(peft_model.state_dict()[k], v) for k, v in saved.items())
