@@ -28,7 +28,13 @@ def default_dirs(task_name: str) -> dict:
     root = Path("./output") / task_name
     return {"task_lora": root / "task-base_LLM", "anchor_peft": root / "anchor_PEFT",
             "anchor_gate": root / "anchor_gate", "composition": root / "composition", "oppu": root / "OPPU",
-            "anchor_idx": Path("./anchor_selection") / task_name / "anchor_user_idx.json"}
+            "anchor_idx": default_anchor_index(task_name)}
+
+
+def default_anchor_index(task_name: str) -> Path:
+    """Where stage 2 writes by default (anchored at the repo, as history_anchor.py runs from anywhere)."""
+    from .anchors import INDEX_FILE, default_output_dir
+    return default_output_dir(get_task(task_name)) / INDEX_FILE
 
 
 def resolve_anchor_dir(path) -> Path:
@@ -42,18 +48,9 @@ def resolve_anchor_dir(path) -> Path:
 def load_sharers(anchor_idx_path, candidate_path, task) -> list:
     """[(user id, user record)] of the chosen sharers, from stage 2's index into the candidate file."""
     from .anchors import load_anchor_index
-    index = load_anchor_index(anchor_idx_path)
     candidates = load_users(candidate_path, task)
-    sharers = []
-    for pos, (idx, uid) in enumerate(zip(index["indices"], index["user_ids"])):
-        if not 0 <= idx < len(candidates):
-            fail(f"{anchor_idx_path}: sharer #{pos} has index {idx}, but {candidate_path} holds "
-                 f"{len(candidates)} candidates")
-        if user_id(candidates[idx]) != str(uid):
-            fail(f"{anchor_idx_path}: sharer #{pos} index {idx} is user {user_id(candidates[idx])!r} in "
-                 f"{candidate_path}, the index says {uid!r}: was the candidate file changed after stage 2?")
-        sharers.append((str(uid), candidates[idx]))
-    return sharers
+    index = load_anchor_index(anchor_idx_path, candidates)
+    return [(str(uid), candidates[idx]) for idx, uid in zip(index["indices"], index["user_ids"])]
 
 
 def load_merged_base(args):

@@ -131,6 +131,18 @@ def count_steps(n_examples: int, cfg: TrainConfig) -> int:
     return min(steps, cfg.max_step) if cfg.max_step is not None else steps
 
 
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens, equal to the HF loss with -100 labels, but the LM head runs
+    only where a label is: for a 49k-vocabulary model on short answers that is ~30% of the training FLOPs."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state[:, :-1]
+    logits = base.get_output_embeddings()(hidden[keep]).float()
+    return torch.nn.functional.cross_entropy(logits, labels[keep])
+
+
 def _checkpointing(model, on: bool) -> None:
     """Gradient (activation) checkpointing, non-reentrant so frozen inputs need no requires_grad hack."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -178,7 +190,7 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
             for batch_idx in make_batches(len(tokenized), cfg.batch_size, generator, lengths):
                 batch = collate([tokenized[i] for i in batch_idx], pad_id, device)
                 with autocast_context(device, cfg.cpu_bf16):
-                    loss = model(**batch).loss
+                    loss = answer_loss(model, batch)
                 if not torch.isfinite(loss):
                     fail(f"{desc}: non-finite loss ({loss.item()}) at step {step + 1}, epoch {epoch + 1}; "
                          f"nothing was saved (try a lower --lr)")

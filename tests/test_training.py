@@ -47,6 +47,14 @@ def test_collate_pads_right_and_masks_padding():
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]
 
 
+def test_answer_only_loss_equals_the_hf_loss(tiny):
+    from perpcs.training import answer_loss
+    model, tok, _ = tiny
+    batch = collate([tokenize_example(tok, ex, 64) for ex in LEARNABLE[:3]], tok.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(answer_loss(model, batch), model(**batch).loss)
+
+
 def test_half_cycle_cosine_schedule():
     assert lr_at(0, 10, 1e-4) == pytest.approx(1e-4)
     assert lr_at(5, 10, 1e-4) == pytest.approx(5e-5)
