@@ -2,6 +2,7 @@
 
 show-prompts  print the exact prompts the model gets for the first n queries of a split
 materialize   rebuild a user's peft adapter from its recipe and the sharer LoRAs
+report        the results table of one task (task LoRA, OPPU, Per-Pcs) from output/<task>/
 """
 from __future__ import annotations
 
@@ -40,6 +41,16 @@ def materialize_cmd(args) -> None:
     print(f"wrote the adapter to {out}")
 
 
+def report_cmd(args) -> None:
+    from .data import write_bytes_atomic
+    from .report import results_table
+    table = results_table(args.task_name, args.data_dir, args.output_root)
+    print(table)
+    if args.output_file:
+        write_bytes_atomic(args.output_file, table.encode("utf-8"))
+        print(f"saved to {args.output_file}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m perpcs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +68,12 @@ def main(argv=None) -> None:
     mp.add_argument("--anchor_dir", required=True, help="the sharer LoRAs (stage 3 output)")
     mp.add_argument("--output_dir", required=True)
     mp.set_defaults(func=materialize_cmd)
+    rp = sub.add_parser("report", help="results table of one task")
+    rp.add_argument("--task_name", required=True)
+    rp.add_argument("--data_dir", default="data")
+    rp.add_argument("--output_root", default=None, help="default output/<task>")
+    rp.add_argument("--output_file", default=None)
+    rp.set_defaults(func=report_cmd)
     args = p.parse_args(argv)
     args.func(args)
 

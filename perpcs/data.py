@@ -35,9 +35,13 @@ def write_json_atomic(path, obj, indent: int | None = 1) -> None:
 
 
 def write_bytes_atomic(path, data: bytes) -> None:
+    """A full disk or a read-only directory is a clear error naming the path; the old file stays intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        fail(f"cannot write {path}: {err.strerror or err}")
     try:
         os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; published files follow the umask
         with os.fdopen(fd, "wb") as f:
@@ -45,9 +49,11 @@ def write_bytes_atomic(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            fail(f"could not write {path}: {err.strerror or err}; an earlier version of it is intact")
         raise
 
 

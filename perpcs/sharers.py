@@ -203,7 +203,7 @@ def train_oppu(args) -> Path:
         try:
             if is_complete_adapter(adapter_dir) and not args.overwrite:   # killed after saving, before predicting
                 load_adapter_weights(peft_model, adapter_dir)
-                stats = {"tokens": 0, "last_loss": None}
+                stats = {"tokens": 0, "last_loss": None, "seconds": 0.0}
             else:
                 stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                               desc=f"OPPU {uid}", log_path=out_root / "train_log.jsonl")
@@ -212,7 +212,8 @@ def train_oppu(args) -> Path:
             write_json_atomic(user_predictions_path(out_root, uid), preds)
         finally:
             peft_model.unload()
-        return {"examples": len(examples[uid]), "tokens": stats["tokens"], "last_loss": stats["last_loss"]}
+        return {"examples": len(examples[uid]), "tokens": stats["tokens"], "last_loss": stats["last_loss"],
+                "train_seconds": round(stats["seconds"], 3)}
 
     run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
                  out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)

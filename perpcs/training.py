@@ -179,6 +179,8 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed)
     lengths = [len(t.input_ids) for t in tokenized] if cfg.group_by_length else None
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a", encoding="utf-8") if log_path else None
     bar = tqdm(total=total_steps, desc=desc, disable=not show_progress, leave=False)
     step, micro, losses, tokens, t0 = 0, 0, [], 0, time.perf_counter()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The whole method on one command, on the CPU with the bundled SmolLM2-135M and generated sample data:
+# sample data -> profiles -> stages 1-5 -> OPPU -> evaluation -> output/<task>/results.md.
+# Settings are scaled down from the paper's (see README, "The demo") so that it ends in minutes on 2 cores.
+# Re-running continues where it stopped; `make clean` starts over.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TASK=${TASK:-movie_tagging}
+PY=${PYTHON:-.venv/bin/python}
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+OUT=output/$TASK
+COMMON=(--task_name "$TASK" --device cpu --cpu_bf16)
+TRAIN=(--no-grad_ckpt --max_seq_len 512)
+GEN=(--k_list 1 --temperature 0 --max_gen_len 8)
+start=$(date +%s)
+step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
+
+step "0. sample data (LaMP format) and the project layout"
+if [ ! -f "data/$TASK/test_100/golds.json" ]; then
+  $PY data/make_sample.py --task_name "$TASK" --out_dir "output/lamp_raw/$TASK" --n_users 40 --n_history 16 --n_queries 4
+  $PY data/prepare_lamp.py --task_name "$TASK" --lamp_dir "output/lamp_raw/$TASK" --out_dir data --n_test 6
+fi
+
+step "0b. profile texts (PAG)"
+$PY data/gen_profile.py --task_name "$TASK" --k 3 --max_gen_len 24 --batch_size 20 --device cpu
+
+step "1. task LoRA + non-personalized / RAG / PAG baselines"
+$PY task_LoRA.py "${COMMON[@]}" "${TRAIN[@]}" "${GEN[@]}" --epochs 1 --lr 1e-3
+
+step "2. sharer selection"
+$PY anchor_selection/history_anchor.py --task_name "$TASK" --k 4 --min_history 5 --device cpu
+
+step "3. sharer LoRAs"
+$PY train_anchor_PEFT.py "${COMMON[@]}" "${TRAIN[@]}" --max_step 12 --lr 1e-3
+
+step "4. sharer gates"
+$PY train_anchor_gate.py "${COMMON[@]}" "${TRAIN[@]}" --max_step 8 --lr 1e-3 --recent_k 16
+
+step "5. Per-Pcs composition + predictions"
+$PY lora_composition.py "${COMMON[@]}" "${GEN[@]}" --max_seq_len 512 --topk 1 --recent_k 16
+
+step "OPPU baseline (one LoRA per target user)"
+$PY OPPU.py "${COMMON[@]}" "${TRAIN[@]}" "${GEN[@]}" --epochs 2 --batch_size 8 --lr 1e-3
+
+step "6. evaluation"
+$PY -m perpcs report --task_name "$TASK" --output_file "$OUT/results.md"
+echo "demo finished in $(( $(date +%s) - start ))s"

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Per-Pcs on one task at the paper's settings (Llama-2-7b on CUDA): the numbered steps of the README, in order.
+#
+#   scripts/run_task.sh movie_tagging
+#   PY=.venv/bin/python LLAMA=/models/Llama-2-7b LAMP_DIR=/data/LaMP/movie_tagging scripts/run_task.sh movie_tagging
+#   DRY_RUN=1 scripts/run_task.sh movie_tagging      # print every command, run nothing
+#
+# Variables: PY (python), LLAMA (./llama_download/Llama-2-7b), DEVICE (cuda), LAMP_DIR (raw LaMP files of the
+# task, needed only while data/<task>/ does not exist), PROFILE_MODEL (the model writing the PAG profiles;
+# default $LLAMA).
+# Each command is printed ("+ ...") before it runs, so it can be copied and run by hand. Re-running continues
+# where it stopped: a step whose final output exists is skipped, and the per-user steps (profiles, sharer
+# LoRAs, gates, composition, OPPU) skip the users already done.
+set -euo pipefail
+TASK=${1:?usage: scripts/run_task.sh <task>, one of citation movie_tagging news_categorize product_rating \
+news_headline scholarly_title tweet_paraphrase}
+cd "$(dirname "$0")/.."
+
+PY=${PY:-python}
+LLAMA=${LLAMA:-./llama_download/Llama-2-7b}
+DEVICE=${DEVICE:-cuda}
+LAMP_DIR=${LAMP_DIR:-}
+PROFILE_MODEL=${PROFILE_MODEL:-$LLAMA}
+DRY_RUN=${DRY_RUN:-}
+case "$PY" in /*) ;; */*) PY="$PWD/$PY" ;; esac   # a relative interpreter path must survive the cd of step 2
+OUT=./output/$TASK
+LORA_CKPT=$OUT/task-base_LLM/lora_ckpt.pt
+GOLDS=data/$TASK/test_100/golds.json
+
+run() {       # print the command, then run it
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  [ -n "$DRY_RUN" ] || "$@"
+}
+run_in() {    # the same, from inside a directory
+  local dir=$1; shift
+  printf '+ (cd %q &&' "$dir"; printf ' %q' "$@"; printf ')\n'
+  [ -n "$DRY_RUN" ] || (cd "$dir" && "$@")
+}
+done_already() {   # true (and says so) when the step's final output exists; a dry run prints every step
+  if [ -z "$DRY_RUN" ] && [ -e "$1" ]; then echo "# $2: done ($1 exists), skipped"; return 0; fi
+  return 1
+}
+step() { echo; echo "### $*"; }
+
+step "0. data/$TASK from the raw LaMP files"
+if ! done_already "data/$TASK/test_100/user_test_100.json" "data"; then
+  if [ -z "$LAMP_DIR" ] && [ -z "$DRY_RUN" ]; then
+    echo "error: data/$TASK/ does not exist; set LAMP_DIR to the directory holding the task's LaMP" \
+         "train_questions.json / train_outputs.json (and dev_*)" >&2
+    exit 2
+  fi
+  run "$PY" data/prepare_lamp.py --task_name "$TASK" --lamp_dir "${LAMP_DIR:-LaMP/$TASK}" --out_dir data
+fi
+
+step "0b. PAG profile texts (resumes per user)"
+run "$PY" data/gen_profile.py --task_name "$TASK" --model_path "$PROFILE_MODEL" --device "$DEVICE"
+
+step "1. task LoRA, then the non-personalized / RAG / PAG predictions"
+if ! done_already "$OUT/task-base_LLM/predictions/k4-profile.json" "step 1"; then
+  run "$PY" task_LoRA.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE"
+fi
+
+step "2. sharer selection (k-means over history embeddings)"
+run_in anchor_selection "$PY" history_anchor.py --candidate_path "../data/$TASK/user_anchor_candidate.json" \
+  --task_name "$TASK" --k 50 --device "$DEVICE"
+
+step "3. one LoRA per sharer (resumes per sharer)"
+run "$PY" train_anchor_PEFT.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" \
+  --lora_ckpt "$LORA_CKPT"
+
+step "4. gates of every sharer piece (resumes per sharer)"
+run "$PY" train_anchor_gate.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" \
+  --lora_ckpt "$LORA_CKPT" --anchor_path "$OUT/anchor_PEFT"
+
+step "5. Per-Pcs: assemble each target user's LoRA, then predict (resumes per user)"
+if ! done_already "$OUT/composition/summary.json" "step 5"; then
+  run "$PY" lora_composition.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" \
+    --lora_ckpt "$LORA_CKPT" --topk 3 --share_ratio 1 --agg_temperature 1
+fi
+
+step "OPPU baseline: one LoRA trained per target user (resumes per user)"
+if ! done_already "$OUT/OPPU/predictions/k4-profile.json" "OPPU"; then
+  run "$PY" OPPU.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" --lora_ckpt "$LORA_CKPT"
+fi
+
+step "6. metrics of every prediction file, then the results table of all tasks"
+for method in task-base_LLM OPPU composition; do
+  for variant in kNP k1 k2 k4 kNP-profile k1-profile k2-profile k4-profile; do
+    preds=$OUT/$method/predictions/$variant.json
+    if [ -n "$DRY_RUN" ] || [ -f "$preds" ]; then
+      run "$PY" eval/eval_task.py --golds_json "$GOLDS" --preds_json "$preds" --task_name "$TASK" \
+        --output_file "$OUT/$method/metrics/$variant.json"
+    fi
+  done
+done
+run "$PY" eval/eval_all.py --output_root output --data_dir data --out_prefix output/results
