@@ -1,0 +1,38 @@
+"""Convert raw LaMP files (train/dev questions + outputs) into the data layout of SPEC section 3.
+
+Writes <out_dir>/<task>/user_base_LLM.json, user_anchor_candidate.json, user_reserve_10_percent.json,
+test_100/user_test_100.json and test_100/golds.json. The grouping of questions into users, the choice of
+test users and the citation mapping are described in perpcs/prepare.py. Example:
+    python data/prepare_lamp.py --task_name movie_tagging --lamp_dir data/raw/movie_tagging --n_test 10
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from perpcs.errors import run_cli  # noqa: E402
+from perpcs.prepare import prepare_lamp  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task_name", required=True, help="citation, movie_tagging, news_categorize, product_rating, "
+                   "news_headline, scholarly_title, tweet_paraphrase (or the LaMP id)")
+    p.add_argument("--lamp_dir", required=True, help="holds train_questions.json / train_outputs.json "
+                   "(and optionally dev_questions.json / dev_outputs.json)")
+    p.add_argument("--out_dir", default="data", help="the layout goes to <out_dir>/<task>/")
+    p.add_argument("--n_test", type=int, default=100, help="test users: those with the longest history")
+    p.add_argument("--seed", type=int, default=0, help="shuffles the non-test users before the split")
+    p.add_argument("--base_frac", type=float, default=0.5, help="share of non-test users for the task LoRA")
+    p.add_argument("--candidate_frac", type=float, default=0.4, help="share of non-test users as sharer candidates")
+    p.add_argument("--reserve_frac", type=float, default=0.1, help="share of non-test users held out")
+    p.add_argument("--citation_field", default="abstract", choices=["abstract", "title"],
+                   help="citation task: the raw history field copied into 'citation' (what the prompts read)")
+    args = p.parse_args()
+    prepare_lamp(args.task_name, args.lamp_dir, args.out_dir, args.n_test, args.seed, args.base_frac,
+                 args.candidate_frac, args.reserve_frac, args.citation_field)
+
+
+if __name__ == "__main__":
+    run_cli(main)
