@@ -1,10 +1,12 @@
 """Saving adapters and other per-user outputs so that a killed run leaves a complete output or none.
 
-Everything is first written into a hidden temporary directory beside the target and renamed into place:
-the existence of the target directory means it is complete.
+Everything is first written into a hidden temporary directory beside the target and renamed into place,
+so a target holds either the complete new files or the old ones.
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,21 +15,26 @@ from .errors import fail
 
 
 def _staging_dir(target: Path) -> Path:
+    from .data import _umask
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    os.chmod(staging, 0o777 & ~_umask())   # mkdtemp makes 0700; published dirs follow the umask
+    return staging
 
 
 def publish_dir(staging: Path, target: Path) -> None:
-    """Move a finished staging dir to ``target``, replacing an older one only once the new one is complete."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Publish a finished staging dir as ``target``.
+
+    A new target is one rename. An existing target (e.g. the task LoRA dir, which also holds predictions and
+    logs) keeps its other files; the staged files replace theirs one by one, adapter_config.json last, since
+    a directory counts as a complete adapter only once both the weights and the config are there.
+    """
+    if not target.exists():
+        staging.rename(target)
+        return
+    for f in sorted(staging.iterdir(), key=lambda p: p.name == "adapter_config.json"):
+        os.replace(f, target / f.name)
+    staging.rmdir()
 
 
 def write_dir_atomic(target, write) -> Path:
@@ -58,9 +65,19 @@ def save_peft_adapter(peft_model, target) -> Path:
 
     def write(staging: Path) -> None:
         peft_model.save_pretrained(str(staging), safe_serialization=True)
+        sort_target_modules(staging / "adapter_config.json")
         verify_adapter(staging, peft_model)
 
     return write_dir_atomic(target, write)
+
+
+def sort_target_modules(config_file: Path) -> None:
+    """peft writes target_modules from a set, in string-hash order, which differs from process to process;
+    sorted, the same adapter gives the same bytes whichever process saved it (peft's own layout otherwise)."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def is_complete_adapter(path) -> bool:

@@ -33,7 +33,7 @@ def compose(args) -> Path:
     dirs = default_dirs(task.name)
     out_root = Path(args.output_dir or dirs["composition"])
     settings = settings_from_args(args)
-    test_users = layout.load_split("test")
+    test_users = layout.load_split("test", check=True)
     layout.load_golds(test_users)
     all_profiles = layout.load_profiles()
     sharers = load_sharers(args.anchor_idx_path or dirs["anchor_idx"], layout.candidate_users, task)
@@ -58,6 +58,7 @@ def compose(args) -> Path:
         seed = user_seed(args.seed, uid)
         path = recipe_path(out_root, uid)
         t0 = time.perf_counter()
+        timing = {}   # kept in users_log.jsonl, not in the recipe, so recipes are byte-reproducible
         if path.is_file() and not args.overwrite:   # killed after the recipe, before the predictions
             recipe = read_json(path, "recipe")
             weights = recipe_weights(recipe, pool, path)
@@ -66,16 +67,16 @@ def compose(args) -> Path:
             weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}")
             seconds = time.perf_counter() - t0
             recipe = make_recipe(pool, weights, settings, uid, task.name, batches,
-                                 {"seed_user": seed, "assembly_seconds": round(seconds, 4),
-                                  "examples": len(tokenized)})
+                                 {"seed_user": seed, "examples": len(tokenized)})
             write_recipe(recipe, path)
+            timing["assembly_seconds"] = round(seconds, 4)
         if args.save_adapters:
             pool.save_adapter(weights, out_root / "adapters" / f"user_{uid}")
         composer.use_fixed(weights)
         preds = predict_one_user(model, tokenizer, task, user, all_profiles, layout.profiles, device, args)
         composer.mode = "off"
         write_json_atomic(user_predictions_path(out_root, uid), preds)
-        return {"assembly_seconds": recipe.get("assembly_seconds")}
+        return timing
 
     run_per_user(users, lambda uid: recipe_path(out_root, uid).is_file()
                  and user_predictions_path(out_root, uid).is_file(),
@@ -96,16 +97,16 @@ def write_summary(out_root: Path, pool: PiecePool, uids: list) -> dict:
     """Per user and on average: assembly seconds, recipe bytes, adapter bytes (what OPPU stores), sharers
     chosen per piece."""
     adapter_bytes = pool.adapter_bytes()
+    seconds = assembly_seconds(out_root / "users_log.jsonl")
     per_user = {}
     for uid in uids:
         path = recipe_path(out_root, uid)
         recipe = read_json(path, "recipe")
         counts = [len(v) for v in recipe["pieces"].values()]
-        per_user[uid] = {"assembly_seconds": recipe.get("assembly_seconds"), "recipe_bytes": path.stat().st_size,
+        per_user[uid] = {"assembly_seconds": seconds.get(uid), "recipe_bytes": path.stat().st_size,
                          "adapter_bytes": adapter_bytes,
                          "sharers_per_piece": sum(counts) / max(len(counts), 1)}
-    n = max(len(per_user), 1)
-    mean = {key: sum(float(u[key] or 0) for u in per_user.values()) / n
+    mean = {key: _mean([u[key] for u in per_user.values()])
             for key in ("assembly_seconds", "recipe_bytes", "adapter_bytes", "sharers_per_piece")}
     summary = {"users": per_user, "mean": mean, "n_users": len(per_user), "n_sharers": len(pool),
                "n_pieces": len(pool.pieces)}
@@ -113,6 +114,24 @@ def write_summary(out_root: Path, pool: PiecePool, uids: list) -> dict:
     print(f"summary: {mean['assembly_seconds']:.2f} s per user, recipe {mean['recipe_bytes']:.0f} B vs "
           f"adapter {adapter_bytes} B per user -> {out_root / 'summary.json'}")
     return summary
+
+
+def _mean(values) -> float:
+    """Mean over the users that have the value (a user resumed from its recipe has no timing)."""
+    known = [float(v) for v in values if v is not None]
+    return sum(known) / len(known) if known else 0.0
+
+
+def assembly_seconds(log_path: Path) -> dict:
+    """{user: seconds of its last assembly} from the per-user log (all shards append to it)."""
+    import json
+    out = {}
+    if log_path.is_file():
+        for line in log_path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("assembly_seconds") is not None:
+                out[row["user_id"]] = row["assembly_seconds"]
+    return out
 
 
 def materialize(recipe_file, anchor_dir, output_dir) -> Path:

@@ -105,6 +105,17 @@ def load_users(path, task: Task, need_gold: bool = False) -> list:
     return validate_users(read_json(path, "users file"), path, task, need_gold)
 
 
+def check_queries(users: list, path, task: Task) -> None:
+    """Parse every query input now, so a malformed one stops the run before any model is loaded."""
+    from .errors import PerpcsError
+    for ui, user in enumerate(users):
+        for q in user["query"]:
+            try:
+                task.parse_query(q["input"], q.get("id", "?"))
+            except PerpcsError as err:
+                fail(f"{_user_label(path, ui, user)}: {err}")
+
+
 def user_id(user) -> str:
     return str(user["user_id"])
 
@@ -192,8 +203,12 @@ class Layout:
         return {"base": self.base_users, "candidate": self.candidate_users, "test": self.test_users,
                 "reserve": self.reserve_users}[split]
 
-    def load_split(self, split: str, need_gold: bool = False) -> list:
-        return load_users(self.split_path(split), self.task, need_gold=need_gold)
+    def load_split(self, split: str, need_gold: bool = False, check: bool = False) -> list:
+        """A split's users; ``check`` also parses every query (for stages that build query prompts)."""
+        users = load_users(self.split_path(split), self.task, need_gold=need_gold)
+        if check:
+            check_queries(users, self.split_path(split), self.task)
+        return users
 
     def load_profiles(self) -> dict:
         return load_profiles(self.profiles)

@@ -74,7 +74,8 @@ def gate_state(gates: dict) -> dict:
 
 
 def save_gates(gates: dict, path) -> None:
-    save_file(gate_state(gates), str(path), metadata={"format": "perpcs-gates", "pieces": str(len(gates))})
+    # one metadata entry: safetensors writes a dict's entries in no fixed order, and files must be reproducible
+    save_file(gate_state(gates), str(path), metadata={"format": "perpcs-gates"})
 
 
 def load_gates(path, expected_pieces=None, who: str = "") -> dict:

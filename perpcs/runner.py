@@ -12,6 +12,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from .errors import fail
+
 
 def shard_users(users: list, num_shards: int, shard_id: int) -> list:
     """Users i with i % num_shards == shard_id: deterministic, and the shards' union is every user once."""
@@ -32,11 +34,16 @@ def run_per_user(users: list, is_done: Callable, work: Callable, desc: str, log_
     done = []
     for uid, user in tqdm(todo, desc=desc, unit="user"):
         t0 = time.perf_counter()
-        stats = work(uid, user) or {}
-        record = {"user_id": uid, "seconds": round(time.perf_counter() - t0, 3), **stats}
-        if log_path is not None:
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        try:
+            stats = work(uid, user) or {}
+            record = {"user_id": uid, "seconds": round(time.perf_counter() - t0, 3), **stats}
+            if log_path is not None:
+                Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+        except OSError as err:   # disk full, read-only output dir: say where, keep what is finished
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            fail(f"{desc}: user {uid!r}: {err.strerror or err}{where}; users finished before are intact, "
+                 f"run again to resume")
         done.append(uid)
     return {"done": done, "skipped": skipped}

@@ -185,7 +185,7 @@ def train_oppu(args) -> Path:
     task = get_task(args.task_name)
     layout = Layout(args.data_dir, task)
     out_root = Path(args.output_dir or default_dirs(task.name)["oppu"])
-    test_users = layout.load_split("test")
+    test_users = layout.load_split("test", check=True)
     layout.load_golds(test_users)
     profiles = layout.load_profiles()
     users = [(user_id(u), u) for u in test_users]

@@ -1,7 +1,10 @@
 """Stage 1: the task LoRA on the base LLM, and the non-personalized / RAG / PAG baseline predictions."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
 
 from .adapters import is_complete_adapter, save_peft_adapter
 from .cli import generation_kwargs, train_config
@@ -9,7 +12,21 @@ from .data import Layout, profile_text
 from .generation import predict_variants, write_variant_files
 from .prompts import UserHistory, query_example
 from .tasks import get_task
-from .training import train
+from .training import seed_all, train
+
+
+def init_data_parallel(device: str) -> tuple:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on GPUs, gloo on CPUs); (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        use_nccl = device != "cpu" and torch.cuda.is_available()
+        if use_nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def task_lora_examples(task, users: list, profiles: dict, profiles_path) -> list:
@@ -35,12 +52,15 @@ def run(args) -> Path:
     layout = Layout(args.data_dir, task)
     out_dir = Path(args.output_dir or default_output_dir(task.name))
     # read and validate every input before the (slow) model load
-    test_users = layout.load_split("test")
+    test_users = layout.load_split("test", check=True)
     golds = layout.load_golds(test_users)
     profiles = layout.load_profiles()
-    base_users = None if args.infer else layout.load_split("base", need_gold=True)
+    base_users = None if args.infer else layout.load_split("base", need_gold=True, check=True)
 
-    model, tokenizer, device = load_base_model(args.llama_model_path, args.tokenizer_path, args.device,
+    rank, world = init_data_parallel(args.device)
+    device_name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if world > 1 and args.device != "cpu" \
+        and torch.cuda.is_available() else args.device
+    model, tokenizer, device = load_base_model(args.llama_model_path, args.tokenizer_path, device_name,
                                                cpu_bf16=args.cpu_bf16)
     if args.infer or (is_complete_adapter(out_dir) and not args.overwrite):
         adapter_dir = resolve_lora_ckpt(args.lora_ckpt) if args.lora_ckpt else resolve_lora_ckpt(out_dir)
@@ -49,15 +69,20 @@ def run(args) -> Path:
     else:
         examples = task_lora_examples(task, base_users, profiles, layout.profiles)
         cfg = train_config(args)
+        seed_all(args.seed)   # the LoRA's A init
         model = get_peft_model(model, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
                                                   args.target_modules))
         print(f"training the task LoRA on {len(examples)} queries of {len(base_users)} base users")
         out_dir.mkdir(parents=True, exist_ok=True)
         stats = train(model, tokenizer, examples, cfg, device, desc=f"task LoRA ({task.name})",
                       log_path=out_dir / "train_log.jsonl")
+        if rank != 0:   # data parallel: rank 0 saves and predicts
+            return out_dir
         save_peft_adapter(model, out_dir)
         print(f"saved the task LoRA to {out_dir} ({stats['steps']} steps, last loss {stats['last_loss']:.4f}, "
               f"{stats['tokens_per_s']:.0f} tokens/s)")
+    if rank != 0:
+        return out_dir
     model = model.merge_and_unload()   # faster generation; the adapter on disk is unchanged
 
     pred_dir = out_dir / "predictions"

@@ -131,16 +131,39 @@ def count_steps(n_examples: int, cfg: TrainConfig) -> int:
     return min(steps, cfg.max_step) if cfg.max_step is not None else steps
 
 
-def answer_loss(model, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens, equal to the HF loss with -100 labels, but the LM head runs
-    only where a label is: for a 49k-vocabulary model on short answers that is ~30% of the training FLOPs."""
+def answer_loss_sum(model, batch: dict) -> tuple:
+    """(sum of cross-entropy over answer tokens, number of answer tokens).
+
+    The LM head runs only where a label is: for a 49k-vocabulary model on short answers that is ~30% of the
+    training FLOPs. sum / count equals the HF loss with -100 labels.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 use_cache=False).last_hidden_state[:, :-1]
     logits = base.get_output_embeddings()(hidden[keep]).float()
-    return torch.nn.functional.cross_entropy(logits, labels[keep])
+    return torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum"), int(keep.sum())
+
+
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    total, count = answer_loss_sum(model, batch)
+    return total / max(count, 1)
+
+
+def _world():
+    """(rank, world size) when running data-parallel under torchrun, else (0, 1)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(value: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    if _world()[1] > 1:
+        dist.all_reduce(value)
+    return value
 
 
 def _checkpointing(model, on: bool) -> None:
@@ -179,46 +202,66 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed)
     lengths = [len(t.input_ids) for t in tokenized] if cfg.group_by_length else None
-    if log_path:
+    rank, world = _world()
+    if log_path and rank == 0:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a", encoding="utf-8") if log_path else None
+    log = open(log_path, "a", encoding="utf-8") if log_path and rank == 0 else None
     bar = tqdm(total=total_steps, desc=desc, disable=not show_progress, leave=False)
-    step, micro, losses, tokens, t0 = 0, 0, [], 0, time.perf_counter()
-    running = None
+    state = {"step": 0, "micro": 0, "losses": [], "tokens": 0, "running": None}
+    t0 = time.perf_counter()
+
+    def optimizer_step() -> None:
+        """Average the accumulated gradients over ranks (data parallel), clip, step, log."""
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                _all_reduce(p.grad)
+        lr = lr_at(state["step"], total_steps, cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        step_loss = float(np.mean(state["losses"][-state["micro"]:]))
+        state["micro"] = 0
+        state["running"] = step_loss if state["running"] is None else 0.9 * state["running"] + 0.1 * step_loss
+        bar.update(1)
+        bar.set_postfix(loss=f"{state['running']:.4f}")
+        if log:
+            elapsed = time.perf_counter() - t0
+            log.write(json.dumps({"desc": desc, "step": state["step"], "loss": step_loss, "lr": lr,
+                                  "tokens_per_s": state["tokens"] * world / max(elapsed, 1e-9)}) + "\n")
+
     try:
         for epoch in range(cfg.epochs):
-            if step >= total_steps:
+            if state["step"] >= total_steps:
                 break
             for batch_idx in make_batches(len(tokenized), cfg.batch_size, generator, lengths):
-                batch = collate([tokenized[i] for i in batch_idx], pad_id, device)
-                with autocast_context(device, cfg.cpu_bf16):
-                    loss = answer_loss(model, batch)
-                if not torch.isfinite(loss):
-                    fail(f"{desc}: non-finite loss ({loss.item()}) at step {step + 1}, epoch {epoch + 1}; "
-                         f"nothing was saved (try a lower --lr)")
-                (loss / cfg.accum_iter).backward()
-                losses.append(loss.item())
-                tokens += int(batch["attention_mask"].sum())
-                micro += 1
-                if micro % cfg.accum_iter:
-                    continue
-                lr = lr_at(step, total_steps, cfg.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                step_loss = float(np.mean(losses[-cfg.accum_iter:]))
-                running = step_loss if running is None else 0.9 * running + 0.1 * step_loss
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}")
-                if log:
-                    elapsed = time.perf_counter() - t0
-                    log.write(json.dumps({"desc": desc, "step": step, "loss": step_loss, "lr": lr,
-                                          "tokens_per_s": tokens / max(elapsed, 1e-9)}) + "\n")
-                if step >= total_steps:
-                    break
+                mine = batch_idx[rank::world]     # every rank sees the same global batches, a slice each
+                if mine:
+                    batch = collate([tokenized[i] for i in mine], pad_id, device)
+                    with autocast_context(device, cfg.cpu_bf16):
+                        loss_sum, count = answer_loss_sum(model, batch)
+                    state["tokens"] += int(batch["attention_mask"].sum())
+                else:
+                    loss_sum, count = torch.zeros((), device=device, requires_grad=True), 0
+                # normalise by the answer tokens of the whole global batch: equal to one process's mean
+                stats = _all_reduce(torch.tensor([float(loss_sum.detach()), float(count)], dtype=torch.float64))
+                global_loss = float(stats[0] / max(stats[1], 1.0))
+                if not math.isfinite(global_loss):
+                    fail(f"{desc}: non-finite loss ({global_loss}) at step {state['step'] + 1}, epoch "
+                         f"{epoch + 1}; nothing was saved (try a lower --lr)")
+                (loss_sum / max(float(stats[1]), 1.0) / cfg.accum_iter).backward()   # grads summed over ranks
+                state["losses"].append(global_loss)
+                state["micro"] += 1
+                if state["micro"] == cfg.accum_iter:
+                    optimizer_step()
+                    if state["step"] >= total_steps:
+                        break
+            if state["micro"] and state["step"] < total_steps:   # a short accumulation at the epoch's end
+                optimizer_step()
     finally:
         bar.close()
         if log:
@@ -227,6 +270,7 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
             _checkpointing(model, False)
         model.eval()
     elapsed = time.perf_counter() - t0
-    return {"steps": step, "first_loss": losses[0] if losses else None,
+    losses, tokens = state["losses"], state["tokens"] * world
+    return {"steps": state["step"], "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "mean_loss": float(np.mean(losses)) if losses else None,
             "seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}

@@ -1,0 +1,65 @@
+"""bench/bench_gpu.py in its CPU smoke mode: it runs the four works end to end and reports positive numbers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "bench_gpu.py"
+
+# The main number(s) of each work, all of which must be measured and positive.
+MAIN_METRICS = {
+    "train": ("tokens_per_s", "s_per_step"),
+    "gate": ("tokens_per_s", "s_per_step"),
+    "compose": ("s_per_user", "pool_read_s"),
+    "generate": ("s_per_batch", "new_tokens_per_s", "workload_s", "workload_new_tokens_per_s"),
+}
+
+
+def run_bench(*args, timeout=180) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_smoke_reports_all_four_works(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run_bench("--smoke", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["works"]) == set(MAIN_METRICS)
+    for work, metrics in MAIN_METRICS.items():
+        for metric in metrics:
+            value = report["works"][work][metric]
+            assert isinstance(value, (int, float)) and value > 0, f"{work}.{metric} = {value!r}"
+    shape = report["shape"]
+    train = report["works"]["train"]
+    # every timed step holds the whole batch, all of its tokens counted
+    assert train["tokens_per_step"] == shape["train_batch"] * shape["seq_len"]
+    assert train["grad_ckpt"] is True
+    assert report["works"]["compose"]["sharers"] == shape["sharers"]
+    gen = report["works"]["generate"]
+    # tokens/s is the new tokens actually produced over the measured time
+    assert abs(gen["new_tokens_per_s"] * gen["s_per_batch"] - shape["gen_rows"] * shape["new_tokens"]) \
+        <= 0.01 * shape["gen_rows"] * shape["new_tokens"]
+    labels = [row["work"] for row in report["table"]]
+    assert len(labels) == len(set(labels)) >= 8
+    assert all(row["measured"] > 0 and row["original"] > 0 for row in report["table"])
+    assert "composition s/target user" in done.stdout
+
+
+def test_only_runs_the_chosen_work_and_rejects_unknown_ones(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run_bench("--smoke", "--only", "generate", "--gen_prompts", "3", "--gen_batch", "2", "--json", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["works"]) == ["generate"]
+    assert report["works"]["generate"]["workload_prompts"] == 3
+    assert report["works"]["generate"]["workload_batch"] == 2
+
+    bad = run_bench("--smoke", "--only", "train,fly")
+    assert bad.returncode == 2
+    assert "error:" in bad.stderr and "fly" in bad.stderr

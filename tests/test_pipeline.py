@@ -1,0 +1,312 @@
+"""End to end on the tiny model: stages 1-5, OPPU and profile generation, as a user runs them (issues 3-5).
+
+The pipeline is built once (tests/pipeline_fixture.py); a test that re-runs a stage writes into its own dir.
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_composition
+import OPPU
+import task_LoRA
+import train_anchor_gate
+import train_anchor_PEFT
+from perpcs.data import Layout, load_profiles, user_id
+from perpcs.errors import run_cli
+from perpcs.gates import GATES_FILE
+from perpcs.prompts import history_examples
+from perpcs.tasks import get_task
+from pipeline_fixture import (ROOT, TASK, adapter_digests, file_digests, load_script, log_users, shared_pipeline,
+                              single_thread)
+
+MOVIE = get_task(TASK)
+VARIANTS = {"kNP", "k1", "kNP-profile", "k1-profile"}   # --k_list 1
+MODULES = {f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+
+eval_task = load_script("eval/eval_task.py")
+gen_profile = load_script("data/gen_profile.py")
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, tiny_model_dir):
+    return shared_pipeline(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+def run(main, argv, capsys) -> str:
+    """A stage's main in this process, through run_cli as the script runs it; returns its stdout."""
+    capsys.readouterr()
+    try:
+        run_cli(lambda: main(argv))
+    except SystemExit as err:
+        raise AssertionError(f"exit {err.code}: {capsys.readouterr().err[-2000:]}") from None
+    return capsys.readouterr().out
+
+
+def gold_ids(pipe) -> list:
+    return sorted(g["id"] for g in json.loads(pipe.golds.read_text())["golds"])
+
+
+def check_predictions(pipe, pred_dir, capsys) -> None:
+    """The 4 variant files exist, hold exactly the golds' ids, and eval_task.py scores each."""
+    assert {p.stem for p in pred_dir.glob("*.json")} == VARIANTS
+    for stem in sorted(VARIANTS):
+        preds = json.loads((pred_dir / f"{stem}.json").read_text())
+        assert preds["task"] == MOVIE.lamp_id
+        assert sorted(g["id"] for g in preds["golds"]) == gold_ids(pipe)
+        out = run(eval_task.main, ["--golds_json", str(pipe.golds), "--preds_json", str(pred_dir / f"{stem}.json"),
+                                   "--task_name", TASK], capsys)
+        metrics = json.loads(out[:out.rindex("}") + 1])
+        assert set(metrics) == {"accuracy", "f1"} and 0 <= metrics["accuracy"] <= 1
+
+
+# ------------------------------------------------------------------------------------------- stage 1
+
+def test_stage1_writes_a_peft_adapter_and_four_prediction_files(pipe, capsys):
+    from peft import PeftModel
+
+    from perpcs.modeling import load_base_model
+    model, _, _ = load_base_model(str(pipe.model), device="cpu")
+    peft_model = PeftModel.from_pretrained(model, str(pipe.task_lora))
+    lora_b = {n: p for n, p in peft_model.named_parameters() if "lora_B" in n}
+    assert {n.split(".lora_B")[0].removeprefix("base_model.model.") for n in lora_b} == MODULES
+    assert all(p.abs().sum() > 0 for p in lora_b.values())      # trained away from the zero init
+    assert "2 steps" in pipe.logs["task_lora"] and "14 queries of 7 base users" in pipe.logs["task_lora"]
+    check_predictions(pipe, pipe.task_lora / "predictions", capsys)
+
+
+def test_eval_task_script_exits_0_on_stage1_predictions(pipe, tmp_path):
+    out_file = tmp_path / "metrics.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "eval" / "eval_task.py"), "--golds_json", str(pipe.golds),
+                           "--preds_json", str(pipe.task_lora / "predictions" / "k1-profile.json"),
+                           "--task_name", MOVIE.lamp_id, "--output_file", str(out_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(out_file.read_text())) == {"accuracy", "f1"}
+
+
+def test_stage1_infer_reloads_the_adapter_from_the_seed_spelling_without_training(pipe, tmp_path, capsys):
+    out_dir = tmp_path / "infer"
+    out = run(task_LoRA.main, pipe.task_lora_args(out_dir) + ["--infer", "--lora_ckpt",
+                                                              str(pipe.task_lora / "lora_ckpt.pt")], capsys)
+    assert f"loading the task LoRA from {pipe.task_lora}" in out and "training" not in out
+    assert not (out_dir / "adapter_model.safetensors").exists() and not (out_dir / "train_log.jsonl").exists()
+    # greedy decoding with the same adapter: the very same predictions
+    assert file_digests(out_dir / "predictions") == file_digests(pipe.task_lora / "predictions")
+
+
+# ------------------------------------------------------------------------------------------- stage 3
+
+def test_stage3_trains_only_lora_weights_on_an_untouched_merged_base(pipe, tmp_path, capsys, monkeypatch):
+    from peft import get_peft_model
+
+    import perpcs.sharers as sharers
+    from perpcs.modeling import lora_config
+    from perpcs.training import seed_all, user_seed
+
+    loaded = {}
+    original = sharers.load_merged_base
+
+    def capture(args):
+        loaded["model"], tokenizer, device = original(args)
+        return loaded["model"], tokenizer, device
+
+    monkeypatch.setattr(sharers, "load_merged_base", capture)
+    argv = pipe.sharer_args(tmp_path / "anchor_PEFT")
+    run(train_anchor_PEFT.main, argv, capsys)
+    monkeypatch.undo()
+
+    # the process's merged base after training 3 sharers equals a freshly merged one: LoRAs were unloaded
+    fresh, _, _ = original(train_anchor_PEFT.parse_args(argv))
+    after, before = loaded["model"].state_dict(), fresh.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+    for uid in pipe.sharer_ids():
+        tensors = load_file(str(tmp_path / "anchor_PEFT" / f"user_{uid}" / "adapter_model.safetensors"))
+        assert {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in tensors} == MODULES
+        assert all(".lora_A." in k or ".lora_B." in k for k in tensors)           # LoRA weights only
+        seed_all(user_seed(0, uid))                                                # the user's own init
+        peft_model = get_peft_model(fresh, lora_config())
+        init = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_A" in n}
+        fresh = peft_model.unload()
+        for key, value in tensors.items():
+            if ".lora_B." in key:
+                assert value.abs().sum() > 0, key                                  # B started at zero
+            else:
+                init_a = init[key.replace(".lora_A.weight", ".lora_A.default.weight")]
+                assert not torch.equal(value, init_a) and (value - init_a).abs().max() < 1e-2, key
+    # in-process and repeated runs are deterministic: the same bytes as the fixture's run
+    assert adapter_digests(tmp_path / "anchor_PEFT") == adapter_digests(pipe.anchor_peft)
+
+
+def test_stage3_rerun_skips_finished_users_and_overwrite_redoes_them(pipe, tmp_path, capsys):
+    out_dir = tmp_path / "anchor_PEFT"
+    shutil.copytree(pipe.anchor_peft, out_dir)
+    before = {p: p.stat().st_mtime_ns for p in out_dir.glob("user_*/*")}
+    out = run(train_anchor_PEFT.main, pipe.sharer_args(out_dir), capsys)
+    assert "3 already done, 0 to do" in out
+    assert {p: p.stat().st_mtime_ns for p in out_dir.glob("user_*/*")} == before
+    assert len(log_users(out_dir / "users_log.jsonl")) == 3                  # the copied log, nothing added
+
+    out = run(train_anchor_PEFT.main, pipe.sharer_args(out_dir) + ["--overwrite"], capsys)
+    assert "0 already done, 3 to do" in out
+    assert log_users(out_dir / "users_log.jsonl")[3:] == pipe.sharer_ids()
+    assert adapter_digests(out_dir) == adapter_digests(pipe.anchor_peft)     # redone, same seeds, same bytes
+
+
+def test_stage3_restart_after_losing_a_user_equals_an_uninterrupted_run(pipe, tmp_path, capsys):
+    out_dir = tmp_path / "anchor_PEFT"
+    shutil.copytree(pipe.anchor_peft, out_dir)
+    lost = pipe.sharer_ids()[1]
+    shutil.rmtree(out_dir / f"user_{lost}")         # as if killed while training the second sharer
+    (out_dir / f".user_{lost}.x.tmp").mkdir()       # with its staging dir left behind
+    (out_dir / f".user_{lost}.x.tmp" / "adapter_model.safetensors").write_bytes(b"partial")
+    out = run(train_anchor_PEFT.main, pipe.sharer_args(out_dir), capsys)
+    assert "2 already done, 1 to do" in out
+    assert log_users(out_dir / "users_log.jsonl")[3:] == [lost]
+    assert adapter_digests(out_dir) == adapter_digests(pipe.anchor_peft)
+
+
+def test_stage3_and_stage4_two_shards_equal_one_run(pipe, tmp_path, capsys):
+    peft_dir, gate_dir = tmp_path / "anchor_PEFT", tmp_path / "anchor_gate"
+    done = []
+    for shard in (0, 1):
+        out = run(train_anchor_PEFT.main, pipe.sharer_args(peft_dir) + ["--num_shards", "2", "--shard_id",
+                                                                         str(shard)], capsys)
+        done.append(log_users(peft_dir / "users_log.jsonl"))
+    ids = pipe.sharer_ids()
+    assert done == [ids[0::2], ids[0::2] + ids[1::2]]          # disjoint shards, every sharer once
+    assert adapter_digests(peft_dir) == adapter_digests(pipe.anchor_peft)
+
+    sharer_files = file_digests(peft_dir)
+    for shard in (0, 1):
+        out = run(train_anchor_gate.main, pipe.gate_args(gate_dir, peft_dir) + ["--num_shards", "2",
+                                                                                "--shard_id", str(shard)], capsys)
+        assert f"in shard {shard}/2" in out
+    assert file_digests(peft_dir) == sharer_files              # stage 4 leaves the sharer LoRAs as they were
+    assert adapter_digests(gate_dir) == adapter_digests(pipe.anchor_gate)
+    for uid in ids:
+        gates = load_file(str(gate_dir / f"user_{uid}" / GATES_FILE))
+        assert set(gates) == MODULES
+        assert all(g.shape == (64,) for g in gates.values())
+        assert any(g.abs().sum() > 0 for g in gates.values())    # trained away from the zero init
+
+
+# ------------------------------------------------------------------------------------------- stage 5
+
+def test_stage5_recipes_predictions_summary(pipe, capsys):
+    comp, ids = pipe.composition, pipe.test_ids()
+    sharers = pipe.sharer_ids()
+    for uid in ids:
+        recipe = json.loads((comp / "recipes" / f"user_{uid}.json").read_text())
+        assert recipe["user_id"] == uid and recipe["sharers"] == sharers
+        assert set(recipe["pieces"]) == MODULES
+        for piece, mix in recipe["pieces"].items():
+            assert 1 <= len(mix) <= 2 and {s for s, _ in mix} <= set(sharers)          # --topk 2
+            assert sum(w for _, w in mix) == pytest.approx(1.0)
+        used = sorted(i for batch in recipe["batches"] for i in batch)
+        assert used == list(range(recipe["examples"]))
+    check_predictions(pipe, comp / "predictions", capsys)
+    summary = json.loads((comp / "summary.json").read_text())
+    assert summary["n_users"] == len(ids) and set(summary["users"]) == set(ids)
+    assert summary["n_sharers"] == len(sharers) and summary["n_pieces"] == len(MODULES)
+    assert all(u["recipe_bytes"] == (comp / "recipes" / f"user_{uid}.json").stat().st_size
+               for uid, u in summary["users"].items())
+
+
+def test_stage5_materialize_from_a_recipe_equals_the_saved_adapter(pipe, tmp_path, capsys):
+    from peft import PeftModel
+
+    from perpcs.__main__ import main as perpcs_main
+    from perpcs.modeling import load_base_model
+    uid = pipe.test_ids()[0]
+    run(perpcs_main, ["materialize", "--recipe", str(pipe.composition / "recipes" / f"user_{uid}.json"),
+                      "--anchor_dir", str(pipe.anchor_peft), "--output_dir", str(tmp_path / "adapter")], capsys)
+    assert file_digests(tmp_path / "adapter") == file_digests(pipe.composition / "adapters" / f"user_{uid}")
+    model, _, _ = load_base_model(str(pipe.model), device="cpu")
+    PeftModel.from_pretrained(model, str(tmp_path / "adapter"))        # a standard peft adapter
+
+
+def test_stage5_rerun_keeps_finished_users(pipe, tmp_path, capsys):
+    out_dir = tmp_path / "composition"
+    shutil.copytree(pipe.composition, out_dir)
+    before = {p: p.stat().st_mtime_ns for p in (out_dir / "recipes").glob("*.json")}
+    out = run(lora_composition.main, pipe.compose_args(out_dir), capsys)
+    assert "3 already done, 0 to do" in out
+    assert {p: p.stat().st_mtime_ns for p in (out_dir / "recipes").glob("*.json")} == before
+    assert file_digests(out_dir / "predictions") == file_digests(pipe.composition / "predictions")
+
+
+# ------------------------------------------------------------------------------------------- OPPU and profiles
+
+def test_oppu_trains_each_user_on_its_own_history_only(pipe, tmp_path, capsys, monkeypatch):
+    import perpcs.sharers as sharers
+    seen = {}
+    original_train = sharers.train
+
+    def recording_train(model, tokenizer, examples, cfg, device, desc="train", **kw):
+        seen[desc] = list(examples)
+        return original_train(model, tokenizer, examples, cfg, device, desc=desc, **kw)
+
+    monkeypatch.setattr(sharers, "train", recording_train)
+    out_dir = tmp_path / "OPPU"
+    run(OPPU.main, pipe.oppu_args(out_dir), capsys)
+    layout = Layout(pipe.data, MOVIE)
+    profiles = load_profiles(layout.profiles)
+    users = json.loads(layout.test_users.read_text())
+    log = {json.loads(line)["user_id"]: json.loads(line) for line in
+           (out_dir / "users_log.jsonl").read_text().splitlines()}
+    assert list(log) == [user_id(u) for u in users]
+    for user in users:
+        own = history_examples(MOVIE, user["profile"], profiles[user_id(user)])
+        assert log[user_id(user)]["examples"] == len(own)
+        assert seen[f"OPPU {user_id(user)}"] == own
+        assert (out_dir / "adapters" / f"user_{user_id(user)}" / "adapter_model.safetensors").is_file()
+    check_predictions(pipe, out_dir / "predictions", capsys)
+
+
+def test_gen_profile_writes_every_user_and_a_rerun_generates_none(pipe, tmp_path, capsys):
+    out_file = tmp_path / "profiles.json"
+    out = run(gen_profile.main, pipe.profile_args(out_file), capsys)
+    assert "16 users, 0 already in" in out and "16 to generate" in out
+    profiles = json.loads(out_file.read_text())
+    all_ids = set(json.loads((pipe.data / TASK / "profile-id2text.json").read_text()))
+    assert set(profiles) == all_ids and len(all_ids) == 16
+    assert all(isinstance(t, str) for t in profiles.values())
+    digest = file_digests(tmp_path)
+    out = run(gen_profile.main, pipe.profile_args(out_file), capsys)
+    assert "16 already in" in out and "0 to generate" in out
+    assert file_digests(tmp_path) == digest
+
+
+# ------------------------------------------------------------------------------------------- python -m perpcs
+
+def test_show_prompts_and_report_commands(pipe, capsys):
+    from perpcs.__main__ import main as perpcs_main
+    from perpcs.metrics import evaluate_files
+    out = run(perpcs_main, ["show-prompts", "--task_name", TASK, "--data_dir", str(pipe.data), "--n", "2",
+                            "--k", "1", "--profile"], capsys)
+    first = json.loads(pipe.layout.test_users.read_text())[0]
+    assert out.count("===== user") == 2 and f"===== user {first['user_id']} query {first['query'][0]['id']}" in out
+    assert f"### User Profile:\nUser {first['user_id']} likes" in out and "### User History:\n" in out
+    assert f"----- gold: {first['query'][0]['gold']}" in out
+
+    out = run(perpcs_main, ["report", "--task_name", TASK, "--data_dir", str(pipe.data),
+                            "--output_root", str(pipe.root)], capsys)
+    for method, pred_dir in (("task LoRA (non-personalized)", pipe.task_lora), ("Per-Pcs", pipe.composition)):
+        for stem, label in (("kNP", "no retrieval"), ("k1", "BM25 k=1"), ("k1-profile", "BM25 k=1 + profile")):
+            scores = evaluate_files(pipe.golds, pred_dir / "predictions" / f"{stem}.json", TASK)
+            assert f"| {method} | {label} | {scores['accuracy']:.4f} | {scores['f1']:.4f} |" in out
+    assert "| OPPU |" not in out                       # no OPPU run under this root
