@@ -22,7 +22,8 @@ def parse_args(argv=None):
     cli.add_shard_args(p)
     p.add_argument("--lora_ckpt", default=None, help="task LoRA of stage 1; default ./output/<task>/task-base_LLM")
     p.add_argument("--anchor_path", default=None,
-                   help="sharer LoRAs of stage 3 (holding user_<id>/, or its parent); default ./output/<task>/anchor_PEFT")
+                   help="sharer LoRAs of stage 3 (holding user_<id>/, or its parent); "
+                        "default ./output/<task>/anchor_PEFT")
     p.add_argument("--anchor_idx_path", default=None,
                    help="stage 2 output; default anchor_selection/<task>/anchor_user_idx.json")
     p.add_argument("--recent_k", type=int, default=2000, help="gates train on the last recent_k history items")

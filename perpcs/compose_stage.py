@@ -11,7 +11,7 @@ from .data import Layout, read_json, user_id, write_json_atomic
 from .errors import fail
 from .runner import run_per_user
 from .sharers import (combine_user_predictions, default_dirs, load_merged_base, load_sharers, predict_one_user,
-                      resolve_anchor_dir, user_examples, user_predictions_path, _profiles_if_needed)
+                      resolve_anchor_dir, user_examples, user_predictions_path, profiles_if_needed)
 from .tasks import get_task
 from .training import tokenize_example, user_seed
 
@@ -40,9 +40,9 @@ def compose(args) -> Path:
     settings.check(len(sharers))
     pool = PiecePool([uid for uid, _ in sharers], resolve_anchor_dir(args.anchor_path or dirs["anchor_peft"]),
                      Path(args.gate_path or dirs["anchor_gate"]))
-    profiles = _profiles_if_needed(layout, task)
+    profiles = profiles_if_needed(layout, task)
     users = [(user_id(u), u) for u in test_users]
-    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, settings.recent_k)
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users, settings.recent_k)
                 for i, (uid, u) in enumerate(users)}
     num_shards, shard_id = shard_of(args)
 
@@ -64,7 +64,8 @@ def compose(args) -> Path:
             weights = recipe_weights(recipe, pool, path)
         else:
             tokenized = [tokenize_example(tokenizer, ex, args.max_seq_len) for ex in examples[uid]]
-            weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}")
+            weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}",
+                                             cpu_bf16=args.cpu_bf16)
             seconds = time.perf_counter() - t0
             recipe = make_recipe(pool, weights, settings, uid, task.name, batches,
                                  {"seed_user": seed, "examples": len(tokenized)})

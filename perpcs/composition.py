@@ -177,8 +177,8 @@ class ComposedLinear(nn.Module):
         ab = self.composer.piece_for(self.piece, x)
         if ab is None:
             return out
-        a, b = ab
-        lora = (x.to(a.dtype) @ a.T) @ b.T
+        a, b = ab   # the small A and B take the activations' dtype, not the other way round
+        lora = (x @ a.T.to(x.dtype)) @ b.T.to(x.dtype)
         return out + (lora * self.composer.pool.scaling).to(out.dtype)
 
 
@@ -189,6 +189,7 @@ class Composer:
         self.pool, self.settings = pool, settings
         self.mode = "off"                 # off | assemble | fixed
         self.score_mask = None            # (batch, T) positions whose next token is an answer token
+        self._positions = None            # (rows, cols, per-row counts) of score_mask, computed once a batch
         self.weight_sum: dict = {}
         self.fixed: dict = {}
         self.allowed: dict = {}
@@ -199,17 +200,24 @@ class Composer:
     def start_user(self, seed: int) -> None:
         """Fresh sums; share-ratio pools drawn once per user and piece (seeded), serving every batch."""
         S = len(self.pool)
-        self.weight_sum = {p: torch.zeros(S, dtype=torch.float64) for p in self.pool.pieces}
+        device = self.pool.A[self.pool.pieces[0]].device
+        self.weight_sum = {p: torch.zeros(S, dtype=torch.float64, device=device) for p in self.pool.pieces}
         self.n_batches = 0
         rnd = random.Random(seed)
         size = int(self.settings.share_ratio * S)
-        self.allowed = {p: (sorted(rnd.sample(range(S), size)) if size < S else list(range(S)))
-                        for p in self.pool.pieces}
+        self.allowed = {p: torch.tensor(sorted(rnd.sample(range(S), size)) if size < S else list(range(S)),
+                                        device=device) for p in self.pool.pieces}
         self.generator.manual_seed(seed)
         self.mode = "assemble"
 
+    def set_batch(self, mask: torch.Tensor) -> None:
+        """The answer-predicting positions of the next forward, shared by every piece of that forward."""
+        self.score_mask = mask
+        rows, cols = mask.nonzero(as_tuple=True)
+        self._positions = (rows, cols, mask.sum(dim=1, keepdim=True).clamp(min=1).float())
+
     def final_weights(self) -> dict:
-        return {p: w / max(self.n_batches, 1) for p, w in self.weight_sum.items()}
+        return {p: (w / max(self.n_batches, 1)).cpu() for p, w in self.weight_sum.items()}
 
     def use_fixed(self, weights: dict) -> None:
         """Run the model with an assembled LoRA (for predictions), stored in the adapters' dtype."""
@@ -228,18 +236,17 @@ class Composer:
     def scores(self, piece: str, x: torch.Tensor) -> torch.Tensor:
         """(S,) score of every sharer: batch mean of the per-example mean over answer-predicting positions
         of LayerNorm(x_t) . LayerNorm(g_s) / sqrt(d), in fp32."""
-        mask = self.score_mask
-        rows, cols = mask.nonzero(as_tuple=True)
+        rows, cols, counts = self._positions
         d = x.shape[-1]
         h = F.layer_norm(x[rows, cols].float(), (d,), eps=1e-5)                   # (N, d)
-        per_example = torch.zeros(mask.shape[0], d, dtype=torch.float32, device=x.device)
+        per_example = torch.zeros(counts.shape[0], d, dtype=torch.float32, device=x.device)
         per_example.index_add_(0, rows, h)
-        per_example /= mask.sum(dim=1, keepdim=True).clamp(min=1).float()
+        per_example /= counts
         return (per_example.mean(dim=0) @ self.pool.G[piece].T) / math.sqrt(d)
 
     def choose(self, piece: str, scores: torch.Tensor) -> torch.Tensor:
         """Indices of the chosen sharers within the piece's pool; ties go to the lower sharer index."""
-        allowed = torch.tensor(self.allowed[piece], device=scores.device)
+        allowed = self.allowed[piece]
         s = scores[allowed]
         order = torch.sort(-s, stable=True).indices
         k = self.settings.topk
@@ -253,10 +260,14 @@ class Composer:
         return allowed[cand[picked.to(cand.device)]]
 
     def _assemble(self, piece: str, x: torch.Tensor):
+        with torch.autocast(x.device.type, enabled=False):   # scores, softmax and mixing in fp32 (SPEC 7)
+            return self._assemble_fp32(piece, x)
+
+    def _assemble_fp32(self, piece: str, x: torch.Tensor):
         scores = self.scores(piece, x)
         chosen = self.choose(piece, scores)
         w = torch.softmax(scores[chosen] / self.settings.agg_temperature, dim=0)
-        self.weight_sum[piece].index_add_(0, chosen.cpu(), w.double().cpu())
+        self.weight_sum[piece].index_add_(0, chosen, w.double())
         a = torch.einsum("k,krd->rd", w, self.pool.A[piece][chosen])
         b = torch.einsum("k,kdr->dr", w, self.pool.B[piece][chosen])
         return a, b
@@ -288,11 +299,12 @@ def answer_predicting_mask(labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def assemble_user(model, composer: Composer, tokenized: list, pad_id: int, device, seed: int,
-                  who: str = "user") -> tuple:
+                  who: str = "user", cpu_bf16: bool = False) -> tuple:
     """Assemble one user's LoRA from its tokenized examples; returns (weights per piece, batches).
 
     Examples without an answer-predicting position are dropped with a warning that names them.
     """
+    from .modeling import autocast_context
     from .training import collate
     usable = []
     for i, t in enumerate(tokenized):
@@ -314,11 +326,12 @@ def assemble_user(model, composer: Composer, tokenized: list, pad_id: int, devic
         for s in range(0, len(order), settings.batch_size):
             idx = order[s:s + settings.batch_size]
             batch = collate([tokenized[i] for i in idx], pad_id, device)
-            composer.score_mask = answer_predicting_mask(batch["labels"])
-            decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            composer.set_batch(answer_predicting_mask(batch["labels"]))
+            with autocast_context(device, cpu_bf16):
+                decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             composer.n_batches += 1
             batches.append(idx)
-    composer.score_mask = None
+    composer.score_mask = composer._positions = None
     composer.mode = "off"
     return composer.final_weights(), batches
 

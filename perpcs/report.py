@@ -49,7 +49,8 @@ def results_table(task_name: str, data_dir="data", output_root=None) -> str:
     methods = [
         ("task LoRA (non-personalized)", root / "task-base_LLM" / "predictions", 0, None),
         ("OPPU", root / "OPPU" / "predictions",
-         _adapter_bytes(oppu_adapters[0]) if oppu_adapters else None, _per_user_seconds(root / "OPPU" / "users_log.jsonl", "train_seconds")),
+         _adapter_bytes(oppu_adapters[0]) if oppu_adapters else None,
+         _per_user_seconds(root / "OPPU" / "users_log.jsonl", "train_seconds")),
         ("Per-Pcs", root / "composition" / "predictions",
          summary["mean"]["recipe_bytes"] if summary else None,
          summary["mean"]["assembly_seconds"] if summary else None),

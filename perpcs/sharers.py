@@ -62,20 +62,17 @@ def load_merged_base(args):
     return merge_lora_into_base(model, adapter), tokenizer, device
 
 
-def needs_profiles(task) -> bool:
-    return task.uses_profile_in_history_training
-
-
-def user_examples(task, user, profiles, profiles_path, index, recent_k=None):
-    prof = profile_text(profiles, user, profiles_path, index) if needs_profiles(task) else None
+def user_examples(task, user, profiles, profiles_path, index, users_path, recent_k=None):
+    """A user's history examples (SPEC 4); the profile text only for tasks whose examples use it."""
+    prof = profile_text(profiles, user, profiles_path, index) if task.uses_profile_in_history_training else None
     examples = history_examples(task, user["profile"], prof, recent_k=recent_k)
     if not examples:
-        fail(f"user {user_id(user)!r}: empty history, nothing to train on")
+        fail(f"{users_path}: user #{index} (user_id {user_id(user)!r}): empty history, nothing to train on")
     return examples
 
 
-def _profiles_if_needed(layout, task):
-    return layout.load_profiles() if needs_profiles(task) else None
+def profiles_if_needed(layout, task):
+    return layout.load_profiles() if task.uses_profile_in_history_training else None
 
 
 def train_sharer_loras(args) -> Path:
@@ -88,8 +85,9 @@ def train_sharer_loras(args) -> Path:
     dirs = default_dirs(task.name)
     out_root = Path(args.output_dir or dirs["anchor_peft"])
     sharers = load_sharers(args.anchor_idx_path or dirs["anchor_idx"], layout.candidate_users, task)
-    profiles = _profiles_if_needed(layout, task)
-    examples = {uid: user_examples(task, u, profiles, layout.profiles, i) for i, (uid, u) in enumerate(sharers)}
+    profiles = profiles_if_needed(layout, task)
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.candidate_users)
+                for i, (uid, u) in enumerate(sharers)}
     num_shards, shard_id = shard_of(args)
     model, tokenizer, device = load_merged_base(args)
     base_cfg = train_config(args)
@@ -124,8 +122,8 @@ def train_sharer_gates(args) -> Path:
     for uid, _ in sharers:
         if not is_complete_adapter(user_dir(anchor_dir, uid)):
             fail(f"no sharer LoRA for user {uid!r} in {user_dir(anchor_dir, uid)} (run train_anchor_PEFT.py)")
-    profiles = _profiles_if_needed(layout, task)
-    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, args.recent_k)
+    profiles = profiles_if_needed(layout, task)
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.candidate_users, args.recent_k)
                 for i, (uid, u) in enumerate(sharers)}
     num_shards, shard_id = shard_of(args)
     model, tokenizer, device = load_merged_base(args)
@@ -189,7 +187,8 @@ def train_oppu(args) -> Path:
     layout.load_golds(test_users)
     profiles = layout.load_profiles()
     users = [(user_id(u), u) for u in test_users]
-    examples = {uid: user_examples(task, u, profiles, layout.profiles, i) for i, (uid, u) in enumerate(users)}
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users)
+                for i, (uid, u) in enumerate(users)}
     num_shards, shard_id = shard_of(args)
     model, tokenizer, device = load_merged_base(args)
     base_cfg = train_config(args)

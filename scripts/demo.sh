@@ -18,11 +18,11 @@ step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 step "0. sample data (LaMP format) and the project layout"
 if [ ! -f "data/$TASK/test_100/golds.json" ]; then
   $PY data/make_sample.py --task_name "$TASK" --out_dir "output/lamp_raw/$TASK" --n_users 40 --n_history 16 --n_queries 4
-  $PY data/prepare_lamp.py --task_name "$TASK" --lamp_dir "output/lamp_raw/$TASK" --out_dir data --n_test 6
+  $PY data/prepare_lamp.py --task_name "$TASK" --lamp_dir "output/lamp_raw/$TASK" --out_dir data --n_test 4
 fi
 
 step "0b. profile texts (PAG)"
-$PY data/gen_profile.py --task_name "$TASK" --k 3 --max_gen_len 24 --batch_size 20 --device cpu
+$PY data/gen_profile.py --task_name "$TASK" --k 3 --max_gen_len 16 --batch_size 20 --device cpu
 
 step "1. task LoRA + non-personalized / RAG / PAG baselines"
 $PY task_LoRA.py "${COMMON[@]}" "${TRAIN[@]}" "${GEN[@]}" --epochs 1 --lr 1e-3
@@ -31,16 +31,16 @@ step "2. sharer selection"
 $PY anchor_selection/history_anchor.py --task_name "$TASK" --k 4 --min_history 5 --device cpu
 
 step "3. sharer LoRAs"
-$PY train_anchor_PEFT.py "${COMMON[@]}" "${TRAIN[@]}" --max_step 12 --lr 1e-3
+$PY train_anchor_PEFT.py "${COMMON[@]}" "${TRAIN[@]}" --max_step 20 --lr 5e-3 --batch_size 4
 
 step "4. sharer gates"
-$PY train_anchor_gate.py "${COMMON[@]}" "${TRAIN[@]}" --max_step 8 --lr 1e-3 --recent_k 16
+$PY train_anchor_gate.py "${COMMON[@]}" "${TRAIN[@]}" --max_step 8 --lr 5e-3 --batch_size 4 --recent_k 16
 
 step "5. Per-Pcs composition + predictions"
 $PY lora_composition.py "${COMMON[@]}" "${GEN[@]}" --max_seq_len 512 --topk 1 --recent_k 16
 
 step "OPPU baseline (one LoRA per target user)"
-$PY OPPU.py "${COMMON[@]}" "${TRAIN[@]}" "${GEN[@]}" --epochs 2 --batch_size 8 --lr 1e-3
+$PY OPPU.py "${COMMON[@]}" "${TRAIN[@]}" "${GEN[@]}" --epochs 3 --max_step 20 --batch_size 4 --lr 5e-3
 
 step "6. evaluation"
 $PY -m perpcs report --task_name "$TASK" --output_file "$OUT/results.md"

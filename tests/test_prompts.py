@@ -137,3 +137,29 @@ def test_truncation_never_mutates_and_keeps_integer_dates():
     cut = truncated_item(item, 768)
     assert len(cut["text"].split()) == 768 and cut["date"] == 2011 and cut["score"] == 4
     assert item == copy
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_sample_then_prepare_then_show_prompts(name, tmp_path, capsys):
+    """For every task: make_sample -> prepare_lamp -> show-prompts gives the exact prompts (issue 2)."""
+    from perpcs.__main__ import main
+    from perpcs.data import Layout
+    from perpcs.prepare import prepare_lamp
+    from perpcs.sample import write_sample
+    task = get_task(name)
+    write_sample(name, tmp_path / "raw", n_users=10, n_history=5, n_queries=2, seed=1)
+    prepare_lamp(name, tmp_path / "raw", tmp_path / "data", n_test=2, verbose=False)
+    layout = Layout(tmp_path / "data", task)
+    test_users = layout.load_split("test")
+    profiles = {u["user_id"]: f"profile of {u['user_id']}" for u in test_users}
+    layout.profiles.write_text(json.dumps(profiles))
+    main(["show-prompts", "--task_name", name, "--data_dir", str(tmp_path / "data"), "--n", "2", "--k", "1",
+          "--profile"])
+    out = capsys.readouterr().out
+    first = test_users[0]
+    expected = query_example(task, first["query"][0], UserHistory(task, first["profile"]), 1,
+                             profiles[first["user_id"]])
+    assert expected.prompt in out and out.count("----- gold:") == 2
+    assert f"### User Profile:\nprofile of {first['user_id']}" in out and "### User History:\n" in out
+    golds = layout.load_golds()
+    assert {g["id"] for g in golds["golds"]} == {str(q["id"]) for u in test_users for q in u["query"]}
