@@ -429,7 +429,7 @@ def test_empty_history(stage, pipe, data_copy, tmp_path, capsys):
     main, argv = {"composition": (lora_composition.main, pipe.compose_args(tmp_path / "out")),
                   "oppu": (OPPU.main, pipe.oppu_args(tmp_path / "out"))}[stage]
     err = cli_error(main, with_data(argv, data_copy), capsys)
-    assert f"user '{uid}': empty history" in err
+    assert f"{path}: user #1 (user_id '{uid}'): empty history" in err    # file, user index and id
     assert not (tmp_path / "out").exists()          # refused before any work
 
 
