@@ -74,6 +74,6 @@ def results_table(task_name: str, data_dir="data", output_root=None) -> str:
         secs = "-" if seconds is None else f"{seconds:.1f}"
         lines.append(f"| {method} | {label} | {cells} | {_fmt_bytes(storage)} | {secs} |")
     lines += ["", "storage / user: the task LoRA is shared by all users; OPPU stores a full LoRA per user; "
-              "Per-Pcs stores a recipe (sharer ids and weights per piece). seconds / user: OPPU trains a LoRA "
-              "(and predicts), Per-Pcs assembles (no gradient step)."]
+              "Per-Pcs stores a recipe (sharer ids and weights per piece). seconds / user: OPPU's training "
+              "of the user's LoRA vs Per-Pcs's assembly (no gradient step); prediction time is the same for both."]
     return "\n".join(lines) + "\n"

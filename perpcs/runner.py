@@ -27,8 +27,9 @@ def run_per_user(users: list, is_done: Callable, work: Callable, desc: str, log_
     Returns {"done": [...], "skipped": [...]}; each finished user appends a line (time, stats) to log_path.
     """
     mine = shard_users(users, num_shards, shard_id)
-    todo = [(uid, u) for uid, u in mine if overwrite or not is_done(uid)]
-    skipped = [uid for uid, u in mine if not overwrite and is_done(uid)]
+    finished = set() if overwrite else {uid for uid, _ in mine if is_done(uid)}
+    todo = [(uid, u) for uid, u in mine if uid not in finished]
+    skipped = [uid for uid, _ in mine if uid in finished]
     print(f"{desc}: {len(mine)} users in shard {shard_id}/{num_shards}, {len(skipped)} already done, "
           f"{len(todo)} to do")
     done = []

@@ -71,15 +71,27 @@ def user_examples(task, user, profiles, profiles_path, index, users_path, recent
     return examples
 
 
+def fresh_lora(model, args, seed: int):
+    """A new peft LoRA on the shared (base + task) model, its A init seeded per user."""
+    from peft import get_peft_model
+
+    from .modeling import lora_config
+    seed_all(seed)
+    return get_peft_model(model, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules))
+
+
+def user_record(examples: list, stats: dict) -> dict:
+    """What a per-user stage logs for a user (users_log.jsonl)."""
+    return {"examples": len(examples), "tokens": stats["tokens"], "last_loss": stats["last_loss"],
+            "train_seconds": round(stats["seconds"], 3)}
+
+
 def profiles_if_needed(layout, task):
     return layout.load_profiles() if task.uses_profile_in_history_training else None
 
 
 def train_sharer_loras(args) -> Path:
     """Stage 3: one LoRA per sharer on its own history."""
-    from peft import get_peft_model
-
-    from .modeling import lora_config
     task = get_task(args.task_name)
     layout = Layout(args.data_dir, task)
     dirs = default_dirs(task.name)
@@ -94,16 +106,14 @@ def train_sharer_loras(args) -> Path:
 
     def work(uid, user):
         seed = user_seed(args.seed, uid)
-        seed_all(seed)   # the fresh LoRA's A init comes from this seed
-        peft_model = get_peft_model(model, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
-                                                       args.target_modules))
+        peft_model = fresh_lora(model, args, seed)
         try:
             stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                           desc=f"sharer {uid}", log_path=out_root / "train_log.jsonl")
             save_peft_adapter(peft_model, user_dir(out_root, uid))
         finally:
             peft_model.unload()
-        return {"examples": len(examples[uid]), "tokens": stats["tokens"], "last_loss": stats["last_loss"]}
+        return user_record(examples[uid], stats)
 
     run_per_user(sharers, lambda uid: is_complete_adapter(user_dir(out_root, uid)), work, "sharer LoRAs",
                  out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
@@ -140,7 +150,7 @@ def train_sharer_gates(args) -> Path:
             remove_gates(peft_model)
         finally:
             peft_model.unload()
-        return {"examples": len(examples[uid]), "tokens": stats["tokens"], "last_loss": stats["last_loss"]}
+        return user_record(examples[uid], stats)
 
     run_per_user(sharers, lambda uid: (user_dir(out_root, uid) / GATES_FILE).is_file(), work, "sharer gates",
                  out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
@@ -177,9 +187,6 @@ def combine_user_predictions(root, task, users: list) -> bool:
 
 def train_oppu(args) -> Path:
     """The OPPU baseline: a LoRA per test user on that user's own history only, then its predictions."""
-    from peft import get_peft_model
-
-    from .modeling import lora_config
     task = get_task(args.task_name)
     layout = Layout(args.data_dir, task)
     out_root = Path(args.output_dir or default_dirs(task.name)["oppu"])
@@ -195,10 +202,8 @@ def train_oppu(args) -> Path:
 
     def work(uid, user):
         seed = user_seed(args.seed, uid)
-        seed_all(seed)
         adapter_dir = out_root / "adapters" / f"user_{uid}"
-        peft_model = get_peft_model(model, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
-                                                       args.target_modules))
+        peft_model = fresh_lora(model, args, seed)
         try:
             if is_complete_adapter(adapter_dir) and not args.overwrite:   # killed after saving, before predicting
                 load_adapter_weights(peft_model, adapter_dir)
@@ -211,8 +216,7 @@ def train_oppu(args) -> Path:
             write_json_atomic(user_predictions_path(out_root, uid), preds)
         finally:
             peft_model.unload()
-        return {"examples": len(examples[uid]), "tokens": stats["tokens"], "last_loss": stats["last_loss"],
-                "train_seconds": round(stats["seconds"], 3)}
+        return user_record(examples[uid], stats)
 
     run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
                  out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)

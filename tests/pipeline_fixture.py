@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "movie_tagging"
 N_USERS, N_HISTORY, N_QUERIES, N_TEST = 16, 8, 2, 3
@@ -213,3 +215,28 @@ def build_pipeline(root: Path, model: Path) -> Pipeline:
             run()
         p.logs[name] = buf.getvalue()
     return p
+
+
+# ----------------------------------------------------------------------------------------- shared by the tests
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, tiny_model_dir):
+    return shared_pipeline(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+def run_stage(main, argv, capsys) -> str:
+    """A stage's main in this process, through run_cli as its script runs it; returns its stdout."""
+    from perpcs.errors import run_cli
+    capsys.readouterr()
+    try:
+        run_cli(lambda: main(argv))
+    except SystemExit as err:
+        raise AssertionError(f"exit {err.code}: {capsys.readouterr().err[-2000:]}") from None
+    return capsys.readouterr().out
+

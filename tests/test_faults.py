@@ -26,33 +26,16 @@ import task_LoRA
 import train_anchor_gate
 import train_anchor_PEFT
 from perpcs.errors import run_cli
-from pipeline_fixture import (ROOT, TASK, adapter_digests, file_digests, load_script, log_users, run_script,
-                              script, shared_pipeline, single_thread, subprocess_env)
+from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
+from pipeline_fixture import run_stage as run
+from pipeline_fixture import (ROOT, TASK, adapter_digests, file_digests, load_script, log_users, run_script, script,
+                              subprocess_env)
 
 eval_task = load_script("eval/eval_task.py")
 gen_profile = load_script("data/gen_profile.py")
 history_anchor = load_script("anchor_selection/history_anchor.py")
 
 
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory, tiny_model_dir):
-    return shared_pipeline(tmp_path_factory, tiny_model_dir)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-def run(main, argv, capsys) -> str:
-    """A stage's main in this process, as its script runs it; returns its stdout (a failure is an error)."""
-    capsys.readouterr()
-    try:
-        run_cli(lambda: main(argv))
-    except SystemExit as err:
-        raise AssertionError(f"exit {err.code}: {capsys.readouterr().err[-2000:]}") from None
-    return capsys.readouterr().out
 
 
 def cli_error(main, argv, capsys) -> str:

@@ -17,12 +17,12 @@ import task_LoRA
 import train_anchor_gate
 import train_anchor_PEFT
 from perpcs.data import Layout, load_profiles, user_id
-from perpcs.errors import run_cli
 from perpcs.gates import GATES_FILE
 from perpcs.prompts import history_examples
 from perpcs.tasks import get_task
-from pipeline_fixture import (ROOT, TASK, adapter_digests, file_digests, load_script, log_users, shared_pipeline,
-                              single_thread)
+from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
+from pipeline_fixture import run_stage as run
+from pipeline_fixture import ROOT, TASK, adapter_digests, file_digests, load_script, log_users
 
 MOVIE = get_task(TASK)
 VARIANTS = {"kNP", "k1", "kNP-profile", "k1-profile"}   # --k_list 1
@@ -33,25 +33,6 @@ eval_task = load_script("eval/eval_task.py")
 gen_profile = load_script("data/gen_profile.py")
 
 
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory, tiny_model_dir):
-    return shared_pipeline(tmp_path_factory, tiny_model_dir)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-def run(main, argv, capsys) -> str:
-    """A stage's main in this process, through run_cli as the script runs it; returns its stdout."""
-    capsys.readouterr()
-    try:
-        run_cli(lambda: main(argv))
-    except SystemExit as err:
-        raise AssertionError(f"exit {err.code}: {capsys.readouterr().err[-2000:]}") from None
-    return capsys.readouterr().out
 
 
 def gold_ids(pipe) -> list:
