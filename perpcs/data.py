@@ -148,6 +148,8 @@ def validate_golds(golds, path) -> dict:
     for i, g in enumerate(golds["golds"]):
         if not isinstance(g, dict) or "id" not in g or "output" not in g:
             fail(f"{path}: golds entry #{i} needs 'id' and 'output'")
+        if str(g["id"]) in out:
+            fail(f"{path}: golds entry #{i}: id {g['id']!r} appears twice")
         out[str(g["id"])] = g["output"]
     return out
 

@@ -64,3 +64,11 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
     write_json_atomic(tmp_path / "a" / "b.json", {"x": 1})
     assert json.loads((tmp_path / "a" / "b.json").read_text()) == {"x": 1}
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
+
+
+def test_golds_with_a_duplicate_id_are_refused(tmp_path):
+    layout = Layout(tmp_path, TASK)
+    write_json_atomic(layout.golds, {"task": "LaMP_3", "golds": [{"id": "1", "output": "4"},
+                                                                  {"id": "1", "output": "5"}]})
+    with pytest.raises(PerpcsError, match=r"golds.json: golds entry #1: id '1' appears twice"):
+        layout.load_golds()
