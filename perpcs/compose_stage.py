@@ -47,9 +47,7 @@ def compose(args) -> Path:
     num_shards, shard_id = shard_of(args)
 
     model, tokenizer, device = load_merged_base(args)
-    pool_device = pool.A[pool.pieces[0]].device
-    if pool_device != device:   # the pool lives beside the model
-        pool = _move_pool(pool, device)
+    pool.to(device)   # read and checked before the model load; it lives beside the model
     composer = Composer(pool, settings)
     install_composer(model, composer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -85,13 +83,6 @@ def compose(args) -> Path:
     if combine_user_predictions(out_root, task, test_users):
         write_summary(out_root, pool, [uid for uid, _ in users])
     return out_root
-
-
-def _move_pool(pool: PiecePool, device) -> PiecePool:
-    for table in (pool.A, pool.B, pool.G):
-        for piece in table:
-            table[piece] = table[piece].to(device)
-    return pool
 
 
 def write_summary(out_root: Path, pool: PiecePool, uids: list) -> dict:

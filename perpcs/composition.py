@@ -105,6 +105,12 @@ class PiecePool:
     def __len__(self) -> int:
         return len(self.sharer_ids)
 
+    def to(self, device) -> "PiecePool":
+        for table in (self.A, self.B, self.G):
+            for piece in table:
+                table[piece] = table[piece].to(device)
+        return self
+
     def _adapter_dir(self, uid: str) -> Path:
         return self.anchor_dir / f"user_{uid}"
 
