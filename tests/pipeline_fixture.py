@@ -91,19 +91,20 @@ class Pipeline:
 
 # ------------------------------------------------------------------------------------------------- helpers
 
-def make_data(data_dir: Path, raw_dir: Path) -> None:
-    """Sample raw LaMP files -> the project layout, plus a fake profile text for every user."""
+def sample_layout(task_name: str, root: Path, n_users: int, n_history: int, n_queries: int, n_test: int,
+                  seed: int = 0):
+    """make_sample -> prepare_lamp under root/raw and root/data, plus the profile text "profile of <user id>"
+    for every user; returns the task's Layout."""
     from perpcs.data import Layout, all_splits_users, user_id, write_json_atomic
     from perpcs.prepare import prepare_lamp
     from perpcs.sample import write_sample
     from perpcs.tasks import get_task
 
-    write_sample(TASK, raw_dir, N_USERS, N_HISTORY, N_QUERIES, seed=0)
-    prepare_lamp(TASK, raw_dir, data_dir, n_test=N_TEST, verbose=False)
-    layout = Layout(data_dir, get_task(TASK))
-    users = all_splits_users(layout)
-    write_json_atomic(layout.profiles, {user_id(u): f"User {user_id(u)} likes comedy and sci-fi films."
-                                        for u in users})
+    write_sample(task_name, root / "raw", n_users, n_history, n_queries, seed=seed)
+    prepare_lamp(task_name, root / "raw", root / "data", n_test=n_test, verbose=False)
+    layout = Layout(root / "data", get_task(task_name))
+    write_json_atomic(layout.profiles, {user_id(u): f"profile of {user_id(u)}" for u in all_splits_users(layout)})
+    return layout
 
 
 def script(name: str) -> Path:
@@ -199,7 +200,7 @@ def build_pipeline(root: Path, model: Path) -> Pipeline:
     p = Pipeline(root=root, model=model, data=root / "data", task_lora=root / "task-base_LLM",
                  anchor_idx=root / "anchor" / "anchor_user_idx.json", anchor_peft=root / "anchor_PEFT",
                  anchor_gate=root / "anchor_gate", composition=root / "composition", logs={})
-    make_data(p.data, root / "raw")
+    sample_layout(TASK, root, N_USERS, N_HISTORY, N_QUERIES, N_TEST)
     stages = [
         ("task_lora", lambda: task_LoRA.main(p.task_lora_args(p.task_lora))),
         ("anchors", lambda: run_anchor_selection(TASK, candidate_path=p.layout.candidate_users,

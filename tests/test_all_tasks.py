@@ -8,22 +8,15 @@ import lora_composition
 import task_LoRA
 import train_anchor_gate
 import train_anchor_PEFT
-from perpcs.data import Layout
 from perpcs.metrics import evaluate_files
-from perpcs.prepare import prepare_lamp
-from perpcs.sample import write_sample
 from perpcs.tasks import TASKS, get_task
-from pipeline_fixture import one_thread  # noqa: F401  (fixture)
+from pipeline_fixture import one_thread, sample_layout  # noqa: F401  (one_thread: a fixture)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_task_runs_end_to_end(name, tiny_model_dir, tmp_path):
     task = get_task(name)
-    write_sample(name, tmp_path / "raw", n_users=10, n_history=4, n_queries=1, seed=0)
-    prepare_lamp(name, tmp_path / "raw", tmp_path / "data", n_test=2, verbose=False)
-    layout = Layout(tmp_path / "data", task)
-    users = [u for split in ("base", "candidate", "test", "reserve") for u in layout.load_split(split)]
-    layout.profiles.write_text(json.dumps({u["user_id"]: "a profile" for u in users}))
+    layout = sample_layout(name, tmp_path, n_users=10, n_history=4, n_queries=1, n_test=2)
     candidates = layout.load_split("candidate")
     (tmp_path / "idx.json").write_text(json.dumps({
         "task": name, "strategy": "most_active", "k": 2, "seed": 0, "indices": [0, 1],

@@ -281,7 +281,7 @@ def test_show_prompts_and_report_commands(pipe, capsys):
                             "--k", "1", "--profile"], capsys)
     first = json.loads(pipe.layout.test_users.read_text())[0]
     assert out.count("===== user") == 2 and f"===== user {first['user_id']} query {first['query'][0]['id']}" in out
-    assert f"### User Profile:\nUser {first['user_id']} likes" in out and "### User History:\n" in out
+    assert f"### User Profile:\nprofile of {first['user_id']}\n" in out and "### User History:\n" in out
     assert f"----- gold: {first['query'][0]['gold']}" in out
 
     out = run(perpcs_main, ["report", "--task_name", TASK, "--data_dir", str(pipe.data),

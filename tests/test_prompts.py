@@ -143,16 +143,11 @@ def test_truncation_never_mutates_and_keeps_integer_dates():
 def test_sample_then_prepare_then_show_prompts(name, tmp_path, capsys):
     """For every task: make_sample -> prepare_lamp -> show-prompts gives the exact prompts (issue 2)."""
     from perpcs.__main__ import main
-    from perpcs.data import Layout
-    from perpcs.prepare import prepare_lamp
-    from perpcs.sample import write_sample
+    from pipeline_fixture import sample_layout
     task = get_task(name)
-    write_sample(name, tmp_path / "raw", n_users=10, n_history=5, n_queries=2, seed=1)
-    prepare_lamp(name, tmp_path / "raw", tmp_path / "data", n_test=2, verbose=False)
-    layout = Layout(tmp_path / "data", task)
+    layout = sample_layout(name, tmp_path, n_users=10, n_history=5, n_queries=2, n_test=2, seed=1)
     test_users = layout.load_split("test")
-    profiles = {u["user_id"]: f"profile of {u['user_id']}" for u in test_users}
-    layout.profiles.write_text(json.dumps(profiles))
+    profiles = layout.load_profiles()
     main(["show-prompts", "--task_name", name, "--data_dir", str(tmp_path / "data"), "--n", "2", "--k", "1",
           "--profile"])
     out = capsys.readouterr().out

@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from perpcs.prepare import prepare_lamp
-from perpcs.sample import write_sample
+from pipeline_fixture import sample_layout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,14 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("scaleout")
-    write_sample("movie_tagging", root / "raw", n_users=14, n_history=6, n_queries=2, seed=0)
-    prepare_lamp("movie_tagging", root / "raw", root / "data", n_test=2, verbose=False)
-    users = []
-    for name in ("user_base_LLM.json", "user_anchor_candidate.json", "test_100/user_test_100.json",
-                 "user_reserve_10_percent.json"):
-        users += json.loads((root / "data" / "movie_tagging" / name).read_text())
-    profiles = {u["user_id"]: f"likes tag {u['profile'][0]['tag']}" for u in users}
-    (root / "data" / "movie_tagging" / "profile-id2text.json").write_text(json.dumps(profiles))
+    sample_layout("movie_tagging", root, n_users=14, n_history=6, n_queries=2, n_test=2)
     return root / "data"
 
 
