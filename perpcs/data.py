@@ -140,18 +140,27 @@ def profile_text(profiles: dict, user, path, index: int | None = None) -> str:
     return profiles[uid]
 
 
-def validate_golds(golds, path) -> dict:
-    """LaMP golds file -> {id: output}."""
-    if not isinstance(golds, dict) or not isinstance(golds.get("golds"), list):
-        fail(f"{path}: expected a LaMP file {{\"task\": ..., \"golds\": [{{\"id\", \"output\"}}]}}")
-    out = {}
-    for i, g in enumerate(golds["golds"]):
-        if not isinstance(g, dict) or "id" not in g or "output" not in g:
-            fail(f"{path}: golds entry #{i} needs 'id' and 'output'")
-        if str(g["id"]) in out:
-            fail(f"{path}: golds entry #{i}: id {g['id']!r} appears twice")
-        out[str(g["id"])] = g["output"]
-    return out
+def outputs_by_id(lamp: dict, what: str) -> dict:
+    """A LaMP file {"task", "golds": [{"id", "output"}]} -> {id (as a string): output}.
+
+    Duplicate ids and outputs that are not text are errors; numbers are accepted as text.
+    """
+    if not isinstance(lamp, dict) or not isinstance(lamp.get("golds"), list):
+        fail(f"{what}: expected a LaMP file {{\"task\": ..., \"golds\": [{{\"id\", \"output\"}}]}}")
+    outputs = {}
+    for position, entry in enumerate(lamp["golds"]):
+        if not isinstance(entry, dict) or "id" not in entry or "output" not in entry:
+            fail(f"{what}: entry #{position} needs 'id' and 'output'")
+        key, output = str(entry["id"]), entry["output"]
+        if key in outputs:
+            fail(f"{what}: id {key!r} appears more than once (entry #{position})")
+        if isinstance(output, (int, float)) and not isinstance(output, bool):
+            output = str(output)
+        if not isinstance(output, str):
+            fail(f"{what}: entry #{position} (id {key!r}): 'output' must be a string, "
+                 f"got {type(output).__name__}")
+        outputs[key] = output
+    return outputs
 
 
 def golds_from_users(users, task: Task) -> dict:
@@ -219,7 +228,7 @@ class Layout:
         """The test golds as a LaMP dict; derived from the test users' queries when golds.json is absent."""
         if self.golds.is_file():
             raw = read_json(self.golds, "golds file")
-            validate_golds(raw, self.golds)
+            outputs_by_id(raw, str(self.golds))
             return raw
         users = test_users if test_users is not None else self.load_split("test")
         print(f"note: {self.golds} not found; golds derived from the test users' query golds")

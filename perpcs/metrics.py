@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import sys
 
-from .data import read_json
+from .data import outputs_by_id, read_json
 from .errors import fail
 from .tasks import Task, get_task
 
@@ -75,29 +75,6 @@ def _check_lengths(golds: list, preds: list) -> None:
         fail(f"{len(golds)} golds but {len(preds)} predictions")
     if not golds:
         fail("no examples to evaluate")
-
-
-def outputs_by_id(lamp: dict, what: str) -> dict:
-    """A LaMP file {"task", "golds": [{"id", "output"}]} -> {id (as a string): output}.
-
-    Duplicate ids and outputs that are not text are errors; numbers are accepted as text.
-    """
-    if not isinstance(lamp, dict) or not isinstance(lamp.get("golds"), list):
-        fail(f"{what}: expected a LaMP file {{\"task\": ..., \"golds\": [{{\"id\", \"output\"}}]}}")
-    outputs = {}
-    for position, entry in enumerate(lamp["golds"]):
-        if not isinstance(entry, dict) or "id" not in entry or "output" not in entry:
-            fail(f"{what}: entry #{position} needs 'id' and 'output'")
-        key, output = str(entry["id"]), entry["output"]
-        if key in outputs:
-            fail(f"{what}: id {key!r} appears more than once (entry #{position})")
-        if isinstance(output, (int, float)) and not isinstance(output, bool):
-            output = str(output)
-        if not isinstance(output, str):
-            fail(f"{what}: entry #{position} (id {key!r}): 'output' must be a string, "
-                 f"got {type(output).__name__}")
-        outputs[key] = output
-    return outputs
 
 
 def _id_sample(ids: set) -> str:

@@ -70,5 +70,5 @@ def test_golds_with_a_duplicate_id_are_refused(tmp_path):
     layout = Layout(tmp_path, TASK)
     write_json_atomic(layout.golds, {"task": "LaMP_3", "golds": [{"id": "1", "output": "4"},
                                                                   {"id": "1", "output": "5"}]})
-    with pytest.raises(PerpcsError, match=r"golds.json: golds entry #1: id '1' appears twice"):
+    with pytest.raises(PerpcsError, match=r"golds.json: id '1' appears more than once \(entry #1\)"):
         layout.load_golds()
