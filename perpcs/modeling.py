@@ -42,12 +42,22 @@ EXPECTED_FORMATS = (
 # ---------------------------------------------------------------- devices and dtypes
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else the CPU; asking for CUDA on a machine without it is an error."""
+    """'auto' picks CUDA when present, else the CPU; asking for CUDA on a machine without it is an error.
+
+    Under torchrun (LOCAL_RANK set), 'auto' and a bare 'cuda' mean this process's own GPU, cuda:LOCAL_RANK,
+    so that N processes on one machine use N GPUs instead of all sharing cuda:0.
+    """
     name = (name or "auto").strip().lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            fail(f"LOCAL_RANK {local_rank}: this machine has only {torch.cuda.device_count()} GPU(s); start at "
+                 f"most that many processes per machine (torchrun --nproc_per_node)")
+        return torch.device("cuda", local_rank)
     try:
         return torch.device(name)
     except RuntimeError:
@@ -482,9 +492,11 @@ def load_base_model(model_path="smollm2", tokenizer_path=None, device="auto", cp
         fail(f"tokenizer path not found: {tokenizer_dir} (expected a directory with tokenizer.json)")
     tokenizer = load_tokenizer(tokenizer_dir)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # device_map: the weights go from the files straight to the device, in dtype (a 7B on a GPU needs no
+    # 13 GB staging copy in host memory and no second copy over PCIe)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa",
-                                                 trust_remote_code=False)
-    model.to(device).eval()
+                                                 device_map={"": device}, trust_remote_code=False)
+    model.eval()
     model_vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > model_vocab:
         fail(f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but model {model_dir} has only "

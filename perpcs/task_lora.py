@@ -21,11 +21,13 @@ def init_data_parallel(device: str) -> tuple:
     if world <= 1:
         return 0, 1
     import torch.distributed as dist
+
+    from .modeling import resolve_device
     if not dist.is_initialized():
-        use_nccl = device != "cpu" and torch.cuda.is_available()
-        if use_nccl:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if use_nccl else "gloo")
+        dev = resolve_device(device)   # cuda:LOCAL_RANK under torchrun on GPUs
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -58,9 +60,7 @@ def run(args) -> Path:
     base_users = None if args.infer else layout.load_split("base", need_gold=True, check=True)
 
     rank, world = init_data_parallel(args.device)
-    device_name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if world > 1 and args.device != "cpu" \
-        and torch.cuda.is_available() else args.device
-    model, tokenizer, device = load_base_model(args.llama_model_path, args.tokenizer_path, device_name,
+    model, tokenizer, device = load_base_model(args.llama_model_path, args.tokenizer_path, args.device,
                                                cpu_bf16=args.cpu_bf16)
     if args.infer or (is_complete_adapter(out_dir) and not args.overwrite):
         adapter_dir = resolve_lora_ckpt(args.lora_ckpt) if args.lora_ckpt else resolve_lora_ckpt(out_dir)

@@ -159,10 +159,22 @@ def _world():
     return 0, 1
 
 
+def _collective_device(value: torch.Tensor) -> torch.device:
+    """Where a tensor must be for a collective: NCCL reduces GPU tensors only, gloo takes either."""
+    import torch.distributed as dist
+    if value.device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return value.device
+
+
 def _all_reduce(value: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks (a no-op in one process); the result is on ``value``'s device."""
     import torch.distributed as dist
     if _world()[1] > 1:
-        dist.all_reduce(value)
+        moved = value.to(_collective_device(value))
+        dist.all_reduce(moved)
+        if moved is not value:
+            value.copy_(moved)
     return value
 
 

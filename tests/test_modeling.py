@@ -315,6 +315,22 @@ def test_resolve_device():
             resolve_device("cuda")
 
 
+def test_resolve_device_under_torchrun_takes_the_local_rank_gpu(monkeypatch):
+    """N torchrun processes on one machine must use N GPUs, not all cuda:0 (no GPU needed: CUDA is faked)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_device("auto") == torch.device("cuda", 2)
+    assert resolve_device("cuda") == torch.device("cuda", 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)   # an explicit GPU is kept
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "4")
+    with pytest.raises(PerpcsError, match="only 4 GPU"):
+        resolve_device("auto")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda")
+
+
 def test_autocast_context_on_cpu():
     a = torch.ones(2, 2)
     with autocast_context("cpu", cpu_bf16=True):

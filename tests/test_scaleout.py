@@ -77,3 +77,17 @@ def test_torchrun_sharded_sharer_loras_equal_one_process(tiny_model_dir, data_di
         assert a == b, uid
     logs = [json.loads(x) for x in (tmp_path / "two" / "users_log.jsonl").read_text().splitlines()]
     assert sorted(r["user_id"] for r in logs) == sorted(index["user_ids"])   # each sharer trained once
+
+
+def test_collectives_move_cpu_tensors_to_the_gpu_under_nccl(monkeypatch):
+    """NCCL reduces GPU tensors only: the loss/token counts built on the CPU must go to this rank's GPU
+    (this machine has no GPU and no NCCL, so the backend and the current device are faked)."""
+    import torch.distributed as dist
+
+    from perpcs.training import _collective_device
+
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert _collective_device(torch.zeros(2)) == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    assert _collective_device(torch.zeros(2)) == torch.device("cpu")
