@@ -1,13 +1,14 @@
 """GPU benchmark of the four heavy stages, run through the project's own code paths, on a random-init model
 of the exact Llama-2-7b shape (bf16, sdpa, LoRA r8 on q/k/v/o), against the original Per-Pcs timings (one H200).
 
-On the lent GPU machine (repo root). It has no network, so nothing can be pip-installed there; its python3
-already holds torch 2.11+cu130, transformers 5.17, peft, safetensors, numpy and tqdm, which is all this needs:
+On the lent GPU machine, bench/gpu_session.sh runs this with its variants (and the stage tests on CUDA) in one
+call; see its header. That machine has no network; its python3 already holds torch 2.11+cu130, transformers
+5.17 (the full test suite passes with 5.17 here), peft, safetensors, numpy and tqdm, all this needs. By hand:
 
-    PYTHONUNBUFFERED=1 python3 bench/bench_gpu.py --json $OUT/gpu.json && PYTHONUNBUFFERED=1 python3 bench/bench_gpu.py --only train,gate --no-grad_ckpt --json $OUT/gpu_nockpt.json
+    PYTHONUNBUFFERED=1 python3 bench/bench_gpu.py --json $OUT/gpu.json
 
-(the second command gives the train/gate numbers without gradient checkpointing). To time the pinned
-transformers/peft there instead, carry their wheels (pure Python) and put them first on PYTHONPATH.
+To time the pinned transformers/peft there instead, carry their wheels (pure Python) and put them first on
+PYTHONPATH.
 On a CUDA machine with network, first `python3 -m pip install -q -r requirements.txt` (the pinned versions;
 the torch 2.13 CUDA wheel and its nvidia-* dependencies are several GB, so that takes minutes), then the same.
 Estimated (not yet measured) run time on an H200: 2-3 minutes, most of it the 1,000-prompt generation workload.
@@ -308,7 +309,8 @@ def bench_generate(model, shape: Shape, args, device, generator) -> dict:
         return [as_text(r) for r in random_rows(n, shape.seq_len, shape.vocab, generator)]
 
     def run(texts: list, batch_size: int) -> int:
-        outputs = generate(model, tokenizer, texts, shape.new_tokens, device, temperature=0, batch_size=batch_size)
+        outputs = generate(model, tokenizer, texts, shape.new_tokens, device, temperature=0, batch_size=batch_size,
+                           kv_cache=args.kv_cache)
         return sum(len(o.split()) for o in outputs)   # new tokens actually produced
 
     batch = prompts(shape.gen_rows)
@@ -324,7 +326,8 @@ def bench_generate(model, shape: Shape, args, device, generator) -> dict:
     expected = shape.new_tokens * (shape.gen_rows + shape.gen_prompts)
     if batch_new + workload_new != expected:
         print(f"warning: generation made {batch_new + workload_new} new tokens, expected {expected}", flush=True)
-    return {"prompt_tokens": shape.seq_len, "new_tokens": shape.new_tokens, "batch": shape.gen_rows,
+    return {"kv_cache": args.kv_cache, "prompt_tokens": shape.seq_len, "new_tokens": shape.new_tokens,
+            "batch": shape.gen_rows,
             "s_per_batch": round(batch_s, 4), "new_tokens_per_s": round(batch_new / batch_s, 1),
             "workload_prompts": shape.gen_prompts, "workload_batch": shape.gen_batch,
             "workload_s": round(workload_s, 4), "workload_new_tokens_per_s": round(workload_new / workload_s, 1),
@@ -411,6 +414,8 @@ def parse_args(argv=None):
                    help="gradient checkpointing in train and gate (default on; --no-grad_ckpt turns it off)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer first (experimental; compile time falls in the warm-ups)")
+    p.add_argument("--kv_cache", default="dynamic", choices=["dynamic", "static"],
+                   help="generation's KV cache (static: transformers compiles the decoding step on CUDA)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA if present; the CPU with --smoke), cpu, cuda, cuda:N")
     p.add_argument("--tmp_dir", default=None,
@@ -488,7 +493,7 @@ def main(argv=None) -> dict:
     print()
     print_table(rows, args.smoke)
     report = {"smoke": args.smoke, "shape": asdict(shape), "steps": args.steps, "warmup": args.warmup,
-              "compile": args.compile, "environment": environment(device, dtype), "original": ORIGINAL,
+              "compile": args.compile, "kv_cache": args.kv_cache, "environment": environment(device, dtype), "original": ORIGINAL,
               "works": works_out, "table": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--k_list", type=int, nargs="+", default=[1, 2, 4], help="BM25 k of the RAG variants")
     p.add_argument("--gen_batch_size", type=int, default=16)
+    p.add_argument("--kv_cache", default="dynamic", choices=["dynamic", "static"],
+                   help="static: preallocated KV cache with a compiled decoding step on CUDA (same outputs)")
 
 
 def add_shard_args(p: argparse.ArgumentParser) -> None:
@@ -88,4 +90,4 @@ def train_config(args) -> TrainConfig:
 
 def generation_kwargs(args) -> dict:
     return dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.gen_batch_size,
-                max_seq_len=args.max_seq_len, cpu_bf16=args.cpu_bf16)
+                max_seq_len=args.max_seq_len, cpu_bf16=args.cpu_bf16, kv_cache=args.kv_cache)

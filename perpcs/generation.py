@@ -16,13 +16,25 @@ from .tasks import Task
 from .modeling import autocast_context
 
 
+KV_CACHES = ("dynamic", "static")
+STATIC_WIDTH_STEP = 64   # static cache: prompt widths rounded up to this, so few shapes get compiled
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch.device,
              temperature: float = 0.1, top_p: float = 0.9, seed: int = 0, batch_size: int = 16,
-             max_seq_len: int = 3000, cpu_bf16: bool = False, show_progress: bool = False) -> list:
-    """Completions (new tokens only, stripped) for each prompt; greedy when temperature is 0."""
+             max_seq_len: int = 3000, cpu_bf16: bool = False, show_progress: bool = False,
+             kv_cache: str = "dynamic") -> list:
+    """Completions (new tokens only, stripped) for each prompt; greedy when temperature is 0.
+
+    ``kv_cache="static"``: a preallocated KV cache, which transformers pairs with a torch.compile'd decoding
+    step (CUDA graphs) on a GPU; the prompts' width is padded to a multiple of STATIC_WIDTH_STEP so that
+    batches share a few shapes instead of compiling one graph per width. Same tokens as "dynamic".
+    """
     if not prompts:
         return []
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
     torch.manual_seed(seed)
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     max_prompt = max(1, max_seq_len - max_new_tokens)
@@ -37,6 +49,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch
                       leave=False):
         rows = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in rows)
+        if kv_cache == "static":
+            width = -(-width // STATIC_WIDTH_STEP) * STATIC_WIDTH_STEP
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
@@ -45,6 +59,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch
             mask[r, width - n:] = 1
         kwargs = dict(do_sample=sampling, temperature=temperature, top_p=top_p) if sampling else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if kv_cache == "static":
+            kwargs["cache_implementation"] = "static"
         with autocast_context(device, cpu_bf16):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_id,

@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TASK = "movie_tagging"
 N_USERS, N_HISTORY, N_QUERIES, N_TEST = 16, 8, 2, 3
 N_SHARERS = 3
+# The stage runs' --device: the CPU here and in CI; PERPCS_TEST_DEVICE=cuda runs them on a GPU
+# (bench/gpu_session.sh does, to check the CUDA code paths of every stage).
+DEVICE = os.environ.get("PERPCS_TEST_DEVICE", "cpu")
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Pipeline:
 
     # flag lists of each stage: tests add or override flags (argparse keeps the last occurrence)
     def common(self) -> list:
-        return ["--task_name", TASK, "--llama_model_path", str(self.model), "--device", "cpu",
+        return ["--task_name", TASK, "--llama_model_path", str(self.model), "--device", DEVICE,
                 "--data_dir", str(self.data)]
 
     def task_lora_args(self, output_dir) -> list:
@@ -85,7 +88,7 @@ class Pipeline:
 
     def profile_args(self, output_file) -> list:
         return ["--task_name", TASK, "--data_dir", str(self.data), "--model_path", str(self.model),
-                "--device", "cpu", "--k", "2", "--max_gen_len", "4", "--max_seq_len", "256",
+                "--device", DEVICE, "--k", "2", "--max_gen_len", "4", "--max_seq_len", "256",
                 "--batch_size", "1", "--output_file", str(output_file)]
 
 

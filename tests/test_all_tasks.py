@@ -10,7 +10,7 @@ import train_anchor_gate
 import train_anchor_PEFT
 from perpcs.metrics import evaluate_files
 from perpcs.tasks import TASKS, get_task
-from pipeline_fixture import one_thread, sample_layout  # noqa: F401  (one_thread: a fixture)
+from pipeline_fixture import DEVICE, one_thread, sample_layout  # noqa: F401  (one_thread: a fixture)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -21,7 +21,7 @@ def test_task_runs_end_to_end(name, tiny_model_dir, tmp_path):
     (tmp_path / "idx.json").write_text(json.dumps({
         "task": name, "strategy": "most_active", "k": 2, "seed": 0, "indices": [0, 1],
         "user_ids": [candidates[0]["user_id"], candidates[1]["user_id"]], "clusters": None}))
-    common = ["--task_name", name, "--llama_model_path", str(tiny_model_dir), "--device", "cpu",
+    common = ["--task_name", name, "--llama_model_path", str(tiny_model_dir), "--device", DEVICE,
               "--data_dir", str(tmp_path / "data"), "--max_seq_len", "256"]
     gen = ["--k_list", "1", "--temperature", "0", "--max_gen_len", "3"]
     out = tmp_path / "out"

@@ -63,3 +63,28 @@ def test_only_runs_the_chosen_work_and_rejects_unknown_ones(tmp_path):
     bad = run_bench("--smoke", "--only", "train,fly")
     assert bad.returncode == 2
     assert "error:" in bad.stderr and "fly" in bad.stderr
+
+
+def test_gpu_session_script_runs_every_step_and_writes_its_files(tmp_path):
+    """bench/gpu_session.sh is the one prepared call of a GPU session (its minutes are few): SMOKE=1 runs the
+    same steps on the CPU with the tiny shape, and each must succeed and leave its file in $OUT."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SMOKE="1", OUT=str(out),
+               PYTHON=sys.executable, TESTS="tests/test_all_tasks.py::test_task_runs_end_to_end[citation]")
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_session.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (out / "session.log").read_text()
+    steps = re.findall(r"== (\w+): rc=(\d+)", log)
+    assert steps == [(name, "0") for name in ("bench", "cuda_tests", "bench_nockpt", "bench_static",
+                                              "bench_compile")], log[-3000:]
+    assert json.loads((out / "gpu_nockpt.json").read_text())["works"]["train"]["grad_ckpt"] is False
+    assert json.loads((out / "gpu_static.json").read_text())["works"]["generate"]["kv_cache"] == "static"
+    assert json.loads((out / "gpu_compile.json").read_text())["compile"] is True
+    assert set(json.loads((out / "gpu.json").read_text())["works"]) == set(MAIN_METRICS)
+    suite = ET.parse(out / "cuda_tests.xml").getroot().iter("testsuite").__next__()
+    assert int(suite.get("tests")) == 1 and int(suite.get("failures")) == 0 and int(suite.get("errors")) == 0
+    assert len(list(out.iterdir())) <= 8   # the device tool returns at most 8 files

@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "movie_tagging"
+DEVICE = os.environ.get("PERPCS_TEST_DEVICE", "cpu")   # see pipeline_fixture.DEVICE
 pytestmark = pytest.mark.slow
 
 
@@ -30,12 +31,12 @@ def workdir(tmp_path_factory, smollm2_dir):
         "--n_history", "6", "--n_queries", "2", cwd=root)
     run(REPO / "data/prepare_lamp.py", "--task_name", TASK, "--lamp_dir", root / "raw", "--out_dir", "data",
         "--n_test", "2", cwd=root)
-    run(REPO / "data/gen_profile.py", "--task_name", TASK, "--k", "2", "--max_gen_len", "8", "--device", "cpu",
+    run(REPO / "data/gen_profile.py", "--task_name", TASK, "--k", "2", "--max_gen_len", "8", "--device", DEVICE,
         cwd=root)
     return root
 
 
-COMMON = ["--task_name", TASK, "--device", "cpu", "--max_seq_len", "384"]
+COMMON = ["--task_name", TASK, "--device", DEVICE, "--max_seq_len", "384"]
 GEN = ["--temperature", "0", "--max_gen_len", "4"]
 
 

@@ -175,6 +175,32 @@ def test_batched_generation_equals_one_by_one_greedy(tiny):
     assert batched == single and any(batched)
 
 
+def test_static_kv_cache_generates_the_same_tokens_as_the_dynamic_one(tiny):
+    """The static cache pads prompts to a multiple of 64 columns: masked padding must change nothing, also
+    for prompts of very different lengths in one batch and a short last batch; a LoRA model too."""
+    from peft import get_peft_model
+
+    model, tok, device = tiny
+    prompts = ["Tweet:", "Description: a robot falls in love in deep space Tag:",
+               "Generate a headline for the following article: " + "rain in Paris, " * 12, "Review: great"]
+    dynamic = generate(model, tok, prompts, 6, device, temperature=0, batch_size=3)
+    static = generate(model, tok, prompts, 6, device, temperature=0, batch_size=3, kv_cache="static")
+    assert static == dynamic and any(dynamic)
+    peft_model = get_peft_model(model, lora_config())
+    try:
+        for module in peft_model.modules():   # a non-zero LoRA, so the adapter path matters
+            if hasattr(module, "lora_B") and "default" in module.lora_B:
+                torch.nn.init.normal_(module.lora_B["default"].weight, std=0.5)
+        with_lora = generate(peft_model, tok, prompts, 6, device, temperature=0, batch_size=3)
+        assert generate(peft_model, tok, prompts, 6, device, temperature=0, batch_size=3,
+                        kv_cache="static") == with_lora
+        assert with_lora != dynamic
+    finally:
+        peft_model.unload()
+    with pytest.raises(ValueError, match="kv_cache"):
+        generate(model, tok, prompts, 2, device, kv_cache="paged")
+
+
 def test_eight_variant_names():
     names = [stem for stem, _, _ in variant_names([1, 2, 4])]
     assert names == ["kNP", "k1", "k2", "k4", "kNP-profile", "k1-profile", "k2-profile", "k4-profile"]
