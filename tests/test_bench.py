@@ -88,3 +88,29 @@ def test_gpu_session_script_runs_every_step_and_writes_its_files(tmp_path):
     suite = ET.parse(out / "cuda_tests.xml").getroot().iter("testsuite").__next__()
     assert int(suite.get("tests")) == 1 and int(suite.get("failures")) == 0 and int(suite.get("errors")) == 0
     assert len(list(out.iterdir())) <= 8   # the device tool returns at most 8 files
+
+
+def test_padding_ratio_by_hand_and_grouping_pads_less():
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_padding import padding_ratio
+
+    # batch size 2, one epoch: every batch is as wide as its longest row
+    assert padding_ratio([5, 5, 5, 5], 2, grouped=False, seeds=3) == 1.0
+    lengths = [10, 1, 10, 1, 10, 1, 10, 1]
+    grouped = padding_ratio(lengths, 2, grouped=True, seeds=3)
+    assert grouped == 1.0                           # sorted within the window: 10s together, 1s together
+    assert padding_ratio(lengths, 2, grouped=False, seeds=20) > 1.2   # random pairs mix 10s and 1s
+    assert padding_ratio([3, 1], 2, grouped=False, seeds=1) == 6 / 4
+
+
+def test_padding_bench_runs_on_sample_data(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_padding import main
+
+    report = main(["--tasks", "product_rating", "--json", str(tmp_path / "pad.json")])
+    rows = report["tasks"]["product_rating"]
+    assert set(rows) == {"stage 1", "sharers"}
+    for row in rows.values():
+        assert row["examples"] > 0 and row["min"] <= row["median"] <= row["max"]
+        assert 1.0 <= row["grouped"] <= row["random"]
+    assert json.loads((tmp_path / "pad.json").read_text())["tasks"] == report["tasks"]
