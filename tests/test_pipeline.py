@@ -230,6 +230,14 @@ def test_stage5_rerun_keeps_finished_users(pipe, tmp_path, capsys):
     assert file_digests(out_dir / "predictions") == file_digests(pipe.composition / "predictions")
 
 
+def test_stage5_static_kv_cache_predicts_the_same(pipe, tmp_path, capsys):
+    """--kv_cache static through the assembled-LoRA model (the composer's wrapped modules): same predictions."""
+    out_dir = tmp_path / "composition"
+    run(lora_composition.main, pipe.compose_args(out_dir) + ["--kv_cache", "static"], capsys)
+    assert file_digests(out_dir / "recipes") == file_digests(pipe.composition / "recipes")
+    assert file_digests(out_dir / "predictions") == file_digests(pipe.composition / "predictions")
+
+
 # ------------------------------------------------------------------------------------------- OPPU and profiles
 
 def test_oppu_trains_each_user_on_its_own_history_only(pipe, tmp_path, capsys, monkeypatch):
