@@ -41,8 +41,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     run_anchor_selection(args.task_name, candidate_path=args.candidate_path, output_dir=args.output_dir,
                          k=args.k, strategy=args.strategy, min_history=args.min_history, seed=args.seed,
                          encoder=args.encoder, batch_size=args.batch_size, max_length=args.max_length,

@@ -14,7 +14,7 @@ from perpcs.errors import run_cli  # noqa: E402
 from perpcs.sample import write_sample  # noqa: E402
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task_name", required=True, help="citation, movie_tagging, news_categorize, product_rating, "
                    "news_headline, scholarly_title, tweet_paraphrase (or the LaMP id)")
@@ -23,7 +23,7 @@ def main():
     p.add_argument("--n_history", type=int, default=30, help="history items of each user")
     p.add_argument("--n_queries", type=int, default=4, help="questions per user; the last one goes to dev")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     files = write_sample(args.task_name, args.out_dir, args.n_users, args.n_history, args.n_queries, args.seed)
     counts = ", ".join(f"{name} ({len(obj) if isinstance(obj, list) else len(obj.get('golds', obj))})"
                        for name, obj in files.items() if name != "sample_info.json")

@@ -15,7 +15,7 @@ from perpcs.errors import run_cli  # noqa: E402
 from perpcs.prepare import prepare_lamp  # noqa: E402
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task_name", required=True, help="citation, movie_tagging, news_categorize, product_rating, "
                    "news_headline, scholarly_title, tweet_paraphrase (or the LaMP id)")
@@ -29,7 +29,7 @@ def main():
     p.add_argument("--reserve_frac", type=float, default=0.1, help="share of non-test users held out")
     p.add_argument("--citation_field", default="abstract", choices=["abstract", "title"],
                    help="citation task: the raw history field copied into 'citation' (what the prompts read)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     prepare_lamp(args.task_name, args.lamp_dir, args.out_dir, args.n_test, args.seed, args.base_frac,
                  args.candidate_frac, args.reserve_frac, args.citation_field)
 
