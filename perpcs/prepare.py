@@ -1,18 +1,25 @@
 """Raw LaMP files (``*_questions.json`` + ``*_outputs.json``) -> the users files of SPEC section 3.
 
 The authors never published this step (SPEC section 10); the choices made here:
-- Questions of ``train`` and ``dev`` (whichever exist) are merged; each gets its gold by id.
-- Users: LaMP questions carry no user id. In LaMP's time-based split one user's questions have
-  profiles that are prefixes of one another (same items, same order, by item id). Questions are taken
-  shortest profile first; a question joins the user whose longest profile so far is a prefix of its
-  own profile, otherwise it starts a new user. A question whose profile shares its first item with a
-  user's but is not an extension of it (a "prefix conflict") becomes a separate user and is counted
-  in the summary. A question with an empty profile is a user of its own.
-- ``user_id`` = "u" + the id of the user's first question (the one with the shortest profile): stable
-  when more questions of the same users are added (dev after train).
-- A user's profile is its longest profile, sorted by ``date`` when every item has a comparable date
-  (all numbers, or all ISO ``YYYY[-MM[-DD]]`` strings; stable, so equal dates keep the given order),
-  else in the given order. Queries: all the user's questions, shortest profile first, with gold.
+- Questions of ``train`` and ``dev`` (whichever exist) are merged; each gets its gold by id. Every query input
+  is parsed (task marker) here, so a broken file fails now and not at stage 1.
+- Users: LaMP questions carry no user id, and LaMP numbers profile items per question (question 110's items
+  are 1100, 1101, ...), so the same history item has another id in each question of its user. Items are
+  therefore compared by content (every field but ``id``). Two questions belong to one user when at least
+  half of the smaller profile's items are in the other profile (time-based split: profiles are prefixes of
+  one another; user-based split: each question's profile is the user's other documents); users are the
+  connected groups. An item found in more than MAX_POSTINGS questions' profiles is boilerplate and proves
+  nothing; a question with an empty profile is a user of its own. Not used as evidence: a question's own
+  document found in another profile (different users tag the same movie, review the same product), so a
+  user-based user with only two documents stays two users.
+- ``user_id`` = "u" + the id of the user's question with the shortest profile (ties: smaller id): stable when
+  more questions of the same users are added (dev after train).
+- A user's profile is the union of its questions' profiles (for prefixes: the longest one) *without the
+  user's own query documents* (the article / description / review / abstract / paper title / tweet of a query
+  input): in LaMP one question's document is a labelled item of its siblings' profiles, and left there it
+  would hand BM25 and OPPU the gold answer. Sorted by ``date`` when every item has a
+  comparable date (all numbers, or all ISO ``YYYY[-MM[-DD]]`` strings; stable), else longest profile's order
+  first. Queries: all the user's questions, shortest profile first, with gold.
 - Test users: the ``n_test`` users with the longest history (ties: smaller user_id first). The rest
   is shuffled with ``random.Random(seed)`` and cut at the cumulative fractions base, candidate,
   reserve (rounded half up); users beyond the fractions' sum are left out.
@@ -22,18 +29,25 @@ The authors never published this step (SPEC section 10); the choices made here:
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 import statistics
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import Layout, read_json, validate_users, write_json_atomic
-from .errors import fail
+from .errors import PerpcsError, fail
 from .tasks import Task, get_task
 
 SPLIT_FILES = ("train", "dev")
-_ISO_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?")
+_ISO_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
+# The history field that holds what a query's input holds (its "document"), per task.
+DOCUMENT_FIELD = {"citation": "title", "movie_tagging": "description", "news_categorize": "text",
+                  "product_rating": "text", "news_headline": "text", "scholarly_title": "abstract",
+                  "tweet_paraphrase": "text"}
+MAX_POSTINGS = 1000
 
 
 @dataclass(frozen=True)
@@ -43,24 +57,36 @@ class Question:
     gold: str
     profile: tuple          # the raw history items, as given
     source: str             # the questions file it came from, for messages
-
-    @property
-    def item_ids(self) -> tuple:
-        return tuple(str(item["id"]) for item in self.profile)
+    document: str = ""      # the question's own document (whitespace-normalized), see DOCUMENT_FIELD
 
 
 @dataclass
 class Grouping:
     users: list = field(default_factory=list)       # lists of questions, shortest profile first
-    prefix_conflicts: int = 0
+    joined_by_history: int = 0      # merges of two groups because their profiles overlap
+    common_items: int = 0           # items in more than MAX_POSTINGS profiles, not used as evidence
     empty_profiles: int = 0
+
+
+def normalize(text) -> str:
+    return " ".join(str(text).split())
+
+
+def item_key(item: dict) -> str:
+    """An item's identity by content: every field but the id (LaMP numbers items per question)."""
+    return json.dumps({k: v for k, v in item.items() if k != "id"}, sort_keys=True, ensure_ascii=False)
+
+
+def item_document(item: dict, task: Task) -> str:
+    value = item.get(DOCUMENT_FIELD[task.name])
+    return normalize(value) if isinstance(value, str) else ""
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading
 
 def read_questions(lamp_dir, task: Task) -> list:
-    """All questions of train and dev (whichever exist) with their golds."""
+    """All questions of train and dev (whichever exist) with their golds and parsed own documents."""
     lamp_dir = Path(lamp_dir)
     questions, seen = [], {}
     found = False
@@ -72,7 +98,7 @@ def read_questions(lamp_dir, task: Task) -> list:
         if not opath.is_file():
             fail(f"{qpath} has no outputs file beside it: expected {opath}")
         golds = _read_golds(opath, task)
-        for question in _read_question_file(qpath, golds):
+        for question in _read_question_file(qpath, golds, task):
             if question.id in seen:
                 fail(f"question id {question.id!r} appears in both {seen[question.id]} and {question.source}")
             seen[question.id] = question.source
@@ -99,7 +125,7 @@ def _read_golds(path: Path, task: Task) -> dict:
     return golds
 
 
-def _read_question_file(path: Path, golds: dict) -> list:
+def _read_question_file(path: Path, golds: dict, task: Task) -> list:
     raw = read_json(path, "LaMP questions file")
     if not isinstance(raw, list):
         fail(f"{path}: expected a JSON list of questions {{\"id\", \"input\", \"profile\"}}")
@@ -115,10 +141,14 @@ def _read_question_file(path: Path, golds: dict) -> list:
             fail(f"{path}: question {qid!r}: 'profile' must be a list of history items")
         for k, item in enumerate(q["profile"]):
             if not isinstance(item, dict) or "id" not in item:
-                fail(f"{path}: question {qid!r}: profile item #{k} needs an 'id' (users are found by item ids)")
+                fail(f"{path}: question {qid!r}: profile item #{k} needs an 'id'")
         if qid not in golds:
             fail(f"{path}: question {qid!r} has no output in {path.name.replace('_questions', '_outputs')}")
-        questions.append(Question(qid, q["input"], golds[qid], tuple(q["profile"]), path.name))
+        try:
+            document = normalize(task.parse_query(q["input"], qid)[0])
+        except PerpcsError as err:
+            fail(f"{path}: {err}")
+        questions.append(Question(qid, q["input"], golds[qid], tuple(q["profile"]), path.name, document))
     return questions
 
 
@@ -126,36 +156,64 @@ def _read_question_file(path: Path, golds: dict) -> list:
 # Users
 
 def group_questions(questions: list) -> Grouping:
-    """Questions -> users by the prefix relation of their profiles (see the module docstring)."""
+    """Questions -> users: the connected groups of overlapping profiles (see the module docstring)."""
+    parent = list(range(len(questions)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def join(i: int, j: int) -> bool:
+        a, b = root(i), root(j)
+        if a == b:
+            return False
+        parent[max(a, b)] = min(a, b)
+        return True
+
     grouping = Grouping()
-    chains_by_first: dict = {}       # first item id -> chains [(longest item ids so far, questions)]
-    for question in sorted(questions, key=lambda q: (len(q.profile), q.id)):
-        ids = question.item_ids
-        if not ids:
-            grouping.empty_profiles += 1
-            grouping.users.append([question])
+    keys = [{item_key(item) for item in q.profile} for q in questions]
+    holders = defaultdict(list)                   # item key -> questions whose profile holds it
+    for qi, item_keys in enumerate(keys):
+        for key in item_keys:
+            holders[key].append(qi)
+    shared = Counter()
+    for qs in holders.values():
+        if len(qs) > MAX_POSTINGS:
+            grouping.common_items += 1
             continue
-        chains = chains_by_first.setdefault(ids[0], [])
-        for chain in chains:
-            if ids[:len(chain[0])] == chain[0]:
-                chain[0] = ids
-                chain[1].append(question)
-                break
-        else:
-            if chains:
-                grouping.prefix_conflicts += 1
-            chain = [ids, [question]]
-            chains.append(chain)
-            grouping.users.append(chain[1])
+        for x in range(len(qs)):
+            for y in range(x + 1, len(qs)):
+                shared[qs[x], qs[y]] += 1
+    for (i, j), n in sorted(shared.items()):
+        if 2 * n >= min(len(keys[i]), len(keys[j])):
+            grouping.joined_by_history += join(i, j)
+    users = defaultdict(list)
+    for qi, q in enumerate(questions):
+        users[root(qi)].append(q)
+    order = lambda q: (len(q.profile), q.id)   # noqa: E731
+    grouping.users = sorted((sorted(qs, key=order) for qs in users.values()), key=lambda qs: order(qs[0]))
+    grouping.empty_profiles = sum(1 for q in questions if not q.profile)
     return grouping
 
 
-def build_user(questions: list, task: Task, citation_field: str = "abstract") -> dict:
-    """One users-file entry: the longest profile (new item dicts, time order) and every query with gold."""
-    longest = questions[-1]
-    items = [_project_item(item, longest, task, citation_field) for item in longest.profile]
-    return {"user_id": f"u{questions[0].id}", "profile": sort_by_time(items),
+def build_user(questions: list, task: Task, citation_field: str = "abstract") -> tuple:
+    """(users-file entry, own documents removed): the union of the questions' profiles (longest first, items
+    by content) without the user's query documents, in time order; every query with gold."""
+    seen, items = set(), []
+    for question in sorted(questions, key=lambda q: (-len(q.profile), q.id)):
+        for item in question.profile:
+            key = item_key(item)
+            if key not in seen:
+                seen.add(key)
+                items.append((item, question))
+    own = {q.document for q in questions if q.document}
+    kept = [(item, q) for item, q in items if item_document(item, task) not in own]
+    profile = [_project_item(item, q, task, citation_field) for item, q in kept]
+    user = {"user_id": f"u{questions[0].id}", "profile": sort_by_time(profile),
             "query": [{"id": q.id, "input": q.input, "gold": q.gold} for q in questions]}
+    return user, len(items) - len(kept)
 
 
 def _project_item(item: dict, question: Question, task: Task, citation_field: str) -> dict:
@@ -226,7 +284,9 @@ def prepare_lamp(task_name: str, lamp_dir, out_dir="data", n_test: int = 100, se
         fail(f"--citation_field must be 'abstract' or 'title', got {citation_field!r}")
     questions = read_questions(lamp_dir, task)
     grouping = group_questions(questions)
-    users = [build_user(qs, task, citation_field) for qs in grouping.users]
+    built = [build_user(qs, task, citation_field) for qs in grouping.users]
+    users = [user for user, _ in built]
+    removed = sum(n for _, n in built)
     splits = split_users(users, n_test, base_frac, candidate_frac, reserve_frac, seed)
     layout = Layout(Path(out_dir), task)
     for split in ("base", "candidate", "test", "reserve"):
@@ -235,13 +295,13 @@ def prepare_lamp(task_name: str, lamp_dir, out_dir="data", n_test: int = 100, se
         write_json_atomic(path, splits[split])
     golds = [{"id": q["id"], "output": q["gold"]} for user in splits["test"] for q in user["query"]]
     write_json_atomic(layout.golds, {"task": task.lamp_id, "golds": golds})
-    summary = _summary(task, lamp_dir, questions, grouping, splits, layout)
+    summary = _summary(task, lamp_dir, questions, grouping, splits, layout, removed)
     if verbose:
         print(format_summary(summary))
     return summary
 
 
-def _summary(task, lamp_dir, questions, grouping, splits, layout) -> dict:
+def _summary(task, lamp_dir, questions, grouping, splits, layout, removed) -> dict:
     per_source: dict = {}
     for q in questions:
         per_source[q.source] = per_source.get(q.source, 0) + 1
@@ -254,16 +314,22 @@ def _summary(task, lamp_dir, questions, grouping, splits, layout) -> dict:
                         "history_median": statistics.median(lengths) if lengths else 0,
                         "history_max": max(lengths, default=0)}
     return {"task": task.name, "lamp_dir": str(lamp_dir), "questions": per_source,
-            "users": len(grouping.users), "prefix_conflicts": grouping.prefix_conflicts,
-            "empty_profiles": grouping.empty_profiles, "unused_users": len(splits["unused"]), "files": files}
+            "users": len(grouping.users), "joined_by_history": grouping.joined_by_history,
+            "common_items": grouping.common_items,
+            "query_documents_removed": removed, "empty_profiles": grouping.empty_profiles,
+            "unused_users": len(splits["unused"]), "files": files}
 
 
 def format_summary(summary: dict) -> str:
     sources = ", ".join(f"{n} in {name}" for name, n in summary["questions"].items())
     lines = [f"{summary['task']}: {sum(summary['questions'].values())} questions ({sources}) -> "
-             f"{summary['users']} users ({summary['prefix_conflicts']} prefix conflicts kept as separate users, "
+             f"{summary['users']} users ({summary['joined_by_history']} joins by shared history items; "
+             f"{summary['query_documents_removed']} query documents removed from their users' profiles; "
              f"{summary['empty_profiles']} with an empty profile, {summary['unused_users']} left out by the "
              f"fractions)"]
+    if summary["common_items"]:
+        lines.append(f"  note: {summary['common_items']} items appear in more than {MAX_POSTINGS} questions' "
+                     f"profiles and were not used to group questions")
     for split, info in summary["files"].items():
         lines.append(f"  {split:<9} {info['users']:>5} users {info['queries']:>6} queries  history "
                      f"min/median/max {info['history_min']}/{info['history_median']:g}/{info['history_max']}"

@@ -660,7 +660,7 @@ class _SampleBuilder:
         self.questions = {"train": [], "dev": []}
         self.golds = {"train": [], "dev": []}
         self.info_users, self.item_families = [], {}
-        self.next_item, self.next_question = 0, {"train": 0, "dev": 0}
+        self.next_question = {"train": 0, "dev": 0}
 
     def _family_sequence(self, n: int) -> list:
         return _balanced(self.rng, self.families, n) if self.families else [None] * n
@@ -669,22 +669,23 @@ class _SampleBuilder:
         task, rng = self.task, self.rng
         topics = tuple(rng.sample(CITATION_TOPICS if task.name == "citation" else TITLE_SUBJECTS, 3))
         user = SampleUser(index, group, topics)
-        history = []
+        history = []     # (fields, family) in time order
         dates = _dates(rng, self.n_history, task.name in YEAR_DATE_TASKS)
         for family, when in zip(self._family_sequence(self.n_history), dates):
             fields, family = _history_item(task, rng, user, family)
-            item_id = f"{self.digit}{self.next_item:07d}"
-            self.next_item += 1
-            history.append({"id": item_id, **fields, "date": when})
-            if family:
-                self.item_families[item_id] = family
+            history.append(({**fields, "date": when}, family))
         question_ids = []
         for j, family in enumerate(self._family_sequence(self.n_queries)):
             split = "dev" if j == self.n_queries - 1 else "train"
             qid = f"{self.digit}{0 if split == 'train' else 1}{self.next_question[split]}"
             self.next_question[split] += 1
             text, gold, family = _query_item(task, rng, user, family)
-            profile = history[:self.n_history - self.n_queries + 1 + j]
+            # as in LaMP, items are numbered per question (question id + position): one item, several ids
+            profile = []
+            for k, (fields, item_family) in enumerate(history[:self.n_history - self.n_queries + 1 + j]):
+                profile.append({"id": f"{qid}-{k}", **fields})
+                if item_family:
+                    self.item_families[f"{qid}-{k}"] = item_family
             self.questions[split].append({"id": qid, "input": text, "profile": profile})
             self.golds[split].append({"id": qid, "output": gold})
             question_ids.append(qid)

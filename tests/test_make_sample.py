@@ -1,4 +1,5 @@
 """The synthetic LaMP sample: format, determinism, time-split shape, and a real personalization signal."""
+import json
 import re
 from collections import Counter, defaultdict
 from datetime import date
@@ -80,13 +81,18 @@ def test_time_split_shape(task_name):
     files = generate(task_name, n_users=6, n_history=n_history, n_queries=n_queries, seed=2)
     task = get_task(task_name)
     dev_ids = {q["id"] for q in files["dev_questions.json"]}
-    all_history_ids = []
+    all_history = []
+
+    def content(items):
+        return [{k: v for k, v in item.items() if k != "id"} for item in items]
+
     for _group, questions, _golds in _users(files):
         assert questions[-1]["id"] in dev_ids and not any(q["id"] in dev_ids for q in questions[:-1])
         full = questions[-1]["profile"]
         for j, q in enumerate(questions):
-            assert q["profile"] == full[:n_history - n_queries + 1 + j]
-        all_history_ids.extend(item["id"] for item in full)
+            assert content(q["profile"]) == content(full[:n_history - n_queries + 1 + j])   # time-based prefixes
+            assert [item["id"] for item in q["profile"]] == [f"{q['id']}-{k}" for k in range(len(q["profile"]))]
+        all_history.extend(json.dumps(item, sort_keys=True) for item in content(full))
         dates = [item["date"] for item in full]
         assert dates == sorted(dates)
         if task_name in ("citation", "scholarly_title"):
@@ -96,7 +102,7 @@ def test_time_split_shape(task_name):
         history_texts = {item[MAIN_FIELD[task_name]] for item in full}
         for q in questions:     # query texts are fresh: never a history item of the user
             assert task.parse_query(q["input"])[0] not in history_texts
-    assert len(all_history_ids) == len(set(all_history_ids)) == 6 * n_history
+    assert len(all_history) == len(set(all_history)) == 6 * n_history     # no item shared by two users
 
 
 def _majority(values):

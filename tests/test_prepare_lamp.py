@@ -8,24 +8,35 @@ import pytest
 
 from perpcs.data import Layout
 from perpcs.errors import PerpcsError
-from perpcs.prepare import Question, build_user, group_questions, prepare_lamp, split_users
+from perpcs.prepare import DOCUMENT_FIELD, Question, build_user, group_questions, prepare_lamp, split_users
 from perpcs.tasks import TASKS, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
 MOVIE = get_task("movie_tagging")
 SPLITS = ("base", "candidate", "test", "reserve")
 
 
-def _item(i, day=None):
-    item = {"id": str(i), "description": f"A film numbered {i}.", "tag": "comedy"}
+def _item(i, day=None, item_id=None):
+    """A movie history item; its content is fixed by i, its id by the question (LaMP numbers items per question)."""
+    item = {"id": str(i) if item_id is None else item_id, "description": f"A film numbered {i}.", "tag": "comedy"}
     if day is not None:
         item["date"] = f"2020-01-{day:02d}"
     return item
 
 
-def _question(qid, item_ids, dates=None):
-    profile = [_item(i, None if dates is None else dates[k]) for k, i in enumerate(item_ids)]
-    return {"id": qid, "input": f"question {qid} description: a film", "profile": profile}
+def _input(document):
+    return f"Which tag does this movie relate to among the following tags? [comedy, action] description: {document}"
+
+
+def _question(qid, item_ids, dates=None, document=None):
+    """A question whose items get per-question ids (qid-k), as in LaMP; its own document is 'film <qid>'."""
+    profile = [_item(i, None if dates is None else dates[k], f"{qid}-{k}") for k, i in enumerate(item_ids)]
+    return {"id": qid, "input": _input(document or f"film {qid}"), "profile": profile}
+
+
+def _doc_item(text, item_id):
+    return {"id": item_id, "description": text, "tag": "action"}
 
 
 def _write_raw(directory, train, dev=(), task="LaMP_2M", drop_output=None):
@@ -39,49 +50,110 @@ def _write_raw(directory, train, dev=(), task="LaMP_2M", drop_output=None):
 
 
 def _hand_made(directory):
-    """Users A (3 questions over train+dev), B (longest), C (conflicts with A), D, E (dates out of order)."""
+    """A: 3 prefix questions over train+dev plus c1, which shares A's first items without extending them;
+    B: the other long user; D: one question; E: dates out of order; F: user-based split (each question's
+    profile is the user's other documents); G: two documents, each question's profile is the other one
+    (nothing shared: two users)."""
+    docs = {f"F{i}": f"Film F{i} is a long story about a family." for i in range(1, 5)}
+    docs.update({"G1": "Film G1 is about a dog.", "G2": "Film G2 is about a cat."})
     train = [
         _question("a2", [1, 2, 3]),
         _question("b1", [10, 11]),
         _question("a1", [1, 2]),
-        _question("c1", [1, 2, 5]),          # shares A's first items, but is not a prefix/extension of [1, 2, 3]
+        _question("c1", [1, 2, 5]),
         _question("d1", [20]),
         _question("e1", [30, 31, 32], dates=[5, 1, 9]),
+        {"id": "f1", "input": _input(docs["F1"]),
+         "profile": [_doc_item(docs[d], f"f1-{k}") for k, d in enumerate(["F2", "F3", "F4"])]},
+        {"id": "f2", "input": _input(docs["F2"]),
+         "profile": [_doc_item(docs[d], f"f2-{k}") for k, d in enumerate(["F1", "F3", "F4"])]},
+        {"id": "g1", "input": _input(docs["G1"]), "profile": [_doc_item(docs["G2"], "g1-0")]},
+        {"id": "g2", "input": _input(docs["G2"]), "profile": [_doc_item(docs["G1"], "g2-0")]},
     ]
     dev = [_question("b2", [10, 11, 12, 13, 14]), _question("a3", [1, 2, 3, 4])]
     _write_raw(directory, train, dev)
+    return docs
 
 
 def _by_id(users):
     return {u["user_id"]: u for u in users}
 
 
-def test_grouping_from_train_and_dev_with_a_prefix_conflict(tmp_path, capsys):
-    _hand_made(tmp_path / "raw")
+def _descriptions(user):
+    return [it["description"] for it in user["profile"]]
+
+
+def test_grouping_by_content_from_train_and_dev_and_both_lamp_splits(tmp_path, capsys):
+    docs = _hand_made(tmp_path / "raw")
     summary = prepare_lamp("movie_tagging", tmp_path / "raw", tmp_path / "out", n_test=2, seed=0)
-    assert summary["users"] == 5 and summary["prefix_conflicts"] == 1
-    assert "1 prefix conflicts" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert summary["users"] == 7
+    assert summary["joined_by_history"] == 5                                          # A: 3, B: 1, F: 1
+    assert summary["query_documents_removed"] == 2 and "2 query documents removed" in out       # F1, F2
     layout = Layout(tmp_path / "out", MOVIE)
     users = {}
     for split in SPLITS:
         users.update(_by_id(layout.load_split(split, need_gold=True)))
-    assert set(users) == {"ua1", "ub1", "uc1", "ud1", "ue1"}
+    assert set(users) == {"ua1", "ub1", "ud1", "ue1", "uf1", "ug1", "ug2"}
     a = users["ua1"]
-    assert [it["id"] for it in a["profile"]] == ["1", "2", "3", "4"]            # the longest profile
-    assert [q["id"] for q in a["query"]] == ["a1", "a2", "a3"]                  # train and dev merged
-    assert [q["gold"] for q in a["query"]] == ["gold-a1", "gold-a2", "gold-a3"]
-    assert [it["id"] for it in users["uc1"]["profile"]] == ["1", "2", "5"]
-    assert [it["id"] for it in users["ue1"]["profile"]] == ["31", "30", "32"]   # sorted by date
-    # Test users are the longest (B: 5 items, A: 4), longest first.
-    assert [u["user_id"] for u in layout.load_split("test")] == ["ub1", "ua1"]
+    assert _descriptions(a) == [f"A film numbered {i}." for i in (1, 2, 3, 4, 5)]   # union, longest first
+    assert [it["id"] for it in a["profile"]][:4] == ["a3-0", "a3-1", "a3-2", "a3-3"]
+    assert [q["id"] for q in a["query"]] == ["a1", "a2", "c1", "a3"]                 # train and dev merged
+    assert [q["gold"] for q in a["query"]] == ["gold-a1", "gold-a2", "gold-c1", "gold-a3"]
+    assert _descriptions(users["ue1"]) == ["A film numbered 31.", "A film numbered 30.", "A film numbered 32."]
+    # user-based split: the user's own query documents (with their labels) are not left in its history
+    assert _descriptions(users["uf1"]) == [docs["F3"], docs["F4"]]
+    assert [q["id"] for q in users["uf1"]["query"]] == ["f1", "f2"]
+    assert _descriptions(users["ug1"]) == [docs["G2"]] and _descriptions(users["ug2"]) == [docs["G1"]]
+    # Test users are the longest (A and B: 5 items; ties by user id).
+    assert [u["user_id"] for u in layout.load_split("test")] == ["ua1", "ub1"]
 
 
 def test_group_questions_unit():
-    def q(qid, ids):
-        return Question(qid, "x", "g", tuple({"id": i} for i in ids), "train_questions.json")
-    grouping = group_questions([q("3", [1, 2, 3]), q("1", [1]), q("2", [1, 2]), q("4", [1, 3]), q("5", [])])
-    assert sorted([x.id for x in u] for u in grouping.users) == [["1", "2", "3"], ["4"], ["5"]]
-    assert grouping.prefix_conflicts == 1 and grouping.empty_profiles == 1
+    def q(qid, contents, document=""):
+        return Question(qid, "x", "g", tuple({"id": f"{qid}{k}", "description": f"d{c}", "tag": "t"}
+                                             for k, c in enumerate(contents)), "train_questions.json", document)
+    grouping = group_questions([q("3", [1, 2, 3]), q("1", [1]), q("2", [1, 2]), q("4", [1, 3]), q("5", []),
+                                q("6", [7, 8, 9, 10]), q("7", [9, 11, 12, 13]), q("8", [20], "d21"),
+                                q("9", [21])])
+    # 1-4 overlap by half or more; 6 and 7 share 1 of 4 items: not one user; 8's own document being 9's item
+    # is no evidence (two users can tag one movie)
+    assert [[x.id for x in u] for u in grouping.users] == [["5"], ["1", "2", "4", "3"], ["8"], ["9"], ["6"], ["7"]]
+    assert grouping.joined_by_history == 3 and grouping.empty_profiles == 1
+
+
+def test_an_item_in_too_many_profiles_proves_nothing(monkeypatch):
+    import perpcs.prepare as prepare
+
+    monkeypatch.setattr(prepare, "MAX_POSTINGS", 2)
+    questions = [Question(str(i), "x", "g", ({"id": f"{i}a", "description": "boilerplate", "tag": "t"},),
+                          "train_questions.json") for i in range(3)]
+    grouping = group_questions(questions)
+    assert len(grouping.users) == 3 and grouping.common_items == 1
+
+
+def test_real_lamp_questions_are_grouped_and_their_documents_leave_the_history(tmp_path):
+    """Five real LaMP-2 (news) questions (tests/data/lamp_real, CC BY-NC-SA 4.0, see SOURCES.md there): item ids
+    are renumbered per question, one author's questions hold each other's articles with their categories."""
+    rows = [json.loads(line) for line in (DATA / "lamp_real" / "LaMP_2N" / "lamp2_full.jsonl").read_text()
+            .splitlines() if line.strip()]
+    questions = [{"id": r["id"], "input": r["question"], "profile": r["profile"]} for r in rows]
+    # no golds are published with these questions: any valid category serves
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "dev_questions.json").write_text(json.dumps(questions))
+    (raw / "dev_outputs.json").write_text(json.dumps({"task": "LaMP_2", "golds": [
+        {"id": r["id"], "output": "politics"} for r in rows]}))
+    summary = prepare_lamp("news_categorize", raw, tmp_path / "out", n_test=1, verbose=False)
+    assert summary["users"] == 2
+    task = get_task("news_categorize")
+    layout = Layout(tmp_path / "out", task)
+    users = [u for s in SPLITS for u in layout.load_split(s, need_gold=True)]
+    assert sorted(sorted(q["id"] for q in u["query"]) for u in users) == [["110", "111", "112"], ["113", "114"]]
+    articles = {" ".join(task.parse_query(q["input"])[0].split()) for u in users for q in u["query"]}
+    history = [" ".join(it["text"].split()) for u in users for it in u["profile"]]
+    assert history and not articles & set(history)      # no query's own article is left in any history
+    assert summary["query_documents_removed"] == 5      # each article was in a sibling's profile
 
 
 def test_profile_without_comparable_dates_keeps_given_order(tmp_path):
@@ -92,7 +164,7 @@ def test_profile_without_comparable_dates_keeps_given_order(tmp_path):
     _write_raw(tmp_path / "raw", train)
     prepare_lamp("movie_tagging", tmp_path / "raw", tmp_path / "out", n_test=1, verbose=False)
     test = Layout(tmp_path / "out", MOVIE).load_split("test")
-    assert [it["id"] for it in test[0]["profile"]] == ["3", "1", "2"]
+    assert _descriptions(test[0]) == ["A film numbered 3.", "A film numbered 1.", "A film numbered 2."]
 
 
 def _many_users(directory, n_users):
@@ -130,7 +202,7 @@ def test_golds_file_matches_test_queries(tmp_path):
     golds = layout.load_golds()
     assert golds["task"] == "LaMP_2M"
     expected = [{"id": q["id"], "output": q["gold"]} for u in layout.load_split("test") for q in u["query"]]
-    assert golds["golds"] == expected and len(expected) == 5
+    assert golds["golds"] == expected and len(expected) == 4 + 2      # users A and B
 
 
 def test_rerun_is_byte_identical(tmp_path):
@@ -174,7 +246,8 @@ def test_build_user_does_not_mutate_input():
     items = ({"id": "1", "title": "T", "abstract": "A", "date": 2001}, {"id": "0", "title": "U", "abstract": "B",
                                                                         "date": 2000})
     question = Question("q", "x", "[1]", items, "train_questions.json")
-    user = build_user([question], get_task("citation"))
+    user, removed = build_user([question], get_task("citation"))
+    assert removed == 0
     assert [it["id"] for it in user["profile"]] == ["0", "1"]
     assert all("citation" not in it for it in items) and [it["id"] for it in items] == ["1", "0"]
 
@@ -213,17 +286,28 @@ def test_make_sample_then_prepare_end_to_end(tmp_path, task_name):
     prep = subprocess.run([sys.executable, str(ROOT / "data" / "prepare_lamp.py"), "--task_name", task_name,
                            "--lamp_dir", str(raw), "--out_dir", str(out), "--n_test", "3"],
                           check=True, capture_output=True, text=True, cwd=tmp_path)
-    assert "12 users (0 prefix conflicts" in prep.stdout
+    assert "12 users (" in prep.stdout
     task = get_task(task_name)
     layout = Layout(out, task)
     splits = {s: layout.load_split(s, need_gold=True) for s in SPLITS}
     assert [len(splits[s]) for s in SPLITS] == [5, 3, 3, 1]   # 9 non-test users: 4.5 rounds up
     info = json.loads((raw / "sample_info.json").read_text())
     groups = {f"u{u['question_ids'][0]}": u["question_ids"] for u in info["users"]}
+    raw_questions = {q["id"]: q for split in ("train", "dev")
+                     for q in json.loads((raw / f"{split}_questions.json").read_text())}
+    field = DOCUMENT_FIELD[task_name]
+    removed = 0
     for users in splits.values():
         for user in users:
             assert [q["id"] for q in user["query"]] == groups[user["user_id"]]     # users recovered exactly
-            assert len(user["profile"]) == 6
+            # the whole history (the last question's profile, items renumbered per question) but the
+            # user's own query documents: the template generator sometimes repeats one of them
+            own = {" ".join(task.parse_query(q["input"])[0].split()) for q in user["query"]}
+            full = raw_questions[user["query"][-1]["id"]]["profile"]
+            kept = [it for it in full if " ".join(it[field].split()) not in own]
+            assert [it[field] for it in user["profile"]] == [it[field] for it in kept]
+            removed += len(full) - len(kept)
             for q in user["query"]:
                 task.parse_query(q["input"], q["id"])
     assert len(layout.load_golds()["golds"]) == 3 * 3
+    assert f" {removed} query documents removed" in prep.stdout
