@@ -63,15 +63,41 @@ def _umask() -> int:
     return mask
 
 
-def _user_label(path, index: int, user) -> str:
+def _user_ref(index: int, user) -> str:
     uid = user.get("user_id", "?") if isinstance(user, dict) else "?"
-    return f"{path}: user #{index} (user_id {uid!r})"
+    return f"user #{index} (user_id {uid!r})"
+
+
+def _user_label(path, index: int, user) -> str:
+    return f"{path}: {_user_ref(index, user)}"
+
+
+def _json_type(value) -> str:
+    """The JSON name of a value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _is_text_or_number(value) -> bool:
+    """Strings and numbers format as themselves in a prompt; null, booleans, lists and objects do not."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
 def validate_users(users, path, task: Task, need_gold: bool = False) -> list:
-    """Check a users file's structure; returns the same list (validated, unchanged)."""
+    """Check a users file's structure and field types; returns the same list (validated, unchanged).
+
+    Query ids must be unique within the file (predictions and golds are matched by id).
+    """
     if not isinstance(users, list):
         fail(f"{path}: expected a JSON list of users, got {type(users).__name__}")
+    seen_ids: dict = {}                  # query id (as a string) -> (user index, query index)
     for ui, user in enumerate(users):
         where = _user_label(path, ui, user)
         if not isinstance(user, dict):
@@ -79,8 +105,8 @@ def validate_users(users, path, task: Task, need_gold: bool = False) -> list:
         for key in ("user_id", "profile", "query"):
             if key not in user:
                 fail(f"{where}: missing field '{key}'")
-        if not isinstance(user["user_id"], (str, int)):
-            fail(f"{where}: field 'user_id' must be a string")
+        if not isinstance(user["user_id"], (str, int)) or isinstance(user["user_id"], bool):
+            fail(f"{where}: field 'user_id' must be a string or an integer, got {_json_type(user['user_id'])}")
         if not isinstance(user["profile"], list):
             fail(f"{where}: field 'profile' must be a list of history items")
         if not isinstance(user["query"], list):
@@ -92,12 +118,31 @@ def validate_users(users, path, task: Task, need_gold: bool = False) -> list:
                 if fname not in item or item[fname] is None:
                     fail(f"{where}: profile item #{hi} (id {item.get('id', '?')!r}) is missing field "
                          f"'{fname}' needed by task {task.name}")
+                if not _is_text_or_number(item[fname]):
+                    fail(f"{where}: profile item #{hi} (id {item.get('id', '?')!r}): field '{fname}' must be "
+                         f"a string or a number, got {_json_type(item[fname])}")
         for qi, q in enumerate(user["query"]):
             if not isinstance(q, dict):
                 fail(f"{where}: query #{qi} is not an object")
             for key in ("id", "input") + (("gold",) if need_gold else ()):
                 if key not in q:
                     fail(f"{where}: query #{qi} (id {q.get('id', '?')!r}) is missing field '{key}'")
+            qid = q["id"]
+            if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+                fail(f"{where}: query #{qi}: field 'id' must be a string or an integer, got {_json_type(qid)}")
+            if not isinstance(q["input"], str):
+                fail(f"{where}: query #{qi} (id {qid!r}): field 'input' must be a string, "
+                     f"got {_json_type(q['input'])}")
+            if (need_gold or q.get("gold") is not None) and not _is_text_or_number(q.get("gold")):
+                fail(f"{where}: query #{qi} (id {qid!r}): field 'gold' must be a string or a number, "
+                     f"got {_json_type(q.get('gold'))}")
+            text_id = str(qid)
+            if text_id in seen_ids:
+                pu, pq = seen_ids[text_id]
+                other = "the same user" if pu == ui else _user_ref(pu, users[pu])
+                fail(f"{where}: query #{qi}: id {text_id!r} is also the id of query #{pq} of {other}; "
+                     f"query ids must be unique in a users file")
+            seen_ids[text_id] = (ui, qi)
     return users
 
 
@@ -168,7 +213,7 @@ def golds_from_users(users, task: Task) -> dict:
     golds = []
     for ui, user in enumerate(users):
         for q in user["query"]:
-            if "gold" not in q:
+            if q.get("gold") is None:
                 fail(f"no golds.json and user #{ui} (user_id {user_id(user)!r}) query {q.get('id')!r} "
                      f"has no 'gold' to derive it from")
             golds.append({"id": str(q["id"]), "output": q["gold"]})

@@ -63,7 +63,8 @@ class Task:
             fail(f"task {self.name}: query {query_id}: 'input' must be a string, got {type(text).__name__}")
         if self.name == "citation":
             title = _CITATION_TITLE.search(text)
-            options = _CITATION_OPTIONS.search(text)
+            # options after the title only: a title may itself contain '[1]: "'
+            options = _CITATION_OPTIONS.search(text, title.end()) if title else None
             if not title or not options:
                 fail(f"task citation: query {query_id}: expected 'written the paper with the title \"...\"' "
                      f"and options '[1]: \"...\" [2]: \"...\"' in the input, got: {text[:120]!r}")

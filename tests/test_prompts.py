@@ -103,6 +103,14 @@ def test_query_prompt_sections_in_order():
     assert plain.prompt.startswith("### User Instruction:")
 
 
+def test_citation_options_are_read_after_the_title():
+    """A title that itself holds '[1]: "' must not be taken for the options."""
+    text = ('For an author who has written the paper with the title "On [1]: "x" and [2]: "y" marks", which reference '
+            'is related? Just answer with [1] or [2] without explanation. [1]: "Graph kernels" [2]: "Conv nets"')
+    assert get_task("citation").parse_query(text, "q1") == ('On [1]: "x" and [2]: "y" marks', "Graph kernels",
+                                                             "Conv nets")
+
+
 def test_citation_prompt_uses_title_and_both_options():
     task = get_task("citation")
     query = {"id": "1", "input": RAW_INPUTS["citation"][0], "gold": "[2]"}
