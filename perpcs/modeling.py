@@ -7,10 +7,14 @@ Every model path goes through :func:`resolve_model_dir`, which returns a plain H
 - an HF directory: used as is;
 - a Meta download (``params.json``, ``consolidated.*.pth``, ``tokenizer.model``): converted once into
   ``<dir>/hf_converted`` (or, if that directory is read-only, into the cache) and reused afterwards.
+
+Conversions run under an exclusive lock on ``<target>.lock``, so that the processes torchrun starts on one
+machine convert a checkpoint once, not once each.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .data import _umask
 from .errors import fail
 
 SMOLLM2_NAMES = ("smollm2",)
@@ -122,10 +127,13 @@ def _has_hf_files(path: Path) -> bool:
 
 def _publish_dir(tmp_dir: Path, target: Path) -> Path:
     """Move a finished temp directory into place; if another process got there first, keep theirs."""
-    # mkdtemp makes the directory private (0700); a model cache should be readable like any download.
-    os.chmod(tmp_dir, 0o755)
-    for file in tmp_dir.iterdir():
-        os.chmod(file, 0o644)
+    # mkdtemp makes the directory private (0700); a model cache should be shared as the user's umask says,
+    # like any file the user writes (a group-shared cache needs 0o775, a private one 0o700).
+    umask = _umask()
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    os.chmod(tmp_dir, dir_mode)
+    for entry in tmp_dir.iterdir():
+        os.chmod(entry, dir_mode if entry.is_dir() else file_mode)
     try:
         os.rename(tmp_dir, target)
     except OSError:
@@ -133,6 +141,36 @@ def _publish_dir(tmp_dir: Path, target: Path) -> Path:
         if not _has_hf_files(target):
             raise
     return target
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path):
+    """Hold an exclusive lock on ``<target>.lock`` while converting into ``target``.
+
+    Every torchrun process loads the base model; without the lock each would convert (and write) the same
+    checkpoint at once. The lock file is left in place: deleting it could let a late process lock a new
+    file while another still holds the old one.
+    """
+    lock_file = target.with_name(target.name + ".lock")
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        fail(f"{lock_file}: cannot create the conversion lock ({err}); the directory must be writable")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _refuse_leftover(target: Path) -> None:
+    """Stop before converting into a target that holds something else than a finished conversion (a crash
+    mid-copy, a file put there by hand): the final rename would fail only after the whole conversion."""
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        return  # the rename replaces an empty directory
+    if os.path.lexists(target):
+        held = f"it holds {_listing(target)}" if target.is_dir() else "it is not a directory"
+        fail(f"{target} exists but is not a finished conversion ({held}); delete {target} and run again")
 
 
 # ---------------------------------------------------------------- bundled SmolLM2 (GGUF)
@@ -144,13 +182,17 @@ def smollm2_dir() -> Path:
         return target
     gguf_dir = _smollm2_package_dir()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        _gguf_to_hf(gguf_dir, SMOLLM2_GGUF, tmp_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return _publish_dir(tmp_dir, target)
+    with _conversion_lock(target):
+        if _has_hf_files(target):  # converted by another process while this one waited for the lock
+            return target
+        _refuse_leftover(target)
+        tmp_dir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        try:
+            _gguf_to_hf(gguf_dir, SMOLLM2_GGUF, tmp_dir)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        return _publish_dir(tmp_dir, target)
 
 
 def _smollm2_package_dir() -> Path:
@@ -207,39 +249,49 @@ def _source_stamp(files) -> list:
 def _converted_meta_dir(meta_dir: Path) -> Path:
     params, shards, tokenizer = _meta_files(meta_dir)
     stamp = _source_stamp([params, *shards, tokenizer])
-    target = _conversion_target(meta_dir)
+    target = _conversion_target(meta_dir, stamp)
     if _has_hf_files(target):
         _check_stamp(target, stamp)
         return target
-    tmp_dir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        convert_meta_checkpoint(params, shards, tokenizer, tmp_dir)
-        (tmp_dir / CONVERSION_MARKER).write_text(json.dumps({"sources": stamp}, indent=1) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return _publish_dir(tmp_dir, target)
+    with _conversion_lock(target):
+        if _has_hf_files(target):  # converted by another process while this one waited for the lock
+            _check_stamp(target, stamp)
+            return target
+        _refuse_leftover(target)
+        tmp_dir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        try:
+            convert_meta_checkpoint(params, shards, tokenizer, tmp_dir)
+            (tmp_dir / CONVERSION_MARKER).write_text(json.dumps({"sources": stamp}, indent=1) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        return _publish_dir(tmp_dir, target)
 
 
-def _conversion_target(meta_dir: Path) -> Path:
-    """``<dir>/hf_converted``; a read-only download converts into the cache instead."""
-    if os.access(meta_dir, os.W_OK):
-        return meta_dir / CONVERTED_SUBDIR
+def _conversion_target(meta_dir: Path, stamp: list) -> Path:
+    """``<dir>/hf_converted``; a read-only download converts into the cache instead, unless its
+    ``hf_converted`` already holds a conversion of these files (made once by whoever can write there)."""
+    local = meta_dir / CONVERTED_SUBDIR
+    if os.access(meta_dir, os.W_OK) or (_has_hf_files(local) and _stamp_matches(local, stamp)):
+        return local
     digest = hashlib.sha1(str(meta_dir.resolve()).encode()).hexdigest()[:12]
     target = cache_root() / "meta-converted" / f"{meta_dir.resolve().name}-{digest}"
     target.parent.mkdir(parents=True, exist_ok=True)
     return target
 
 
-def _check_stamp(target: Path, stamp: list) -> None:
-    marker = target / CONVERSION_MARKER
+def _stamp_matches(target: Path, stamp: list) -> bool:
     try:
-        recorded = json.loads(marker.read_text(encoding="utf-8")).get("sources")
+        recorded = json.loads((target / CONVERSION_MARKER).read_text(encoding="utf-8")).get("sources")
     except (OSError, ValueError, AttributeError):
         recorded = None
-    if recorded != stamp:
+    return recorded == stamp
+
+
+def _check_stamp(target: Path, stamp: list) -> None:
+    if not _stamp_matches(target, stamp):
         fail(f"{target} was converted from other files than the Meta checkpoint now beside it "
-             f"(see {marker.name}); delete {target} to convert again")
+             f"(see {CONVERSION_MARKER}); delete {target} to convert again")
 
 
 def llama_intermediate_size(dim: int, multiple_of: int, ffn_dim_multiplier=None) -> int:
@@ -522,7 +574,15 @@ def lora_config(r: int = 8, alpha: int = 8, dropout: float = 0.05,
 def resolve_lora_ckpt(path) -> Path:
     """A PEFT adapter directory, given as the directory or as the seed's ``.../lora_ckpt.pt`` inside it."""
     path = Path(path).expanduser()
-    adapter_dir = path if path.is_dir() else path.parent
+    if path.is_dir():
+        adapter_dir = path
+    elif path.suffix == ".pt":
+        adapter_dir = path.parent
+    else:
+        # Only the .pt spelling falls back to the parent: a typo (adapter/tpyo) must not load the parent.
+        fail(f"LoRA checkpoint {path}: {'not a directory' if path.exists() else 'not found'}; expected a PEFT "
+             f"adapter directory holding {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (or a path .../lora_ckpt.pt "
+             f"whose directory holds them)")
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         fail(f"LoRA checkpoint {path}: expected a PEFT adapter directory holding {ADAPTER_CONFIG} and "
              f"{ADAPTER_WEIGHTS} (or a path .../lora_ckpt.pt whose directory holds them)")
@@ -553,7 +613,11 @@ def _adapter_config(adapter_dir) -> dict:
 
 
 def targeted_module_names(model, target_modules) -> list:
-    """Names (as in the plain transformers model) of the Linear modules a LoRA config targets."""
+    """Names (as in the plain transformers model) of the Linear modules a LoRA config targets.
+
+    As PEFT: a string is a regex on the full name; a list entry matches the full name or a dotted suffix
+    of it ("q_proj" and "self_attn.q_proj" both match "model.layers.0.self_attn.q_proj").
+    """
     import re
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -562,7 +626,7 @@ def targeted_module_names(model, target_modules) -> list:
         if isinstance(target_modules, str):
             hit = re.fullmatch(target_modules, name) is not None
         else:
-            hit = name.rsplit(".", 1)[-1] in set(target_modules)
+            hit = any(name == t or name.endswith("." + t) for t in target_modules)
         if hit and hasattr(module, "in_features"):
             names.append(name)
     return names
@@ -588,10 +652,12 @@ def verify_adapter(adapter_dir, model_or_peft_model) -> None:
 def _check_adapter_fits(adapter_dir, model) -> None:
     from safetensors import safe_open
 
+    # adapter_tensor_names first: it turns an empty or corrupt file into an error naming the file.
+    keys = adapter_tensor_names(adapter_dir)
     modules = dict(model.named_modules())
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
+        for key in keys:
             for which, dim, feature in (("lora_A", 1, "in_features"), ("lora_B", 0, "out_features")):
                 suffix = f".{which}.weight"
                 if not key.endswith(suffix):
@@ -619,5 +685,7 @@ def merge_lora_into_base(model, adapter_dir):
     if base_name and model_name and Path(str(base_name)).name != Path(str(model_name)).name:
         warnings.warn(f"{adapter_dir} was trained on {base_name}, merging into {model_name} "
                       "(shapes fit; paths may just differ between machines)", stacklevel=2)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    # torch_device: by default PEFT puts the adapter on the current CUDA device, not necessarily the model's.
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False,
+                                           torch_device=str(next(model.parameters()).device))
     return peft_model.merge_and_unload()

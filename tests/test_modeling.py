@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -221,6 +226,116 @@ def test_read_only_meta_download_converts_into_cache(tmp_path, tiny_sp_dir, sp_m
     assert torch.allclose(logits_of(hf_dir), logits_of(tiny_sp_dir), atol=1e-5)
 
 
+def test_read_only_meta_download_uses_its_existing_conversion(tmp_path, tiny_sp_dir, sp_model, monkeypatch):
+    """A download converted once (by an admin) and then made read-only is used as is, not copied to the cache."""
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    converted = resolve_model_dir(str(meta_dir))
+    assert converted == meta_dir / "hf_converted"
+    monkeypatch.setenv("PERPCS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(modeling.os, "access", lambda path, mode: False)
+    real_convert = modeling.convert_meta_checkpoint
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(modeling, "convert_meta_checkpoint", no_conversion)
+    assert resolve_model_dir(str(meta_dir)) == converted
+    assert not (tmp_path / "cache" / "meta-converted").exists()
+    # A stale conversion there cannot be deleted by this user: convert into the cache instead.
+    (meta_dir / "params.json").write_text((meta_dir / "params.json").read_text() + "\n")
+    monkeypatch.setattr(modeling, "convert_meta_checkpoint", real_convert)
+    assert resolve_model_dir(str(meta_dir)).parent == tmp_path / "cache" / "meta-converted"
+
+
+@pytest.mark.parametrize("leftover", ["bin_only", "half_copied", "a_file"])
+def test_leftover_meta_target_fails_before_converting(tmp_path, tiny_sp_dir, sp_model, monkeypatch, leftover):
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    target = meta_dir / "hf_converted"
+    if leftover == "a_file":
+        target.write_text("x")
+    else:
+        target.mkdir()
+        (target / ("pytorch_model.bin" if leftover == "bin_only" else "config.json")).write_bytes(b"x")
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted into a leftover directory")
+
+    monkeypatch.setattr(modeling, "convert_meta_checkpoint", no_conversion)
+    with pytest.raises(PerpcsError, match=re.escape(f"{target} exists but is not a finished conversion")) as err:
+        resolve_model_dir(str(meta_dir))
+    assert f"delete {target}" in str(err.value)
+
+
+def test_empty_meta_target_is_converted_into(tmp_path, tiny_sp_dir, sp_model):
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    (meta_dir / "hf_converted").mkdir()
+    assert modeling._has_hf_files(resolve_model_dir(str(meta_dir)))
+
+
+def test_concurrent_meta_conversions_convert_once(tmp_path, tiny_sp_dir, sp_model, monkeypatch):
+    """torchrun ranks all load the base model: one converts, the others wait for it and reuse its result."""
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    real_convert, calls = modeling.convert_meta_checkpoint, []
+
+    def slow_convert(*args, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # leaves the other thread time to find no conversion and start its own
+        real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "convert_meta_checkpoint", slow_convert)
+    start = threading.Barrier(2)
+
+    def rank(_):
+        start.wait()
+        return resolve_model_dir(str(meta_dir))
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(rank, range(2)))
+    assert results == [meta_dir / "hf_converted"] * 2
+    assert len(calls) == 1
+    assert not [p for p in meta_dir.iterdir() if p.name.startswith(".hf_converted")]  # no temp left
+
+
+def fake_smollm2(tmp_path, monkeypatch, calls: list) -> Path:
+    """Point SmolLM2 at a tmp cache, with a fast stand-in for the GGUF conversion."""
+    monkeypatch.setenv("PERPCS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(modeling, "_smollm2_package_dir", lambda: tmp_path)
+
+    def fake_gguf_to_hf(gguf_dir, gguf_file, out_dir):
+        calls.append(out_dir)
+        time.sleep(0.5)
+        (out_dir / "config.json").write_text('{"model_type": "llama"}')
+        (out_dir / "model.safetensors").write_bytes(b"x")
+
+    monkeypatch.setattr(modeling, "_gguf_to_hf", fake_gguf_to_hf)
+    return tmp_path / "cache" / "smollm2-135m-instruct"
+
+
+def test_concurrent_smollm2_conversions_convert_once(tmp_path, monkeypatch):
+    calls = []
+    target = fake_smollm2(tmp_path, monkeypatch, calls)
+    start = threading.Barrier(2)
+
+    def rank(_):
+        start.wait()
+        return modeling.smollm2_dir()
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(rank, range(2))) == [target] * 2
+    assert len(calls) == 1
+
+
+def test_leftover_smollm2_cache_fails_before_converting(tmp_path, monkeypatch):
+    calls = []
+    target = fake_smollm2(tmp_path, monkeypatch, calls)
+    target.mkdir(parents=True)
+    (target / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(PerpcsError, match=re.escape(f"{target} exists but is not a finished conversion")) as err:
+        modeling.smollm2_dir()
+    assert f"delete {target}" in str(err.value)
+    assert not calls
+
+
 def test_meta_download_without_tokenizer_fails(tmp_path, tiny_sp_dir, sp_model):
     meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
     (meta_dir / "tokenizer.model").unlink()
@@ -351,6 +466,21 @@ def test_publish_keeps_the_first_finished_copy(tmp_path):
     assert (target / "config.json").read_text() == "first"
 
 
+@pytest.mark.parametrize("umask", [0o002, 0o027], ids=["umask002", "umask027"])
+def test_publish_follows_the_umask(tmp_path, umask):
+    tmp = tmp_path / ".tmp"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "config.json").write_text("{}")
+    old = os.umask(umask)
+    try:
+        target = modeling._publish_dir(tmp, tmp_path / "model")
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (target / "sub").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (target / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 # ---------------------------------------------------------------- LoRA adapters
 
 def random_adapter(base_dir, adapter_dir) -> torch.Tensor:
@@ -402,6 +532,34 @@ def test_merge_refuses_an_adapter_of_another_model(tmp_path, tiny_model_dir):
         merge_lora_into_base(model, tmp_path / "adapter")
 
 
+@pytest.mark.parametrize("content", [b"", b"x" * 4, b"\xff" * 64], ids=["empty", "short", "garbage"])
+def test_merge_names_a_corrupt_adapter_file(tmp_path, tiny_model_dir, content):
+    adapter = tmp_path / "adapter"
+    random_adapter(tiny_model_dir, adapter)
+    (adapter / "adapter_model.safetensors").write_bytes(content)
+    model, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
+    with pytest.raises(PerpcsError, match=re.escape(str(adapter / "adapter_model.safetensors"))):
+        merge_lora_into_base(model, adapter)
+
+
+def test_merge_loads_the_adapter_on_the_model_device(tmp_path, tiny_model_dir, monkeypatch):
+    """On several GPUs PEFT's default device is the current one, not the model's: the device is passed."""
+    from peft import PeftModel
+
+    random_adapter(tiny_model_dir, tmp_path / "adapter")
+    model, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
+    real_from_pretrained, seen = PeftModel.from_pretrained, []
+
+    def from_pretrained(*args, **kwargs):
+        seen.append(kwargs.get("torch_device"))
+        return real_from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "from_pretrained", from_pretrained)
+    merged = merge_lora_into_base(model, tmp_path / "adapter")
+    assert seen == ["cpu"]
+    assert {p.device.type for p in merged.parameters()} == {"cpu"}
+
+
 def test_resolve_lora_ckpt(tmp_path, tiny_model_dir):
     adapter = tmp_path / "output" / "movie_tagging" / "task-base_LLM"
     random_adapter(tiny_model_dir, adapter)
@@ -409,6 +567,10 @@ def test_resolve_lora_ckpt(tmp_path, tiny_model_dir):
     assert resolve_lora_ckpt(str(adapter / "lora_ckpt.pt")) == adapter
     with pytest.raises(PerpcsError, match="adapter_config.json"):
         resolve_lora_ckpt(tmp_path / "nowhere" / "lora_ckpt.pt")
+    # Only the .pt spelling falls back to the parent: a typo must not silently load the parent adapter.
+    for wrong in (adapter / "typo", adapter / "adapter_config.json"):
+        with pytest.raises(PerpcsError, match=re.escape(f"LoRA checkpoint {wrong}: not")):
+            resolve_lora_ckpt(wrong)
     (adapter / "adapter_model.safetensors").unlink()
     with pytest.raises(PerpcsError, match="adapter_model.safetensors is missing"):
         resolve_lora_ckpt(adapter)
@@ -431,6 +593,17 @@ def test_verify_adapter_catches_a_missing_module(tmp_path, tiny_model_dir):
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(PerpcsError, match="missing or empty"):
         verify_adapter(adapter, model)
+
+
+def test_targeted_module_names_accepts_dotted_suffixes(tiny_model_dir):
+    """As PEFT: "self_attn.q_proj" is a valid target, and the bare last component still matches."""
+    model, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
+    expected = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert modeling.targeted_module_names(model, ["self_attn.q_proj"]) == expected
+    assert modeling.targeted_module_names(model, ["q_proj"]) == expected
+    assert modeling.targeted_module_names(model, ["model.layers.1.self_attn.q_proj"]) == expected[1:]
+    assert modeling.targeted_module_names(model, ["attn.q_proj"]) == []  # whole components only
+    assert modeling.targeted_module_names(model, r".*\.1\.self_attn\.q_proj") == expected[1:]
 
 
 # ---------------------------------------------------------------- the bundled SmolLM2
