@@ -26,12 +26,16 @@ def publish_dir(staging: Path, target: Path) -> None:
     """Publish a finished staging dir as ``target``.
 
     A new target is one rename. An existing target (e.g. the task LoRA dir, which also holds predictions and
-    logs) keeps its other files; the staged files replace theirs one by one, adapter_config.json last, since
-    a directory counts as a complete adapter only once both the weights and the config are there.
+    logs) keeps its other files; the staged files replace theirs one by one. A directory counts as a complete
+    adapter only while both the weights and the config are there, so the old config goes first and the new
+    one comes last: a failure in between leaves an incomplete adapter (redone by the next run), never new
+    weights under the old config.
     """
     if not target.exists():
         staging.rename(target)
         return
+    if (staging / "adapter_config.json").exists():
+        (target / "adapter_config.json").unlink(missing_ok=True)
     for f in sorted(staging.iterdir(), key=lambda p: p.name == "adapter_config.json"):
         os.replace(f, target / f.name)
     staging.rmdir()
@@ -47,12 +51,16 @@ def write_dir_atomic(target, write) -> Path:
         staging = _staging_dir(target)
     except OSError as err:
         fail(f"cannot write into {target.parent}: {err.strerror or err}")
+    existed = target.exists()
     try:
         write(staging)
         publish_dir(staging, target)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
-        fail(f"could not save {target}: {err.strerror or err}; earlier outputs are intact")
+        half_replaced = existed and (target / "adapter_model.safetensors").exists() and not is_complete_adapter(target)
+        kept = (f"the adapter in {target} is incomplete now and will be redone by the next run" if half_replaced
+                else "earlier outputs are intact")
+        fail(f"could not save {target}: {err.strerror or err}; {kept}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -101,8 +101,8 @@ def train_sharer_loras(args) -> Path:
     examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.candidate_users)
                 for i, (uid, u) in enumerate(sharers)}
     num_shards, shard_id = shard_of(args)
+    base_cfg = train_config(args)   # checks the flags before the model load
     model, tokenizer, device = load_merged_base(args)
-    base_cfg = train_config(args)
 
     def work(uid, user):
         seed = user_seed(args.seed, uid)
@@ -136,8 +136,8 @@ def train_sharer_gates(args) -> Path:
     examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.candidate_users, args.recent_k)
                 for i, (uid, u) in enumerate(sharers)}
     num_shards, shard_id = shard_of(args)
+    base_cfg = train_config(args)   # checks the flags before the model load
     model, tokenizer, device = load_merged_base(args)
-    base_cfg = train_config(args)
 
     def work(uid, user):
         seed = user_seed(args.seed, uid)
@@ -197,8 +197,8 @@ def train_oppu(args) -> Path:
     examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users)
                 for i, (uid, u) in enumerate(users)}
     num_shards, shard_id = shard_of(args)
+    base_cfg = train_config(args)   # checks the flags before the model load
     model, tokenizer, device = load_merged_base(args)
-    base_cfg = train_config(args)
 
     def work(uid, user):
         seed = user_seed(args.seed, uid)

@@ -59,6 +59,7 @@ def run(args) -> Path:
     profiles = layout.load_profiles()
     base_users = None if args.infer else layout.load_split("base", need_gold=True, check=True)
 
+    cfg = None if args.infer else train_config(args)   # checks the flags before the model load
     rank, world = init_data_parallel(args.device)
     model, tokenizer, device = load_base_model(args.llama_model_path, args.tokenizer_path, args.device,
                                                cpu_bf16=args.cpu_bf16)
@@ -68,7 +69,6 @@ def run(args) -> Path:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     else:
         examples = task_lora_examples(task, base_users, profiles, layout.profiles)
-        cfg = train_config(args)
         seed_all(args.seed)   # the LoRA's A init
         model = get_peft_model(model, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
                                                   args.target_modules))

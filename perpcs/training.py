@@ -40,6 +40,18 @@ class TrainConfig:
     cpu_bf16: bool = False
     group_by_length: bool = True   # batches of similar lengths: far less padding, same examples per epoch
 
+    def __post_init__(self):
+        """Bad settings fail here, before a model is loaded (zero steps would save an untrained adapter)."""
+        for flag, value in (("batch_size", self.batch_size), ("accum_iter", self.accum_iter),
+                            ("epochs", self.epochs), ("max_seq_len", self.max_seq_len)):
+            if value < 1:
+                fail(f"--{flag} must be at least 1, got {value}")
+        if self.max_step is not None and self.max_step < 1:
+            fail(f"--max_step must be at least 1, got {self.max_step}")
+        if not self.lr >= 0 or self.weight_decay < 0 or not self.clip > 0:
+            fail(f"--lr and --weight_decay must be at least 0 and --clip positive, got lr {self.lr}, "
+                 f"weight_decay {self.weight_decay}, clip {self.clip}")
+
 
 def seed_all(seed: int) -> None:
     random.seed(seed)
@@ -232,7 +244,14 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
         lr = lr_at(state["step"], total_steps, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        if state["micro"] < cfg.accum_iter:   # a short window at the epoch's end: still a mean, not a part
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(cfg.accum_iter / state["micro"])
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        if not torch.isfinite(norm):   # a finite loss can still overflow in the backward (bf16)
+            fail(f"{desc}: non-finite gradient norm ({float(norm)}) at step {state['step'] + 1}; nothing was "
+                 f"saved (try a lower --lr)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1

@@ -220,3 +220,91 @@ def test_load_adapter_weights_restores_a_saved_adapter(tiny, tmp_path):
             p.data.zero_()
     load_adapter_weights(peft_model, out)
     assert all(torch.equal(peft_model.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_a_short_accumulation_window_is_a_mean_not_a_part(tiny, monkeypatch):
+    """Three examples with equal answers, batch 1 x accum_iter 4 (one short window of 3) must reach the optimizer
+    with the gradient of one batch of 3: the window's mean, not 3/4 of it."""
+    from peft import get_peft_model
+    model, tok, device = tiny
+    examples = [Example(f"Review: the {w} blender Score:", " 5") for w in ("red", "blue", "green")]
+    real_clip = torch.nn.utils.clip_grad_norm_
+    seen = []
+
+    def record(params, *args, **kwargs):
+        seen.append([p.grad.detach().clone() for p in params])
+        return real_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    for batch_size, accum in ((3, 1), (1, 4)):
+        torch.manual_seed(0)                             # the same LoRA init both times
+        peft_model = get_peft_model(model, lora_config(dropout=0.0))
+        with torch.no_grad():                            # B = 0 would give A no gradient
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.1)
+        cfg = TrainConfig(lr=1e-2, batch_size=batch_size, accum_iter=accum, epochs=1, group_by_length=False)
+        assert train(peft_model, tok, examples, cfg, device, show_progress=False)["steps"] == 1
+        peft_model.unload()
+    one_batch, window = seen
+    assert any(g.abs().max() > 0 for g in one_batch)
+    for a, b in zip(window, one_batch):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_and_saves_nothing(tiny):
+    """An overflow in the backward (finite loss, inf gradient) would turn the clipped step into NaN weights."""
+    from peft import get_peft_model
+    model, tok, device = tiny
+    peft_model = get_peft_model(model, lora_config())
+    try:
+        name, param = next((n, p) for n, p in peft_model.named_parameters() if "lora_B" in n)
+        param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        with pytest.raises(PerpcsError, match=r"user u9.*non-finite gradient.*step 1"):
+            train(peft_model, tok, LEARNABLE, TrainConfig(epochs=1, batch_size=2), device, desc="user u9",
+                  show_progress=False)
+        assert torch.isfinite(param).all()               # the optimizer never stepped
+    finally:
+        peft_model.unload()
+
+
+@pytest.mark.parametrize("flag,value", [("batch_size", 0), ("accum_iter", 0), ("epochs", 0), ("max_step", 0),
+                                        ("max_seq_len", 0), ("lr", -1.0), ("clip", -1.0), ("weight_decay", -0.1)])
+def test_bad_training_settings_fail_before_anything_runs(flag, value):
+    with pytest.raises(PerpcsError, match=f"--{flag}"):
+        TrainConfig(**{flag: value})
+
+
+def test_republishing_an_adapter_never_pairs_new_weights_with_the_old_config(tiny, tmp_path, monkeypatch):
+    """Overwriting an existing adapter dir (stage 1's dir, --overwrite) that fails half-way leaves no adapter
+    that counts as complete, and says so; the dir's other files stay."""
+    import errno
+    import os
+
+    from peft import get_peft_model
+
+    from perpcs import adapters
+    model, tok, device = tiny
+    target = tmp_path / "task"
+    peft_model = get_peft_model(model, lora_config(r=8))
+    save_peft_adapter(peft_model, target)
+    peft_model.unload()
+    (target / "train_log.jsonl").write_text("{}\n")
+    real_replace = os.replace
+
+    def no_space_for_the_config(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == "adapter_config.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst, *args, **kwargs)
+
+    bigger = get_peft_model(model, lora_config(r=16))
+    monkeypatch.setattr(adapters.os, "replace", no_space_for_the_config)
+    try:
+        with pytest.raises(PerpcsError, match="incomplete now"):
+            save_peft_adapter(bigger, target)
+    finally:
+        monkeypatch.undo()
+        bigger.unload()
+    assert not is_complete_adapter(target)            # redone by the next run, not loaded as r=8 + r=16 weights
+    assert (target / "train_log.jsonl").read_text() == "{}\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no staging dir left behind
