@@ -27,6 +27,23 @@ def recipe_path(root, uid: str) -> Path:
     return Path(root) / "recipes" / f"user_{uid}.json"
 
 
+def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, overwrite: bool) -> None:
+    """A rerun resumes finished users only if they were assembled with the same settings: otherwise a sweep
+    (say --topk 1 after --topk 3) into the same output dir would report the old recipes as the new run's."""
+    if overwrite:
+        return
+    wanted = vars(settings)
+    for uid in uids:
+        path = recipe_path(out_root, uid)
+        if path.is_file():
+            had = read_json(path, "recipe").get("settings", {})
+            changed = {k: (had.get(k), v) for k, v in wanted.items() if had.get(k) != v}
+            if changed:
+                diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+                fail(f"{path} was assembled with other settings ({diff}); pass another --output_dir, or "
+                     f"--overwrite to redo every user")
+
+
 def compose(args) -> Path:
     task = get_task(args.task_name)
     layout = Layout(args.data_dir, task)
@@ -45,6 +62,7 @@ def compose(args) -> Path:
     examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users, settings.recent_k)
                 for i, (uid, u) in enumerate(users)}
     num_shards, shard_id = shard_of(args)
+    check_existing_recipes(out_root, [uid for uid, _ in users], settings, args.overwrite)
 
     model, tokenizer, device = load_merged_base(args)
     pool.to(device)   # read and checked before the model load; it lives beside the model

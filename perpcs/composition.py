@@ -58,6 +58,12 @@ class ComposeSettings:
                  + (f", {usable} with --share_ratio {self.share_ratio})" if self.share_ratio < 1 else ")"))
         if self.sample and self.sample_topk < self.topk:
             fail(f"--sample_topk {self.sample_topk} must be at least --topk {self.topk}")
+        for flag, value in (("epochs", self.epochs), ("batch_size", self.batch_size), ("recent_k", self.recent_k)):
+            if value < 1:   # epochs 0 would assemble an all-zero LoRA and report it as Per-Pcs
+                fail(f"--{flag} must be at least 1, got {value}")
+        if self.sample and not (self.sample_temperature > 0 and 0 < self.sample_top_p <= 1):
+            fail(f"--sample_temperature must be positive and --sample_top_p in (0, 1], got "
+                 f"{self.sample_temperature} and {self.sample_top_p}")
 
 
 class PiecePool:
@@ -71,6 +77,10 @@ class PiecePool:
         self.anchor_dir = Path(anchor_dir)
         configs = [self._read_config(uid) for uid in self.sharer_ids]
         self.config = configs[0]
+        for uid, cfg in zip(self.sharer_ids, configs):
+            if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):   # one scaling serves every piece here
+                fail(f"sharer {uid!r} ({self._adapter_dir(uid)}): adapters with rank_pattern / alpha_pattern "
+                     f"are not supported (every piece must share r and lora_alpha)")
         for uid, cfg in zip(self.sharer_ids[1:], configs[1:]):
             for key in ("r", "lora_alpha", "target_modules", "base_model_name_or_path", "use_rslora"):
                 a, b = _norm(self.config.get(key)), _norm(cfg.get(key))
@@ -195,7 +205,7 @@ class Composer:
         self.pool, self.settings = pool, settings
         self.mode = "off"                 # off | assemble | fixed
         self.score_mask = None            # (batch, T) positions whose next token is an answer token
-        self._positions = None            # (rows, cols, per-row counts) of score_mask, computed once a batch
+        self._positions = None            # (rows, cols, weight of each position) of score_mask, once a batch
         self.weight_sum: dict = {}
         self.fixed: dict = {}
         self.allowed: dict = {}
@@ -217,10 +227,14 @@ class Composer:
         self.mode = "assemble"
 
     def set_batch(self, mask: torch.Tensor) -> None:
-        """The answer-predicting positions of the next forward, shared by every piece of that forward."""
+        """The answer-predicting positions of the next forward, shared by every piece of that forward.
+
+        The batch mean of per-example means is one weighted sum over the positions, weight 1 / (examples x
+        the example's positions): a matrix product, deterministic on GPUs (index_add_ is not)."""
         self.score_mask = mask
         rows, cols = mask.nonzero(as_tuple=True)
-        self._positions = (rows, cols, mask.sum(dim=1, keepdim=True).clamp(min=1).float())
+        counts = mask.sum(dim=1).clamp(min=1).float()
+        self._positions = (rows, cols, 1.0 / (counts[rows] * mask.shape[0]))
 
     def final_weights(self) -> dict:
         return {p: (w / max(self.n_batches, 1)).cpu() for p, w in self.weight_sum.items()}
@@ -242,13 +256,10 @@ class Composer:
     def scores(self, piece: str, x: torch.Tensor) -> torch.Tensor:
         """(S,) score of every sharer: batch mean of the per-example mean over answer-predicting positions
         of LayerNorm(x_t) . LayerNorm(g_s) / sqrt(d), in fp32."""
-        rows, cols, counts = self._positions
+        rows, cols, weights = self._positions
         d = x.shape[-1]
         h = F.layer_norm(x[rows, cols].float(), (d,), eps=1e-5)                   # (N, d)
-        per_example = torch.zeros(counts.shape[0], d, dtype=torch.float32, device=x.device)
-        per_example.index_add_(0, rows, h)
-        per_example /= counts
-        return (per_example.mean(dim=0) @ self.pool.G[piece].T) / math.sqrt(d)
+        return ((weights @ h) @ self.pool.G[piece].T) / math.sqrt(d)
 
     def choose(self, piece: str, scores: torch.Tensor) -> torch.Tensor:
         """Indices of the chosen sharers within the piece's pool; ties go to the lower sharer index."""

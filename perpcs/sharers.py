@@ -128,6 +128,8 @@ def train_sharer_gates(args) -> Path:
     dirs = default_dirs(task.name)
     anchor_dir = resolve_anchor_dir(args.anchor_path or dirs["anchor_peft"])
     out_root = Path(args.output_dir or dirs["anchor_gate"])
+    if args.recent_k < 1:
+        fail(f"--recent_k must be at least 1, got {args.recent_k}")
     sharers = load_sharers(args.anchor_idx_path or dirs["anchor_idx"], layout.candidate_users, task)
     for uid, _ in sharers:
         if not is_complete_adapter(user_dir(anchor_dir, uid)):

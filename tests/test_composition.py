@@ -64,7 +64,7 @@ def reference_assembly(model, pool_dir, batches, tokenized, pad_id, topk, share_
     gates = {uid: load_file(str(pool_dir / "gate" / f"user_{uid}" / GATES_FILE)) for uid in SHARER_IDS}
     pieces = list(gates[SHARER_IDS[0]])
     modules = dict(model.named_modules())
-    rnd = random.Random(seed)                        # pools: once per user and piece, in model order
+    rnd = random.Random(seed)     # pools: once per user and piece, in the pool's piece order (sorted file keys)
     size = int(share_ratio * N_SHARERS)
     pools = {p: (sorted(rnd.sample(range(N_SHARERS), size)) if size < N_SHARERS else list(range(N_SHARERS)))
              for p in pieces}
@@ -210,3 +210,39 @@ def test_pool_errors_before_any_work(sharer_pool, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(PerpcsError, match="sharer 's4'.*r = 16"):
         PiecePool(SHARER_IDS, tmp_path / "p" / "anchor")
+
+
+@pytest.mark.parametrize("settings,flag", [
+    (dict(epochs=0), "--epochs"), (dict(batch_size=0), "--batch_size"), (dict(recent_k=0), "--recent_k"),
+    (dict(sample=True, sample_temperature=0.0), "--sample_temperature"),
+    (dict(sample=True, sample_top_p=1.5), "--sample_top_p")])
+def test_settings_that_assemble_nothing_or_crash_are_refused(settings, flag):
+    """epochs 0 assembled an all-zero LoRA silently; the others crashed deep inside torch."""
+    with pytest.raises(PerpcsError, match=flag):
+        ComposeSettings(topk=1, **settings).check(N_SHARERS)
+
+
+def test_sharers_with_per_module_ranks_are_refused(sharer_pool, tmp_path):
+    import shutil
+    shutil.copytree(sharer_pool, tmp_path / "p")
+    cfg_path = tmp_path / "p" / "anchor" / "user_s1" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["alpha_pattern"] = {"q_proj": 32}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(PerpcsError, match="sharer 's1'.*alpha_pattern"):
+        PiecePool(SHARER_IDS, tmp_path / "p" / "anchor")
+
+
+def test_scores_are_the_batch_mean_of_per_example_means(sharer_pool):
+    """Two examples with 1 and 3 scored positions: each example counts once, whatever its positions."""
+    pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
+    composer = Composer(pool, ComposeSettings(topk=1))
+    piece = pool.pieces[0]
+    d = pool.A[piece].shape[2]
+    x = torch.randn(2, 4, d)
+    mask = torch.tensor([[False, True, False, False], [True, True, True, False]])
+    composer.set_batch(mask)
+    ln = torch.nn.functional.layer_norm
+    per_example = [ln(x[0, 1], (d,), eps=1e-5), ln(x[1, :3], (d,), eps=1e-5).mean(dim=0)]
+    expected = (torch.stack(per_example).mean(dim=0) @ pool.G[piece].T) / d ** 0.5
+    torch.testing.assert_close(composer.scores(piece, x), expected)

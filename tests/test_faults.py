@@ -497,3 +497,13 @@ def test_a_stage_runs_with_networking_disabled(pipe, tmp_path, capsys, monkeypat
     run(lora_composition.main, pipe.compose_args(out_dir), capsys)
     assert attempts == []
     assert file_digests(out_dir / "predictions") == file_digests(pipe.composition / "predictions")
+
+
+def test_rerun_with_other_composition_settings_refuses_to_reuse_old_recipes(pipe, tmp_path, capsys):
+    """A sweep into one output dir (--topk 2, then --topk 1) must not report the --topk 2 recipes as --topk 1."""
+    out_dir = tmp_path / "composition"
+    shutil.copytree(pipe.composition, out_dir)
+    before = adapter_digests(out_dir)
+    err = cli_error(lora_composition.main, pipe.compose_args(out_dir) + ["--topk", "1"], capsys)
+    assert "topk 2 -> 1" in err and "--overwrite" in err and "recipes" in err
+    assert adapter_digests(out_dir) == before                                 # nothing touched
