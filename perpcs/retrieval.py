@@ -53,7 +53,10 @@ class PrefixBM25:
         return (tf * (self.k1 + 1) / (tf + norm) * (idf[ids] * counts)).sum(axis=1)
 
     def top_k(self, query: str, k: int, n: int | None = None) -> list:
-        """Indices of the k best of the first n documents, best first; ties go to the earlier document."""
+        """Indices of the k best of the first n documents, best first; ties go to the earlier document.
+
+        The authors' rank_bm25 get_top_n reverses numpy's default argsort, whose order among equal scores is
+        unspecified (not even stable for small arrays on AVX-512 machines): no tie rule reproduces it."""
         scores = self.scores(query, n)
         order = np.argsort(-scores, kind="stable")
         return order[:k].tolist()
