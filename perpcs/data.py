@@ -93,11 +93,13 @@ def _is_text_or_number(value) -> bool:
 def validate_users(users, path, task: Task, need_gold: bool = False) -> list:
     """Check a users file's structure and field types; returns the same list (validated, unchanged).
 
-    Query ids must be unique within the file (predictions and golds are matched by id).
+    Query ids must be unique within the file (predictions and golds are matched by id), and so must user ids
+    (per-user outputs are named user_<id>).
     """
     if not isinstance(users, list):
         fail(f"{path}: expected a JSON list of users, got {type(users).__name__}")
     seen_ids: dict = {}                  # query id (as a string) -> (user index, query index)
+    seen_users: dict = {}                # user id (as a string) -> user index
     for ui, user in enumerate(users):
         where = _user_label(path, ui, user)
         if not isinstance(user, dict):
@@ -107,6 +109,10 @@ def validate_users(users, path, task: Task, need_gold: bool = False) -> list:
                 fail(f"{where}: missing field '{key}'")
         if not isinstance(user["user_id"], (str, int)) or isinstance(user["user_id"], bool):
             fail(f"{where}: field 'user_id' must be a string or an integer, got {_json_type(user['user_id'])}")
+        if str(user["user_id"]) in seen_users:
+            fail(f"{where}: user_id {str(user['user_id'])!r} is also the id of user #{seen_users[str(user['user_id'])]}"
+                 f"; user ids must be unique in a users file")
+        seen_users[str(user["user_id"])] = ui
         if not isinstance(user["profile"], list):
             fail(f"{where}: field 'profile' must be a list of history items")
         if not isinstance(user["query"], list):

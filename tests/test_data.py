@@ -105,6 +105,14 @@ def test_duplicate_query_ids_name_both_users(tmp_path):
         load_users(path, TASK)
 
 
+def test_duplicate_user_ids_are_refused(tmp_path):
+    users = authors_style_users()
+    users[1]["user_id"] = "17"                           # user #0 has 17: per-user outputs would collide
+    with pytest.raises(PerpcsError, match=r"t.json: user #1 \(user_id '17'\): user_id '17' is also the id of "
+                                          r"user #0"):
+        validate_users(users, tmp_path / "t.json", TASK)
+
+
 def test_duplicate_query_ids_within_one_user(tmp_path):
     users = authors_style_users()
     users[1]["query"].append({"id": "32", "input": QUERY, "gold": "3"})
