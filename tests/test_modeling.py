@@ -216,6 +216,26 @@ def test_changed_meta_checkpoint_is_not_silently_reused(tmp_path, tiny_sp_dir, s
         resolve_model_dir(str(meta_dir))
 
 
+def test_moved_meta_download_keeps_its_conversion_and_a_same_size_swap_is_caught(tmp_path, tiny_sp_dir, sp_model,
+                                                                                  monkeypatch):
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    resolve_model_dir(str(meta_dir))
+    (tmp_path / "models").mkdir()
+    moved = meta_dir.rename(tmp_path / "models" / "Llama-t")      # with its hf_converted inside
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(modeling, "convert_meta_checkpoint", no_second_conversion)
+    assert resolve_model_dir(str(moved)) == moved / "hf_converted"
+    shard = moved / "consolidated.00.pth"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF                                       # another checkpoint of the very same size
+    shard.write_bytes(bytes(data))
+    with pytest.raises(PerpcsError, match="converted from other files"):
+        resolve_model_dir(str(moved))
+
+
 def test_read_only_meta_download_converts_into_cache(tmp_path, tiny_sp_dir, sp_model, monkeypatch):
     meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
     monkeypatch.setenv("PERPCS_CACHE", str(tmp_path / "cache"))
