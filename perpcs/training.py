@@ -236,11 +236,15 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
 
     def optimizer_step() -> None:
         """Average the accumulated gradients over ranks (data parallel), clip, step, log."""
-        if world > 1:
+        if world > 1:   # one collective per dtype instead of one per tensor (256 LoRA tensors on a 7B)
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                _all_reduce(p.grad)
+            for dtype in sorted({p.grad.dtype for p in params}, key=str):
+                same = [p for p in params if p.grad.dtype == dtype]
+                flat = _all_reduce(torch.cat([p.grad.reshape(-1) for p in same]))
+                for p, summed in zip(same, flat.split([p.numel() for p in same])):
+                    p.grad.copy_(summed.view_as(p.grad))
         lr = lr_at(state["step"], total_steps, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
