@@ -551,9 +551,15 @@ def load_base_model(model_path="smollm2", tokenizer_path=None, device="auto", cp
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     model_dir = resolve_model_dir(model_path)
     tokenizer_dir = model_dir if tokenizer_path is None else Path(tokenizer_path).expanduser()
-    if not tokenizer_dir.is_dir():
-        fail(f"tokenizer path not found: {tokenizer_dir} (expected a directory with tokenizer.json)")
-    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer_dir.is_file():   # a sentencepiece file, e.g. Meta's llama_download/tokenizer.model
+        tokenizer = tokenizer_from_sentencepiece(tokenizer_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    elif tokenizer_dir.is_dir():
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        fail(f"tokenizer path not found: {tokenizer_dir} (expected a directory with tokenizer.json, or a "
+             f"sentencepiece tokenizer.model)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # device_map: the weights go from the files straight to the device, in dtype (a 7B on a GPU needs no
     # 13 GB staging copy in host memory and no second copy over PCIe)

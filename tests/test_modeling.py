@@ -356,6 +356,16 @@ def test_leftover_smollm2_cache_fails_before_converting(tmp_path, monkeypatch):
     assert not calls
 
 
+def test_tokenizer_path_may_be_a_sentencepiece_file(tiny_sp_dir, sp_model):
+    """--tokenizer_path .../tokenizer.model (Meta's layout) works like the converted tokenizer."""
+    import sentencepiece
+    _, tokenizer, _ = load_base_model(str(tiny_sp_dir), tokenizer_path=str(sp_model), device="cpu")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
+    text = "The quick brown fox, twice."
+    assert tokenizer(text).input_ids == [processor.bos_id()] + processor.encode(text)
+    assert tokenizer.pad_token == tokenizer.eos_token and tokenizer.padding_side == "left"
+
+
 def test_meta_download_without_tokenizer_fails(tmp_path, tiny_sp_dir, sp_model):
     meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
     (meta_dir / "tokenizer.model").unlink()
