@@ -163,6 +163,13 @@ def _conversion_lock(target: Path):
         os.close(fd)  # releases the lock
 
 
+def _remove_stale_temps(target: Path) -> None:
+    """Temp dirs of conversions into ``target`` are made only under its lock: one found by the lock's holder
+    belongs to a process killed mid-conversion (up to 13 GB for a 7B), never to a running one."""
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _refuse_leftover(target: Path) -> None:
     """Stop before converting into a target that holds something else than a finished conversion (a crash
     mid-copy, a file put there by hand): the final rename would fail only after the whole conversion."""
@@ -186,6 +193,7 @@ def smollm2_dir() -> Path:
         if _has_hf_files(target):  # converted by another process while this one waited for the lock
             return target
         _refuse_leftover(target)
+        _remove_stale_temps(target)
         tmp_dir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
         try:
             _gguf_to_hf(gguf_dir, SMOLLM2_GGUF, tmp_dir)
@@ -269,6 +277,7 @@ def _converted_meta_dir(meta_dir: Path) -> Path:
             _check_stamp(target, stamp)
             return target
         _refuse_leftover(target)
+        _remove_stale_temps(target)
         tmp_dir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
         try:
             convert_meta_checkpoint(params, shards, tokenizer, tmp_dir)

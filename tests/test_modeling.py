@@ -208,6 +208,15 @@ def test_meta_conversion_is_reused(tmp_path, tiny_sp_dir, sp_model, monkeypatch)
     assert not [p for p in meta_dir.iterdir() if p.name.startswith(".hf_converted")]  # no temp left
 
 
+def test_a_killed_conversion_leaves_no_temp_dir_behind_the_next_one(tmp_path, tiny_sp_dir, sp_model):
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    stale = meta_dir / ".hf_converted.tmp-killed"          # what a conversion killed by the OOM killer leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    resolve_model_dir(str(meta_dir))
+    assert not stale.exists() and (meta_dir / "hf_converted" / "config.json").is_file()
+
+
 def test_changed_meta_checkpoint_is_not_silently_reused(tmp_path, tiny_sp_dir, sp_model):
     meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
     resolve_model_dir(str(meta_dir))
