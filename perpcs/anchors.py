@@ -27,6 +27,7 @@ from .tasks import Task, get_task
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("cluster", "most_active", "random")
 KMEANS_N_INIT = 10          # k-means restarts; the best of 10 (by inertia) is kept
+KMEANS_MAX_ITER = 3000      # as the authors' selection script (sklearn's default is 300)
 INDEX_FILE = "anchor_user_idx.json"
 EMB_FILE = "user_history_emb.npy"
 EMB_META_FILE = "user_history_emb.json"    # sidecar: what the embeddings were computed from
@@ -183,7 +184,7 @@ def _cluster_sharers(embeddings, lengths, k, min_history, seed):
     if len(usable) < k:
         fail(f"only {len(usable)} candidates have a non-empty history, fewer than the {k} clusters "
              f"asked for (--k {k})")
-    labels = KMeans(n_clusters=k, random_state=seed, n_init=KMEANS_N_INIT).fit_predict(
+    labels = KMeans(n_clusters=k, random_state=seed, n_init=KMEANS_N_INIT, max_iter=KMEANS_MAX_ITER).fit_predict(
         embeddings[usable].astype(np.float64))
     kept, dropped = {}, []
     for cluster in range(k):

@@ -54,11 +54,28 @@ def add_train_args(p: argparse.ArgumentParser, lr: float, weight_decay: float = 
     p.add_argument("--seed", type=int, default=0)
 
 
+class _DistinctPositive(argparse.Action):
+    """--k_list: each k names a predictions file (k2.json), so a repeated or non-positive k is an error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(set(values)) != len(values) or min(values) < 1:
+            parser.error(f"{option_string}: distinct positive integers expected, got {' '.join(map(str, values))}")
+        setattr(namespace, self.dest, values)
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or positive, got {text}")
+    return value
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_gen_len", type=int, default=None, help="new tokens; default per task")
-    p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
+    p.add_argument("--temperature", type=_non_negative, default=0.1, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--k_list", type=int, nargs="+", default=[1, 2, 4], help="BM25 k of the RAG variants")
+    p.add_argument("--k_list", type=int, nargs="+", default=[1, 2, 4], action=_DistinctPositive,
+                   help="BM25 k of the RAG variants")
     p.add_argument("--gen_batch_size", type=int, default=16)
     p.add_argument("--kv_cache", default="dynamic", choices=["dynamic", "static"],
                    help="static: preallocated KV cache with a compiled decoding step on CUDA (same outputs)")

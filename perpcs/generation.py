@@ -24,21 +24,25 @@ STATIC_WIDTH_STEP = 64   # static cache: prompt widths rounded up to this, so fe
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch.device,
              temperature: float = 0.1, top_p: float = 0.9, seed: int = 0, batch_size: int = 16,
              max_seq_len: int = 3000, cpu_bf16: bool = False, show_progress: bool = False,
-             kv_cache: str = "dynamic") -> list:
+             kv_cache: str = "dynamic", add_special_tokens: bool = True) -> list:
     """Completions (new tokens only, stripped) for each prompt; greedy when temperature is 0.
 
     ``kv_cache="static"``: a preallocated KV cache, which transformers pairs with a torch.compile'd decoding
     step (CUDA graphs) on a GPU; the prompts' width is padded to a multiple of STATIC_WIDTH_STEP so that
     batches share a few shapes instead of compiling one graph per width. Same tokens as "dynamic".
+    Sampling is temperature + top-p only, as published (transformers would add top-k 50 by default).
+    ``add_special_tokens=False`` for prompts that already carry them (chat templates).
     """
     if not prompts:
         return []
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
     torch.manual_seed(seed)
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     max_prompt = max(1, max_seq_len - max_new_tokens)
-    encoded = [ids[-max_prompt:] for ids in encoded]   # keep the instruction end, as training does
+    encoded = [keep_bos_cut_left(ids, max_prompt, tokenizer.bos_token_id) for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = temperature > 0
@@ -57,7 +61,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch
             n = len(encoded[i])
             ids[r, width - n:] = torch.tensor(encoded[i])
             mask[r, width - n:] = 1
-        kwargs = dict(do_sample=sampling, temperature=temperature, top_p=top_p) if sampling else \
+        kwargs = dict(do_sample=sampling, temperature=temperature, top_p=top_p, top_k=0) if sampling else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         if kv_cache == "static":
             kwargs["cache_implementation"] = "static"
@@ -69,6 +73,15 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch
             outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
     model.train(was_training)
     return outputs
+
+
+def keep_bos_cut_left(ids: list, limit: int, bos_id) -> list:
+    """At most ``limit`` ids, cut from the left after the BOS (as training cuts): the instruction at the end
+    stays, and the model still sees the BOS it was trained with."""
+    if len(ids) <= limit:
+        return ids
+    keep = 1 if bos_id is not None and ids and ids[0] == bos_id and limit > 1 else 0
+    return ids[:keep] + ids[len(ids) - limit + keep:]
 
 
 def variant_names(k_list) -> list:

@@ -1,7 +1,8 @@
 """PAG profile texts (``profile-id2text.json``): an LLM summary of each user's history (SPEC 5).
 
 The reference ``profile_prompts`` are used verbatim: the user's last ``k`` history items, each written with the
-task's profile ``retrieval_history`` template (368 words at most), joined by newlines, fill ``profile_prompt``.
+task's profile ``retrieval_history`` template (368 words at most), joined by newlines, fill ``profile_prompt``;
+the oldest of them are left out when the prompt would not fit ``--max_seq_len`` minus the new tokens.
 Resumable: users already in the file are skipped, and the file is rewritten atomically after every batch.
 """
 from __future__ import annotations
@@ -18,6 +19,30 @@ def profile_prompt(task: Task, items: list, k: int) -> str:
     recent = items[-k:] if k > 0 else items
     history = "\n".join(templates["retrieval_history"].format(**truncated_item(it, HISTORY_WORDS)) for it in recent)
     return templates["profile_prompt"].format(history)
+
+
+def fitted_profile_prompt(task: Task, tokenizer, items: list, k: int, budget: int, chat: bool) -> str:
+    """The prompt with the most recent of the last ``k`` items that fit in ``budget`` tokens (at least one).
+
+    Generation cuts a too-long prompt from the left, which here would cut the instruction and the chat header
+    that come first; so the oldest items give way instead (binary search on how many of the latest to keep).
+    """
+    recent = items[-k:] if k > 0 else list(items)
+
+    def text(n: int) -> str:
+        prompt = profile_prompt(task, recent[len(recent) - n:], 0)
+        return as_chat(tokenizer, prompt) if chat else prompt
+
+    def fits(n: int) -> bool:
+        return len(tokenizer(text(n), add_special_tokens=not chat)["input_ids"]) <= budget
+
+    if fits(len(recent)):
+        return text(len(recent))
+    low, high = 1, len(recent)          # fits(high) is False; find the largest n that fits, at least 1
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return text(low)
 
 
 def as_chat(tokenizer, prompt: str) -> str:
@@ -50,11 +75,11 @@ def generate_profiles(args) -> Path:
     use_chat = args.chat_template and getattr(tokenizer, "chat_template", None)
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start:start + args.batch_size]
-        prompts = [profile_prompt(task, u["profile"], args.k) for u in chunk]
-        if use_chat:
-            prompts = [as_chat(tokenizer, p) for p in prompts]
+        budget = args.max_seq_len - args.max_gen_len
+        prompts = [fitted_profile_prompt(task, tokenizer, u["profile"], args.k, budget, bool(use_chat)) for u in chunk]
         texts = generate(model, tokenizer, prompts, args.max_gen_len, device, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, max_seq_len=args.max_seq_len)
+                         top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+                         add_special_tokens=not use_chat)   # a chat template writes its own special tokens
         for u, text in zip(chunk, texts):
             profiles[user_id(u)] = text
         write_json_atomic(out_path, profiles)

@@ -507,3 +507,11 @@ def test_rerun_with_other_composition_settings_refuses_to_reuse_old_recipes(pipe
     err = cli_error(lora_composition.main, pipe.compose_args(out_dir) + ["--topk", "1"], capsys)
     assert "topk 2 -> 1" in err and "--overwrite" in err and "recipes" in err
     assert adapter_digests(out_dir) == before                                 # nothing touched
+
+
+@pytest.mark.parametrize("flags", [["--k_list", "1", "2", "2"], ["--k_list", "0", "1"], ["--temperature", "-1"]])
+def test_generation_flags_that_would_write_clashing_files_are_refused(flags, capsys):
+    """--k_list 1 2 2 wrote every k2 prediction twice (eval then refused the ids); k0 duplicated kNP."""
+    with pytest.raises(SystemExit) as exc:
+        lora_composition.parse_args(["--task_name", TASK] + flags)
+    assert exc.value.code == 2 and flags[0] in capsys.readouterr().err

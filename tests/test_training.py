@@ -308,3 +308,46 @@ def test_republishing_an_adapter_never_pairs_new_weights_with_the_old_config(tin
     assert not is_complete_adapter(target)            # redone by the next run, not loaded as r=8 + r=16 weights
     assert (target / "train_log.jsonl").read_text() == "{}\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no staging dir left behind
+
+
+def test_a_prompt_cut_for_length_keeps_its_bos_like_training(tiny):
+    from perpcs.generation import keep_bos_cut_left
+    model, tok, device = tiny
+    assert keep_bos_cut_left([1, 5, 6, 7, 8], 3, bos_id=1) == [1, 7, 8]
+    assert keep_bos_cut_left([5, 6, 7, 8], 3, bos_id=1) == [6, 7, 8]        # no BOS to keep
+    assert keep_bos_cut_left([1, 5, 6], 3, bos_id=1) == [1, 5, 6]
+    long_prompt = "Review: " + "very good blender " * 60 + "Score:"
+    assert tok(long_prompt)["input_ids"][0] == tok.bos_token_id
+    cut = generate(model, tok, [long_prompt], 3, device, temperature=0, max_seq_len=40)
+    whole = generate(model, tok, [tok.decode(keep_bos_cut_left(tok(long_prompt)["input_ids"], 37,
+                                                                   tok.bos_token_id)[1:])],
+                     3, device, temperature=0, max_seq_len=4000)
+    assert cut == whole          # the cut prompt is BOS + the last 36 tokens, exactly as if given so
+
+
+def test_negative_temperature_is_refused(tiny):
+    model, tok, device = tiny
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, tok, ["Review:"], 2, device, temperature=-0.5)
+
+
+def test_profile_prompt_drops_the_oldest_items_to_fit_and_keeps_the_instruction(tiny):
+    from perpcs.profiles import fitted_profile_prompt, profile_prompt
+    from perpcs.tasks import get_task
+    _, tok, _ = tiny
+    task = get_task("news_headline")
+    items = [{"id": str(i), "text": f"article {i} " + "rain in Paris " * 40, "title": f"Title {i}"}
+             for i in range(10)]
+    full = profile_prompt(task, items, 10)
+    budget = len(tok(full)["input_ids"]) // 3
+    fitted = fitted_profile_prompt(task, tok, items, 10, budget, chat=False)
+    n = len(tok(fitted)["input_ids"])
+    assert n <= budget
+    instruction = task.profile_prompts["profile_prompt"].split("{}")[0]
+    assert fitted.startswith(instruction)                          # never cut from the front
+    kept = [i for i in range(10) if f"article {i} " in fitted]
+    assert kept == list(range(10 - len(kept), 10)) and 0 < len(kept) < 10   # the most recent ones
+    more = profile_prompt(task, items[9 - len(kept):], 0)           # one more item would not fit
+    assert len(tok(more)["input_ids"]) > budget
+    assert fitted_profile_prompt(task, tok, items, 10, 10 ** 6, chat=False) == full
+    assert "article 9 " in fitted_profile_prompt(task, tok, items, 10, 5, chat=False)   # at least one item
