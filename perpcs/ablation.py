@@ -258,7 +258,9 @@ def plan_setting(config: AblationConfig, setting: Setting) -> list:
                                    "--anchor_path", str(config.sharer_lora_dir), "--gate_path", str(config.gate_dir),
                                    "--anchor_idx_path", str(index), "--topk", str(setting.topk),
                                    "--share_ratio", f"{setting.share_ratio:g}", "--output_dir", str(comp_dir)],
-                   lambda: (comp_dir / "summary.json").is_file() and (comp_dir / "predictions").is_dir())
+                   # always run: stage 5 skips finished users itself, loads no model when all are done, and
+                   # refuses recipes made with other settings, which a file check here could not see
+                   lambda: False)
     return [anchors, sharers, gates, compose]
 
 
@@ -540,7 +542,7 @@ def run_ablation(config: AblationConfig, sweeps: dict, dry_run: bool = False, ma
     run_steps(steps, dry_run, runner)
     if dry_run:
         return None
-    costs = cost_curves(per_user_costs(config.task_root, config.composition_dir(PIPELINE)), user_grid(max_users))
+    costs = cost_curves(per_user_costs(config.task_root, config.composition_dir(config.base)), user_grid(max_users))
     results = merge_results(config.ablation_root / "results.json", config.task,
                             evaluate_points(config, points), costs)
     results["plots"] = [str(p) for p in plot_results(config.task, results, config.ablation_root)]

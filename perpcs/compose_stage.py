@@ -10,8 +10,10 @@ from .composition import (Composer, ComposeSettings, PiecePool, assemble_user, i
 from .data import Layout, read_json, user_id, write_json_atomic
 from .errors import fail
 from .runner import run_per_user
-from .sharers import (combine_user_predictions, default_dirs, load_merged_base, load_sharers, predict_one_user,
-                      resolve_anchor_dir, user_examples, user_predictions_path, profiles_if_needed)
+from .runner import lazy
+from .sharers import (check_existing_predictions, combine_user_predictions, default_dirs, generation_settings,
+                      load_merged_base, load_sharers, predict_one_user, profiles_if_needed, resolve_anchor_dir,
+                      user_examples, user_predictions_path)
 from .tasks import get_task
 from .training import tokenize_example, user_seed
 
@@ -63,14 +65,20 @@ def compose(args) -> Path:
                 for i, (uid, u) in enumerate(users)}
     num_shards, shard_id = shard_of(args)
     check_existing_recipes(out_root, [uid for uid, _ in users], settings, args.overwrite)
+    gen_settings = generation_settings(args, task)
+    check_existing_predictions(out_root, [uid for uid, _ in users], gen_settings, args.overwrite)
 
-    model, tokenizer, device = load_merged_base(args)
-    pool.to(device)   # read and checked before the model load; it lives beside the model
-    composer = Composer(pool, settings)
-    install_composer(model, composer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    @lazy
+    def engine():   # loaded at the first user to do: a rerun with every user done loads no model
+        model, tokenizer, device = load_merged_base(args)
+        pool.to(device)   # read and checked before the model load; it lives beside the model
+        composer = Composer(pool, settings)
+        install_composer(model, composer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return model, tokenizer, device, composer, pad_id
 
     def work(uid, user):
+        model, tokenizer, device, composer, pad_id = engine()
         seed = user_seed(args.seed, uid)
         path = recipe_path(out_root, uid)
         t0 = time.perf_counter()
@@ -90,7 +98,8 @@ def compose(args) -> Path:
         if args.save_adapters:
             pool.save_adapter(weights, out_root / "adapters" / f"user_{uid}")
         composer.use_fixed(weights)
-        preds = predict_one_user(model, tokenizer, task, user, all_profiles, layout.profiles, device, args)
+        preds = predict_one_user(model, tokenizer, task, user, all_profiles, layout.profiles, device, args,
+                                 gen_settings)
         composer.mode = "off"
         write_json_atomic(user_predictions_path(out_root, uid), preds)
         return timing
@@ -126,10 +135,10 @@ def write_summary(out_root: Path, pool: PiecePool, uids: list) -> dict:
     return summary
 
 
-def _mean(values) -> float:
-    """Mean over the users that have the value (a user resumed from its recipe has no timing)."""
+def _mean(values) -> float | None:
+    """Mean over the users that have the value (a user resumed from its recipe has no timing); None if none has."""
     known = [float(v) for v in values if v is not None]
-    return sum(known) / len(known) if known else 0.0
+    return sum(known) / len(known) if known else None
 
 
 def assembly_seconds(log_path: Path) -> dict:

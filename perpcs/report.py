@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from .data import Layout, read_json
+from .errors import fail
 from .metrics import evaluate_task
 from .tasks import get_task
 
@@ -19,7 +20,7 @@ def _per_user_seconds(log_path: Path, key: str) -> float | None:
     for line in log_path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            if row.get(key) is not None:
+            if row.get(key):   # a user resumed from its saved adapter logs 0 s: keep its real time
                 last[row["user_id"]] = row[key]
     return sum(last.values()) / len(last) if last else None
 
@@ -42,6 +43,8 @@ def results_table(task_name: str, data_dir="data", output_root=None) -> str:
     """Markdown table of every method x variant found under output/<task>/."""
     task = get_task(task_name)
     root = Path(output_root or Path("output") / task.name)
+    if (root / task.name).is_dir() and not (root / "task-base_LLM").is_dir():
+        root = root / task.name        # given the parent dir (output/), as eval_all takes it
     golds = Layout(data_dir, task).load_golds()
     oppu_adapters = sorted((root / "OPPU" / "adapters").glob("user_*"))
     summary_path = root / "composition" / "summary.json"
@@ -66,7 +69,8 @@ def results_table(task_name: str, data_dir="data", output_root=None) -> str:
             metric_names = metric_names or list(scores)
             rows.append((method, label, scores, storage, seconds))
     if not rows:
-        return f"no predictions under {root}"
+        fail(f"no prediction files under {root} (looked for {', '.join(str(m[1]) for m in methods)}); run the "
+             f"stages first, or pass --output_root output/<task>")
     head = "| method | variant | " + " | ".join(metric_names) + " | storage / user | seconds / user |"
     lines = [f"# {task.name} ({task.lamp_id}): results", "", head, "|" + "---|" * (len(metric_names) + 4)]
     for method, label, scores, storage, seconds in rows:

@@ -35,7 +35,7 @@ METRIC_NAMES = {"accuracy": ("Acc", True), "f1": ("F1", True), "MAE": ("MAE", Fa
                 "rouge-1": ("ROUGE-1", True), "rouge-L": ("ROUGE-L", True)}
 TASK_METRICS = {"classification": ["accuracy", "f1"], "regression": ["MAE", "RMSE"],
                 "generation": ["rouge-1", "rouge-L"]}
-VARIANT_RE = re.compile(r"^k(NP|\d+)(-profile)?$")
+VARIANT_RE = re.compile(r"^k(NP|[1-9]\d*)(-profile)?$")   # k0 / k01 would share a row with kNP / k1
 MAIN_METHOD_DIRS = [("task LoRA", "task-base_LLM"), ("OPPU", "OPPU"), ("Per-Pcs", "composition")]
 
 

@@ -15,6 +15,18 @@ from tqdm import tqdm
 from .errors import fail
 
 
+def lazy(make: Callable) -> Callable:
+    """``make()`` on the first call, the same value afterwards: a stage loads its model only once it has a
+    user to work on, so a rerun with everything done costs seconds, not a 13 GB model load."""
+    made = []
+
+    def get():
+        if not made:
+            made.append(make())
+        return made[0]
+    return get
+
+
 def shard_users(users: list, num_shards: int, shard_id: int) -> list:
     """Users i with i % num_shards == shard_id: deterministic, and the shards' union is every user once."""
     return [u for i, u in enumerate(users) if i % num_shards == shard_id]

@@ -15,7 +15,7 @@ from .errors import fail
 from .gates import GATES_FILE, install_gates, remove_gates, save_gates
 from .generation import predict_variants, write_variant_files
 from .prompts import history_examples
-from .runner import run_per_user
+from .runner import lazy, run_per_user
 from .tasks import get_task
 from .training import seed_all, train, user_seed
 
@@ -102,9 +102,10 @@ def train_sharer_loras(args) -> Path:
                 for i, (uid, u) in enumerate(sharers)}
     num_shards, shard_id = shard_of(args)
     base_cfg = train_config(args)   # checks the flags before the model load
-    model, tokenizer, device = load_merged_base(args)
+    engine = lazy(lambda: load_merged_base(args))   # no model load when every sharer is done
 
     def work(uid, user):
+        model, tokenizer, device = engine()
         seed = user_seed(args.seed, uid)
         peft_model = fresh_lora(model, args, seed)
         try:
@@ -139,9 +140,10 @@ def train_sharer_gates(args) -> Path:
                 for i, (uid, u) in enumerate(sharers)}
     num_shards, shard_id = shard_of(args)
     base_cfg = train_config(args)   # checks the flags before the model load
-    model, tokenizer, device = load_merged_base(args)
+    engine = lazy(lambda: load_merged_base(args))   # no model load when every sharer is done
 
     def work(uid, user):
+        model, tokenizer, device = engine()
         seed = user_seed(args.seed, uid)
         peft_model = PeftModel.from_pretrained(model, str(user_dir(anchor_dir, uid)), is_trainable=False)
         try:
@@ -163,11 +165,41 @@ def user_predictions_path(root, uid: str) -> Path:
     return Path(root) / "user_predictions" / f"user_{uid}.json"
 
 
-def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, device, args) -> dict:
+def generation_settings(args, task) -> dict:
+    """What decides a user's predictions besides the model: kept in each per-user predictions file, so a rerun
+    with other settings does not pass the old predictions off as its own."""
+    return {"k_list": list(args.k_list), "temperature": args.temperature, "top_p": args.top_p,
+            "max_gen_len": args.max_gen_len or task.max_gen_len, "max_seq_len": args.max_seq_len, "seed": args.seed}
+
+
+def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, device, args, settings: dict) -> dict:
     preds = predict_variants(model, tokenizer, task, [user], profiles, device, k_list=args.k_list,
                              max_new_tokens=args.max_gen_len, profiles_path=profiles_path,
                              **generation_kwargs(args))
-    return {stem: [list(r) for r in rows] for stem, rows in preds.items()}
+    return {"settings": settings, "predictions": {stem: [list(r) for r in rows] for stem, rows in preds.items()}}
+
+
+def read_user_predictions(path) -> tuple:
+    """(generation settings or None, {variant: rows}) of a per-user predictions file (older files: no settings)."""
+    data = read_json(path, "per-user predictions")
+    if isinstance(data, dict) and isinstance(data.get("predictions"), dict):
+        return data.get("settings"), data["predictions"]
+    return None, data
+
+
+def check_existing_predictions(root, uids: list, settings: dict, overwrite: bool) -> None:
+    """Refuse to resume over per-user predictions made with other generation settings (see recipes)."""
+    if overwrite:
+        return
+    for uid in uids:
+        path = user_predictions_path(root, uid)
+        if path.is_file():
+            had, _ = read_user_predictions(path)
+            changed = {k: (had.get(k), v) for k, v in settings.items() if had is not None and had.get(k) != v}
+            if changed:
+                diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+                fail(f"{path} was predicted with other settings ({diff}); pass another --output_dir, or "
+                     f"--overwrite to redo every user")
 
 
 def combine_user_predictions(root, task, users: list) -> bool:
@@ -180,7 +212,11 @@ def combine_user_predictions(root, task, users: list) -> bool:
         return False
     combined: dict = {}
     for p in paths:
-        for stem, rows in read_json(p).items():
+        _, predictions = read_user_predictions(p)
+        if combined and set(predictions) != set(combined):
+            fail(f"{p} holds the variants {sorted(predictions)}, other users' files {sorted(combined)}: they were "
+                 f"made with other --k_list; rerun with --overwrite")
+        for stem, rows in predictions.items():
             combined.setdefault(stem, []).extend(tuple(r) for r in rows)
     write_variant_files(Path(root) / "predictions", task, combined)
     print(f"predictions of {len(users)} users in {Path(root) / 'predictions'}")
@@ -200,9 +236,12 @@ def train_oppu(args) -> Path:
                 for i, (uid, u) in enumerate(users)}
     num_shards, shard_id = shard_of(args)
     base_cfg = train_config(args)   # checks the flags before the model load
-    model, tokenizer, device = load_merged_base(args)
+    gen_settings = generation_settings(args, task)
+    check_existing_predictions(out_root, [uid for uid, _ in users], gen_settings, args.overwrite)
+    engine = lazy(lambda: load_merged_base(args))   # no model load when every user is done
 
     def work(uid, user):
+        model, tokenizer, device = engine()
         seed = user_seed(args.seed, uid)
         adapter_dir = out_root / "adapters" / f"user_{uid}"
         peft_model = fresh_lora(model, args, seed)
@@ -214,7 +253,8 @@ def train_oppu(args) -> Path:
                 stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                               desc=f"OPPU {uid}", log_path=out_root / "train_log.jsonl")
                 save_peft_adapter(peft_model, adapter_dir)
-            preds = predict_one_user(peft_model, tokenizer, task, user, profiles, layout.profiles, device, args)
+            preds = predict_one_user(peft_model, tokenizer, task, user, profiles, layout.profiles, device, args,
+                                     gen_settings)
             write_json_atomic(user_predictions_path(out_root, uid), preds)
         finally:
             peft_model.unload()

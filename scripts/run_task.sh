@@ -10,7 +10,7 @@
 # default $LLAMA).
 # Each command is printed ("+ ...") before it runs, so it can be copied and run by hand. Re-running continues
 # where it stopped: a step whose final output exists is skipped, and the per-user steps (profiles, sharer
-# LoRAs, gates, composition, OPPU) skip the users already done.
+# LoRAs, gates, composition, OPPU) skip the users already done without loading the model when none is left.
 set -euo pipefail
 TASK=${1:?usage: scripts/run_task.sh <task>, one of citation movie_tagging news_categorize product_rating \
 news_headline scholarly_title tweet_paraphrase}
@@ -43,6 +43,10 @@ done_already() {   # true (and says so) when the step's final output exists; a d
 step() { echo; echo "### $*"; }
 
 step "0. data/$TASK from the raw LaMP files"
+if [ -n "$LAMP_DIR" ] && [ -z "$DRY_RUN" ] && [ -e "data/$TASK/test_100/user_test_100.json" ]; then
+  echo "# note: LAMP_DIR is set but data/$TASK/ exists (from an earlier run, or the demo's sample data);" \
+       "it is used as is: delete data/$TASK/ to convert $LAMP_DIR" >&2
+fi
 if ! done_already "data/$TASK/test_100/user_test_100.json" "data"; then
   if [ -z "$LAMP_DIR" ] && [ -z "$DRY_RUN" ]; then
     echo "error: data/$TASK/ does not exist; set LAMP_DIR to the directory holding the task's LaMP" \
@@ -72,24 +76,20 @@ step "4. gates of every sharer piece (resumes per sharer)"
 run "$PY" train_anchor_gate.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" \
   --lora_ckpt "$LORA_CKPT" --anchor_path "$OUT/anchor_PEFT"
 
-step "5. Per-Pcs: assemble each target user's LoRA, then predict (resumes per user)"
-if ! done_already "$OUT/composition/summary.json" "step 5"; then
-  run "$PY" lora_composition.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" \
-    --lora_ckpt "$LORA_CKPT" --topk 3 --share_ratio 1 --agg_temperature 1
-fi
+step "5. Per-Pcs: assemble each target user's LoRA, then predict (resumes per user; refuses old settings)"
+run "$PY" lora_composition.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" \
+  --lora_ckpt "$LORA_CKPT" --topk 3 --share_ratio 1 --agg_temperature 1
 
 step "OPPU baseline: one LoRA trained per target user (resumes per user)"
-if ! done_already "$OUT/OPPU/predictions/k4-profile.json" "OPPU"; then
-  run "$PY" OPPU.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" --lora_ckpt "$LORA_CKPT"
-fi
+run "$PY" OPPU.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" --lora_ckpt "$LORA_CKPT"
 
 step "6. metrics of every prediction file, then the results table of all tasks"
 for method in task-base_LLM OPPU composition; do
   for variant in kNP k1 k2 k4 kNP-profile k1-profile k2-profile k4-profile; do
     preds=$OUT/$method/predictions/$variant.json
     if [ -n "$DRY_RUN" ] || [ -f "$preds" ]; then
-      run "$PY" eval/eval_task.py --golds_json "$GOLDS" --preds_json "$preds" --task_name "$TASK" \
-        --output_file "$OUT/$method/metrics/$variant.json"
+      run "$PY" eval/eval_task.py --golds_json "$GOLDS" --data_dir data --preds_json "$preds" \
+        --task_name "$TASK" --output_file "$OUT/$method/metrics/$variant.json"
     fi
   done
 done

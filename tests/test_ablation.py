@@ -184,9 +184,8 @@ def test_finished_steps_are_skipped(config):
         write(root / f"anchor_gate/user_{uid}/gates.safetensors", "g")
     assert gates.is_done() and not compose.is_done()
     write(root / "composition-k2/predictions/kNP.json", "{}")
-    assert not compose.is_done()           # no summary yet: some users are not done
     write(root / "composition-k2/summary.json", "{}")
-    assert compose.is_done()
+    assert not compose.is_done()           # stage 5 always runs: it resumes and checks settings itself
 
 
 def test_an_index_for_another_setting_is_an_error(config):
@@ -209,8 +208,9 @@ def test_run_steps_runs_only_what_is_missing(config, capsys):
                                                 "lora_composition.py"]
     assert len(ran) == 7
     calls.clear()
-    assert run_steps(steps, runner=fake_runner(config, calls)) == [] and calls == []
-    assert capsys.readouterr().out.count("# done, skipped") == 8
+    run_steps(steps, runner=fake_runner(config, calls))
+    assert [Path(c[1]).name for c in calls] == ["lora_composition.py", "lora_composition.py"]   # resume themselves
+    assert capsys.readouterr().out.count("# done, skipped") == 6
 
 
 def test_dry_run_prints_and_runs_nothing(config, capsys):
@@ -256,6 +256,17 @@ def test_full_ablation_with_fake_stages_scores_and_plots(config):
     run_ablation(config, {"share_ratio": [0.5]}, runner=fake_runner(config, calls), max_users=10)
     saved = json.loads((config.ablation_root / "results.json").read_text())
     assert set(saved["sweeps"]) == {"topk", "share_ratio"}
+
+
+def test_costs_come_from_the_base_setting_of_the_run(config):
+    """With --base_k 4 the costs are the base setting's composition (composition-...k4), not the pipeline's."""
+    from dataclasses import replace as dc_replace
+    config.base = dc_replace(config.base, k=4)
+    calls = []
+    results = run_ablation(config, {"topk": [1, 3]}, runner=fake_runner(config, calls), max_users=10)
+    base_dir = config.composition_dir(config.base)
+    assert "k4" in base_dir.name and (base_dir / "summary.json").is_file()
+    assert results["costs"]["storage_bytes"]["Per-Pcs (recipes)"][-1] == 10 * 1000.0
 
 
 def test_per_user_costs_and_curves_from_fake_logs(tmp_path):
@@ -429,9 +440,10 @@ def test_run_task_skips_finished_steps_and_runs_step_2_in_anchor_selection(tmp_p
     ran = [(c.split()[0], c.split()[1]) for c in calls]
     assert ran == [(tmp_path.name, "data/gen_profile.py"), ("anchor_selection", "history_anchor.py"),
                    (tmp_path.name, "train_anchor_PEFT.py"), (tmp_path.name, "train_anchor_gate.py"),
+                   (tmp_path.name, "lora_composition.py"), (tmp_path.name, "OPPU.py"),
                    (tmp_path.name, "eval/eval_task.py"), (tmp_path.name, "eval/eval_task.py"),
                    (tmp_path.name, "eval/eval_task.py"), (tmp_path.name, "eval/eval_all.py")]
-    assert result.stdout.count("skipped") == 4     # data, step 1, step 5, OPPU
+    assert result.stdout.count("skipped") == 2     # data, step 1 (the per-user stages resume themselves)
 
 
 def test_run_task_without_data_or_lamp_dir_stops(tmp_path):

@@ -59,6 +59,7 @@ def test_variant_names_and_row_labels():
     assert parse_variant("kNP") == (0, False)
     assert parse_variant("k4-profile") == (4, True)
     assert parse_variant("summary") is None and parse_variant("k1-profile-old") is None
+    assert parse_variant("k0") is None and parse_variant("k01") is None   # would share kNP's / k1's row
     assert row_label("task LoRA", "kNP") == ("Non-personalized", "")
     assert row_label("task LoRA", "k2") == ("RAG", "k=2")
     assert row_label("task LoRA", "k4-profile") == ("PAG", "k=4")
@@ -150,3 +151,28 @@ def test_script_writes_three_files(tree):
     bad = subprocess.run([sys.executable, str(SCRIPT), "--output_root", str(tree / "nothing"),
                           "--out_prefix", str(prefix)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: no prediction files")
+
+
+def test_eval_task_takes_the_test_users_golds_when_golds_json_is_absent(tmp_path):
+    """The authors' processed data may come without test_100/golds.json: --data_dir derives the golds."""
+    import importlib.util
+
+    from perpcs.data import Layout
+    from perpcs.tasks import get_task
+    spec = importlib.util.spec_from_file_location("eval_task", REPO / "eval" / "eval_task.py")
+    eval_task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_task)
+    layout = Layout(tmp_path / "data", get_task("movie_tagging"))
+    query = "Which tag does this movie relate to among the following tags? [comedy] description: a film"
+    users = [{"user_id": "u1", "profile": [], "query": [{"id": "7", "input": query, "gold": "comedy"},
+                                                       {"id": "8", "input": query, "gold": "sci-fi"}]}]
+    layout.test_users.parent.mkdir(parents=True)
+    layout.test_users.write_text(json.dumps(users))
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps({"task": "LaMP_2M", "golds": [{"id": "7", "output": "comedy"},
+                                                               {"id": "8", "output": "comedy"}]}))
+    metrics = eval_task.main(["--golds_json", str(layout.golds), "--data_dir", str(tmp_path / "data"),
+                              "--preds_json", str(preds), "--task_name", "movie_tagging"])
+    assert metrics["accuracy"] == 0.5
+    with pytest.raises(PerpcsError, match="golds"):
+        eval_task.main(["--golds_json", str(layout.golds), "--preds_json", str(preds), "--task_name", "LaMP_2M"])

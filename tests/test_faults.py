@@ -25,7 +25,7 @@ import OPPU
 import task_LoRA
 import train_anchor_gate
 import train_anchor_PEFT
-from perpcs.errors import run_cli
+from perpcs.errors import PerpcsError, run_cli
 from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
 from pipeline_fixture import run_stage as run
 from pipeline_fixture import (ROOT, TASK, adapter_digests, file_digests, load_script, log_users, run_script, script,
@@ -515,3 +515,54 @@ def test_generation_flags_that_would_write_clashing_files_are_refused(flags, cap
     with pytest.raises(SystemExit) as exc:
         lora_composition.parse_args(["--task_name", TASK] + flags)
     assert exc.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["sharers", "gates", "composition", "oppu"])
+def test_a_rerun_with_every_user_done_loads_no_model(stage, pipe, tmp_path, capsys, monkeypatch):
+    """Resuming a finished stage (scripts/run_task.sh and the ablation call every stage again) must cost
+    seconds, not a model load; the combined files are rewritten from the per-user ones."""
+    import perpcs.sharers
+    if stage == "oppu":
+        out_dir = tmp_path / "oppu"
+        run(OPPU.main, pipe.oppu_args(out_dir), capsys)
+        main, args = OPPU.main, pipe.oppu_args(out_dir)
+    else:
+        source = {"sharers": pipe.anchor_peft, "gates": pipe.anchor_gate, "composition": pipe.composition}[stage]
+        out_dir = tmp_path / stage
+        shutil.copytree(source, out_dir)
+        main, args = {"sharers": (train_anchor_PEFT.main, pipe.sharer_args(out_dir)),
+                      "gates": (train_anchor_gate.main, pipe.gate_args(out_dir)),
+                      "composition": (lora_composition.main, pipe.compose_args(out_dir))}[stage]
+
+    def no_model(*a, **k):
+        raise AssertionError("loaded the model with nothing to do")
+
+    monkeypatch.setattr(perpcs.sharers, "load_merged_base", no_model)
+    monkeypatch.setattr("perpcs.compose_stage.load_merged_base", no_model)
+    before = adapter_digests(out_dir)
+    out = run(main, args, capsys)
+    assert "0 to do" in out and adapter_digests(out_dir) == before
+
+
+def test_rerun_with_other_generation_settings_refuses_old_predictions(pipe, tmp_path, capsys):
+    out_dir = tmp_path / "composition"
+    shutil.copytree(pipe.composition, out_dir)
+    err = cli_error(lora_composition.main, pipe.compose_args(out_dir) + ["--max_gen_len", "6"], capsys)
+    assert "max_gen_len 4 -> 6" in err and "user_predictions" in err and "--overwrite" in err
+
+
+def test_combining_per_user_files_of_other_k_lists_is_refused(pipe, tmp_path, capsys):
+    """Two users predicted with --k_list 1 and one with --k_list 1 2 (an older file without settings): the
+    combined k2.json would cover one user only."""
+    from perpcs.sharers import combine_user_predictions
+    from perpcs.data import Layout
+    from perpcs.tasks import get_task
+    out_dir = tmp_path / "composition"
+    shutil.copytree(pipe.composition, out_dir)
+    first = out_dir / "user_predictions" / f"user_{pipe.test_ids()[0]}.json"
+    data = json.loads(first.read_text())
+    data["predictions"]["k2"] = data["predictions"]["k1"]
+    first.write_text(json.dumps(data["predictions"]))           # the older format: variants only
+    users = Layout(pipe.data, get_task(TASK)).load_split("test")
+    with pytest.raises(PerpcsError, match="other --k_list"):
+        combine_user_predictions(out_dir, get_task(TASK), users)

@@ -299,3 +299,25 @@ def test_show_prompts_and_report_commands(pipe, capsys):
             scores = evaluate_files(pipe.golds, pred_dir / "predictions" / f"{stem}.json", TASK)
             assert f"| {method} | {label} | {scores['accuracy']:.4f} | {scores['f1']:.4f} |" in out
     assert "| OPPU |" not in out                       # no OPPU run under this root
+
+
+
+def test_report_takes_the_parent_output_dir_like_eval_all(pipe, tmp_path, capsys):
+    from perpcs.__main__ import main as perpcs_main
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / TASK).symlink_to(pipe.root)     # output/<task>, as eval_all and the ablation take it
+    out = run(perpcs_main, ["report", "--task_name", TASK, "--data_dir", str(pipe.data),
+                            "--output_root", str(tmp_path / "output")], capsys)
+    assert "| Per-Pcs | no retrieval |" in out and "| task LoRA (non-personalized) | BM25 k=1 |" in out
+
+
+def test_report_without_predictions_is_an_error_and_ignores_zero_seconds_of_resumed_users(pipe, tmp_path):
+    from perpcs.errors import PerpcsError
+    from perpcs.report import _per_user_seconds, results_table
+    with pytest.raises(PerpcsError, match="no prediction files under"):
+        results_table(TASK, pipe.data, tmp_path / "empty")
+    log = tmp_path / "users_log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        {"user_id": "u1", "train_seconds": 100.0}, {"user_id": "u2", "train_seconds": 300.0},
+        {"user_id": "u1", "train_seconds": 0.0}]) + "\n")   # u1 resumed from its saved adapter
+    assert _per_user_seconds(log, "train_seconds") == 200.0
