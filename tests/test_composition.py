@@ -99,7 +99,9 @@ def reference_assembly(model, pool_dir, batches, tokenized, pad_id, topk, share_
     with torch.no_grad():
         for idx in batches:
             batch = collate([tokenized[i] for i in idx], pad_id)
-            state["mask"] = answer_predicting_mask(batch["labels"])
+            labels = batch["labels"]                  # position t scores when token t+1 is an answer token
+            state["mask"] = torch.tensor([[t + 1 < labels.shape[1] and int(labels[b, t + 1]) != IGNORE_INDEX
+                                           for t in range(labels.shape[1])] for b in range(labels.shape[0])])
             model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     for h in handles:
         h.remove()
@@ -111,10 +113,12 @@ def max_rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("topk,share_ratio", [(1, 1.0), (3, 1.0), (1, 0.5), (3, 0.5)])
-def test_assembly_matches_the_loop_reference(tiny_model_dir, sharer_pool, topk, share_ratio):
+@pytest.mark.parametrize("topk,share_ratio,temperature", [(1, 1.0, 1.0), (3, 1.0, 1.0), (1, 0.5, 1.0),
+                                                           (3, 0.5, 1.0), (3, 1.0, 0.3)])
+def test_assembly_matches_the_loop_reference(tiny_model_dir, sharer_pool, topk, share_ratio, temperature):
     model, tokenizer, device = load_base_model(str(tiny_model_dir), device="cpu")
-    settings = ComposeSettings(topk=topk, share_ratio=share_ratio, batch_size=3, seed=0)
+    settings = ComposeSettings(topk=topk, share_ratio=share_ratio, batch_size=3, seed=0,
+                               agg_temperature=temperature)
     pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
     composer = Composer(pool, settings)
     install_composer(model, composer)
@@ -125,7 +129,7 @@ def test_assembly_matches_the_loop_reference(tiny_model_dir, sharer_pool, topk, 
 
     reference_model, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
     expected = reference_assembly(reference_model, sharer_pool, batches, tokenized, tokenizer.pad_token_id,
-                                  topk, share_ratio, seed=7)
+                                  topk, share_ratio, seed=7, temperature=temperature)
     assert set(expected) == set(assembled)
     for piece, (a_ref, b_ref) in expected.items():
         a, b = assembled[piece]
@@ -246,3 +250,29 @@ def test_scores_are_the_batch_mean_of_per_example_means(sharer_pool):
     per_example = [ln(x[0, 1], (d,), eps=1e-5), ln(x[1, :3], (d,), eps=1e-5).mean(dim=0)]
     expected = (torch.stack(per_example).mean(dim=0) @ pool.G[piece].T) / d ** 0.5
     torch.testing.assert_close(composer.scores(piece, x), expected)
+
+
+def test_answer_predicting_positions_by_hand():
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100]])
+    assert answer_predicting_mask(labels).tolist() == [[False, True, True, False], [True, False, False, False]]
+
+
+def test_sampled_pieces_stay_in_the_nucleus_follow_the_seed_and_differ_from_top_k(sharer_pool):
+    """--sample: k pieces drawn from softmax(score / T) over the sample_topk best, cut to the nucleus."""
+    pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
+    piece = pool.pieces[0]
+    scores = torch.tensor([5.0, 4.9, 4.8, 4.7, -9.0, -9.5])    # the last two: far outside any nucleus
+    settings = ComposeSettings(topk=2, sample=True, sample_topk=5, sample_temperature=1.0, sample_top_p=0.99)
+    draws = set()
+    for seed in range(20):
+        composer = Composer(pool, settings)
+        composer.start_user(seed)
+        first = composer.choose(piece, scores).tolist()
+        composer.start_user(seed)
+        assert composer.choose(piece, scores).tolist() == first        # the same seed, the same pieces
+        assert len(set(first)) == 2 and set(first) <= {0, 1, 2, 3}     # within the nucleus, no repeats
+        draws.add(tuple(sorted(first)))
+    assert len(draws) > 1 and draws != {(0, 1)}                        # not the plain top-2
+    greedy = Composer(pool, ComposeSettings(topk=2))
+    greedy.start_user(0)
+    assert greedy.choose(piece, scores).tolist() == [0, 1]

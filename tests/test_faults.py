@@ -540,8 +540,13 @@ def test_a_rerun_with_every_user_done_loads_no_model(stage, pipe, tmp_path, caps
     monkeypatch.setattr(perpcs.sharers, "load_merged_base", no_model)
     monkeypatch.setattr("perpcs.compose_stage.load_merged_base", no_model)
     before = adapter_digests(out_dir)
+    combined = file_digests(out_dir / "predictions") if (out_dir / "predictions").is_dir() else None
+    if combined:
+        shutil.rmtree(out_dir / "predictions")
     out = run(main, args, capsys)
     assert "0 to do" in out and adapter_digests(out_dir) == before
+    if combined:                                       # rebuilt from the per-user files, without a model
+        assert file_digests(out_dir / "predictions") == combined
 
 
 def test_rerun_with_other_generation_settings_refuses_old_predictions(pipe, tmp_path, capsys):
@@ -566,3 +571,25 @@ def test_combining_per_user_files_of_other_k_lists_is_refused(pipe, tmp_path, ca
     users = Layout(pipe.data, get_task(TASK)).load_split("test")
     with pytest.raises(PerpcsError, match="other --k_list"):
         combine_user_predictions(out_dir, get_task(TASK), users)
+
+
+def test_a_read_only_output_dir_is_named_and_nothing_is_lost(pipe, tmp_path, capsys, monkeypatch):
+    """Root ignores chmod here, so a read-only filesystem is simulated where the stage first writes."""
+    import tempfile
+
+    import perpcs.adapters
+    out_dir = tmp_path / "anchor_PEFT"
+    first = pipe.sharer_ids()[0]
+    shutil.copytree(pipe.anchor_peft / f"user_{first}", out_dir / f"user_{first}")
+    before = adapter_digests(out_dir)
+    real_mkdtemp = tempfile.mkdtemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == out_dir:
+            raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(perpcs.adapters.tempfile, "mkdtemp", read_only)
+    err = cli_error(train_anchor_PEFT.main, pipe.sharer_args(out_dir), capsys)
+    assert f"cannot write into {out_dir}" in err and "Read-only file system" in err
+    assert adapter_digests(out_dir) == before

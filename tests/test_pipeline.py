@@ -321,3 +321,64 @@ def test_report_without_predictions_is_an_error_and_ignores_zero_seconds_of_resu
         {"user_id": "u1", "train_seconds": 100.0}, {"user_id": "u2", "train_seconds": 300.0},
         {"user_id": "u1", "train_seconds": 0.0}]) + "\n")   # u1 resumed from its saved adapter
     assert _per_user_seconds(log, "train_seconds") == 200.0
+
+
+PROBE = "Which tag does this movie relate to? description: a robot falls in love Tag:"
+
+
+def _logits(model, tokenizer, text=PROBE):
+    batch = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _reference_logits(pipe, adapter_dir, tokenizer):
+    """Base + task LoRA merged, the user's adapter loaded by PEFT: what a server would run."""
+    from peft import PeftModel
+
+    from perpcs.modeling import load_base_model, merge_lora_into_base
+    base, _, _ = load_base_model(str(pipe.model), device="cpu")
+    return _logits(PeftModel.from_pretrained(merge_lora_into_base(base, pipe.task_lora), str(adapter_dir)), tokenizer)
+
+
+def test_stage5_predicts_with_the_assembled_lora(pipe, tmp_path, capsys, monkeypatch):
+    import perpcs.compose_stage as compose_stage
+    from perpcs.composition import ComposedLinear
+    seen = {}
+    real = compose_stage.predict_one_user
+
+    def spy(model, tokenizer, task, user, *args, **kwargs):
+        if not seen:
+            composer = next(m.composer for m in model.modules() if isinstance(m, ComposedLinear))
+            seen.update(uid=str(user["user_id"]), tokenizer=tokenizer, used=_logits(model, tokenizer))
+            mode, composer.mode = composer.mode, "off"
+            seen["off"] = _logits(model, tokenizer)
+            composer.mode = mode
+        return real(model, tokenizer, task, user, *args, **kwargs)
+
+    monkeypatch.setattr(compose_stage, "predict_one_user", spy)
+    out_dir = tmp_path / "composition"
+    run(lora_composition.main, pipe.compose_args(out_dir) + ["--save_adapters"], capsys)
+    assert not torch.allclose(seen["used"], seen["off"], atol=1e-4)          # the LoRA changes the model
+    expected = _reference_logits(pipe, out_dir / "adapters" / f"user_{seen['uid']}", seen["tokenizer"])
+    torch.testing.assert_close(seen["used"], expected, rtol=1e-4, atol=1e-5)  # and it is the user's LoRA
+
+
+def test_oppu_predicts_with_the_users_own_lora(pipe, tmp_path, capsys, monkeypatch):
+    import perpcs.sharers as sharers
+    seen = {}
+    real = sharers.predict_one_user
+
+    def spy(model, tokenizer, task, user, *args, **kwargs):
+        if not seen:
+            seen.update(uid=str(user["user_id"]), tokenizer=tokenizer, used=_logits(model, tokenizer))
+            with model.disable_adapter():
+                seen["off"] = _logits(model, tokenizer)
+        return real(model, tokenizer, task, user, *args, **kwargs)
+
+    monkeypatch.setattr(sharers, "predict_one_user", spy)
+    out_dir = tmp_path / "oppu"
+    run(OPPU.main, pipe.oppu_args(out_dir) + ["--lr", "5e-2"], capsys)
+    assert not torch.allclose(seen["used"], seen["off"], atol=1e-4)
+    expected = _reference_logits(pipe, out_dir / "adapters" / f"user_{seen['uid']}", seen["tokenizer"])
+    torch.testing.assert_close(seen["used"], expected, rtol=1e-4, atol=1e-5)

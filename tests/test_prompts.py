@@ -166,3 +166,51 @@ def test_sample_then_prepare_then_show_prompts(name, tmp_path, capsys):
     assert f"### User Profile:\nprofile of {first['user_id']}" in out and "### User History:\n" in out
     golds = layout.load_golds()
     assert {g["id"] for g in golds["golds"]} == {str(q["id"]) for u in test_users for q in u["query"]}
+
+
+# The exact prompt of one query per task, written out by hand from the reference templates (no builder used):
+# BM25 top-1 of a three-item history (with two items every idf is <= 0) and a profile text, in the order
+# profile, history, instruction.
+LITERAL_PROMPTS = {
+    "product_rating": (
+        [{"text": "Bad kettle.", "score": "2"}, {"text": "Great toaster.", "score": "4"},   # not "1": the
+         {"text": "Loud fan.", "score": "3"}],                         # retrieval query holds "1 to 5?"
+        "### User Profile:\nharsh rater\n\n### User History:\nReview: Great toaster. Score: 4\n\n\n"
+        "### User Instruction:\nWhat is the score of the following review on a scale of 1 to 5? just answer with "
+        "1, 2, 3, 4, or 5 without further explanation.\nReview: Great blender. Score:"),
+    "news_headline": (
+        [{"text": "Sun in Rome.", "title": "Sunny Rome"}, {"text": "Rain falls in Berlin.", "title": "Wet Berlin"},
+         {"text": "Snow on Oslo.", "title": "Cold Oslo"}],
+        "### User Profile:\nharsh rater\n\n### User History:\nArticle: Rain falls in Berlin. Headline: Wet Berlin\n"
+        "\n\n### User Instruction:\nGenerate a headline for the following article.\nArticle: Rain falls in Paris. "
+        "Headline:"),
+    "scholarly_title": (
+        [{"abstract": "We study LoRA ranks.", "title": "Ranks"}, {"abstract": "Cats sleep.", "title": "Cats"},
+         {"abstract": "Dogs run.", "title": "Dogs"}],
+        "### User Profile:\nharsh rater\n\n### User History:\nabstract: We study LoRA ranks. title: Ranks\n\n\n"
+        "### User Instruction:\nGenerate a title for the following abstract of a paper.\nAbstract: We study LoRA. "
+        "Title:"),
+    "tweet_paraphrase": (
+        [{"text": "so hungry lol"}, {"text": "nice day"}, {"text": "good morning"}],
+        "### User Profile:\nharsh rater\n\n### User History:\nTweet: so hungry lol\n\n\n### User Instruction:\n"
+        "Paraphrase the following text into tweet without any explanation before or after it.\nText: so tired lol "
+        "Tweet:"),
+    "news_categorize": (
+        [{"text": "Police arrest a thief.", "title": "T", "category": "crime"},
+         {"text": "Shares rise.", "title": "S", "category": "business"},
+         {"text": "Team wins.", "title": "W", "category": "sports"}],
+        "### User Profile:\nharsh rater\n\n### User History:\narticle: Police arrest a thief. category: crime\n\n\n"
+        "Which category does this article relate to among the following categories? Just answer with the category "
+        "name without further explanation. categories: [travel, education, parents, style & beauty, entertainment, "
+        "food & drink, science & technology, business, sports, healthy living, women, politics, crime, culture & "
+        "arts, religion]\n article: Police arrest a man. category:"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LITERAL_PROMPTS))
+def test_the_exact_prompt_of_each_task_written_by_hand(name):
+    task = get_task(name)
+    items, expected = LITERAL_PROMPTS[name]
+    items = [{"id": str(i), **item} for i, item in enumerate(items)]
+    query = {"id": "q", "input": RAW_INPUTS[name][0], "gold": "x"}
+    assert query_example(task, query, UserHistory(task, items), 1, "harsh rater").prompt == expected

@@ -34,9 +34,13 @@ def test_loss_mask_covers_exactly_the_answer_and_eos(tiny):
 def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_answer(tiny):
     _, tok, _ = tiny
     ex = Example("word " * 200 + "Score:", " 4")
+    full = tokenize_example(tok, ex, 10_000)
     t = tokenize_example(tok, ex, 12)
     assert len(t.input_ids) == 12
     assert tok.decode([x for x in t.labels if x != IGNORE_INDEX], skip_special_tokens=True) == " 4"
+    assert t.input_ids[0] == tok.bos_token_id                      # BOS kept in front
+    assert t.input_ids[1:] == full.input_ids[-11:]                  # the rest: the end of the sequence
+    assert t.labels[1:] == full.labels[-11:]
 
 
 def test_collate_pads_right_and_masks_padding():
@@ -114,7 +118,7 @@ def test_loss_falls_on_a_learnable_task_and_only_lora_changes(tiny, tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids["input_ids"]).logits, expected)
 
 
-def test_non_finite_loss_stops_with_the_step_and_saves_nothing(tiny, tmp_path):
+def test_non_finite_loss_stops_with_the_step(tiny, tmp_path):   # nothing saved then: test_faults
     from peft import get_peft_model
     model, tok, device = tiny
     peft_model = get_peft_model(model, lora_config())
@@ -351,3 +355,37 @@ def test_profile_prompt_drops_the_oldest_items_to_fit_and_keeps_the_instruction(
     assert len(tok(more)["input_ids"]) > budget
     assert fitted_profile_prompt(task, tok, items, 10, 10 ** 6, chat=False) == full
     assert "article 9 " in fitted_profile_prompt(task, tok, items, 10, 5, chat=False)   # at least one item
+
+
+def test_sampling_is_seeded_and_uses_temperature_and_top_p_only(tiny, monkeypatch):
+    """The published decoding (temperature 0.1, top-p 0.9): the same seed gives the same text, another seed
+    other text at a high temperature, and transformers gets no top-k."""
+    model, tok, device = tiny
+    prompts = ["Review: the red blender Score:", "Tweet:"]
+    hot = dict(temperature=5.0, top_p=1.0, max_seq_len=200)
+    one = generate(model, tok, prompts, 8, device, seed=1, **hot)
+    assert generate(model, tok, prompts, 8, device, seed=1, **hot) == one
+    assert generate(model, tok, prompts, 8, device, seed=2, **hot) != one
+    # a nucleus of ~0 keeps only the most likely token: sampling becomes greedy
+    assert generate(model, tok, prompts, 8, device, temperature=0.1, top_p=1e-6) == \
+        generate(model, tok, prompts, 8, device, temperature=0)
+    seen = {}
+    real = model.generate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    generate(model, tok, prompts, 2, device)               # the defaults
+    assert (seen["do_sample"], seen["temperature"], seen["top_p"], seen["top_k"]) == (True, 0.1, 0.9, 0)
+
+
+def test_profile_prompt_takes_the_last_k_items(tiny):
+    from perpcs.profiles import profile_prompt
+    from perpcs.tasks import get_task
+    task = get_task("news_headline")
+    items = [{"id": str(i), "text": f"article number {i}", "title": f"Title {i}"} for i in range(5)]
+    prompt = profile_prompt(task, items, 2)
+    assert [i for i in range(5) if f"article number {i}" in prompt] == [3, 4]
+    assert [i for i in range(5) if f"article number {i}" in profile_prompt(task, items, 0)] == list(range(5))
