@@ -264,10 +264,14 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
         state["running"] = step_loss if state["running"] is None else 0.9 * state["running"] + 0.1 * step_loss
         bar.update(1)
         bar.set_postfix(loss=f"{state['running']:.4f}")
+        # tokens every rank has seen so far, summed (one small collective per step under data parallel)
+        state["global_tokens"] = state["tokens"] if world == 1 else \
+            int(_all_reduce(torch.tensor([float(state["tokens"])], dtype=torch.float64))[0])
         if log:
             elapsed = time.perf_counter() - t0
             log.write(json.dumps({"desc": desc, "step": state["step"], "loss": step_loss, "lr": lr,
-                                  "tokens_per_s": state["tokens"] * world / max(elapsed, 1e-9)}) + "\n")
+                                  "tokens": state["global_tokens"],
+                                  "tokens_per_s": state["global_tokens"] / max(elapsed, 1e-9)}) + "\n")
 
     try:
         for epoch in range(cfg.epochs):
@@ -305,7 +309,7 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
             _checkpointing(model, False)
         model.eval()
     elapsed = time.perf_counter() - t0
-    losses, tokens = state["losses"], state["tokens"] * world
+    losses, tokens = state["losses"], state.get("global_tokens", state["tokens"] * world)
     return {"steps": state["step"], "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "mean_loss": float(np.mean(losses)) if losses else None,
             "seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}

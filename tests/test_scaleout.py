@@ -50,8 +50,11 @@ def test_data_parallel_stage1_equals_one_process(tiny_model_dir, data_dir, tmp_p
     assert moved                                   # training changed the adapter
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-5)   # float sum order differs
-    steps = [json.loads(x)["step"] for x in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]                      # only rank 0 logs, same number of steps
+    logs = {run: [json.loads(x) for x in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")}
+    assert [x["step"] for x in logs["two"]] == [1, 2, 3]      # only rank 0 logs, same number of steps
+    # the two ranks split each batch: together they saw exactly the tokens one process saw, not twice as many
+    assert [x["tokens"] for x in logs["two"]] == [x["tokens"] for x in logs["one"]]
     assert (tmp_path / "two" / "predictions" / "k1.json").is_file()
 
 
