@@ -493,8 +493,8 @@ def main(argv=None) -> dict:
     print()
     print_table(rows, args.smoke)
     report = {"smoke": args.smoke, "shape": asdict(shape), "steps": args.steps, "warmup": args.warmup,
-              "compile": args.compile, "kv_cache": args.kv_cache, "environment": environment(device, dtype), "original": ORIGINAL,
-              "works": works_out, "table": rows}
+              "compile": args.compile, "kv_cache": args.kv_cache, "environment": environment(device, dtype),
+              "original": ORIGINAL, "works": works_out, "table": rows}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

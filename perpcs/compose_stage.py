@@ -9,8 +9,7 @@ from .composition import (Composer, ComposeSettings, PiecePool, assemble_user, i
                           recipe_weights, write_recipe)
 from .data import Layout, read_json, user_id, write_json_atomic
 from .errors import fail
-from .runner import run_per_user
-from .runner import lazy
+from .runner import lazy, run_per_user
 from .sharers import (check_existing_predictions, combine_user_predictions, default_dirs, generation_settings,
                       load_merged_base, load_sharers, predict_one_user, profiles_if_needed, resolve_anchor_dir,
                       user_examples, user_predictions_path)
