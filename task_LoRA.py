@@ -24,7 +24,7 @@ def parse_args(argv=None):
     p.add_argument("--infer", action=argparse.BooleanOptionalAction, default=False,
                    help="skip training; load the task LoRA and predict")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="retrain and re-predict even if outputs exist")
+                   help="train again even if the adapter exists (predictions are always made again)")
     return p.parse_args(argv)
 
 

@@ -1,6 +1,6 @@
 """CPU benchmark with the bundled SmolLM2-135M: training tokens/s, batched vs one-by-one generation, peak RSS.
 
-    python bench/bench_cpu.py [--steps 4] [--seq 256] [--json bench/cpu_results.json]
+    python bench/bench_cpu.py [--steps 4] [--seq_words 150] [--json bench/cpu_results.json]
 
 Numbers and what was expected are kept in bench/NOTES.md. Not a test: timings depend on the machine.
 """
