@@ -28,16 +28,22 @@ def recipe_path(root, uid: str) -> Path:
     return Path(root) / "recipes" / f"user_{uid}.json"
 
 
-def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, overwrite: bool) -> None:
-    """A rerun resumes finished users only if they were assembled with the same settings: otherwise a sweep
-    (say --topk 1 after --topk 3) into the same output dir would report the old recipes as the new run's."""
+def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, sharer_ids: list,
+                           overwrite: bool) -> None:
+    """A rerun resumes finished users only if they were assembled with the same settings and sharers: otherwise a
+    sweep (say --topk 1 after --topk 3) into the same output dir would report the old recipes as the new run's."""
     if overwrite:
         return
     wanted = vars(settings)
     for uid in uids:
         path = recipe_path(out_root, uid)
         if path.is_file():
-            had = read_json(path, "recipe").get("settings", {})
+            recipe = read_json(path, "recipe")
+            if [str(s) for s in recipe.get("sharers", [])] != list(sharer_ids):
+                fail(f"{path} was assembled from another sharer selection ({len(recipe.get('sharers', []))} "
+                     f"sharers, not the {len(sharer_ids)} of this run's anchor index); pass another --output_dir, "
+                     f"or --overwrite to redo every user")
+            had = recipe.get("settings", {})
             changed = {k: (had.get(k), v) for k, v in wanted.items() if had.get(k) != v}
             if changed:
                 diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
@@ -63,7 +69,7 @@ def compose(args) -> Path:
     examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users, settings.recent_k)
                 for i, (uid, u) in enumerate(users)}
     num_shards, shard_id = shard_of(args)
-    check_existing_recipes(out_root, [uid for uid, _ in users], settings, args.overwrite)
+    check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, args.overwrite)
     gen_settings = generation_settings(args, task)
     check_existing_predictions(out_root, [uid for uid, _ in users], gen_settings, args.overwrite)
 

@@ -150,15 +150,39 @@ def train_sharer_gates(args) -> Path:
             gates = install_gates(peft_model)
             stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                           desc=f"gates {uid}", log_path=out_root / "train_log.jsonl")
-            write_dir_atomic(user_dir(out_root, uid), lambda d: save_gates(gates, d / GATES_FILE))
+            source = {"adapter_sha256": adapter_digest(user_dir(anchor_dir, uid))}
+
+            def write(d: Path) -> None:
+                save_gates(gates, d / GATES_FILE)
+                write_json_atomic(d / GATE_SOURCE, source)
+
+            write_dir_atomic(user_dir(out_root, uid), write)
             remove_gates(peft_model)
         finally:
             peft_model.unload()
         return user_record(examples[uid], stats)
 
-    run_per_user(sharers, lambda uid: (user_dir(out_root, uid) / GATES_FILE).is_file(), work, "sharer gates",
-                 out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+    def gates_done(uid) -> bool:
+        """Gates exist and were trained on the sharer LoRA that is there now (stage 3 may have retrained it)."""
+        gate_dir = user_dir(out_root, uid)
+        if not (gate_dir / GATES_FILE).is_file():
+            return False
+        if not (gate_dir / GATE_SOURCE).is_file():   # written before sources were recorded: trust it
+            return True
+        recorded = read_json(gate_dir / GATE_SOURCE, "gate source").get("adapter_sha256")
+        return recorded == adapter_digest(user_dir(anchor_dir, uid))
+
+    run_per_user(sharers, gates_done, work, "sharer gates", out_root / "users_log.jsonl", num_shards, shard_id,
+                 args.overwrite)
     return out_root
+
+
+GATE_SOURCE = "source.json"   # beside gates.safetensors: the digest of the sharer LoRA they were trained on
+
+
+def adapter_digest(adapter_dir) -> str:
+    import hashlib
+    return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
 def user_predictions_path(root, uid: str) -> Path:

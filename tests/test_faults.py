@@ -593,3 +593,32 @@ def test_a_read_only_output_dir_is_named_and_nothing_is_lost(pipe, tmp_path, cap
     err = cli_error(train_anchor_PEFT.main, pipe.sharer_args(out_dir), capsys)
     assert f"cannot write into {out_dir}" in err and "Read-only file system" in err
     assert adapter_digests(out_dir) == before
+
+
+def test_gates_of_a_retrained_sharer_lora_are_trained_again(pipe, tmp_path, capsys):
+    """Stage 3 rerun with --overwrite (other flags) changes a sharer's LoRA: its old gates no longer count as
+    done; the other sharers' gates are kept."""
+    peft_dir, gate_dir = tmp_path / "anchor_PEFT", tmp_path / "anchor_gate"
+    shutil.copytree(pipe.anchor_peft, peft_dir)
+    shutil.copytree(pipe.anchor_gate, gate_dir)
+    changed, *others = pipe.sharer_ids()
+    weights_file = peft_dir / f"user_{changed}" / "adapter_model.safetensors"
+    save_file({k: v * 2 for k, v in load_file(str(weights_file)).items()}, str(weights_file),
+              metadata={"format": "pt"})
+    before = {uid: (gate_dir / f"user_{uid}" / "gates.safetensors").read_bytes() for uid in pipe.sharer_ids()}
+    out = run(train_anchor_gate.main, pipe.gate_args(gate_dir, anchor_path=peft_dir), capsys)
+    assert "2 already done, 1 to do" in out
+    after = {uid: (gate_dir / f"user_{uid}" / "gates.safetensors").read_bytes() for uid in pipe.sharer_ids()}
+    assert after[changed] != before[changed] and all(after[u] == before[u] for u in others)
+    assert "0 to do" in run(train_anchor_gate.main, pipe.gate_args(gate_dir, anchor_path=peft_dir), capsys)
+
+
+def test_rerun_with_another_sharer_selection_refuses_old_recipes(pipe, tmp_path, capsys):
+    out_dir = tmp_path / "composition"
+    shutil.copytree(pipe.composition, out_dir)
+    index = json.loads(pipe.anchor_idx.read_text())
+    index.update(indices=index["indices"][:2], user_ids=index["user_ids"][:2])
+    (tmp_path / "idx.json").write_text(json.dumps(index))
+    err = cli_error(lora_composition.main, pipe.compose_args(out_dir) + ["--anchor_idx_path", str(tmp_path / "idx.json"),
+                                                                          "--topk", "2"], capsys)
+    assert "another sharer selection" in err and "--overwrite" in err
