@@ -22,7 +22,7 @@ from perpcs.prompts import history_examples
 from perpcs.tasks import get_task
 from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
 from pipeline_fixture import run_stage as run
-from pipeline_fixture import ROOT, TASK, adapter_digests, file_digests, load_script, log_users
+from pipeline_fixture import DEVICE, ROOT, TASK, adapter_digests, file_digests, load_script, log_users
 
 MOVIE = get_task(TASK)
 VARIANTS = {"kNP", "k1", "kNP-profile", "k1-profile"}   # --k_list 1
@@ -327,9 +327,15 @@ PROBE = "Which tag does this movie relate to? description: a robot falls in love
 
 
 def _logits(model, tokenizer, text=PROBE):
+    device = next(model.parameters()).device
     batch = tokenizer(text, return_tensors="pt")
     with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return model(input_ids=batch["input_ids"].to(device),
+                     attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+
+
+# the stages run in bf16 on a GPU (PERPCS_TEST_DEVICE=cuda), the fp32 CPU reference does not
+CLOSE = dict(rtol=1e-4, atol=1e-5) if DEVICE == "cpu" else dict(rtol=5e-2, atol=5e-2)
 
 
 def _reference_logits(pipe, adapter_dir, tokenizer):
@@ -361,7 +367,7 @@ def test_stage5_predicts_with_the_assembled_lora(pipe, tmp_path, capsys, monkeyp
     run(lora_composition.main, pipe.compose_args(out_dir) + ["--save_adapters"], capsys)
     assert not torch.allclose(seen["used"], seen["off"], atol=1e-4)          # the LoRA changes the model
     expected = _reference_logits(pipe, out_dir / "adapters" / f"user_{seen['uid']}", seen["tokenizer"])
-    torch.testing.assert_close(seen["used"], expected, rtol=1e-4, atol=1e-5)  # and it is the user's LoRA
+    torch.testing.assert_close(seen["used"], expected, **CLOSE)  # and it is the user's LoRA
 
 
 def test_oppu_predicts_with_the_users_own_lora(pipe, tmp_path, capsys, monkeypatch):
@@ -381,4 +387,4 @@ def test_oppu_predicts_with_the_users_own_lora(pipe, tmp_path, capsys, monkeypat
     run(OPPU.main, pipe.oppu_args(out_dir) + ["--lr", "5e-2"], capsys)
     assert not torch.allclose(seen["used"], seen["off"], atol=1e-4)
     expected = _reference_logits(pipe, out_dir / "adapters" / f"user_{seen['uid']}", seen["tokenizer"])
-    torch.testing.assert_close(seen["used"], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen["used"], expected, **CLOSE)
