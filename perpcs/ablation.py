@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import shlex
 import shutil
 import subprocess
@@ -39,6 +38,7 @@ from typing import Callable
 from .data import Layout, read_json, write_bytes_atomic, write_json_atomic
 from .errors import fail
 from .results import METRIC_NAMES, TASK_METRICS, score_prediction_dir, variant_order
+from .runner import last_per_user
 from .tasks import Task
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -352,25 +352,6 @@ def evaluate_points(config: AblationConfig, points: list) -> dict:
     return results
 
 
-def _last_per_user(log_path: Path, key: str) -> dict:
-    """{user: value of ``key``} from a per-user JSONL log; the last positive value of each user counts (a
-    resumed user logs 0 training seconds: its adapter was already saved)."""
-    values = {}
-    if not Path(log_path).is_file():
-        return values
-    for number, line in enumerate(Path(log_path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            fail(f"{log_path}: line {number} is not JSON ({err.msg})")
-        value = row.get(key)
-        if isinstance(value, (int, float)) and value > 0 and "user_id" in row:
-            values[str(row["user_id"])] = float(value)
-    return values
-
-
 def _mean(values) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
@@ -389,7 +370,7 @@ def per_user_costs(task_root: Path, composition_dir: Path | None = None) -> dict
     mean = summary.get("mean", {})
     oppu_adapters = [d for d in (task_root / "OPPU" / "adapters").glob("user_*") if d.is_dir()]
     oppu_bytes = _mean(_dir_bytes(d) for d in oppu_adapters)
-    sharer_seconds = [_mean(_last_per_user(task_root / sub / "users_log.jsonl", "seconds").values())
+    sharer_seconds = [_mean(last_per_user(task_root / sub / "users_log.jsonl", "seconds").values())
                       for sub in ("anchor_PEFT", "anchor_gate")]
     n_sharers = summary.get("n_sharers")
     return {
@@ -399,7 +380,7 @@ def per_user_costs(task_root: Path, composition_dir: Path | None = None) -> dict
         "oppu_adapter_bytes": oppu_bytes if oppu_bytes is not None else mean.get("adapter_bytes"),
         "oppu_adapter_bytes_source": "OPPU/adapters" if oppu_bytes is not None else
         ("composition/summary.json adapter_bytes" if mean.get("adapter_bytes") else None),
-        "oppu_train_seconds": _mean(_last_per_user(task_root / "OPPU" / "users_log.jsonl",
+        "oppu_train_seconds": _mean(last_per_user(task_root / "OPPU" / "users_log.jsonl",
                                                    "train_seconds").values()),
         "n_sharers": n_sharers,
         "sharer_pool_bytes": n_sharers * mean["adapter_bytes"] if n_sharers and mean.get("adapter_bytes") else None,

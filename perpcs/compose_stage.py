@@ -9,7 +9,7 @@ from .composition import (Composer, ComposeSettings, PiecePool, assemble_user, i
                           recipe_weights, write_recipe)
 from .data import Layout, read_json, user_id, write_json_atomic
 from .errors import fail
-from .runner import lazy, run_per_user
+from .runner import last_per_user, lazy, refuse_other_settings, run_per_user
 from .sharers import (check_existing_predictions, combine_user_predictions, default_dirs, generation_settings,
                       load_merged_base, load_sharers, predict_one_user, profiles_if_needed, resolve_anchor_dir,
                       user_examples, user_predictions_path)
@@ -43,12 +43,7 @@ def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings
                 fail(f"{path} was assembled from another sharer selection ({len(recipe.get('sharers', []))} "
                      f"sharers, not the {len(sharer_ids)} of this run's anchor index); pass another --output_dir, "
                      f"or --overwrite to redo every user")
-            had = recipe.get("settings", {})
-            changed = {k: (had.get(k), v) for k, v in wanted.items() if had.get(k) != v}
-            if changed:
-                diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-                fail(f"{path} was assembled with other settings ({diff}); pass another --output_dir, or "
-                     f"--overwrite to redo every user")
+            refuse_other_settings(path, recipe.get("settings", {}), wanted, "assembled")
 
 
 def compose(args) -> Path:
@@ -147,15 +142,8 @@ def _mean(values) -> float | None:
 
 
 def assembly_seconds(log_path: Path) -> dict:
-    """{user: seconds of its last assembly} from the per-user log (all shards append to it)."""
-    import json
-    out = {}
-    if log_path.is_file():
-        for line in log_path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line) if line.strip() else {}
-            if row.get("assembly_seconds") is not None:
-                out[row["user_id"]] = row["assembly_seconds"]
-    return out
+    """{user: seconds of its last assembly} (a user resumed from its recipe logs none)."""
+    return last_per_user(log_path, "assembly_seconds")
 
 
 def materialize(recipe_file, anchor_dir, output_dir) -> Path:

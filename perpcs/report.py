@@ -1,27 +1,20 @@
 """The demo's results table: task LoRA, OPPU and Per-Pcs on one task, with storage and time per target user."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .data import Layout, read_json
 from .errors import fail
 from .metrics import evaluate_task
+from .runner import last_per_user
 from .tasks import get_task
 
 VARIANTS = [("kNP", "no retrieval"), ("k1", "BM25 k=1"), ("k1-profile", "BM25 k=1 + profile")]
 
 
 def _per_user_seconds(log_path: Path, key: str) -> float | None:
-    """Mean of one timing over the users of a per-user log (the last record of each user counts)."""
-    if not log_path.is_file():
-        return None
-    last = {}
-    for line in log_path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get(key):   # a user resumed from its saved adapter logs 0 s: keep its real time
-                last[row["user_id"]] = row[key]
+    """Mean of one timing over the users of a per-user log (the last positive record of each user counts)."""
+    last = last_per_user(log_path, key)
     return sum(last.values()) / len(last) if last else None
 
 

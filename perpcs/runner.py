@@ -27,6 +27,34 @@ def lazy(make: Callable) -> Callable:
     return get
 
 
+def refuse_other_settings(path, had: dict, wanted: dict, made: str) -> None:
+    """Resuming over an output made with other settings would pass it off as this run's: stop and say which."""
+    changed = {k: (had.get(k), v) for k, v in wanted.items() if had.get(k) != v}
+    if changed:
+        diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        fail(f"{path} was {made} with other settings ({diff}); pass another --output_dir, or --overwrite to redo "
+             f"every user")
+
+
+def last_per_user(log_path, key: str) -> dict:
+    """{user: value of ``key``} from a per-user log (users_log.jsonl, all shards append to it); the last positive
+    value of each user counts (a user resumed from its saved adapter logs 0 training seconds)."""
+    values = {}
+    if not Path(log_path).is_file():
+        return values
+    for number, line in enumerate(Path(log_path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            fail(f"{log_path}: line {number} is not JSON ({err.msg})")
+        value = row.get(key)
+        if isinstance(value, (int, float)) and value > 0 and "user_id" in row:
+            values[str(row["user_id"])] = float(value)
+    return values
+
+
 def shard_users(users: list, num_shards: int, shard_id: int) -> list:
     """Users i with i % num_shards == shard_id: deterministic, and the shards' union is every user once."""
     return [u for i, u in enumerate(users) if i % num_shards == shard_id]

@@ -15,7 +15,7 @@ from .errors import fail
 from .gates import GATES_FILE, install_gates, remove_gates, save_gates
 from .generation import predict_variants, write_variant_files
 from .prompts import history_examples
-from .runner import lazy, run_per_user
+from .runner import lazy, refuse_other_settings, run_per_user
 from .tasks import get_task
 from .training import seed_all, train, user_seed
 
@@ -219,11 +219,8 @@ def check_existing_predictions(root, uids: list, settings: dict, overwrite: bool
         path = user_predictions_path(root, uid)
         if path.is_file():
             had, _ = read_user_predictions(path)
-            changed = {k: (had.get(k), v) for k, v in settings.items() if had is not None and had.get(k) != v}
-            if changed:
-                diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-                fail(f"{path} was predicted with other settings ({diff}); pass another --output_dir, or "
-                     f"--overwrite to redo every user")
+            if had is not None:   # older files recorded no settings
+                refuse_other_settings(path, had, settings, "predicted")
 
 
 def combine_user_predictions(root, task, users: list) -> bool:
