@@ -59,6 +59,10 @@ class Question:
     profile: tuple          # the raw history items, as given
     source: str             # the questions file it came from, for messages
     document: str = ""      # the question's own document (whitespace-normalized), see DOCUMENT_FIELD
+    item_keys: tuple = field(init=False, repr=False)   # item_key of each profile item, computed once
+
+    def __post_init__(self):
+        object.__setattr__(self, "item_keys", tuple(item_key(item) for item in self.profile))
 
 
 @dataclass
@@ -176,7 +180,7 @@ def group_questions(questions: list) -> Grouping:
         return True
 
     grouping = Grouping()
-    keys = [{item_key(item) for item in q.profile} for q in questions]
+    keys = [set(q.item_keys) for q in questions]
     holders = defaultdict(list)                   # item key -> questions whose profile holds it
     for qi, item_keys in enumerate(keys):
         for key in item_keys:
@@ -209,8 +213,7 @@ def build_user(questions: list, task: Task, citation_field: str = "abstract") ->
     by content) without the user's query documents, in time order; every query with gold."""
     seen, items = set(), []
     for question in sorted(questions, key=lambda q: (-len(q.profile), q.id)):
-        for item in question.profile:
-            key = item_key(item)
+        for item, key in zip(question.profile, question.item_keys):
             if key not in seen:
                 seen.add(key)
                 items.append((item, question))
