@@ -1,4 +1,4 @@
-"""The OPPU baseline: for each test user, a LoRA trained on that user's own history only, then predictions.
+r"""The OPPU baseline: for each test user, a LoRA trained on that user's own history only, then predictions.
 
     python OPPU.py --task_name movie_tagging --llama_model_path ./llama_download/Llama-2-7b
 """
@@ -13,7 +13,7 @@ from perpcs.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser(__doc__)
     cli.add_data_args(p)
     cli.add_model_args(p)
     # defaults of the authors' OPPU release: r 8 on q_proj and v_proj, lr 1e-4, 2 epochs, batch 16
@@ -23,7 +23,22 @@ def parse_args(argv=None):
     cli.add_shard_args(p)
     p.add_argument("--lora_ckpt", default=None, help="task LoRA of stage 1; default ./output/<task>/task-base_LLM")
     p.add_argument("--output_dir", default=None, help="default ./output/<task>/OPPU")
-    return p.parse_args(argv)
+    # the OPPU release's spellings: --task_lora is --lora_ckpt; --k K predicts with BM25 top-K (0: none)
+    cli.add_alias(p, "--task_lora", dest="lora_ckpt")
+    p.add_argument("--k", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--add_profile", action="store_true", help=argparse.SUPPRESS)
+    args = cli.parse(p, argv)
+    if args.k is not None:
+        if args.k < 0:
+            p.error(f"--k: must be 0 (no retrieval) or positive, got {args.k}")
+        args.k_list = [args.k] if args.k > 0 else []
+        print(f"note: --k {args.k} (the OPPU release's flag) means --k_list {' '.join(map(str, args.k_list))}"
+              + (" (no retrieval)" if not args.k_list else ""))
+    if args.add_profile:
+        print("note: --add_profile (the OPPU release's flag): predictions with and without the profile are both "
+              "written here (k*-profile.json and k*.json)")
+    del args.k, args.add_profile
+    return args
 
 
 def main(argv=None):

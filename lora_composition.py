@@ -1,8 +1,10 @@
-"""Stage 5: assemble each target user's LoRA from the top-k gated sharer pieces (no gradient step), save its
+r"""Stage 5: assemble each target user's LoRA from the top-k gated sharer pieces (no gradient step), save its
 recipe, and predict the 8 test-time variants.
 
     python lora_composition.py --task_name movie_tagging --llama_model_path ./llama_download/Llama-2-7b \
-        --lora_ckpt ./output/movie_tagging/task-base_LLM/lora_ckpt.pt --topk 3 --share_ratio 1
+        --lora_ckpt ./output/movie_tagging/task-base_LLM/lora_ckpt.pt --topk 3 --share_ratio 1 \
+        --gate_dir ./output/movie_tagging/Anchor_PEFT/gate --anchor_dir ./output/movie_tagging/Anchor_PEFT/LoRA \
+        --output_dir ./output/movie_tagging/LoRA-Composition
 """
 import argparse
 import sys
@@ -15,17 +17,20 @@ from perpcs.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser(__doc__)
     cli.add_data_args(p)
     cli.add_model_args(p)
     cli.add_generation_args(p)
     cli.add_shard_args(p)
     p.add_argument("--lora_ckpt", default=None, help="task LoRA of stage 1; default ./output/<task>/task-base_LLM")
-    p.add_argument("--anchor_path", default=None, help="sharer LoRAs of stage 3; default ./output/<task>/anchor_PEFT")
-    p.add_argument("--gate_path", default=None, help="sharer gates of stage 4; default ./output/<task>/anchor_gate")
+    p.add_argument("--anchor_dir", default=None,
+                   help="sharer LoRAs of stage 3; default ./output/<task>/Anchor_PEFT/LoRA")
+    cli.add_alias(p, "--anchor_path", dest="anchor_dir")
+    p.add_argument("--gate_dir", default=None, help="sharer gates of stage 4; default ./output/<task>/Anchor_PEFT/gate")
+    cli.add_alias(p, "--gate_path", dest="gate_dir")
     p.add_argument("--anchor_idx_path", default=None,
                    help="stage 2 output; default anchor_selection/<task>/anchor_user_idx.json")
-    p.add_argument("--output_dir", default=None, help="default ./output/<task>/composition")
+    p.add_argument("--output_dir", default=None, help="default ./output/<task>/LoRA-Composition")
     p.add_argument("--topk", type=int, default=3, help="pieces mixed per position")
     p.add_argument("--agg_temperature", type=float, default=1.0, help="softmax temperature of the top-k mix")
     p.add_argument("--recent_k", type=int, default=2000, help="history items used to assemble")
@@ -42,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--sample_top_p", type=float, default=0.9)
     p.add_argument("--save_adapters", action=argparse.BooleanOptionalAction, default=False,
                    help="also write each user's assembled peft adapter")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main(argv=None):

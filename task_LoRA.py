@@ -1,4 +1,4 @@
-"""Stage 1: train the task LoRA on the base users, then predict the 8 baseline variants for the test users.
+r"""Stage 1: train the task LoRA on the base users, then predict the 8 baseline variants for the test users.
 
     python task_LoRA.py --task_name movie_tagging --llama_model_path ./llama_download/Llama-2-7b
 """
@@ -13,7 +13,7 @@ from perpcs.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser(__doc__)
     cli.add_data_args(p)
     cli.add_model_args(p)
     cli.add_lora_args(p)
@@ -25,7 +25,7 @@ def parse_args(argv=None):
                    help="skip training; load the task LoRA and predict")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="train again even if the adapter exists (predictions are always made again)")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main(argv=None):

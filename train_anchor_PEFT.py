@@ -1,9 +1,9 @@
-"""Stage 3: one LoRA per sharer (on base + merged task LoRA), trained on the sharer's own history.
+r"""Stage 3: one LoRA per sharer (on base + merged task LoRA), trained on the sharer's own history.
 
     python train_anchor_PEFT.py --task_name movie_tagging --llama_model_path ./llama_download/Llama-2-7b \
-        --lora_ckpt ./output/movie_tagging/task-base_LLM/lora_ckpt.pt
+        --lora_ckpt ./output/movie_tagging/task-base_LLM/lora_ckpt.pt \
+        --output_dir ./output/movie_tagging/Anchor_PEFT/LoRA
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from perpcs.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser(__doc__)
     cli.add_data_args(p)
     cli.add_model_args(p)
     cli.add_lora_args(p)
@@ -24,9 +24,10 @@ def parse_args(argv=None):
     p.add_argument("--lora_ckpt", default=None, help="task LoRA of stage 1 (dir or .../lora_ckpt.pt); "
                    "default ./output/<task>/task-base_LLM")
     p.add_argument("--anchor_idx_path", default=None,
-                   help="stage 2 output; default anchor_selection/<task>/anchor_user_idx.json")
-    p.add_argument("--output_dir", default=None, help="default ./output/<task>/anchor_PEFT (user_<id>/ each)")
-    return p.parse_args(argv)
+                   help="stage 2 output; default anchor_selection/<task>/anchor_user_idx.json (a missing "
+                        "published anchor_user_idx.pt resolves to it)")
+    p.add_argument("--output_dir", default=None, help="default ./output/<task>/Anchor_PEFT/LoRA (user_<id>/ each)")
+    return cli.parse(p, argv)
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Stage 2: choose the sharer ("anchor") users among the candidates (SPEC section 5).
+r"""Stage 2: choose the sharer ("anchor") users among the candidates (SPEC section 5).
 
     python anchor_selection/history_anchor.py --task_name movie_tagging --k 50
     cd anchor_selection && python history_anchor.py \
@@ -14,11 +14,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perpcs.anchors import KMEANS_N_INIT, STRATEGIES, run_anchor_selection  # noqa: E402
+from perpcs.cli import device_name  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task_name", required=True, help="movie_tagging, news_headline, ... or a LaMP id")
     p.add_argument("--candidate_path", default=None,
                    help="candidate users file (default: <repo>/data/<task>/user_anchor_candidate.json)")
@@ -35,7 +36,7 @@ def parse_args(argv=None):
                    help="local Hugging Face encoder directory (default: the bundled all-MiniLM-L6-v2)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_length", type=int, default=512, help="tokens per history item")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--reembed", action="store_true",
                    help="recompute the embeddings even if matching ones are stored in output_dir")
     return p.parse_args(argv)

@@ -54,7 +54,7 @@ def bench_generate(model, tokenizer, device, n_prompts, seq_words, new_tokens) -
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seq_words", type=int, default=150, help="prompt words (~1.3 tokens each)")
     p.add_argument("--json", default=None)

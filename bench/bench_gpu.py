@@ -402,7 +402,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU in fp32 (a quick check, < 30 s)")
     p.add_argument("--only", default=",".join(WORKS), help=f"comma-separated subset of {','.join(WORKS)}")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 10; smoke 2)")

@@ -99,7 +99,7 @@ def time_training(examples: list, tokenizer, steps: int, batch_size: int) -> dic
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=None, help="a prepared layout (default: generated sample data)")
     p.add_argument("--tasks", nargs="+", default=sorted(TASKS))
     p.add_argument("--tokenizer", default="smollm2", help="model dir whose tokenizer counts the tokens")

@@ -8,15 +8,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from perpcs.cli import device_name  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task_name", required=True)
     p.add_argument("--data_dir", default="./data")
     p.add_argument("--model_path", default="smollm2", help="'smollm2', an HF dir or a Meta download dir")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--k", type=int, default=10, help="most recent history items shown to the model (0 = all)")
     p.add_argument("--max_gen_len", type=int, default=128)
     p.add_argument("--max_seq_len", type=int, default=3000)

@@ -15,7 +15,7 @@ from perpcs.sample import write_sample  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task_name", required=True, help="citation, movie_tagging, news_categorize, product_rating, "
                    "news_headline, scholarly_title, tweet_paraphrase (or the LaMP id)")
     p.add_argument("--out_dir", required=True, help="where the raw LaMP files go")

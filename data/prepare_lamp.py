@@ -16,7 +16,7 @@ from perpcs.prepare import prepare_lamp  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task_name", required=True, help="citation, movie_tagging, news_categorize, product_rating, "
                    "news_headline, scholarly_title, tweet_paraphrase (or the LaMP id)")
     p.add_argument("--lamp_dir", required=True, help="holds train_questions.json / train_outputs.json "

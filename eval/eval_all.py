@@ -1,6 +1,6 @@
 """Score every prediction file under output/ and write one results table in the layout of the paper's main
 table: rows = non-personalized / RAG / PAG (task LoRA), OPPU and Per-Pcs with their variants (and any
-composition*/ dir of an ablation); columns = each task's two LaMP metrics; "-" where a file is missing.
+LoRA-Composition-*/ dir of an ablation); columns = each task's two LaMP metrics; "-" where a file is missing.
 
     python eval/eval_all.py [--output_root output] [--data_dir data] [--out_prefix output/results]
 
@@ -17,9 +17,9 @@ from perpcs.results import write_results  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_root", default="output", help="holds <task>/{task-base_LLM,OPPU,composition*}/")
+    parser.add_argument("--output_root", default="output", help="holds <task>/{task-base_LLM,OPPU,LoRA-Composition*}/")
     parser.add_argument("--data_dir", default="data", help="holds <task>/test_100/golds.json")
     parser.add_argument("--out_prefix", default="output/results", help="writes <prefix>.md, .csv and .tex")
     return parser.parse_args(argv)

@@ -19,7 +19,7 @@ from perpcs.tasks import get_task  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--golds_json", default=None, help="LaMP golds file {task, golds: [{id, output}]}")
     parser.add_argument("--data_dir", default=None,

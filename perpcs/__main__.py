@@ -52,10 +52,10 @@ def report_cmd(args) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m perpcs", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m perpcs", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    sp = sub.add_parser("show-prompts", help="print the prompts of the first n queries")
+    sp = sub.add_parser("show-prompts", allow_abbrev=False, help="print the prompts of the first n queries")
     sp.add_argument("--task_name", required=True)
     sp.add_argument("--data_dir", default="data")
     sp.add_argument("--split", default="test", choices=["test", "base", "candidate", "reserve"])
@@ -63,12 +63,12 @@ def main(argv=None) -> None:
     sp.add_argument("--k", type=int, default=1, help="BM25 history items (0 = none)")
     sp.add_argument("--profile", action="store_true", help="prepend the user's profile text")
     sp.set_defaults(func=show_prompts)
-    mp = sub.add_parser("materialize", help="rebuild a peft adapter from a recipe")
+    mp = sub.add_parser("materialize", allow_abbrev=False, help="rebuild a peft adapter from a recipe")
     mp.add_argument("--recipe", required=True)
     mp.add_argument("--anchor_dir", required=True, help="the sharer LoRAs (stage 3 output)")
     mp.add_argument("--output_dir", required=True)
     mp.set_defaults(func=materialize_cmd)
-    rp = sub.add_parser("report", help="results table of one task")
+    rp = sub.add_parser("report", allow_abbrev=False, help="results table of one task")
     rp.add_argument("--task_name", required=True)
     rp.add_argument("--data_dir", default="data")
     rp.add_argument("--output_root", default=None, help="default output/<task>")

@@ -8,17 +8,17 @@ A sweep varies one setting of the pipeline and holds the others at their base va
     topk         ``lora_composition.py --topk``                       -> stage 5 again
 
 Every setting has its own stage 2 dir (``output/<task>/ablation/anchors/<strategy>-k<k>/``) and its own
-composition dir (``output/<task>/composition-<tag>/``, which eval/eval_all.py lists as its own row). A
+composition dir (``output/<task>/LoRA-Composition-<tag>/``, which eval/eval_all.py lists as its own row). A
 sharer's LoRA and gates depend only on the sharer (its history and a seed drawn from its id), never on which
-other users were chosen, so stages 3 and 4 write into the pipeline's shared ``anchor_PEFT/`` and
-``anchor_gate/`` dirs, where they are per-user resumable: a new sharer set trains only the sharers not trained
-yet. The setting equal to the pipeline defaults of ``scripts/run_task.sh`` (k 50, cluster, share ratio 1,
-top-k 3) *is* the pipeline run (``anchor_selection/<task>/``, ``composition/``), so it is reused as-is.
+other users were chosen, so stages 3 and 4 write into the pipeline's shared ``Anchor_PEFT/LoRA/`` and
+``Anchor_PEFT/gate/`` dirs, where they are per-user resumable: a new sharer set trains only the sharers not
+trained yet. The setting equal to the pipeline defaults of ``scripts/run_task.sh`` (k 50, cluster, share ratio 1,
+top-k 3) *is* the pipeline run (``anchor_selection/<task>/``, ``LoRA-Composition/``), so it is reused as-is.
 A step whose outputs exist is skipped, so an interrupted sweep continues where it stopped.
 
 After the runs, every composition dir is scored, metric-vs-setting plots are drawn (one PNG per sweep), and
 storage and time against the number of target users are drawn for Per-Pcs and OPPU from
-``composition/summary.json`` and ``OPPU/users_log.jsonl``. All numbers go to
+``LoRA-Composition/summary.json`` and ``OPPU/users_log.jsonl``. All numbers go to
 ``output/<task>/ablation/results.json``.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Callable
 
 from .data import Layout, read_json, write_bytes_atomic, write_json_atomic
 from .errors import fail
+from .paths import COMPOSITION, OPPU, SHARER_GATES, SHARER_LORAS, TASK_LORA
 from .results import METRIC_NAMES, TASK_METRICS, score_prediction_dir, variant_order
 from .runner import last_per_user
 from .tasks import Task
@@ -51,8 +52,8 @@ SWEEP_TITLES = {"k": "number of sharers (k of history_anchor.py)", "strategy": "
                 "topk": "pieces mixed per position (lora_composition.py --topk)"}
 # Flags the ablation sets itself; in --extra they would silently fight the sweep.
 RESERVED_FLAGS = {"--task_name", "--data_dir", "--candidate_path", "--k", "--strategy", "--output_dir",
-                  "--lora_ckpt", "--anchor_path", "--gate_path", "--anchor_idx_path", "--topk", "--share_ratio",
-                  "--shared_ratio"}
+                  "--lora_ckpt", "--anchor_path", "--gate_path", "--anchor_dir", "--gate_dir", "--task_lora",
+                  "--anchor_idx_path", "--topk", "--share_ratio", "--shared_ratio"}
 SCRIPTS = {"anchors": "anchor_selection/history_anchor.py", "sharer LoRAs": "train_anchor_PEFT.py",
            "gates": "train_anchor_gate.py", "composition": "lora_composition.py"}
 INDEX_FILE = "anchor_user_idx.json"                              # as perpcs.anchors
@@ -135,15 +136,15 @@ class AblationConfig:
 
     @property
     def task_lora(self) -> Path:
-        return self.task_root / "task-base_LLM"
+        return self.task_root / TASK_LORA
 
     @property
     def sharer_lora_dir(self) -> Path:
-        return self.task_root / "anchor_PEFT"
+        return self.task_root / SHARER_LORAS
 
     @property
     def gate_dir(self) -> Path:
-        return self.task_root / "anchor_gate"
+        return self.task_root / SHARER_GATES
 
     @property
     def pipeline_anchor_dir(self) -> Path:
@@ -164,11 +165,11 @@ class AblationConfig:
         return self.ablation_root / "anchors" / f"{setting.strategy}-k{setting.k}"
 
     def composition_dir(self, setting: Setting) -> Path:
-        """composition/ (the pipeline's) for the pipeline setting, else composition-<tag>."""
+        """LoRA-Composition/ (the pipeline's) for the pipeline setting, else LoRA-Composition-<tag>."""
         tag = setting.tag()
         if not tag and not self.reuses_pipeline(setting):
             tag = f"{setting.strategy}-k{setting.k}"
-        return self.task_root / (f"composition-{tag}" if tag else "composition")
+        return self.task_root / (f"{COMPOSITION}-{tag}" if tag else COMPOSITION)
 
     def check_extra_flags(self) -> None:
         for name in ("extra", "anchor_extra", "peft_extra", "gate_extra", "compose_extra"):
@@ -255,7 +256,7 @@ def plan_setting(config: AblationConfig, setting: Setting) -> list:
                            "--output_dir", str(config.gate_dir)],
                  lambda: _all_sharers_have(index, config.gate_dir, GATES_FILE))
     compose = Step("composition", [py, script_path("composition"), *model, *config.compose_extra,
-                                   "--anchor_path", str(config.sharer_lora_dir), "--gate_path", str(config.gate_dir),
+                                   "--anchor_dir", str(config.sharer_lora_dir), "--gate_dir", str(config.gate_dir),
                                    "--anchor_idx_path", str(index), "--topk", str(setting.topk),
                                    "--share_ratio", f"{setting.share_ratio:g}", "--output_dir", str(comp_dir)],
                    # always run: stage 5 skips finished users itself, loads no model when all are done, and
@@ -363,15 +364,15 @@ def _dir_bytes(path: Path) -> int:
 
 def per_user_costs(task_root: Path, composition_dir: Path | None = None) -> dict:
     """Per-target-user storage and time of Per-Pcs (from ``composition_dir``, default the pipeline's
-    composition/) and OPPU (None where the run is missing), and the one-off cost of the sharers."""
+    LoRA-Composition/) and OPPU (None where the run is missing), and the one-off cost of the sharers."""
     task_root = Path(task_root)
-    summary_path = Path(composition_dir or task_root / "composition") / "summary.json"
+    summary_path = Path(composition_dir or task_root / COMPOSITION) / "summary.json"
     summary = read_json(summary_path, "composition summary") if summary_path.is_file() else {}
     mean = summary.get("mean", {})
-    oppu_adapters = [d for d in (task_root / "OPPU" / "adapters").glob("user_*") if d.is_dir()]
+    oppu_adapters = [d for d in (task_root / OPPU / "adapters").glob("user_*") if d.is_dir()]
     oppu_bytes = _mean(_dir_bytes(d) for d in oppu_adapters)
     sharer_seconds = [_mean(last_per_user(task_root / sub / "users_log.jsonl", "seconds").values())
-                      for sub in ("anchor_PEFT", "anchor_gate")]
+                      for sub in (SHARER_LORAS, SHARER_GATES)]
     n_sharers = summary.get("n_sharers")
     return {
         "recipe_bytes": mean.get("recipe_bytes"),
@@ -380,7 +381,7 @@ def per_user_costs(task_root: Path, composition_dir: Path | None = None) -> dict
         "oppu_adapter_bytes": oppu_bytes if oppu_bytes is not None else mean.get("adapter_bytes"),
         "oppu_adapter_bytes_source": "OPPU/adapters" if oppu_bytes is not None else
         ("composition/summary.json adapter_bytes" if mean.get("adapter_bytes") else None),
-        "oppu_train_seconds": _mean(last_per_user(task_root / "OPPU" / "users_log.jsonl",
+        "oppu_train_seconds": _mean(last_per_user(task_root / OPPU / "users_log.jsonl",
                                                    "train_seconds").values()),
         "n_sharers": n_sharers,
         "sharer_pool_bytes": n_sharers * mean["adapter_bytes"] if n_sharers and mean.get("adapter_bytes") else None,

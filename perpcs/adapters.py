@@ -67,14 +67,17 @@ def write_dir_atomic(target, write) -> Path:
     return target
 
 
-def save_peft_adapter(peft_model, target) -> Path:
-    """Save a peft adapter (adapter_config.json + adapter_model.safetensors), verified, atomically."""
+def save_peft_adapter(peft_model, target, extra_json: dict | None = None) -> Path:
+    """Save a peft adapter (adapter_config.json + adapter_model.safetensors), verified, atomically; ``extra_json``
+    ({file name: object}) is published with it (e.g. source.json: what it was trained on)."""
     from .modeling import verify_adapter
 
     def write(staging: Path) -> None:
         peft_model.save_pretrained(str(staging), safe_serialization=True)
         sort_target_modules(staging / "adapter_config.json")
         verify_adapter(staging, peft_model)
+        for name, obj in (extra_json or {}).items():
+            (staging / name).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
     return write_dir_atomic(target, write)
 
@@ -94,7 +97,23 @@ def is_complete_adapter(path) -> bool:
 
 
 def load_adapter_weights(peft_model, adapter_dir) -> None:
-    """Load a saved adapter's tensors into a peft model built with the same config."""
-    from peft import set_peft_model_state_dict
+    """Load a saved adapter's tensors into a peft model built with the same config, strictly: peft's own load
+    skips keys it does not know and keeps the fresh init of keys the file lacks, which would half-load an
+    adapter saved with other target modules or rank."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
-    set_peft_model_state_dict(peft_model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    try:
+        saved = load_file(str(path))
+    except Exception as err:   # safetensors raises its own error types for a corrupt header
+        fail(f"{path}: cannot read the adapter ({err}); delete {adapter_dir} to train it again")
+    expected = get_peft_model_state_dict(peft_model)
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    shapes = sorted(k for k in set(saved) & set(expected) if tuple(saved[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or shapes:
+        problems = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+                    (("missing tensors", missing), ("unexpected tensors", unexpected), ("shape mismatches", shapes))
+                    if v]
+        fail(f"{path} does not fit this run's LoRA (--lora_r, --target_modules): {'; '.join(problems)}; delete "
+             f"{adapter_dir} or pass --overwrite to train it again")
+    set_peft_model_state_dict(peft_model, saved)

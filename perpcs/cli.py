@@ -6,10 +6,64 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from .training import TrainConfig
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+# Flags of the published parsers that change nothing here: accepted (with a note) so that the authors' commands
+# and scripts built on them run as written instead of stopping at an argparse error.
+PUBLISHED_NO_OPS = {
+    "--num_workers": "examples are tokenized in the training process",
+    "--log_dir": "logs go to train_log.jsonl / users_log.jsonl in the output directory",
+    "--w_lora": "sharer LoRAs are read from --anchor_dir / --anchor_path",
+    "--w_gate": "gates are read from --gate_dir",
+    "--model": "the architecture comes from --llama_model_path",
+    "--warmup_epochs": "the published runs had no warm-up (SPEC 5)",
+    "--gate_reset": "gates always start from 0",
+    "--test_idx_dir": "the target users are data/<task>/test_100/user_test_100.json",
+}
+
+
+def stage_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The parser of a stage script: no abbreviated flags (``--k`` must not mean ``--k_list``), and the
+    published parsers' no-op flags accepted (see :func:`parse`)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    for flag in PUBLISHED_NO_OPS:
+        p.add_argument(flag, dest=_no_op_dest(flag), nargs="?", const="", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _no_op_dest(flag: str) -> str:
+    return "_no_op_" + flag.lstrip("-")
+
+
+def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, then say in one line per given no-op flag that it changes nothing here, and drop it."""
+    args = p.parse_args(argv)
+    for flag, why in PUBLISHED_NO_OPS.items():
+        dest = _no_op_dest(flag)
+        if getattr(args, dest, None) is not None:
+            print(f"note: {flag} (a flag of the published code) is accepted and changes nothing here: {why}")
+        if hasattr(args, dest):
+            delattr(args, dest)
+    return args
+
+
+def add_alias(p: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> None:
+    """Another spelling of a flag, accepted but not shown in --help (one spelling there)."""
+    p.add_argument(flag, dest=dest, default=None, help=argparse.SUPPRESS, **kwargs)
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda or cuda:N (the published commands select GPUs with CUDA_VISIBLE_DEVICES)."""
+    name = text.strip().lower()
+    if name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name):
+        return name
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +77,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF model dir, Meta download dir (params.json + consolidated.*.pth, converted once), "
                         "or 'smollm2' for the bundled SmolLM2-135M-Instruct")
     p.add_argument("--tokenizer_path", default=None, help="defaults to the model path")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", type=device_name, help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--cpu_bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast on CPU (where supported); default fp32 on CPU, bf16 on CUDA")
 

@@ -1,6 +1,7 @@
 """Stage 5 driver: recipes, optional adapters, predictions and a summary for every target user."""
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -9,10 +10,12 @@ from .composition import (Composer, ComposeSettings, PiecePool, assemble_user, i
                           recipe_weights, write_recipe)
 from .data import Layout, read_json, user_id, write_json_atomic
 from .errors import fail
+from .gates import GATES_FILE
+from .provenance import file_sha256, refuse_other_sources
 from .runner import last_per_user, lazy, refuse_other_settings, run_per_user
 from .sharers import (check_existing_predictions, combine_user_predictions, default_dirs, generation_settings,
-                      load_merged_base, load_sharers, predict_one_user, profiles_if_needed, resolve_anchor_dir,
-                      user_examples, user_predictions_path)
+                      load_merged_base, load_sharers, merged_base_sources, predict_one_user, profiles_if_needed,
+                      resolve_anchor_dir, resolve_anchor_index, user_examples, user_predictions_path)
 from .tasks import get_task
 from .training import tokenize_example, user_seed
 
@@ -29,9 +32,10 @@ def recipe_path(root, uid: str) -> Path:
 
 
 def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, sharer_ids: list,
-                           overwrite: bool) -> None:
-    """A rerun resumes finished users only if they were assembled with the same settings and sharers: otherwise a
-    sweep (say --topk 1 after --topk 3) into the same output dir would report the old recipes as the new run's."""
+                           inputs: dict, overwrite: bool) -> None:
+    """A rerun resumes finished users only if they were assembled with the same settings, sharers and inputs
+    (base model, task LoRA, gates, --max_seq_len): otherwise a sweep (say --topk 1 after --topk 3) into the same
+    output dir would report the old recipes as the new run's."""
     if overwrite:
         return
     wanted = vars(settings)
@@ -44,6 +48,15 @@ def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings
                      f"sharers, not the {len(sharer_ids)} of this run's anchor index); pass another --output_dir, "
                      f"or --overwrite to redo every user")
             refuse_other_settings(path, recipe.get("settings", {}), wanted, "assembled")
+            refuse_other_sources(path, recipe.get("inputs"), inputs, "assembled")
+
+
+def composition_inputs(args, pool: PiecePool, gate_dir: Path) -> dict:
+    """What a recipe is made from besides its settings: recorded in it and compared on resume."""
+    gates = hashlib.sha256()
+    for uid in pool.sharer_ids:   # pool order: the order the recipe's sharers are listed in
+        gates.update(file_sha256(gate_dir / f"user_{uid}" / GATES_FILE).encode())
+    return {**merged_base_sources(args), "gates_sha256": gates.hexdigest(), "max_seq_len": args.max_seq_len}
 
 
 def compose(args) -> Path:
@@ -55,16 +68,18 @@ def compose(args) -> Path:
     test_users = layout.load_split("test", check=True)
     layout.load_golds(test_users)
     all_profiles = layout.load_profiles()
-    sharers = load_sharers(args.anchor_idx_path or dirs["anchor_idx"], layout.candidate_users, task)
+    sharers = load_sharers(resolve_anchor_index(args.anchor_idx_path, task.name), layout.candidate_users, task)
     settings.check(len(sharers))
-    pool = PiecePool([uid for uid, _ in sharers], resolve_anchor_dir(args.anchor_path or dirs["anchor_peft"]),
-                     Path(args.gate_path or dirs["anchor_gate"]))
+    gate_dir = Path(args.gate_dir or dirs["anchor_gate"])
+    pool = PiecePool([uid for uid, _ in sharers], resolve_anchor_dir(args.anchor_dir or dirs["anchor_peft"]),
+                     gate_dir)
     profiles = profiles_if_needed(layout, task)
     users = [(user_id(u), u) for u in test_users]
     examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users, settings.recent_k)
                 for i, (uid, u) in enumerate(users)}
     num_shards, shard_id = shard_of(args)
-    check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, args.overwrite)
+    inputs = composition_inputs(args, pool, gate_dir)
+    check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, inputs, args.overwrite)
     gen_settings = generation_settings(args, task)
     check_existing_predictions(out_root, [uid for uid, _ in users], gen_settings, args.overwrite)
 
@@ -92,7 +107,7 @@ def compose(args) -> Path:
                                              cpu_bf16=args.cpu_bf16)
             seconds = time.perf_counter() - t0
             recipe = make_recipe(pool, weights, settings, uid, task.name, batches,
-                                 {"seed_user": seed, "examples": len(tokenized)})
+                                 {"seed_user": seed, "examples": len(tokenized), "inputs": inputs})
             write_recipe(recipe, path)
             timing["assembly_seconds"] = round(seconds, 4)
         if args.save_adapters:

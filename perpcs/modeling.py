@@ -552,6 +552,21 @@ def load_tokenizer(tokenizer_dir):
     return tokenizer
 
 
+def resolve_tokenizer_path(tokenizer_path, model_path, model_dir: Path) -> Path:
+    """The model's own tokenizer when --tokenizer_path is unset or names the model path itself (the published
+    commands pass the same directory twice; a Meta download's tokenizer is then the converted one); the bundled
+    model's for 'smollm2'; otherwise the given directory or sentencepiece file."""
+    if tokenizer_path is None:
+        return model_dir
+    if str(tokenizer_path).strip().lower() in SMOLLM2_NAMES:
+        return smollm2_dir()
+    path = Path(tokenizer_path).expanduser()
+    model = Path(str(model_path)).expanduser()
+    if path.exists() and model.exists() and path.resolve() == model.resolve():
+        return model_dir
+    return path
+
+
 def load_base_model(model_path="smollm2", tokenizer_path=None, device="auto", cpu_bf16: bool = False):
     """(model, tokenizer, device): bf16 weights on CUDA, fp32 on the CPU (``cpu_bf16`` only matters to
     :func:`autocast_context`), sdpa attention, eval mode."""
@@ -559,7 +574,7 @@ def load_base_model(model_path="smollm2", tokenizer_path=None, device="auto", cp
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     model_dir = resolve_model_dir(model_path)
-    tokenizer_dir = model_dir if tokenizer_path is None else Path(tokenizer_path).expanduser()
+    tokenizer_dir = resolve_tokenizer_path(tokenizer_path, model_path, model_dir)
     if tokenizer_dir.is_file():   # a sentencepiece file, e.g. Meta's llama_download/tokenizer.model
         tokenizer = tokenizer_from_sentencepiece(tokenizer_dir)
         if tokenizer.pad_token is None:

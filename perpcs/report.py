@@ -6,6 +6,7 @@ from pathlib import Path
 from .data import Layout, read_json
 from .errors import fail
 from .metrics import evaluate_task
+from .paths import COMPOSITION, OPPU, TASK_LORA
 from .runner import last_per_user
 from .tasks import get_task
 
@@ -36,18 +37,18 @@ def results_table(task_name: str, data_dir="data", output_root=None) -> str:
     """Markdown table of every method x variant found under output/<task>/."""
     task = get_task(task_name)
     root = Path(output_root or Path("output") / task.name)
-    if (root / task.name).is_dir() and not (root / "task-base_LLM").is_dir():
+    if (root / task.name).is_dir() and not (root / TASK_LORA).is_dir():
         root = root / task.name        # given the parent dir (output/), as eval_all takes it
     golds = Layout(data_dir, task).load_golds()
-    oppu_adapters = sorted((root / "OPPU" / "adapters").glob("user_*"))
-    summary_path = root / "composition" / "summary.json"
+    oppu_adapters = sorted((root / OPPU / "adapters").glob("user_*"))
+    summary_path = root / COMPOSITION / "summary.json"
     summary = read_json(summary_path) if summary_path.is_file() else None
     methods = [
-        ("task LoRA (non-personalized)", root / "task-base_LLM" / "predictions", 0, None),
-        ("OPPU", root / "OPPU" / "predictions",
+        ("task LoRA (non-personalized)", root / TASK_LORA / "predictions", 0, None),
+        ("OPPU", root / OPPU / "predictions",
          _adapter_bytes(oppu_adapters[0]) if oppu_adapters else None,
-         _per_user_seconds(root / "OPPU" / "users_log.jsonl", "train_seconds")),
-        ("Per-Pcs", root / "composition" / "predictions",
+         _per_user_seconds(root / OPPU / "users_log.jsonl", "train_seconds")),
+        ("Per-Pcs", root / COMPOSITION / "predictions",
          summary["mean"]["recipe_bytes"] if summary else None,
          summary["mean"]["assembly_seconds"] if summary else None),
     ]

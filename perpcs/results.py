@@ -6,8 +6,8 @@ Rows are methods and their test-time variants, columns are tasks x their two met
     RAG (k=n)             task LoRA, BM25 top-n                   .../kn.json
     PAG (k=n)             task LoRA, profile + BM25 top-n         .../kn-profile.json (k=0: profile only)
     OPPU, OPPU + RAG ...  one trained LoRA per user               OPPU/predictions/...
-    Per-Pcs, ...          assembled LoRA per user                 composition/predictions/...
-    Per-Pcs (composition-x) ...  any other composition*/ dir (ablation runs), named after the dir
+    Per-Pcs, ...          assembled LoRA per user                 LoRA-Composition/predictions/...
+    Per-Pcs (LoRA-Composition-x) ...  any other LoRA-Composition-*/ dir (ablation runs), named after the dir
 
 Every prediction file is scored against ``data/<task>/test_100/golds.json`` with the LaMP metrics; a missing
 file leaves "-" in its cell, and a row with no file in any task is left out.
@@ -24,6 +24,7 @@ from pathlib import Path
 from .data import Layout, read_json, write_bytes_atomic
 from .errors import fail
 from .metrics import evaluate_task
+from .paths import COMPOSITION, OPPU, TASK_LORA
 from .tasks import TASKS, Task
 
 # Column order: the paper's six tasks, LaMP-2N (the authors' OPPU work) beside LaMP-2M when present.
@@ -36,7 +37,7 @@ METRIC_NAMES = {"accuracy": ("Acc", True), "f1": ("F1", True), "MAE": ("MAE", Fa
 TASK_METRICS = {"classification": ["accuracy", "f1"], "regression": ["MAE", "RMSE"],
                 "generation": ["rouge-1", "rouge-L"]}
 VARIANT_RE = re.compile(r"^k(NP|[1-9]\d*)(-profile)?$")   # k0 / k01 would share a row with kNP / k1
-MAIN_METHOD_DIRS = [("task LoRA", "task-base_LLM"), ("OPPU", "OPPU"), ("Per-Pcs", "composition")]
+MAIN_METHOD_DIRS = [("task LoRA", TASK_LORA), ("OPPU", OPPU), ("Per-Pcs", COMPOSITION)]
 
 
 def parse_variant(stem: str):
@@ -69,7 +70,7 @@ def row_label(method: str, stem: str) -> tuple:
 def method_dirs(task_root: Path) -> list:
     """(method name, run dir) of every method found under output/<task>/, in table order."""
     found = [(name, task_root / sub) for name, sub in MAIN_METHOD_DIRS]
-    extra = sorted(p for p in task_root.glob("composition*") if p.is_dir() and p.name != "composition")
+    extra = sorted(p for p in task_root.glob(f"{COMPOSITION}-*") if p.is_dir())
     found += [(f"Per-Pcs ({p.name})", p) for p in extra]
     return [(name, d) for name, d in found if (d / "predictions").is_dir()]
 
@@ -241,7 +242,7 @@ def write_results(output_root="output", data_dir="data", out_prefix="output/resu
     """Score everything and write <prefix>.md, .csv and .tex (each atomically); returns {format: path}."""
     table = collect_results(output_root, data_dir)
     if not table.rows:
-        fail(f"no prediction files under {output_root}/<task>/{{task-base_LLM,OPPU,composition*}}/predictions/")
+        fail(f"no prediction files under {output_root}/<task>/{{task-base_LLM,OPPU,LoRA-Composition*}}/predictions/")
     paths = {}
     for suffix, render in (("md", to_markdown), ("csv", to_csv), ("tex", to_latex)):
         path = Path(f"{out_prefix}.{suffix}")

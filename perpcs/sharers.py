@@ -15,6 +15,7 @@ from .errors import fail
 from .gates import GATES_FILE, install_gates, remove_gates, save_gates
 from .generation import predict_variants, write_variant_files
 from .prompts import history_examples
+from .provenance import SOURCE_FILE, adapter_sha256, read_source, refuse_other_sources, training_sources
 from .runner import lazy, refuse_other_settings, run_per_user
 from .tasks import get_task
 from .training import seed_all, train, user_seed
@@ -25,10 +26,9 @@ def user_dir(root, uid: str) -> Path:
 
 
 def default_dirs(task_name: str) -> dict:
-    root = Path("./output") / task_name
-    return {"task_lora": root / "task-base_LLM", "anchor_peft": root / "anchor_PEFT",
-            "anchor_gate": root / "anchor_gate", "composition": root / "composition", "oppu": root / "OPPU",
-            "anchor_idx": default_anchor_index(task_name)}
+    """The stages' default outputs (perpcs/paths.py) and stage 2's index."""
+    from .paths import stage_dirs
+    return {**stage_dirs(task_name), "anchor_idx": default_anchor_index(task_name)}
 
 
 def default_anchor_index(task_name: str) -> Path:
@@ -37,11 +37,40 @@ def default_anchor_index(task_name: str) -> Path:
     return default_output_dir(get_task(task_name)) / INDEX_FILE
 
 
-def resolve_anchor_dir(path) -> Path:
-    """The dir holding user_<id>/ sharer adapters; its parent (holding anchor_PEFT/) is accepted too."""
+PUBLISHED_INDEX_NAME = "anchor_user_idx.pt"   # the published stage 2's pickle; ours is anchor_user_idx.json
+
+
+def resolve_anchor_index(path, task_name: str) -> Path:
+    """Stage 2's index file. The published step 4 names ./anchor_selection/most_active/anchor_user_idx.pt, a
+    file nothing writes: a missing file of that name (or of ours) resolves to the index stage 2 wrote, with one
+    line saying so; any other missing path is an error naming the file stage 2 writes."""
+    from .anchors import INDEX_FILE
+    written = default_anchor_index(task_name)
+    if path is None:
+        return written
     path = Path(path)
-    if path.is_dir() and not any(path.glob("user_*")) and (path / "anchor_PEFT").is_dir():
-        return path / "anchor_PEFT"
+    if path.is_file():
+        return path
+    sibling = path.with_name(INDEX_FILE)
+    if path.name in (PUBLISHED_INDEX_NAME, INDEX_FILE):
+        for found in (sibling, written):
+            if found.is_file():
+                print(f"note: --anchor_idx_path {path} does not exist (the published commands name a file their "
+                      f"stage 2 never writes); using {found}, written by anchor_selection/history_anchor.py")
+                return found
+    fail(f"--anchor_idx_path {path}: no such file; stage 2 (anchor_selection/history_anchor.py --task_name "
+         f"{task_name}) writes {written}" + ("" if written.is_file() else ", which does not exist yet either"))
+
+
+def resolve_anchor_dir(path) -> Path:
+    """The dir holding the sharers' user_<id>/ adapters. The published step 4 passes the parent Anchor_PEFT/ of
+    the LoRA/ that step 3 wrote; output/<task>/ (holding Anchor_PEFT/LoRA/) is accepted too."""
+    from .paths import SHARER_LORAS
+    path = Path(path)
+    if path.is_dir() and not any(path.glob("user_*")):
+        for sub in ("LoRA", SHARER_LORAS):
+            if (path / sub).is_dir():
+                return path / sub
     return path
 
 
@@ -53,13 +82,32 @@ def load_sharers(anchor_idx_path, candidate_path, task) -> list:
     return [(str(uid), candidates[idx]) for idx, uid in zip(index["indices"], index["user_ids"])]
 
 
+def task_lora_dir(args) -> Path:
+    from .modeling import resolve_lora_ckpt
+    return resolve_lora_ckpt(args.lora_ckpt or default_dirs(get_task(args.task_name).name)["task_lora"])
+
+
 def load_merged_base(args):
     """Base LLM with the stage 1 task LoRA merged into its weights (every personal LoRA sits on top)."""
-    from .modeling import load_base_model, merge_lora_into_base, resolve_lora_ckpt
-    adapter = resolve_lora_ckpt(args.lora_ckpt or default_dirs(get_task(args.task_name).name)["task_lora"])
+    from .modeling import load_base_model, merge_lora_into_base
+    adapter = task_lora_dir(args)
     model, tokenizer, device = load_base_model(args.llama_model_path, args.tokenizer_path, args.device,
                                                cpu_bf16=args.cpu_bf16)
     return merge_lora_into_base(model, adapter), tokenizer, device
+
+
+def merged_base_sources(args) -> dict:
+    """Digests of the base model and the task LoRA a per-user stage works on (checked before any user counts
+    as done: a nonexistent --llama_model_path fails here, not after "all users done")."""
+    return training_sources(args.llama_model_path, task_lora_dir(args))
+
+
+def adapter_done(adapter_dir: Path, sources: dict, what: str) -> bool:
+    """A complete adapter counts as done only if it was trained on this run's base model and task LoRA."""
+    if not is_complete_adapter(adapter_dir):
+        return False
+    refuse_other_sources(adapter_dir, read_source(adapter_dir / SOURCE_FILE), sources, what)
+    return True
 
 
 def user_examples(task, user, profiles, profiles_path, index, users_path, recent_k=None):
@@ -96,12 +144,13 @@ def train_sharer_loras(args) -> Path:
     layout = Layout(args.data_dir, task)
     dirs = default_dirs(task.name)
     out_root = Path(args.output_dir or dirs["anchor_peft"])
-    sharers = load_sharers(args.anchor_idx_path or dirs["anchor_idx"], layout.candidate_users, task)
+    sharers = load_sharers(resolve_anchor_index(args.anchor_idx_path, task.name), layout.candidate_users, task)
     profiles = profiles_if_needed(layout, task)
     examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.candidate_users)
                 for i, (uid, u) in enumerate(sharers)}
     num_shards, shard_id = shard_of(args)
     base_cfg = train_config(args)   # checks the flags before the model load
+    sources = merged_base_sources(args)
     engine = lazy(lambda: load_merged_base(args))   # no model load when every sharer is done
 
     def work(uid, user):
@@ -111,13 +160,13 @@ def train_sharer_loras(args) -> Path:
         try:
             stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                           desc=f"sharer {uid}", log_path=out_root / "train_log.jsonl")
-            save_peft_adapter(peft_model, user_dir(out_root, uid))
+            save_peft_adapter(peft_model, user_dir(out_root, uid), {SOURCE_FILE: sources})
         finally:
             peft_model.unload()
         return user_record(examples[uid], stats)
 
-    run_per_user(sharers, lambda uid: is_complete_adapter(user_dir(out_root, uid)), work, "sharer LoRAs",
-                 out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+    run_per_user(sharers, lambda uid: adapter_done(user_dir(out_root, uid), sources, "trained"), work,
+                 "sharer LoRAs", out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
     return out_root
 
 
@@ -131,7 +180,7 @@ def train_sharer_gates(args) -> Path:
     out_root = Path(args.output_dir or dirs["anchor_gate"])
     if args.recent_k < 1:
         fail(f"--recent_k must be at least 1, got {args.recent_k}")
-    sharers = load_sharers(args.anchor_idx_path or dirs["anchor_idx"], layout.candidate_users, task)
+    sharers = load_sharers(resolve_anchor_index(args.anchor_idx_path, task.name), layout.candidate_users, task)
     for uid, _ in sharers:
         if not is_complete_adapter(user_dir(anchor_dir, uid)):
             fail(f"no sharer LoRA for user {uid!r} in {user_dir(anchor_dir, uid)} (run train_anchor_PEFT.py)")
@@ -140,6 +189,7 @@ def train_sharer_gates(args) -> Path:
                 for i, (uid, u) in enumerate(sharers)}
     num_shards, shard_id = shard_of(args)
     base_cfg = train_config(args)   # checks the flags before the model load
+    sources = merged_base_sources(args)
     engine = lazy(lambda: load_merged_base(args))   # no model load when every sharer is done
 
     def work(uid, user):
@@ -150,11 +200,11 @@ def train_sharer_gates(args) -> Path:
             gates = install_gates(peft_model)
             stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                           desc=f"gates {uid}", log_path=out_root / "train_log.jsonl")
-            source = {"adapter_sha256": adapter_digest(user_dir(anchor_dir, uid))}
+            source = {**sources, "adapter_sha256": adapter_sha256(user_dir(anchor_dir, uid))}
 
             def write(d: Path) -> None:
                 save_gates(gates, d / GATES_FILE)
-                write_json_atomic(d / GATE_SOURCE, source)
+                write_json_atomic(d / SOURCE_FILE, source)
 
             write_dir_atomic(user_dir(out_root, uid), write)
             remove_gates(peft_model)
@@ -163,26 +213,22 @@ def train_sharer_gates(args) -> Path:
         return user_record(examples[uid], stats)
 
     def gates_done(uid) -> bool:
-        """Gates exist and were trained on the sharer LoRA that is there now (stage 3 may have retrained it)."""
+        """Gates exist and were trained on the sharer LoRA that is there now (stage 3 may have retrained it: then
+        they are trained again), on this run's base model and task LoRA (else refused)."""
         gate_dir = user_dir(out_root, uid)
         if not (gate_dir / GATES_FILE).is_file():
             return False
-        if not (gate_dir / GATE_SOURCE).is_file():   # written before sources were recorded: trust it
-            return True
-        recorded = read_json(gate_dir / GATE_SOURCE, "gate source").get("adapter_sha256")
-        return recorded == adapter_digest(user_dir(anchor_dir, uid))
+        recorded = read_source(gate_dir / SOURCE_FILE)
+        wanted = {**sources, "adapter_sha256": adapter_sha256(user_dir(anchor_dir, uid))}
+        if recorded is not None and recorded.get("adapter_sha256") not in (None, wanted["adapter_sha256"]):
+            print(f"gates of sharer {uid}: its LoRA changed since they were trained; training them again")
+            return False
+        refuse_other_sources(gate_dir, recorded, wanted, "trained")   # unknown or other base/task LoRA: refused
+        return True
 
     run_per_user(sharers, gates_done, work, "sharer gates", out_root / "users_log.jsonl", num_shards, shard_id,
                  args.overwrite)
     return out_root
-
-
-GATE_SOURCE = "source.json"   # beside gates.safetensors: the digest of the sharer LoRA they were trained on
-
-
-def adapter_digest(adapter_dir) -> str:
-    import hashlib
-    return hashlib.sha256((Path(adapter_dir) / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
 def user_predictions_path(root, uid: str) -> Path:
@@ -219,8 +265,10 @@ def check_existing_predictions(root, uids: list, settings: dict, overwrite: bool
         path = user_predictions_path(root, uid)
         if path.is_file():
             had, _ = read_user_predictions(path)
-            if had is not None:   # older files recorded no settings
-                refuse_other_settings(path, had, settings, "predicted")
+            if had is None:   # made by an older version: nothing says how
+                fail(f"{path} records no generation settings (made by an older version): it cannot be counted as "
+                     f"this run's; pass --overwrite to predict every user again, or another --output_dir")
+            refuse_other_settings(path, had, settings, "predicted")
 
 
 def combine_user_predictions(root, task, users: list) -> bool:
@@ -259,6 +307,7 @@ def train_oppu(args) -> Path:
     base_cfg = train_config(args)   # checks the flags before the model load
     gen_settings = generation_settings(args, task)
     check_existing_predictions(out_root, [uid for uid, _ in users], gen_settings, args.overwrite)
+    sources = merged_base_sources(args)
     engine = lazy(lambda: load_merged_base(args))   # no model load when every user is done
 
     def work(uid, user):
@@ -267,13 +316,14 @@ def train_oppu(args) -> Path:
         adapter_dir = out_root / "adapters" / f"user_{uid}"
         peft_model = fresh_lora(model, args, seed)
         try:
-            if is_complete_adapter(adapter_dir) and not args.overwrite:   # killed after saving, before predicting
+            # killed after saving, before predicting: reuse the adapter if it was made from the same inputs
+            if not args.overwrite and adapter_done(adapter_dir, sources, "trained"):
                 load_adapter_weights(peft_model, adapter_dir)
                 stats = {"tokens": 0, "last_loss": None, "seconds": 0.0}
             else:
                 stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                               desc=f"OPPU {uid}", log_path=out_root / "train_log.jsonl")
-                save_peft_adapter(peft_model, adapter_dir)
+                save_peft_adapter(peft_model, adapter_dir, {SOURCE_FILE: sources})
             preds = predict_one_user(peft_model, tokenizer, task, user, profiles, layout.profiles, device, args,
                                      gen_settings)
             write_json_atomic(user_predictions_path(out_root, uid), preds)

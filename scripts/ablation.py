@@ -22,7 +22,7 @@ from perpcs.tasks import get_task  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task_name", required=True, help="movie_tagging, news_headline, ... or a LaMP id")
     p.add_argument("--sweep", choices=SWEEPS + ("all",), default="all",
                    help="which analysis; all = each with its default values")

@@ -5,18 +5,24 @@
 #   PY=.venv/bin/python LLAMA=/models/Llama-2-7b LAMP_DIR=/data/LaMP/movie_tagging scripts/run_task.sh movie_tagging
 #   DRY_RUN=1 scripts/run_task.sh movie_tagging      # print every command, run nothing
 #
-# Variables: PY (python), LLAMA (./llama_download/Llama-2-7b), DEVICE (cuda), LAMP_DIR (raw LaMP files of the
+# Variables: PY (the project's .venv/bin/python when it exists, else python), LLAMA (./llama_download/Llama-2-7b), DEVICE (cuda), LAMP_DIR (raw LaMP files of the
 # task, needed only while data/<task>/ does not exist), PROFILE_MODEL (the model writing the PAG profiles;
 # default $LLAMA).
 # Each command is printed ("+ ...") before it runs, so it can be copied and run by hand. Re-running continues
 # where it stopped: a step whose final output exists is skipped, and the per-user steps (profiles, sharer
 # LoRAs, gates, composition, OPPU) skip the users already done without loading the model when none is left.
 set -euo pipefail
-TASK=${1:?usage: scripts/run_task.sh <task>, one of citation movie_tagging news_categorize product_rating \
-news_headline scholarly_title tweet_paraphrase}
+TASKS="citation movie_tagging news_categorize product_rating news_headline scholarly_title tweet_paraphrase"
+TASK=${1:?usage: scripts/run_task.sh <task>, one of $TASKS}
+case " $TASKS " in
+  *" $TASK "*) ;;
+  *) echo "error: unknown task '$TASK'; expected one of: $TASKS" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 
-PY=${PY:-python}
+if [ -z "${PY:-}" ]; then   # the project's venv (make setup) unless PY says otherwise
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+fi
 LLAMA=${LLAMA:-./llama_download/Llama-2-7b}
 DEVICE=${DEVICE:-cuda}
 LAMP_DIR=${LAMP_DIR:-}
@@ -70,21 +76,22 @@ run_in anchor_selection "$PY" history_anchor.py --candidate_path "../data/$TASK/
 
 step "3. one LoRA per sharer (resumes per sharer)"
 run "$PY" train_anchor_PEFT.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" \
-  --lora_ckpt "$LORA_CKPT"
+  --lora_ckpt "$LORA_CKPT" --output_dir "$OUT/Anchor_PEFT/LoRA"
 
 step "4. gates of every sharer piece (resumes per sharer)"
 run "$PY" train_anchor_gate.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" \
-  --lora_ckpt "$LORA_CKPT" --anchor_path "$OUT/anchor_PEFT"
+  --lora_ckpt "$LORA_CKPT" --anchor_path "$OUT/Anchor_PEFT" --output_dir "$OUT/Anchor_PEFT/gate"
 
 step "5. Per-Pcs: assemble each target user's LoRA, then predict (resumes per user; refuses old settings)"
 run "$PY" lora_composition.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" \
-  --lora_ckpt "$LORA_CKPT" --topk 3 --share_ratio 1 --agg_temperature 1
+  --output_dir "$OUT/LoRA-Composition" --lora_ckpt "$LORA_CKPT" --gate_dir "$OUT/Anchor_PEFT/gate" \
+  --anchor_dir "$OUT/Anchor_PEFT/LoRA" --topk 3 --recent_k 2000 --share_ratio 1 --agg_temperature 1
 
 step "OPPU baseline: one LoRA trained per target user (resumes per user)"
 run "$PY" OPPU.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" --lora_ckpt "$LORA_CKPT"
 
 step "6. metrics of every prediction file, then the results table of all tasks"
-for method in task-base_LLM OPPU composition; do
+for method in task-base_LLM OPPU LoRA-Composition; do
   for variant in kNP k1 k2 k4 kNP-profile k1-profile k2-profile k4-profile; do
     preds=$OUT/$method/predictions/$variant.json
     if [ -n "$DRY_RUN" ] || [ -f "$preds" ]; then

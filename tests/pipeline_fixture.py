@@ -76,8 +76,8 @@ class Pipeline:
 
     def compose_args(self, output_dir, anchor_path=None, gate_path=None) -> list:
         return self.common() + ["--lora_ckpt", str(self.task_lora), "--anchor_idx_path", str(self.anchor_idx),
-                                "--anchor_path", str(anchor_path or self.anchor_peft),
-                                "--gate_path", str(gate_path or self.anchor_gate),
+                                "--anchor_dir", str(anchor_path or self.anchor_peft),
+                                "--gate_dir", str(gate_path or self.anchor_gate),
                                 "--output_dir", str(output_dir), "--topk", "2", "--max_seq_len", "256",
                                 "--k_list", "1", "--temperature", "0", "--max_gen_len", "4"]
 
@@ -201,8 +201,8 @@ def build_pipeline(root: Path, model: Path) -> Pipeline:
     from perpcs.anchors import run_anchor_selection
 
     p = Pipeline(root=root, model=model, data=root / "data", task_lora=root / "task-base_LLM",
-                 anchor_idx=root / "anchor" / "anchor_user_idx.json", anchor_peft=root / "anchor_PEFT",
-                 anchor_gate=root / "anchor_gate", composition=root / "composition", logs={})
+                 anchor_idx=root / "anchor" / "anchor_user_idx.json", anchor_peft=root / "Anchor_PEFT" / "LoRA",
+                 anchor_gate=root / "Anchor_PEFT" / "gate", composition=root / "LoRA-Composition", logs={})
     sample_layout(TASK, root, N_USERS, N_HISTORY, N_QUERIES, N_TEST)
     stages = [
         ("task_lora", lambda: task_LoRA.main(p.task_lora_args(p.task_lora))),

@@ -96,14 +96,14 @@ def test_k_sweep_reruns_stages_2_to_5_with_shared_sharer_dirs(config):
     idx = str(root / "ablation/anchors/cluster-k20/anchor_user_idx.json")
     assert anchors["--output_dir"] == str(root / "ablation/anchors/cluster-k20")
     # stages 3 and 4 write to the pipeline's dirs (a sharer's adapter does not depend on k)
-    assert sharers["--anchor_idx_path"] == idx and sharers["--output_dir"] == str(root / "anchor_PEFT")
+    assert sharers["--anchor_idx_path"] == idx and sharers["--output_dir"] == str(root / "Anchor_PEFT/LoRA")
     assert sharers["--max_step"] == "3" and sharers["--device"] == "cpu" and sharers["--max_seq_len"] == "512"
     assert sharers["--lora_ckpt"] == str(root / "task-base_LLM")
-    assert gates["--anchor_path"] == str(root / "anchor_PEFT") and gates["--output_dir"] == str(root / "anchor_gate")
+    assert gates["--anchor_path"] == str(root / "Anchor_PEFT/LoRA") and gates["--output_dir"] == str(root / "Anchor_PEFT/gate")
     assert "--max_step" not in gates     # stage-3-only flags stay there
-    assert compose["--anchor_idx_path"] == idx and compose["--gate_path"] == str(root / "anchor_gate")
+    assert compose["--anchor_idx_path"] == idx and compose["--gate_dir"] == str(root / "Anchor_PEFT/gate")
     assert (compose["--topk"], compose["--share_ratio"], compose["--recent_k"]) == ("3", "1", "16")
-    assert compose["--output_dir"] == str(root / "composition-k20")
+    assert compose["--output_dir"] == str(root / "LoRA-Composition-k20")
     assert "--recent_k" not in sharers
 
 
@@ -114,8 +114,8 @@ def test_share_ratio_and_topk_reuse_the_pipeline_sharers(config):
     compose = [flags(s.argv) for s in steps if script(s) == "lora_composition.py"]
     root = config.output_root / "movie_tagging"
     assert [(c["--share_ratio"], c["--topk"], c["--output_dir"]) for c in compose] == [
-        ("0.5", "3", str(root / "composition-share_ratio0.5")), ("1", "3", str(root / "composition")),
-        ("1", "1", str(root / "composition-topk1"))]
+        ("0.5", "3", str(root / "LoRA-Composition-share_ratio0.5")), ("1", "3", str(root / "LoRA-Composition")),
+        ("1", "1", str(root / "LoRA-Composition-topk1"))]
     assert all(c["--anchor_idx_path"] == str(config.pipeline_anchor_dir / "anchor_user_idx.json") for c in compose)
     anchor_steps = [s for s in steps if script(s) == "history_anchor.py"]
     assert len(anchor_steps) == 1 and anchor_steps[0].is_done()
@@ -128,7 +128,7 @@ def test_pipeline_index_for_another_k_is_not_reused(config):
     anchors, *_, compose = (flags(s.argv) for s in steps)
     root = config.output_root / "movie_tagging"
     assert anchors["--output_dir"] == str(root / "ablation/anchors/cluster-k50")
-    assert compose["--output_dir"] == str(root / "composition-cluster-k50")
+    assert compose["--output_dir"] == str(root / "LoRA-Composition-cluster-k50")
 
 
 def test_strategy_sweep_and_base_settings(config):
@@ -137,7 +137,7 @@ def test_strategy_sweep_and_base_settings(config):
     anchors = [flags(s.argv) for s in steps if script(s) == "history_anchor.py"]
     assert [(a["--strategy"], a["--k"]) for a in anchors] == [("random", "20"), ("most_active", "20")]
     compose = [flags(s.argv)["--output_dir"] for s in steps if script(s) == "lora_composition.py"]
-    assert [Path(c).name for c in compose] == ["composition-random-k20-topk2", "composition-most_active-k20-topk2"]
+    assert [Path(c).name for c in compose] == ["LoRA-Composition-random-k20-topk2", "LoRA-Composition-most_active-k20-topk2"]
 
 
 def test_every_command_passes_the_stage_parsers(config):
@@ -176,15 +176,15 @@ def test_finished_steps_are_skipped(config):
     root = config.output_root / "movie_tagging"
     write(root / "ablation/anchors/cluster-k2/anchor_user_idx.json", index(2, ids=["a", "b"]))
     assert anchors.is_done() and not sharers.is_done()
-    write(root / "anchor_PEFT/user_a/adapter_model.safetensors", "w")
+    write(root / "Anchor_PEFT/LoRA/user_a/adapter_model.safetensors", "w")
     assert not sharers.is_done()           # user b is still missing: the stage runs (and trains only b)
-    write(root / "anchor_PEFT/user_b/adapter_model.safetensors", "w")
+    write(root / "Anchor_PEFT/LoRA/user_b/adapter_model.safetensors", "w")
     assert sharers.is_done() and not gates.is_done()
     for uid in "ab":
-        write(root / f"anchor_gate/user_{uid}/gates.safetensors", "g")
+        write(root / f"Anchor_PEFT/gate/user_{uid}/gates.safetensors", "g")
     assert gates.is_done() and not compose.is_done()
-    write(root / "composition-k2/predictions/kNP.json", "{}")
-    write(root / "composition-k2/summary.json", "{}")
+    write(root / "LoRA-Composition-k2/predictions/kNP.json", "{}")
+    write(root / "LoRA-Composition-k2/summary.json", "{}")
     assert not compose.is_done()           # stage 5 always runs: it resumes and checks settings itself
 
 
@@ -247,7 +247,7 @@ def test_full_ablation_with_fake_stages_scores_and_plots(config):
     # the fake stage 5 gets the first top-k golds right: accuracy k / 4
     assert [(p["value"], p["scores"]["kNP"]["accuracy"]) for p in points] == [(1, 0.25), (3, 0.75)]
     # no pipeline index: the pipeline setting (top-k 3) got its own dirs, and the costs come from there
-    assert Path(points[1]["run_dir"]).name == "composition-cluster-k50"
+    assert Path(points[1]["run_dir"]).name == "LoRA-Composition-cluster-k50"
     assert results["costs"]["storage_bytes"]["Per-Pcs (recipes)"][-1] == 10 * 1000.0
     saved = json.loads((config.ablation_root / "results.json").read_text())
     assert saved["sweeps"]["topk"] == points
@@ -259,7 +259,7 @@ def test_full_ablation_with_fake_stages_scores_and_plots(config):
 
 
 def test_costs_come_from_the_base_setting_of_the_run(config):
-    """With --base_k 4 the costs are the base setting's composition (composition-...k4), not the pipeline's."""
+    """With --base_k 4 the costs are the base setting's composition (LoRA-Composition-...k4), not the pipeline's."""
     from dataclasses import replace as dc_replace
     config.base = dc_replace(config.base, k=4)
     calls = []
@@ -271,7 +271,7 @@ def test_costs_come_from_the_base_setting_of_the_run(config):
 
 def test_per_user_costs_and_curves_from_fake_logs(tmp_path):
     root = tmp_path / "movie_tagging"
-    write(root / "composition/summary.json", {"mean": {"recipe_bytes": 3000.0, "assembly_seconds": 4.0,
+    write(root / "LoRA-Composition/summary.json", {"mean": {"recipe_bytes": 3000.0, "assembly_seconds": 4.0,
                                                       "adapter_bytes": 80000.0}, "n_sharers": 5})
     write(root / "OPPU/users_log.jsonl", "\n".join(json.dumps(r) for r in [
         {"user_id": "u1", "train_seconds": 100.0}, {"user_id": "u2", "train_seconds": 300.0},
@@ -279,8 +279,8 @@ def test_per_user_costs_and_curves_from_fake_logs(tmp_path):
     write(root / "OPPU/adapters/user_u1/adapter_model.safetensors", "x" * 600)
     write(root / "OPPU/adapters/user_u1/adapter_config.json", "x" * 400)
     write(root / "OPPU/adapters/user_u2/adapter_model.safetensors", "x" * 1000)
-    write(root / "anchor_PEFT/users_log.jsonl", json.dumps({"user_id": "s", "seconds": 50.0}) + "\n")
-    write(root / "anchor_gate/users_log.jsonl", json.dumps({"user_id": "s", "seconds": 30.0}) + "\n")
+    write(root / "Anchor_PEFT/LoRA/users_log.jsonl", json.dumps({"user_id": "s", "seconds": 50.0}) + "\n")
+    write(root / "Anchor_PEFT/gate/users_log.jsonl", json.dumps({"user_id": "s", "seconds": 30.0}) + "\n")
     costs = per_user_costs(root)
     assert costs["oppu_train_seconds"] == 200.0          # mean of 100 and 300, the resume's 0 ignored
     assert costs["oppu_adapter_bytes"] == 1000.0 and costs["oppu_adapter_bytes_source"] == "OPPU/adapters"
@@ -296,7 +296,7 @@ def test_per_user_costs_and_curves_from_fake_logs(tmp_path):
 
 def test_costs_without_oppu_fall_back_and_leave_out_missing_curves(tmp_path):
     root = tmp_path / "movie_tagging"
-    write(root / "composition/summary.json", {"mean": {"recipe_bytes": 10.0, "assembly_seconds": 1.0,
+    write(root / "LoRA-Composition/summary.json", {"mean": {"recipe_bytes": 10.0, "assembly_seconds": 1.0,
                                                       "adapter_bytes": 500.0}, "n_sharers": 2})
     costs = per_user_costs(root)
     assert costs["oppu_adapter_bytes"] == 500.0 and "summary" in costs["oppu_adapter_bytes_source"]
@@ -410,7 +410,7 @@ def test_run_task_flags_exist_in_each_scripts_parser(tmp_path):
     assert composition.lora_ckpt == "./output/movie_tagging/task-base_LLM/lora_ckpt.pt"
     assert composition.llama_model_path == "./llama_download/Llama-2-7b" and composition.device == "cuda"
     gates = parse_with_script(REPO / "train_anchor_gate.py", by_script["train_anchor_gate.py"][2:])
-    assert gates.anchor_path == "./output/movie_tagging/anchor_PEFT"
+    assert gates.anchor_path == "./output/movie_tagging/Anchor_PEFT"
     prepare = parse_with_script(REPO / "data/prepare_lamp.py", by_script["data/prepare_lamp.py"][2:])
     assert prepare.lamp_dir == "/raw/lamp" and prepare.out_dir == "data"
 
@@ -431,7 +431,7 @@ def test_run_task_skips_finished_steps_and_runs_step_2_in_anchor_selection(tmp_p
     (tmp_path / "anchor_selection").mkdir()
     out = tmp_path / "output/movie_tagging"
     for done in ["task-base_LLM/predictions/k4-profile.json", "task-base_LLM/predictions/kNP.json",
-                 "composition/summary.json", "OPPU/predictions/k4-profile.json"]:
+                 "LoRA-Composition/summary.json", "OPPU/predictions/k4-profile.json"]:
         write(out / done, "{}")
     write(tmp_path / "data/movie_tagging/test_100/user_test_100.json", "[]")
     result, _ = run_task_commands(tmp_path, {"PY": str(fake_py)}, dry_run=False)

@@ -78,12 +78,12 @@ def test_every_stage_runs_on_the_bundled_model(workdir):
     run(REPO / "train_anchor_gate.py", *COMMON, "--max_step", "1", "--no-grad_ckpt", "--lora_ckpt", lora_ckpt,
         "--anchor_idx_path", index, "--anchor_path", "./output/movie_tagging", cwd=root)
     for uid in sharers:
-        assert (root / f"output/movie_tagging/anchor_gate/user_{uid}/gates.safetensors").is_file()
+        assert (root / f"output/movie_tagging/Anchor_PEFT/gate/user_{uid}/gates.safetensors").is_file()
     run(REPO / "lora_composition.py", *COMMON, *GEN, "--k_list", "1", "--lora_ckpt", lora_ckpt,
         "--anchor_idx_path", index, "--topk", "1", "--shared_ratio", "1", cwd=root)
-    composed = score_all(root / "output/movie_tagging/composition/predictions", root)
+    composed = score_all(root / "output/movie_tagging/LoRA-Composition/predictions", root)
     assert sorted(composed) == ["k1", "k1-profile", "kNP", "kNP-profile"]
-    summary = json.loads((root / "output/movie_tagging/composition/summary.json").read_text())
+    summary = json.loads((root / "output/movie_tagging/LoRA-Composition/summary.json").read_text())
     assert summary["n_users"] == 2 and summary["mean"]["recipe_bytes"] < summary["mean"]["adapter_bytes"]
     run(REPO / "OPPU.py", *COMMON, *GEN, "--k_list", "1", "--epochs", "1", "--no-grad_ckpt", cwd=root)
     assert sorted(score_all(root / "output/movie_tagging/OPPU/predictions", root)) == sorted(composed)

@@ -45,8 +45,8 @@ def tree(tmp_path):
     preds(tmp_path, "movie_tagging", "task-base_LLM", "k1", all_right, MOVIE_GOLDS)
     preds(tmp_path, "movie_tagging", "task-base_LLM", "k1-profile", half_right, MOVIE_GOLDS)
     preds(tmp_path, "movie_tagging", "OPPU", "k2-profile", all_right, MOVIE_GOLDS)
-    preds(tmp_path, "movie_tagging", "composition", "kNP", all_right, MOVIE_GOLDS)
-    preds(tmp_path, "movie_tagging", "composition-topk1", "k1", half_right, MOVIE_GOLDS)
+    preds(tmp_path, "movie_tagging", "LoRA-Composition", "kNP", all_right, MOVIE_GOLDS)
+    preds(tmp_path, "movie_tagging", "LoRA-Composition-topk1", "k1", half_right, MOVIE_GOLDS)
     preds(tmp_path, "product_rating", "task-base_LLM", "kNP", ["2", "3", "x", "4"], RATING_GOLDS)
     return tmp_path
 
@@ -80,7 +80,7 @@ def test_csv_holds_the_lamp_metrics_of_each_file(tree):
     assert float(rows[("Non-personalized", "")]["LaMP-3 MAE"]) == pytest.approx(1.25)
     assert float(rows[("Non-personalized", "")]["LaMP-3 RMSE"]) == pytest.approx(math.sqrt(17 / 4))
     assert rows[("RAG", "k=1")]["LaMP-3 MAE"] == ""          # no LaMP-3 k1 file
-    assert float(rows[("Per-Pcs (composition-topk1)", "+RAG k=1")]["LaMP-2M Acc"]) == pytest.approx(0.5)
+    assert float(rows[("Per-Pcs (LoRA-Composition-topk1)", "+RAG k=1")]["LaMP-2M Acc"]) == pytest.approx(0.5)
     # the six tasks of the paper are columns even without files; LaMP-2N only when it has predictions
     header = paths["csv"].read_text().splitlines()[0].split(",")
     assert header[:4] == ["method", "setting", "LaMP-1 Acc", "LaMP-1 F1"]
@@ -90,7 +90,7 @@ def test_csv_holds_the_lamp_metrics_of_each_file(tree):
 def test_rows_follow_the_paper_order(tree):
     table = collect_results(tree / "output", tree / "data")
     assert table.rows == [("Non-personalized", ""), ("RAG", "k=1"), ("PAG", "k=1"), ("OPPU", "+PAG k=2"),
-                          ("Per-Pcs", ""), ("Per-Pcs (composition-topk1)", "+RAG k=1")]
+                          ("Per-Pcs", ""), ("Per-Pcs (LoRA-Composition-topk1)", "+RAG k=1")]
 
 
 def test_markdown_and_latex_cells(tree):
@@ -108,13 +108,13 @@ def test_markdown_and_latex_cells(tree):
     assert r"\multicolumn{2}{c}{LaMP-2M}" in tex and r"\cmidrule(lr){3-4}" in tex
     assert r"MAE $\downarrow$" in tex and r"\textbf{1.000}" in tex
     assert tex.count(r"\\") == 2 + len(table.rows)   # task header row, metric header row, one per row
-    # under the header, a rule between blocks: task LoRA baselines | OPPU | Per-Pcs | Per-Pcs (composition-topk1)
+    # under the header, a rule between blocks: task LoRA baselines | OPPU | Per-Pcs | Per-Pcs (LoRA-Composition-topk1)
     assert tex.count(r"\midrule") == 1 + 3
 
 
 def test_news_categorize_column_when_present(tree):
     write(tree / "data/news_categorize/test_100/golds.json", lamp("LaMP_2N", [("9", "travel")]))
-    preds(tree, "news_categorize", "composition", "k1", ["travel"], [("9", "travel")])
+    preds(tree, "news_categorize", "LoRA-Composition", "k1", ["travel"], [("9", "travel")])
     table = collect_results(tree / "output", tree / "data")
     assert [t.name for t in table.tasks] == ["citation", "movie_tagging", "news_categorize", "product_rating",
                                              "news_headline", "scholarly_title", "tweet_paraphrase"]
@@ -122,7 +122,7 @@ def test_news_categorize_column_when_present(tree):
 
 
 def test_other_json_files_are_skipped(tree, capsys):
-    write(tree / "output/movie_tagging/composition/predictions/notes.json", {"x": 1})
+    write(tree / "output/movie_tagging/LoRA-Composition/predictions/notes.json", {"x": 1})
     table = collect_results(tree / "output", tree / "data")
     assert ("Per-Pcs", "") in table.rows
     assert "notes.json is not a variant file" in capsys.readouterr().err
