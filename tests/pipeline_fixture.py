@@ -244,3 +244,16 @@ def run_stage(main, argv, capsys) -> str:
         raise AssertionError(f"exit {err.code}: {capsys.readouterr().err[-2000:]}") from None
     return capsys.readouterr().out
 
+
+
+def cli_error(main, argv, capsys) -> str:
+    """Run a stage that must refuse: exit code 2 and a one-line ``error:`` message, which is returned."""
+    from perpcs.errors import run_cli
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    last = err.strip().splitlines()[-1]           # after any progress bars: the one error line
+    assert last.startswith("error: ") and "Traceback" not in err, err
+    return last

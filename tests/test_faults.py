@@ -25,29 +25,17 @@ import OPPU
 import task_LoRA
 import train_anchor_gate
 import train_anchor_PEFT
-from perpcs.errors import PerpcsError, run_cli
+from perpcs.errors import PerpcsError
 from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
 from pipeline_fixture import run_stage as run
-from pipeline_fixture import (ROOT, TASK, adapter_digests, file_digests, load_script, log_users, run_script, script,
-                              subprocess_env)
+from pipeline_fixture import (ROOT, TASK, adapter_digests, cli_error, file_digests, load_script, log_users, run_script,
+                              script, subprocess_env)
 
 eval_task = load_script("eval/eval_task.py")
 gen_profile = load_script("data/gen_profile.py")
 history_anchor = load_script("anchor_selection/history_anchor.py")
 
 
-
-
-def cli_error(main, argv, capsys) -> str:
-    """Run a stage that must refuse: exit code 2 and a one-line ``error:`` message, which is returned."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        run_cli(lambda: main(argv))
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    last = err.strip().splitlines()[-1]           # after any progress bars: the one error line
-    assert last.startswith("error: ") and "Traceback" not in err, err
-    return last
 
 
 def hidden_leftovers(root: Path) -> list:
