@@ -57,6 +57,7 @@ def compose(args) -> Path:
     all_profiles = layout.load_profiles()
     sharers = load_sharers(args.anchor_idx_path or dirs["anchor_idx"], layout.candidate_users, task)
     settings.check(len(sharers))
+    print(f"selection {settings.describe()}")
     pool = PiecePool([uid for uid, _ in sharers], resolve_anchor_dir(args.anchor_path or dirs["anchor_peft"]),
                      Path(args.gate_path or dirs["anchor_gate"]))
     profiles = profiles_if_needed(layout, task)
