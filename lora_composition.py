@@ -1,5 +1,6 @@
-r"""Stage 5: assemble each target user's LoRA from the top-k gated sharer pieces (no gradient step), save its
-recipe, and predict the 8 test-time variants.
+r"""Stage 5: assemble each target user's LoRA from gated sharer pieces (no gradient step), save its recipe, and
+predict the 8 test-time variants. The pieces mixed at each position: the --topk best by default; --sample_top_p
+and/or --sample choose the other selection modes of the published code (README, "Composition: selection modes").
 
     python lora_composition.py --task_name movie_tagging --llama_model_path ./llama_download/Llama-2-7b \
         --lora_ckpt ./output/movie_tagging/task-base_LLM/lora_ckpt.pt --topk 3 --share_ratio 1 \
@@ -31,8 +32,10 @@ def parse_args(argv=None):
     p.add_argument("--anchor_idx_path", default=None,
                    help="stage 2 output; default anchor_selection/<task>/anchor_user_idx.json")
     p.add_argument("--output_dir", default=None, help="default ./output/<task>/LoRA-Composition")
-    p.add_argument("--topk", type=int, default=3, help="pieces mixed per position")
-    p.add_argument("--agg_temperature", type=float, default=1.0, help="softmax temperature of the top-k mix")
+    p.add_argument("--topk", type=int, default=3,
+                   help="pieces mixed per position (ignored with --sample_top_p and no --sample)")
+    p.add_argument("--agg_temperature", type=float, default=1.0,
+                   help="softmax temperature of the mix (and of the draw with --sample --sample_top_p)")
     p.add_argument("--recent_k", type=int, default=2000, help="history items used to assemble")
     p.add_argument("--share_ratio", "--shared_ratio", dest="share_ratio", type=float, default=1.0,
                    help="fraction of sharers each piece position may choose from (seeded random subset)")
@@ -40,11 +43,18 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_seq_len", type=int, default=3500)
     p.add_argument("--seed", type=int, default=0)
+    # the four selection modes of the published code (SPEC 7); --sample and --sample_top_p pick the mode
     p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=False,
-                   help="sample the k pieces from the softmax of the best candidates instead of taking the top k")
-    p.add_argument("--sample_topk", type=int, default=10, help="candidates sampled from")
-    p.add_argument("--sample_temperature", type=float, default=1.0)
-    p.add_argument("--sample_top_p", type=float, default=0.9)
+                   help="draw the --topk pieces at random instead of taking the best: from the --sample_topk best "
+                        "(softmax(score / --sample_temperature)), or with --sample_top_p from the nucleus and the "
+                        "--topk best (softmax(score / --agg_temperature))")
+    p.add_argument("--sample_topk", type=int, default=10,
+                   help="with --sample and no --sample_top_p: the candidates drawn from (at most the pool)")
+    p.add_argument("--sample_temperature", type=float, default=1.0,
+                   help="temperature of the nucleus' softmax, and of the draw with --sample and no --sample_top_p")
+    p.add_argument("--sample_top_p", type=float, default=None,
+                   help="unset by default; set (0 < p <= 1): without --sample, mix the nucleus of the scores (a "
+                        "variable number of pieces, --topk ignored); with --sample, draw from it")
     p.add_argument("--save_adapters", action=argparse.BooleanOptionalAction, default=False,
                    help="also write each user's assembled peft adapter")
     return cli.parse(p, argv)

@@ -70,6 +70,7 @@ def compose(args) -> Path:
     all_profiles = layout.load_profiles()
     sharers = load_sharers(resolve_anchor_index(args.anchor_idx_path, task.name), layout.candidate_users, task)
     settings.check(len(sharers))
+    print(f"selection {settings.describe()}")
     gate_dir = Path(args.gate_dir or dirs["anchor_gate"])
     pool = PiecePool([uid for uid, _ in sharers], resolve_anchor_dir(args.anchor_dir or dirs["anchor_peft"]),
                      gate_dir)

@@ -1,9 +1,10 @@
 """Stage 5, the heart of Per-Pcs (SPEC section 7): a target user's LoRA assembled from sharers' pieces.
 
 No gradient step. The user's history examples run through base + task model; at every piece position the
-module input scores every sharer's piece with its gate, the top-k pieces are mixed (A and B separately) and
-used at once, so deeper layers see the assembled shallower pieces. The final piece is the mean of the per-batch
-mixtures, i.e. a sparse weighted sum of sharer pieces: the *recipe*, which rebuilds the LoRA exactly.
+module input scores every sharer's piece with its gate, some pieces are chosen (top-k, nucleus or drawn: the
+four selection modes of the published code), mixed (A and B separately) and used at once, so deeper layers see
+the assembled shallower pieces. The final piece is the mean of the per-batch mixtures, i.e. a sparse weighted sum
+of sharer pieces: the *recipe*, which rebuilds the LoRA exactly.
 
 The sharer pool (all LoRAs and gates) is read once per process and scored for all sharers at once.
 """
@@ -43,27 +44,56 @@ class ComposeSettings:
     sample: bool = False
     sample_topk: int = 10
     sample_temperature: float = 1.0
-    sample_top_p: float = 0.9
+    sample_top_p: float | None = None      # None = unset, as published: it picks the selection mode
+
+    @property
+    def selection_mode(self) -> int:
+        """SPEC 7's modes of the published code: 1 top-k, 2 nucleus, 3 sampled within nucleus + top-k, 4 sampled
+        within the --sample_topk best."""
+        if self.sample:
+            return 3 if self.sample_top_p is not None else 4
+        return 2 if self.sample_top_p is not None else 1
+
+    def describe(self) -> str:
+        k, p, t, ts = self.topk, self.sample_top_p, self.agg_temperature, self.sample_temperature
+        return {1: f"mode 1: the top {k} pieces per position, mixed by softmax(score / {t})",
+                2: f"mode 2: the nucleus (top-p {p}, temperature {ts}) of the scores, a variable number of pieces "
+                   f"per position (--topk ignored), mixed by softmax(score / {t})",
+                3: f"mode 3: {k} pieces drawn from softmax(score / {t}) over the nucleus (top-p {p}, temperature "
+                   f"{ts}) and the top {k}, mixed by softmax(score / {t})",
+                4: f"mode 4: {k} pieces drawn from softmax(score / {ts}) over the {self.sample_topk} best, mixed by "
+                   f"softmax(score / {t})"}[self.selection_mode]
 
     def check(self, pool_size: int) -> None:
+        """Refuse, before any model loads, settings that make no sense or that the published code crashed on."""
         if not 0 < self.share_ratio <= 1:
             fail(f"--share_ratio must be in (0, 1], got {self.share_ratio}")
         if self.topk < 1:
             fail(f"--topk must be at least 1, got {self.topk}")
         if self.agg_temperature <= 0:
             fail(f"--agg_temperature must be positive, got {self.agg_temperature}")
-        usable = int(self.share_ratio * pool_size)
-        if self.topk > usable:
-            fail(f"--topk {self.topk} is larger than the sharer pool ({pool_size} sharers"
-                 + (f", {usable} with --share_ratio {self.share_ratio})" if self.share_ratio < 1 else ")"))
-        if self.sample and self.sample_topk < self.topk:
-            fail(f"--sample_topk {self.sample_topk} must be at least --topk {self.topk}")
         for flag, value in (("epochs", self.epochs), ("batch_size", self.batch_size), ("recent_k", self.recent_k)):
             if value < 1:   # epochs 0 would assemble an all-zero LoRA and report it as Per-Pcs
                 fail(f"--{flag} must be at least 1, got {value}")
-        if self.sample and not (self.sample_temperature > 0 and 0 < self.sample_top_p <= 1):
-            fail(f"--sample_temperature must be positive and --sample_top_p in (0, 1], got "
-                 f"{self.sample_temperature} and {self.sample_top_p}")
+        mode = self.selection_mode
+        if self.sample_top_p is not None and not 0 < self.sample_top_p <= 1:
+            fail(f"--sample_top_p must be in (0, 1], got {self.sample_top_p}")
+        if mode != 1 and not self.sample_temperature > 0:   # the nucleus (modes 2, 3) and mode 4's draw use it
+            fail(f"--sample_temperature must be positive, got {self.sample_temperature}")
+        usable = int(self.share_ratio * pool_size)
+        pool = f"{pool_size} sharers" + (f", {usable} with --share_ratio {self.share_ratio}"
+                                         if self.share_ratio < 1 else "")
+        if usable < 1:
+            fail(f"the sharer pool of a piece position is empty ({pool})")
+        if mode != 2 and self.topk > usable:   # mode 2 ignores --topk
+            fail(f"--topk {self.topk} is larger than the sharer pool ({pool})")
+        if mode == 4:   # the published code crashed on both, after loading the model
+            if self.sample_topk > usable:
+                fail(f"--sample_topk {self.sample_topk} is larger than the sharer pool ({pool}): --sample without "
+                     f"--sample_top_p draws from the --sample_topk best sharers; lower --sample_topk")
+            if self.topk > self.sample_topk:
+                fail(f"--topk {self.topk} is larger than --sample_topk {self.sample_topk}: --sample without "
+                     f"--sample_top_p draws --topk pieces from the --sample_topk best")
 
 
 class PiecePool:
@@ -262,19 +292,37 @@ class Composer:
         return ((weights @ h) @ self.pool.G[piece].T) / math.sqrt(d)
 
     def choose(self, piece: str, scores: torch.Tensor) -> torch.Tensor:
-        """Indices of the chosen sharers within the piece's pool; ties go to the lower sharer index."""
-        allowed = self.allowed[piece]
-        s = scores[allowed]
+        """Indices of the sharers mixed at this position, by the selection mode (SPEC 7); ties in the ranking go
+        to the lower sharer index. Draws use the user's generator, in forward order (batches, then pieces)."""
+        st = self.settings
+        allowed = self.allowed[piece]       # ascending sharer indices: the pool order
+        s = scores[allowed].float()
         order = torch.sort(-s, stable=True).indices
-        k = self.settings.topk
-        if not self.settings.sample:
+        mode, k = st.selection_mode, st.topk
+        if mode == 1:
             return allowed[order[:k]]
-        cand = order[:self.settings.sample_topk]
-        probs = torch.softmax(s[cand].double() / self.settings.sample_temperature, dim=0).cpu()
-        keep = int((torch.cumsum(probs, 0) < self.settings.sample_top_p).sum()) + 1   # nucleus
-        keep = max(keep, k)
-        picked = torch.multinomial(probs[:keep], k, replacement=False, generator=self.generator)
-        return allowed[cand[picked.to(cand.device)]]
+        if mode == 4:
+            cand = order[:st.sample_topk]
+            probs = torch.softmax(s[cand] / st.sample_temperature, dim=0)
+            return allowed[cand[self._draw(piece, probs, k)]]
+        kept = order[:nucleus_size(s[order], st.sample_temperature, st.sample_top_p)]
+        if mode == 2:
+            return allowed[kept]
+        keep = torch.zeros_like(s, dtype=torch.bool)
+        keep[kept] = True
+        keep[order[:k]] = True              # mode 3: the k best stay whatever the nucleus
+        probs = torch.softmax(s.masked_fill(~keep, -math.inf) / st.agg_temperature, dim=0)   # pool order
+        return allowed[self._draw(piece, probs, k)]
+
+    def _draw(self, piece: str, probs: torch.Tensor, k: int) -> torch.Tensor:
+        """k indices into probs, without replacement, from the user's generator (on the CPU: the same draws on
+        every device)."""
+        probs = probs.cpu()
+        if int((probs > 0).sum()) < k:   # torch would quietly draw zero-probability categories
+            fail(f"piece {piece}: {k} pieces must be drawn without replacement, but only {int((probs > 0).sum())} "
+                 f"have a non-zero probability at this temperature: raise --agg_temperature (with --sample_top_p) "
+                 f"or --sample_temperature (without)")
+        return torch.multinomial(probs, k, replacement=False, generator=self.generator).to(self.allowed[piece].device)
 
     def _assemble(self, piece: str, x: torch.Tensor):
         with torch.autocast(x.device.type, enabled=False):   # scores, softmax and mixing in fp32 (SPEC 7)
@@ -288,6 +336,13 @@ class Composer:
         a = torch.einsum("k,krd->rd", w, self.pool.A[piece][chosen])
         b = torch.einsum("k,kdr->dr", w, self.pool.B[piece][chosen])
         return a, b
+
+
+def nucleus_size(sorted_scores: torch.Tensor, temperature: float, top_p: float) -> int:
+    """Leading positions of descending scores that form the nucleus: c = cumsum(softmax(s / temperature)) in fp32;
+    a position is dropped when the previous one already has c > top_p, so the first one always stays."""
+    c = torch.cumsum(torch.softmax(sorted_scores.float() / temperature, dim=0), dim=0)
+    return 1 + int((c[:-1] <= top_p).sum())   # c never decreases: the kept positions are a prefix
 
 
 def install_composer(model, composer: Composer) -> None:

@@ -1,7 +1,9 @@
 """Composition (SPEC 7) against a plain loop-by-loop reference written here from the spec."""
+import itertools
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -57,8 +59,39 @@ def random_examples(tokenizer, n=5, seed=0):
     return out
 
 
-def reference_assembly(model, pool_dir, batches, tokenized, pad_id, topk, share_ratio, seed, temperature=1.0):
-    """SPEC 7 written out with Python loops and forward hooks on a plain model."""
+def softmax_list(values):
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def reference_choice(pool, scores, mode, k, T=1.0, Ts=1.0, top_p=None, sample_topk=None, generator=None):
+    """SPEC 7's selection modes, read literally: the sharers mixed at one position (a list; order irrelevant).
+    Draws: torch.multinomial without replacement from the given generator, over the probabilities listed in the
+    order SPEC 7 names (mode 3: pool order; mode 4: the candidates best first)."""
+    ranked = sorted(pool, key=lambda s: (-scores[s], s))       # best first, ties to the lower sharer index
+    if mode == 1:
+        return ranked[:k]
+    if mode == 4:
+        cand = ranked[:sample_topk]
+        probs = softmax_list([scores[s] / Ts for s in cand])
+        drawn = torch.multinomial(torch.tensor(probs, dtype=torch.float32), k, replacement=False, generator=generator)
+        return [cand[i] for i in drawn.tolist()]
+    probs = softmax_list([scores[s] / Ts for s in ranked])
+    nucleus = [s for i, s in enumerate(ranked) if i == 0 or not sum(probs[:i]) > top_p]   # c of the previous one
+    if mode == 2:
+        return nucleus
+    kept = set(nucleus) | set(ranked[:k])
+    exps = [math.exp(scores[s] / T) if s in kept else 0.0 for s in pool]                   # pool order, -inf -> 0
+    probs = [e / sum(exps) for e in exps]
+    drawn = torch.multinomial(torch.tensor(probs, dtype=torch.float32), k, replacement=False, generator=generator)
+    return [pool[i] for i in drawn.tolist()]
+
+
+def reference_assembly(model, pool_dir, batches, tokenized, pad_id, topk, share_ratio, seed, temperature=1.0,
+                       mode=1, sample_temperature=1.0, top_p=None, sample_topk=None, chosen_log=None):
+    """SPEC 7 written out with Python loops and forward hooks on a plain model. Draws come from a generator seeded
+    with the user's seed, used in forward order (batch by batch, piece by piece)."""
     adapters = {uid: load_file(str(pool_dir / "anchor" / f"user_{uid}" / "adapter_model.safetensors"))
                 for uid in SHARER_IDS}
     gates = {uid: load_file(str(pool_dir / "gate" / f"user_{uid}" / GATES_FILE)) for uid in SHARER_IDS}
@@ -70,6 +103,7 @@ def reference_assembly(model, pool_dir, batches, tokenized, pad_id, topk, share_
              for p in pieces}
     per_batch = {p: [] for p in pieces}
     state = {}
+    generator = torch.Generator().manual_seed(seed)
 
     def hook_for(piece):
         def hook(module, inputs, output):
@@ -85,12 +119,14 @@ def reference_assembly(model, pool_dir, batches, tokenized, pad_id, topk, share_
                             for t in range(x.shape[1]) if mask[b, t]]
                     per_ex.append(sum(vals) / len(vals))
                 scores.append(sum(per_ex) / len(per_ex))
-            ranked = sorted(pools[piece], key=lambda s: (-scores[s], s))[:topk]
-            exps = [math.exp(scores[s] / temperature) for s in ranked]
-            w = [e / sum(exps) for e in exps]
+            chosen = reference_choice(pools[piece], scores, mode, topk, temperature, sample_temperature, top_p,
+                                      sample_topk, generator)
+            if chosen_log is not None:
+                chosen_log.append((pools[piece], scores, chosen))
+            w = softmax_list([scores[s] / temperature for s in chosen])
             key = f"base_model.model.{piece}"
-            a = sum(wi * adapters[SHARER_IDS[s]][f"{key}.lora_A.weight"] for wi, s in zip(w, ranked))
-            bm = sum(wi * adapters[SHARER_IDS[s]][f"{key}.lora_B.weight"] for wi, s in zip(w, ranked))
+            a = sum(wi * adapters[SHARER_IDS[s]][f"{key}.lora_A.weight"] for wi, s in zip(w, chosen))
+            bm = sum(wi * adapters[SHARER_IDS[s]][f"{key}.lora_B.weight"] for wi, s in zip(w, chosen))
             per_batch[piece].append((a, bm))
             return output + (x @ a.T) @ bm.T
         return hook
@@ -113,12 +149,21 @@ def max_rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("topk,share_ratio,temperature", [(1, 1.0, 1.0), (3, 1.0, 1.0), (1, 0.5, 1.0),
-                                                           (3, 0.5, 1.0), (3, 1.0, 0.3)])
-def test_assembly_matches_the_loop_reference(tiny_model_dir, sharer_pool, topk, share_ratio, temperature):
+MODES = {   # the settings of each selection mode the tests run (T and Ts differ, so mixing them up shows)
+    1: dict(), 2: dict(sample_top_p=0.5, sample_temperature=1.6, agg_temperature=0.7),
+    3: dict(sample=True, sample_top_p=0.8, sample_temperature=1.6, agg_temperature=0.7),
+    4: dict(sample=True, sample_topk=4, sample_temperature=1.6, agg_temperature=0.7)}
+
+
+@pytest.mark.parametrize("topk,share_ratio,temperature,mode", [
+    (1, 1.0, 1.0, 1), (3, 1.0, 1.0, 1), (1, 0.5, 1.0, 1), (3, 0.5, 1.0, 1), (3, 1.0, 0.3, 1),
+    (3, 1.0, 0.7, 2), (3, 0.5, 0.7, 2), (2, 1.0, 0.7, 3), (2, 0.5, 0.7, 3), (2, 1.0, 0.7, 4), (1, 0.67, 0.7, 4)])
+def test_assembly_matches_the_loop_reference(tiny_model_dir, sharer_pool, topk, share_ratio, temperature, mode):
     model, tokenizer, device = load_base_model(str(tiny_model_dir), device="cpu")
-    settings = ComposeSettings(topk=topk, share_ratio=share_ratio, batch_size=3, seed=0,
-                               agg_temperature=temperature)
+    extra = {**MODES[mode], "agg_temperature": temperature}
+    settings = ComposeSettings(topk=topk, share_ratio=share_ratio, batch_size=3, seed=0, **extra)
+    assert settings.selection_mode == mode
+    settings.check(N_SHARERS)
     pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
     composer = Composer(pool, settings)
     install_composer(model, composer)
@@ -128,21 +173,33 @@ def test_assembly_matches_the_loop_reference(tiny_model_dir, sharer_pool, topk, 
     assembled = pool.build(weights)
 
     reference_model, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
+    chosen = []
     expected = reference_assembly(reference_model, sharer_pool, batches, tokenized, tokenizer.pad_token_id,
-                                  topk, share_ratio, seed=7, temperature=temperature)
+                                  topk, share_ratio, seed=7, temperature=temperature, mode=mode,
+                                  sample_temperature=settings.sample_temperature, top_p=settings.sample_top_p,
+                                  sample_topk=settings.sample_topk, chosen_log=chosen)
     assert set(expected) == set(assembled)
     for piece, (a_ref, b_ref) in expected.items():
         a, b = assembled[piece]
         assert max_rel_err(a, a_ref) < 1e-6, piece
         assert max_rel_err(b, b_ref) < 1e-6, piece
-    for piece, w in weights.items():    # a convex mixture: at most 2 batches x topk sharers
-        assert abs(float(w.sum()) - 1) < 1e-6 and int((w > 0).sum()) <= 2 * topk
+    for piece, w in weights.items():    # a convex mixture over what the batches chose
+        assert abs(float(w.sum()) - 1) < 1e-6
+    counts = {len(c) for _, _, c in chosen}
+    if mode == 2:                       # the nucleus: a number of pieces that varies, whatever --topk says
+        assert len(counts) > 1 and counts != {topk}
+    else:
+        assert counts == {topk}
+    if mode in (3, 4):                  # a real draw: not always the top k
+        assert any(set(c) != set(reference_choice(pool, scores, 1, topk)) for pool, scores, c in chosen)
 
 
-def test_recipe_materializes_to_the_assembled_adapter(tiny_model_dir, sharer_pool, tmp_path):
+@pytest.mark.parametrize("mode", [1, 2, 4])
+def test_recipe_materializes_to_the_assembled_adapter(tiny_model_dir, sharer_pool, tmp_path, mode):
+    """Mode 2's variable number of sharers per piece goes through the recipe and materialize like the top k."""
     from peft import PeftModel
     model, tokenizer, device = load_base_model(str(tiny_model_dir), device="cpu")
-    settings = ComposeSettings(topk=2, batch_size=2)
+    settings = ComposeSettings(topk=2, batch_size=2, **MODES[mode])
     pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
     composer = Composer(pool, settings)
     install_composer(model, composer)
@@ -152,6 +209,8 @@ def test_recipe_materializes_to_the_assembled_adapter(tiny_model_dir, sharer_poo
     from perpcs.composition import write_recipe
     recipe = make_recipe(pool, weights, settings, "u1", "movie_tagging", batches)
     write_recipe(recipe, tmp_path / "recipe.json")
+    if mode == 2:       # sharers per piece: not the --topk 2 everywhere
+        assert len({len(entries) for entries in recipe["pieces"].values()}) > 1
     rebuilt = materialize(tmp_path / "recipe.json", sharer_pool / "anchor", tmp_path / "rebuilt")
     a, b = load_file(str(direct / "adapter_model.safetensors")), load_file(str(rebuilt / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -257,22 +316,173 @@ def test_answer_predicting_positions_by_hand():
     assert answer_predicting_mask(labels).tolist() == [[False, True, True, False], [True, False, False, False]]
 
 
-def test_sampled_pieces_stay_in_the_nucleus_follow_the_seed_and_differ_from_top_k(sharer_pool):
-    """--sample: k pieces drawn from softmax(score / T) over the sample_topk best, cut to the nucleus."""
+def sorted_set(chosen):
+    return sorted(chosen.tolist() if hasattr(chosen, "tolist") else chosen)
+
+
+def test_nucleus_keeps_a_position_while_the_previous_cumulative_is_at_most_p(sharer_pool):
+    """Probabilities 0.5 0.3 0.2 (sharers 2, 0, 1): with p 0.55 the second stays (the first's c 0.5 <= p) and the
+    third goes (c 0.8 > p); Ts 2 flattens them to 0.41 0.32 0.26, so with p 0.45 two stay where Ts 1 keeps one."""
+    pool = PiecePool(SHARER_IDS[:3], sharer_pool / "anchor", sharer_pool / "gate")
+    piece = pool.pieces[0]
+    scores = torch.log(torch.tensor([0.3, 0.2, 0.5]))
+
+    def chosen(top_p, ts, t=1.0):
+        composer = Composer(pool, ComposeSettings(topk=3, sample_top_p=top_p, sample_temperature=ts,
+                                                  agg_temperature=t))
+        composer.start_user(0)
+        return sorted_set(composer.choose(piece, scores))
+
+    assert chosen(0.55, 1.0) == [0, 2]
+    assert chosen(0.45, 1.0) == [2]                      # k 3 ignored: one piece
+    assert chosen(0.45, 2.0) == [0, 2]                   # the nucleus uses --sample_temperature ...
+    assert chosen(0.45, 1.0, t=2.0) == [2]               # ... not --agg_temperature
+    assert chosen(1.0, 1.0) == [0, 1, 2]
+
+
+def test_nucleus_mode_matches_the_reference_on_random_scores(sharer_pool):
     pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
     piece = pool.pieces[0]
-    scores = torch.tensor([5.0, 4.9, 4.8, 4.7, -9.0, -9.5])    # the last two: far outside any nucleus
-    settings = ComposeSettings(topk=2, sample=True, sample_topk=5, sample_temperature=1.0, sample_top_p=0.99)
-    draws = set()
+    gen = torch.Generator().manual_seed(5)
+    sizes = set()
+    for trial in range(200):
+        scores = torch.randn(N_SHARERS, generator=gen) * 2
+        top_p, ts = [0.3, 0.5, 0.7, 0.9][trial % 4], [0.5, 1.0, 2.0][trial % 3]
+        expected = reference_choice(list(range(N_SHARERS)), scores.tolist(), 2, 3, Ts=ts, top_p=top_p)
+        c = torch.cumsum(torch.softmax(scores.sort(descending=True).values / ts, 0), 0)
+        if (c - top_p).abs().min() < 1e-4:
+            continue                                     # too close to call in fp32 vs float64
+        composer = Composer(pool, ComposeSettings(topk=3, sample_top_p=top_p, sample_temperature=ts))
+        composer.start_user(0)
+        assert sorted_set(composer.choose(piece, scores)) == sorted(expected), (scores, top_p, ts)
+        sizes.add(len(expected))
+    assert len(sizes) >= 4                               # the nucleus sizes vary over the trials
+
+
+def exact_set_probabilities(probs: dict, k: int) -> dict:
+    """{frozenset: probability} of k items drawn without replacement, one at a time, with chances probs."""
+    out = {}
+    for seq in itertools.permutations([i for i, p in probs.items() if p > 0], k):
+        prob, left = 1.0, 1.0
+        for i in seq:
+            prob *= probs[i] / left
+            left -= probs[i]
+        out[frozenset(seq)] = out.get(frozenset(seq), 0.0) + prob
+    return out
+
+
+def mode_distribution(mode, scores, k, T, Ts, top_p=None, sample_topk=None) -> dict:
+    """The exact distribution of the drawn set, from SPEC 7 (mode 3: nucleus and the k best, at T; mode 4: the
+    sample_topk best, at Ts)."""
+    ranked = sorted(range(len(scores)), key=lambda s: (-scores[s], s))
+    if mode == 4:
+        cand = ranked[:sample_topk]
+        return exact_set_probabilities(dict(zip(cand, softmax_list([scores[s] / Ts for s in cand]))), k)
+    probs = softmax_list([scores[s] / Ts for s in ranked])
+    kept = [s for i, s in enumerate(ranked) if i == 0 or sum(probs[:i]) <= top_p] + ranked[:k]
+    kept = sorted(set(kept))
+    return exact_set_probabilities(dict(zip(kept, softmax_list([scores[s] / T for s in kept]))), k)
+
+
+@pytest.mark.parametrize("mode", [3, 4])
+def test_drawn_pieces_follow_the_mode_distribution_and_the_user_seed(sharer_pool, mode):
+    """2000 draws of k=2 from one user's generator: the drawn sets' frequencies match SPEC 7's distribution of the
+    mode; the swapped temperature or the other mode's candidates would be far off (checked here too)."""
+    pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
+    piece = pool.pieces[0]
+    scores = [0.3, 1.2, -0.4, 0.9, 0.1, 1.0]               # pool order is not the ranking
+    T, Ts, top_p, sample_topk, k = 0.5, 2.0, 0.5, 4, 2
+    settings = ComposeSettings(topk=k, agg_temperature=T, sample_temperature=Ts, sample=True, sample_topk=sample_topk,
+                               sample_top_p=top_p if mode == 3 else None)
+    assert settings.selection_mode == mode
+    settings.check(N_SHARERS)
+    expected = mode_distribution(mode, scores, k, T, Ts, top_p, sample_topk)
+    wrong = [mode_distribution(mode, scores, k, Ts, T, top_p, sample_topk),   # temperatures swapped
+             mode_distribution(7 - mode, scores, k, T, Ts, top_p, sample_topk)]   # the other sampling mode
+    n = 2000
+    composer = Composer(pool, settings)
+    composer.start_user(11)
+    draws = [frozenset(composer.choose(piece, torch.tensor(scores)).tolist()) for _ in range(n)]
+    assert all(len(d) == k for d in draws)
+    freq = {s: draws.count(s) / n for s in set(draws)}
+    assert set(freq) <= set(expected)                       # never a set the mode cannot draw
+    for candidate, tolerance in [(expected, 0.035)] + [(w, None) for w in wrong]:
+        gap = max(abs(freq.get(s, 0.0) - candidate.get(s, 0.0)) for s in set(candidate) | set(freq))
+        if tolerance:
+            assert gap < tolerance, (freq, expected)
+        else:
+            assert gap > 0.1                                # the check above tells these apart
+    composer.start_user(11)                                 # the same user seed: the same draws, in order
+    assert [frozenset(composer.choose(piece, torch.tensor(scores)).tolist()) for _ in range(50)] == draws[:50]
+    composer.start_user(12)
+    assert [frozenset(composer.choose(piece, torch.tensor(scores)).tolist()) for _ in range(50)] != draws[:50]
+
+
+def test_mode_3_is_mode_1_when_the_nucleus_holds_k_or_fewer(sharer_pool):
+    pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
+    piece = pool.pieces[0]
+    scores = torch.tensor([0.2, 3.0, 0.1, 2.5, 0.0, -0.3])   # softmax: 0.56 and 0.34 for sharers 1 and 3
     for seed in range(20):
-        composer = Composer(pool, settings)
+        composer = Composer(pool, ComposeSettings(topk=2, sample=True, sample_top_p=0.3))   # nucleus: sharer 1
         composer.start_user(seed)
-        first = composer.choose(piece, scores).tolist()
+        assert sorted_set(composer.choose(piece, scores)) == [1, 3]
+        composer = Composer(pool, ComposeSettings(topk=3, sample=True, sample_top_p=0.7))   # nucleus: 1 and 3
         composer.start_user(seed)
-        assert composer.choose(piece, scores).tolist() == first        # the same seed, the same pieces
-        assert len(set(first)) == 2 and set(first) <= {0, 1, 2, 3}     # within the nucleus, no repeats
-        draws.add(tuple(sorted(first)))
-    assert len(draws) > 1 and draws != {(0, 1)}                        # not the plain top-2
-    greedy = Composer(pool, ComposeSettings(topk=2))
-    greedy.start_user(0)
-    assert greedy.choose(piece, scores).tolist() == [0, 1]
+        assert sorted_set(composer.choose(piece, scores)) == [0, 1, 3]
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(sample=True), "--sample_topk 10 is larger than the sharer pool (6 sharers)"),   # the default 10
+    (dict(sample=True, sample_topk=4, share_ratio=0.5), "--sample_topk 4 is larger than the sharer pool "
+                                                        "(6 sharers, 3 with --share_ratio 0.5)"),
+    (dict(sample=True, sample_topk=2, topk=3), "--topk 3 is larger than --sample_topk 2"),
+    (dict(sample_top_p=0.0), "--sample_top_p must be in (0, 1], got 0.0"),
+    (dict(sample=True, sample_top_p=1.2), "--sample_top_p must be in (0, 1], got 1.2"),
+    (dict(sample_top_p=0.5, sample_temperature=0), "--sample_temperature must be positive, got 0"),
+    (dict(sample=True, sample_top_p=0.5, topk=7), "--topk 7 is larger than the sharer pool (6 sharers)")])
+def test_settings_the_published_modes_crash_on_are_refused(settings, message):
+    with pytest.raises(PerpcsError, match=re.escape(message)):
+        ComposeSettings(**settings).check(N_SHARERS)
+
+
+def test_settings_each_mode_does_not_use_are_not_refused():
+    ComposeSettings(topk=8, sample_top_p=0.5).check(N_SHARERS)                 # mode 2 ignores --topk
+    ComposeSettings(topk=3, sample=True, sample_top_p=0.5).check(N_SHARERS)    # mode 3 ignores --sample_topk 10
+    ComposeSettings(topk=3, sample_temperature=0).check(N_SHARERS)            # mode 1 uses no --sample_temperature
+    ComposeSettings(topk=3, sample=True, sample_topk=6).check(N_SHARERS)
+    assert ComposeSettings().sample_top_p is None and ComposeSettings(sample=True).selection_mode == 4
+
+
+def test_too_cold_a_draw_is_an_error_not_a_zero_probability_piece(sharer_pool):
+    pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
+    composer = Composer(pool, ComposeSettings(topk=2, sample=True, sample_topk=3, sample_temperature=1e-3))
+    composer.start_user(0)
+    with pytest.raises(PerpcsError, match="2 pieces must be drawn without replacement, but only 1 have a non-zero"):
+        composer.choose(pool.pieces[0], torch.tensor([1.0, 0.0, -1.0, 0.5, 0.2, 0.1]))
+
+
+@pytest.mark.parametrize("flags,message", [
+    ([], "--sample_topk 10 is larger than the sharer pool (3 sharers)"),
+    (["--sample_topk", "2", "--topk", "3"], "--topk 3 is larger than --sample_topk 2")])
+def test_stage_5_refuses_mode_4_settings_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, message):
+    import lora_composition
+    from perpcs import compose_stage
+    from perpcs.errors import run_cli
+    from pipeline_fixture import TASK, sample_layout
+    layout = sample_layout(TASK, tmp_path, 16, 8, 2, 3)
+    candidates = json.loads(layout.candidate_users.read_text())
+    index = tmp_path / "anchor_user_idx.json"
+    index.write_text(json.dumps({"task": TASK, "strategy": "most_active", "k": 3, "seed": 0, "indices": [0, 1, 2],
+                                 "user_ids": [c["user_id"] for c in candidates[:3]]}))
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(compose_stage, "load_merged_base", no_model)
+    argv = ["--task_name", TASK, "--data_dir", str(tmp_path / "data"), "--llama_model_path", str(tmp_path / "none"),
+            "--anchor_idx_path", str(index), "--anchor_path", str(tmp_path / "none"), "--gate_path",
+            str(tmp_path / "none"), "--output_dir", str(tmp_path / "out"), "--sample"] + flags
+    with pytest.raises(SystemExit) as exc:
+        run_cli(lambda: lora_composition.main(argv))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
