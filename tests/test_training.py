@@ -118,7 +118,7 @@ def test_accumulation_updates_on_loader_steps_and_the_epoch_end(tiny, tmp_path, 
 def test_the_task_lora_schedule_ends_near_lr_0(tiny, tmp_path):
     """Task LoRA: 3 epochs, no --max_step (the stage defaults). Its last step (g = 3L - 1) uses f(3 - 2/L); the
     lr set after it, f(3 - 1/L), is used by no step. Neither is exactly 0; both are O(1/L^2) of the base lr
-    (here L = 5: under 5% and 1.1%; on a real task with thousands of batches, ~1e-7)."""
+    (here L = 5: under 5% and 1.1%; with L = 1000 batches, ~1e-6)."""
     import task_LoRA
     args = task_LoRA.parse_args(["--task_name", "movie_tagging"])
     assert (args.epochs, args.max_step) == (3, None)
