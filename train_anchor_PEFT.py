@@ -18,7 +18,8 @@ def parse_args(argv=None):
     cli.add_data_args(p)
     cli.add_model_args(p)
     cli.add_lora_args(p)
-    cli.add_train_args(p, lr=2e-5, weight_decay=0.01, batch_size=6, epochs=1000, max_step=100,
+    # SPEC 5: 100 optimizer steps, the lr a cosine over 3 epochs of this user's batches (repeating past them)
+    cli.add_train_args(p, lr=2e-5, weight_decay=0.01, batch_size=6, epochs=3, max_step=100,
                        max_seq_len=3000)
     cli.add_shard_args(p)
     p.add_argument("--lora_ckpt", default=None, help="task LoRA of stage 1 (dir or .../lora_ckpt.pt); "

@@ -17,7 +17,8 @@ def parse_args(argv=None):
     p = cli.stage_parser(__doc__)
     cli.add_data_args(p)
     cli.add_model_args(p)
-    cli.add_train_args(p, lr=2e-5, weight_decay=0.0, batch_size=6, epochs=1000, max_step=200,
+    # SPEC 5: 200 optimizer steps, the lr a cosine over 2 epochs of this user's batches (repeating past them)
+    cli.add_train_args(p, lr=2e-5, weight_decay=0.0, batch_size=6, epochs=2, max_step=200,
                        max_seq_len=3300)
     cli.add_shard_args(p)
     p.add_argument("--lora_ckpt", default=None, help="task LoRA of stage 1; default ./output/<task>/task-base_LLM")

@@ -96,9 +96,12 @@ def add_train_args(p: argparse.ArgumentParser, lr: float, weight_decay: float = 
     p.add_argument("--weight_decay", type=float, default=weight_decay)
     p.add_argument("--batch_size", type=int, default=batch_size)
     p.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation micro-batches per step")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--max_step", type=int, default=max_step, help="optimizer steps; stops at whichever of "
-                   "--epochs / --max_step comes first")
+    p.add_argument("--epochs", type=int, default=epochs,
+                   help="length of the cosine lr schedule in epochs (SPEC 5), and of the run unless --max_step "
+                        "is set")
+    p.add_argument("--max_step", type=int, default=max_step,
+                   help="run exactly this many optimizer steps, repeating epochs as needed; the lr keeps "
+                        "following the cosine over --epochs past its end (it rises again)")
     p.add_argument("--clip", type=float, default=0.3, help="gradient-norm clip")
     p.add_argument("--max_seq_len", type=int, default=max_seq_len)
     p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=True,

@@ -46,7 +46,8 @@ def context_prefix(profile: str | None, retrieved: list) -> str:
 
 
 class UserHistory:
-    """One user's history with a BM25 index over its ``retrieval_history`` strings."""
+    """One user's history with a BM25 index over its ``retrieval_history`` strings, as written (trailing newline
+    included: SPEC 4 tokenizes documents and queries with ``split(" ")``, see retrieval.py)."""
 
     def __init__(self, task: Task, items: list):
         self.task = task

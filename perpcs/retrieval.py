@@ -1,4 +1,9 @@
-"""Okapi BM25 over whitespace tokens, identical in value to ``rank_bm25.BM25Okapi`` (k1 1.5, b 0.75, eps 0.25).
+"""Okapi BM25 over ``text.split(" ")`` tokens, identical in value to ``rank_bm25.BM25Okapi`` (k1 1.5, b 0.75,
+eps 0.25) given the same tokens.
+
+SPEC 4: documents and queries are split on single spaces exactly, as the published code did: the newline that ends
+a ``retrieval_history`` line stays in its last token ("sci-fi\n" is not "sci-fi"), and two spaces give an empty
+token "" (a term like any other).
 
 Written out with numpy because training data needs BM25 over every *prefix* of a history (the past of item i
 is ``profile[:i]``): rebuilding a BM25Okapi per prefix is quadratic Python work; here the term counts are
@@ -7,6 +12,11 @@ computed once and each prefix only re-derives the idf vector and one dense score
 from __future__ import annotations
 
 import numpy as np
+
+
+def tokenize(text: str) -> list:
+    """SPEC 4's BM25 tokens: a split on single spaces, nothing else (no lower-casing, newlines kept)."""
+    return text.split(" ")
 
 
 class PrefixBM25:
@@ -18,7 +28,7 @@ class PrefixBM25:
         rows = []
         for doc in documents:
             counts: dict = {}
-            for token in doc.split():
+            for token in tokenize(doc):
                 tid = self.vocab.setdefault(token, len(self.vocab))
                 counts[tid] = counts.get(tid, 0) + 1
             rows.append(counts)
@@ -32,7 +42,8 @@ class PrefixBM25:
         self.df_prefix = np.vstack([np.zeros((1, self.tf.shape[1])), np.cumsum(self.tf > 0, axis=0)])
 
     def scores(self, query: str, n: int | None = None) -> np.ndarray:
-        """Scores of the first n documents (all by default); equals BM25Okapi(docs[:n]).get_scores(query.split())."""
+        """Scores of the first n documents (all by default); equals
+        BM25Okapi([tokenize(d) for d in docs[:n]]).get_scores(tokenize(query))."""
         n = self.n_docs if n is None else n
         if n == 0:
             return np.zeros(0)
@@ -44,7 +55,7 @@ class PrefixBM25:
         idf[present & (idf < 0)] = self.epsilon * average_idf
         avgdl = self.doc_len[:n].sum() / n
         # query terms with repetition, as rank_bm25 iterates over them; unknown terms add 0
-        term_ids = [self.vocab[t] for t in query.split() if t in self.vocab]
+        term_ids = [self.vocab[t] for t in tokenize(query) if t in self.vocab]
         if not term_ids:
             return np.zeros(n)
         ids, counts = np.unique(term_ids, return_counts=True)

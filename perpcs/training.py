@@ -1,8 +1,8 @@
 """The fine-tuning loop shared by the task LoRA, sharer LoRAs, gates and OPPU (SPEC section 5).
 
-AdamW (0.9, 0.95), half-cycle cosine decay to 0 with no warm-up, gradient-norm clip, gradient accumulation,
-optional gradient checkpointing, loss on answer tokens only. Whatever parameters have ``requires_grad`` train:
-LoRA weights for adapters, gate vectors for gates.
+AdamW (0.9, 0.95), the published runs' cosine schedule by fractional epoch with no warm-up (SPEC 5, see
+``epoch_cosine_lr``), gradient-norm clip, gradient accumulation, optional gradient checkpointing, loss on answer
+tokens only. Whatever parameters have ``requires_grad`` train: LoRA weights for adapters, gate vectors for gates.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     batch_size: int = 6
     accum_iter: int = 1
-    epochs: int = 3
-    max_step: int | None = None    # optimizer steps; whichever of epochs / max_step ends first
+    epochs: int = 3                # the cosine's length; also the run's length when max_step is None
+    max_step: int | None = None    # optimizer steps, exactly: epochs repeat until taken (SPEC 5)
     clip: float = 0.3
     max_seq_len: int = 3000
     grad_ckpt: bool = True
@@ -132,15 +132,18 @@ def make_batches(n: int, batch_size: int, generator: torch.Generator, lengths=No
     return batches
 
 
-def lr_at(step: int, total_steps: int, base_lr: float) -> float:
-    """Half-cycle cosine from base_lr (step 0) towards 0 (after the last step), no warm-up."""
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+def epoch_cosine_lr(x: float, epochs: int, base_lr: float, min_lr: float = 0.0) -> float:
+    """SPEC 5: the lr set after an optimizer step taken at fractional epoch x = j / L + e (loader step j of
+    epoch e, L loader batches per epoch). x is not capped at ``epochs``: past it the cosine rises again."""
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * x / epochs))
 
 
 def count_steps(n_examples: int, cfg: TrainConfig) -> int:
-    batches_per_epoch = math.ceil(n_examples / cfg.batch_size)
-    steps = cfg.epochs * math.ceil(batches_per_epoch / cfg.accum_iter)
-    return min(steps, cfg.max_step) if cfg.max_step is not None else steps
+    """Optimizer steps of a run: max_step when set (epochs repeat as long as needed), else every epoch's
+    ceil(L / accum_iter) updates (the short window at an epoch's end is one update)."""
+    if cfg.max_step is not None:
+        return cfg.max_step
+    return cfg.epochs * math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.accum_iter)
 
 
 def answer_loss_sum(model, batch: dict) -> tuple:
@@ -234,8 +237,9 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
     state = {"step": 0, "micro": 0, "losses": [], "tokens": 0, "running": None}
     t0 = time.perf_counter()
 
-    def optimizer_step() -> None:
-        """Average the accumulated gradients over ranks (data parallel), clip, step, log."""
+    def optimizer_step(x: float) -> None:
+        """Average the accumulated gradients over ranks (data parallel), clip, step, log; then set the lr of the
+        next step from the fractional epoch x of this one (SPEC 5: the first step uses the base lr)."""
         if world > 1:   # one collective per dtype instead of one per tensor (256 LoRA tensors on a 7B)
             for p in params:
                 if p.grad is None:
@@ -245,9 +249,7 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
                 flat = _all_reduce(torch.cat([p.grad.reshape(-1) for p in same]))
                 for p, summed in zip(same, flat.split([p.numel() for p in same])):
                     p.grad.copy_(summed.view_as(p.grad))
-        lr = lr_at(state["step"], total_steps, cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = optimizer.param_groups[0]["lr"]   # the lr this step uses, as logged
         if state["micro"] < cfg.accum_iter:   # a short window at the epoch's end: still a mean, not a part
             for p in params:
                 if p.grad is not None:
@@ -258,6 +260,8 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
                  f"saved (try a lower --lr)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_cosine_lr(x, cfg.epochs, cfg.lr)
         state["step"] += 1
         step_loss = float(np.mean(state["losses"][-state["micro"]:]))
         state["micro"] = 0
@@ -274,10 +278,11 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
                                   "tokens_per_s": state["global_tokens"] / max(elapsed, 1e-9)}) + "\n")
 
     try:
-        for epoch in range(cfg.epochs):
-            if state["step"] >= total_steps:
-                break
-            for batch_idx in make_batches(len(tokenized), cfg.batch_size, generator, lengths):
+        epoch = 0
+        # with max_step, epochs repeat until max_step updates are taken; without, exactly cfg.epochs epochs
+        while state["step"] < total_steps and (cfg.max_step is not None or epoch < cfg.epochs):
+            batches = make_batches(len(tokenized), cfg.batch_size, generator, lengths)
+            for j, batch_idx in enumerate(batches):   # j: loader step (one global batch) within the epoch
                 mine = batch_idx[rank::world]     # every rank sees the same global batches, a slice each
                 if mine:
                     batch = collate([tokenized[i] for i in mine], pad_id, device)
@@ -295,12 +300,12 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
                 (loss_sum / max(float(stats[1]), 1.0) / cfg.accum_iter).backward()   # grads summed over ranks
                 state["losses"].append(global_loss)
                 state["micro"] += 1
-                if state["micro"] == cfg.accum_iter:
-                    optimizer_step()
+                # an update every accum_iter loader steps, and a short window's at the epoch's end
+                if state["micro"] == cfg.accum_iter or j == len(batches) - 1:
+                    optimizer_step(j / len(batches) + epoch)
                     if state["step"] >= total_steps:
                         break
-            if state["micro"] and state["step"] < total_steps:   # a short accumulation at the epoch's end
-                optimizer_step()
+            epoch += 1
     finally:
         bar.close()
         if log:
@@ -310,6 +315,8 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
         model.eval()
     elapsed = time.perf_counter() - t0
     losses, tokens = state["losses"], state.get("global_tokens", state["tokens"] * world)
-    return {"steps": state["step"], "first_loss": losses[0] if losses else None,
+    # next_lr: what the schedule set after the last step, used by no step (after --epochs alone: f(epochs - 1/L), not 0)
+    return {"steps": state["step"], "next_lr": optimizer.param_groups[0]["lr"],
+            "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "mean_loss": float(np.mean(losses)) if losses else None,
             "seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}

@@ -74,16 +74,55 @@ def test_unknown_task_lists_known_ones():
     assert get_task("LaMP_7").name == "tweet_paraphrase"
 
 
-def test_bm25_equals_rank_bm25_on_every_prefix():
+def test_bm25_equals_rank_bm25_over_single_space_tokens_on_every_prefix():
+    """SPEC 4: the rank_bm25 oracle given text.split(" ") of documents and query; the texts hold what that split
+    keeps apart from a whitespace split: newline-glued words (a retrieval_history line's end), double spaces."""
     rng = random.Random(0)
     words = [f"w{i}" for i in range(25)]
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 15))) for _ in range(30)]
+
+    def text(n_words):
+        out = ""
+        for i in range(n_words):
+            out += rng.choice(words) + ("\n" if rng.random() < 0.2 else "")
+            if i < n_words - 1:
+                out += "  " if rng.random() < 0.15 else " "
+        return out + "\n"
+
+    docs = [text(rng.randint(1, 15)) for _ in range(30)]
+    assert any("  " in d for d in docs) and any("\n " in d for d in docs)
     bm = PrefixBM25(docs)
     for n in (1, 2, 3, 10, 30):
         for _ in range(4):
-            query = " ".join(rng.choice(words + ["unseen"]) for _ in range(7))
-            expected = BM25Okapi([d.split() for d in docs[:n]]).get_scores(query.split())
+            query = text(7).rstrip("\n") + " unseen"
+            expected = BM25Okapi([d.split(" ") for d in docs[:n]]).get_scores(query.split(" "))
             np.testing.assert_allclose(bm.scores(query, n), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bm25_keeps_the_newline_in_the_last_token_of_a_history_line():
+    """A tag is the last word of a movie_tagging retrieval_history line, so it is indexed as "comedy\n": a
+    query word "comedy" matches only the item whose description says comedy (a whitespace split would pick the
+    shorter item 0, tagged comedy)."""
+    task = get_task("movie_tagging")
+    fillers = [{"id": str(i), "description": f"story number {i} told at length here", "tag": "drama"}
+               for i in range(2, 6)]
+    items = [{"id": "0", "description": "a quiet film", "tag": "comedy"},
+             {"id": "1", "description": "a comedy about two old friends", "tag": "drama"}] + fillers
+    history = UserHistory(task, items)
+    assert history.strings[0] == "Description: a quiet film Tag: comedy\n"
+    query = task.prompts["retrieval_query_wokey"].format("comedy")
+    assert history.retrieve(query, 1) == [history.strings[1]]
+    unknown = task.prompts["retrieval_query_wokey"].format("zzz")
+    assert history.bm25.scores(query)[0] == history.bm25.scores(unknown)[0]   # "comedy\n" is another term
+
+
+def test_bm25_counts_the_empty_token_of_a_double_space():
+    """"apple  pie" is 3 tokens (apple, "", pie): longer than "apple tart", so the later document wins the query
+    "apple" (a whitespace split would tie them, and the tie rule would pick document 0)."""
+    docs = ["apple  pie", "apple tart", "fig", "plum", "kiwi", "lime"]
+    bm = PrefixBM25(docs)
+    assert bm.top_k("apple", 1) == [1]
+    assert bm.scores("apple")[0] < bm.scores("apple")[1]
+    assert bm.scores("x  y")[0] > 0 == bm.scores("x y")[0]   # the query's "" matches the document's
 
 
 def test_bm25_ties_go_to_the_earlier_document():

@@ -53,6 +53,7 @@ def test_data_parallel_stage1_equals_one_process(tiny_model_dir, data_dir, tmp_p
     logs = {run: [json.loads(x) for x in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
             for run in ("one", "two")}
     assert [x["step"] for x in logs["two"]] == [1, 2, 3]      # only rank 0 logs, same number of steps
+    assert [x["lr"] for x in logs["two"]] == [x["lr"] for x in logs["one"]]   # one schedule: L = global batches
     # the two ranks split each batch: together they saw exactly the tokens one process saw, not twice as many
     assert [x["tokens"] for x in logs["two"]] == [x["tokens"] for x in logs["one"]]
     assert (tmp_path / "two" / "predictions" / "k1.json").is_file()

@@ -1,7 +1,9 @@
 """Training loop, answer-only masking, LR schedule, adapter save/load, gates and batched generation."""
 import json
 import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,8 +13,8 @@ from perpcs.gates import GatedInput, install_gates, lora_modules, remove_gates
 from perpcs.generation import generate, variant_names
 from perpcs.modeling import load_base_model, lora_config
 from perpcs.prompts import Example
-from perpcs.training import (IGNORE_INDEX, TrainConfig, collate, count_steps, lr_at, make_batches,
-                             tokenize_example, train)
+from perpcs.training import (IGNORE_INDEX, TrainConfig, collate, count_steps, make_batches, tokenize_example,
+                             train)
 
 
 @pytest.fixture()
@@ -59,18 +61,91 @@ def test_answer_only_loss_equals_the_hf_loss(tiny):
         torch.testing.assert_close(answer_loss(model, batch), model(**batch).loss)
 
 
-def test_half_cycle_cosine_schedule():
-    assert lr_at(0, 10, 1e-4) == pytest.approx(1e-4)
-    assert lr_at(5, 10, 1e-4) == pytest.approx(5e-5)
-    assert lr_at(9, 10, 1e-4) == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 0.9)))
-    values = [lr_at(s, 10, 1.0) for s in range(10)]
-    assert all(a > b for a, b in zip(values, values[1:])) and values[-1] > 0
+def published_lr(g: int, n_batches: int, epochs: int, base_lr: float) -> float:
+    """SPEC 5 read as a closed form (accum_iter 1): optimizer step g (0-based) uses the base lr for g = 0 and
+    f((g - 1) / L) after it, f(x) = lr * 0.5 * (1 + cos(pi * x / epochs)), x never capped."""
+    if g == 0:
+        return base_lr
+    return base_lr * 0.5 * (1 + math.cos(math.pi * ((g - 1) / n_batches) / epochs))
 
 
-def test_steps_stop_at_epochs_or_max_step_whichever_first():
+def logged_lrs(tiny, tmp_path, n_examples: int, cfg: TrainConfig, base_lr: float = 1e-3) -> tuple:
+    """A real train() on the tiny model with batch 1 (L = n_examples loader batches per epoch); the lr of
+    every step as train_log.jsonl wrote it, and train()'s stats."""
+    from peft import get_peft_model
+    model, tok, device = tiny
+    peft_model = get_peft_model(model, lora_config())
+    examples = [Example(f"Review: the {i} blender Score:", f" {i % 5 + 1}") for i in range(n_examples)]
+    log = tmp_path / "train_log.jsonl"
+    try:
+        stats = train(peft_model, tok, examples, replace(cfg, lr=base_lr, batch_size=1, grad_ckpt=False,
+                                                        max_seq_len=64), device, log_path=log, show_progress=False)
+    finally:
+        peft_model.unload()
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, len(lines) + 1))
+    return [x["lr"] for x in lines], stats
+
+
+@pytest.mark.parametrize("n_batches,epochs,max_step", [(7, 3, 100), (40, 2, 200)])
+def test_every_step_uses_the_published_lr(tiny, tmp_path, n_batches, epochs, max_step):
+    """The sharer (L=7: 100 steps cycle through the cosine ~4.8 times over 3 epochs) and gate (L=40, 2 epochs,
+    200 steps) settings: the lr of every logged step is the formula's, past --epochs too."""
+    lrs, stats = logged_lrs(tiny, tmp_path, n_batches, TrainConfig(epochs=epochs, max_step=max_step))
+    assert stats["steps"] == len(lrs) == max_step
+    expected = [published_lr(g, n_batches, epochs, 1e-3) for g in range(max_step)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-12, atol=1e-18)
+    # not capped at --epochs: the cosine reaches 0 at x = epochs and rises again
+    bottom = epochs * n_batches + 1
+    assert lrs[bottom] < 1e-18 and lrs[bottom + 1] > lrs[bottom]
+    assert stats["next_lr"] == pytest.approx(published_lr(max_step, n_batches, epochs, 1e-3), rel=1e-12)
+
+
+@pytest.mark.parametrize("max_step", [None, 10])
+def test_accumulation_updates_on_loader_steps_and_the_epoch_end(tiny, tmp_path, max_step):
+    """L = 7 loader batches, accum_iter 3: updates on loader steps j = 2, 5 and 6 (the short window) of every
+    epoch, each setting the next lr from x = j / L + e. Without --max_step: exactly epochs * ceil(7 / 3) = 6
+    steps; with --max_step 10: epochs repeat, x goes on past --epochs (2)."""
+    f = lambda x: 1e-3 * 0.5 * (1 + math.cos(math.pi * x / 2))   # noqa: E731
+    xs = [e + j / 7 for e in range(4) for j in (2, 5, 6)]          # x of each update, in order
+    lrs, stats = logged_lrs(tiny, tmp_path, 7, TrainConfig(epochs=2, accum_iter=3, max_step=max_step))
+    n = 6 if max_step is None else 10
+    assert stats["steps"] == len(lrs) == n
+    np.testing.assert_allclose(lrs, [1e-3] + [f(x) for x in xs[:n - 1]], rtol=1e-12)
+    assert stats["next_lr"] == pytest.approx(f(xs[n - 1]), rel=1e-12)
+
+
+def test_the_task_lora_schedule_ends_near_lr_0(tiny, tmp_path):
+    """Task LoRA: 3 epochs, no --max_step (the stage defaults). Its last step (g = 3L - 1) uses f(3 - 2/L); the
+    lr set after it, f(3 - 1/L), is used by no step. Neither is exactly 0; both are O(1/L^2) of the base lr
+    (here L = 5: under 5% and 1.1%; with L = 1000 batches, ~1e-6)."""
+    import task_LoRA
+    args = task_LoRA.parse_args(["--task_name", "movie_tagging"])
+    assert (args.epochs, args.max_step) == (3, None)
+    n_batches = 5
+    lrs, stats = logged_lrs(tiny, tmp_path, n_batches, TrainConfig(epochs=args.epochs, max_step=args.max_step))
+    assert len(lrs) == stats["steps"] == 3 * n_batches
+    f = lambda x: 1e-3 * 0.5 * (1 + math.cos(math.pi * x / 3))   # noqa: E731
+    assert lrs[-1] == pytest.approx(f(3 - 2 / n_batches), rel=1e-12) and 0 < lrs[-1] < 0.05e-3
+    assert stats["next_lr"] == pytest.approx(f(3 - 1 / n_batches), rel=1e-12) and 0 < stats["next_lr"] < 0.011e-3
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))          # decreasing all the way (lrs[0] == lrs[1])
+
+
+def test_stage_defaults_of_the_published_schedule():
+    import OPPU
+    import train_anchor_gate
+    import train_anchor_PEFT
+    for script, expected in ((train_anchor_PEFT, (3, 100)), (train_anchor_gate, (2, 200)), (OPPU, (2, None))):
+        args = script.parse_args(["--task_name", "movie_tagging"])
+        assert (args.epochs, args.max_step) == expected, script.__name__
+
+
+def test_step_counts():
     assert count_steps(12, TrainConfig(batch_size=6, epochs=3)) == 6
     assert count_steps(12, TrainConfig(batch_size=6, epochs=3, max_step=4)) == 4
+    assert count_steps(12, TrainConfig(batch_size=6, epochs=3, max_step=100)) == 100   # epochs repeat
     assert count_steps(13, TrainConfig(batch_size=6, epochs=1, accum_iter=2)) == 2
+    assert count_steps(7, TrainConfig(batch_size=1, epochs=2, accum_iter=3)) == 6
 
 
 def test_batches_cover_every_example_once_per_epoch():
