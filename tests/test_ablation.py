@@ -404,7 +404,7 @@ def test_run_task_flags_exist_in_each_scripts_parser(tmp_path):
     by_script = dict(zip(scripts, (argv for _, argv in commands)))
     assert by_script["anchor_selection/history_anchor.py"][2:] == [
         "--candidate_path", "../data/movie_tagging/user_anchor_candidate.json", "--task_name", "movie_tagging",
-        "--k", "50", "--device", "cuda"]
+        "--k", "50", "--device", "cuda", "--encoder", "microsoft/deberta-v3-large"]
     composition = parse_with_script(REPO / "lora_composition.py", by_script["lora_composition.py"][2:])
     assert (composition.topk, composition.share_ratio, composition.agg_temperature) == (3, 1.0, 1.0)
     assert composition.lora_ckpt == "./output/movie_tagging/task-base_LLM/lora_ckpt.pt"
@@ -420,6 +420,22 @@ def test_run_task_variables_reach_the_commands(tmp_path):
     task_lora = next(argv for _, argv in commands if argv[1] == "task_LoRA.py")
     assert task_lora == ["/opt/py", "task_LoRA.py", "--task_name", "movie_tagging", "--llama_model_path",
                          "/m/llama", "--device", "cpu"]
+
+
+def test_run_task_encoder_is_the_papers_unless_encoder_says_otherwise(tmp_path):
+    def step_2(env_extra=None):
+        result, commands = run_task_commands(tmp_path, env_extra)
+        assert result.returncode == 0, result.stderr
+        argv = next(argv for _, argv in commands if argv[1] == "history_anchor.py")
+        assert argv.count("--encoder") == 1
+        return argv[argv.index("--encoder") + 1]
+
+    assert step_2() == "microsoft/deberta-v3-large"
+    assert step_2({"ENCODER": "sentence-transformers/all-MiniLM-L6-v2"}) == "sentence-transformers/all-MiniLM-L6-v2"
+    # A directory relative to the repository root still names it from inside anchor_selection/.
+    (tmp_path / "encoders" / "mine").mkdir(parents=True)
+    assert step_2({"ENCODER": "encoders/mine"}) == str(tmp_path / "encoders" / "mine")
+    assert "ENCODER" in RUN_TASK.read_text().split("set -euo pipefail")[0]     # documented in the header
 
 
 def test_run_task_skips_finished_steps_and_runs_step_2_in_anchor_selection(tmp_path):

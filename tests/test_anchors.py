@@ -17,6 +17,7 @@ from perpcs.anchors import (EMB_FILE, EMB_META_FILE, INDEX_FILE, default_encoder
 from perpcs.errors import PerpcsError
 from perpcs.prompts import history_string
 from perpcs.tasks import get_task
+from pipeline_fixture import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "anchor_selection" / "history_anchor.py"
@@ -278,3 +279,259 @@ def test_load_anchor_index_checks_the_candidate_file(tmp_path):
         load_anchor_index(path, users[::-1])
     with pytest.raises(PerpcsError, match="out of range"):
         load_anchor_index(path, users[:2])
+
+
+# ---- any Hugging Face encoder (SPEC 5: the paper's is DeBERTa-v3-large) ----------------------------
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+ENCODER_WORDS = sorted({w for theme in THEMES for w in theme} | {"description", "tag", "sci", "fi"})
+
+
+def build_tiny_bert(directory: Path, seed: int):
+    """A random 2-layer BERT and a WordPiece tokenizer over a small vocabulary (unknown words fall back to
+    letters), saved to ``directory``; returns the in-memory (tokenizer, model)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+    pieces = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":", "-", ".", ","] + ENCODER_WORDS + list(LETTERS)
+              + ["##" + c for c in LETTERS])
+    tokenizer = BertTokenizer(vocab={p: i for i, p in enumerate(pieces)})
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=len(pieces), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=512)).eval()
+    tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory)
+    return tokenizer, model
+
+
+def train_tiny_spm() -> bytes:
+    """A small SentencePiece unigram model laid out as DeBERTa-v3's spm.model ([PAD] [UNK] [CLS] [SEP] [MASK])."""
+    import io
+
+    import sentencepiece
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(ENCODER_WORDS) for _ in range(8)) for _ in range(300)]
+    lines += [" ".join("".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 6))) for _ in range(8))
+              for _ in range(300)]
+    out = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=out, vocab_size=120, hard_vocab_limit=False, model_type="unigram",
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="[PAD]", unk_piece="[UNK]", bos_piece="[CLS]",
+        eos_piece="[SEP]", user_defined_symbols=["[MASK]"], minloglevel=2)
+    return out.getvalue()
+
+
+def tiny_deberta_model(vocab_size: int, seed: int):
+    from transformers import DebertaV2Config, DebertaV2Model
+    torch.manual_seed(seed)
+    # DeBERTa-v3's attention (relative positions in 256 buckets, no absolute positions), tiny sizes.
+    config = DebertaV2Config(vocab_size=vocab_size, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=48, max_position_embeddings=512, relative_attention=True,
+                             position_buckets=256, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+                             share_att_key=True, position_biased_input=False, type_vocab_size=0)
+    return DebertaV2Model(config).eval()
+
+
+def build_tiny_deberta(directory: Path, seed: int):
+    """A random 2-layer DeBERTa-v2/v3 and its tokenizer (the unigram vocabulary of a SentencePiece model trained
+    here, read without protobuf), saved to ``directory`` with tokenizer.json, as save_pretrained writes it."""
+    import sentencepiece
+    from transformers import DebertaV2Tokenizer
+    proto = train_tiny_spm()
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tokenizer = DebertaV2Tokenizer(vocab=vocab, unk_id=sp.unk_id())
+    model = tiny_deberta_model(len(vocab), seed)
+    tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory)
+    (directory / "spm.model").write_bytes(proto)
+    return tokenizer, model
+
+
+BUILDERS = {"bert": build_tiny_bert, "deberta": build_tiny_deberta}
+
+
+@pytest.fixture(scope="module")
+def tiny_encoders(tmp_path_factory):
+    """{kind: (directory, tokenizer, model)} for a tiny random BERT and DeBERTa."""
+    out = {}
+    for kind, build in BUILDERS.items():
+        directory = tmp_path_factory.mktemp(f"tiny_{kind}")
+        out[kind] = (directory, *build(directory, seed=0))
+    return out
+
+
+def encoder_candidates(path):
+    """Histories of different lengths and item lengths (batches are padded), one item longer than 512 tokens."""
+    rng = random.Random(1)
+    users = []
+    for u in range(5):
+        profile = []
+        for i in range(2 + u):
+            words = [rng.choice(THEMES[u % 3]) for _ in range(rng.randint(1, 25))]
+            profile.append({"id": f"{u}_{i}", "description": " ".join(words), "tag": "sci-fi"})
+        users.append({"user_id": f"user{u}", "profile": profile, "query": []})
+    gibberish = " ".join("".join(rng.choice(LETTERS) for _ in range(7)) for _ in range(300))
+    users[1]["profile"].append({"id": "long", "description": gibberish, "tag": "comedy"})
+    path.write_text(json.dumps(users))
+    return users
+
+
+def reference_user_embeddings(users, tokenizer, model) -> np.ndarray:
+    """SPEC 5 written out: each item alone (no padding, so a plain mean is the masked mean), 512 tokens at most,
+    mean of the last hidden state over its tokens; then the mean over the user's items."""
+    rows = []
+    for u in users:
+        vectors = []
+        for it in u["profile"]:
+            text = MOVIE.prompts["retrieval_history"].format(**it)          # items here are under 368 words
+            enc = tokenizer(text, truncation=True, max_length=512, return_tensors="pt")
+            with torch.no_grad():
+                vectors.append(model(**enc).last_hidden_state[0].mean(dim=0).double().numpy())
+        rows.append(np.mean(vectors, axis=0))
+    return np.array(rows)
+
+
+def select(cand, out, encoder):
+    """``history_anchor.py --encoder <encoder>`` in this process; returns (embeddings, index)."""
+    history_anchor = load_script("anchor_selection/history_anchor.py")
+    history_anchor.main(["--task_name", "movie_tagging", "--candidate_path", str(cand), "--output_dir", str(out),
+                         "--k", "2", "--min_history", "1", "--device", "cpu", "--batch_size", "3",
+                         "--encoder", str(encoder)])
+    return np.load(out / EMB_FILE), json.loads((out / INDEX_FILE).read_text())
+
+
+@pytest.mark.parametrize("kind", ["bert", "deberta"])
+def test_hf_encoder_directory_is_mean_pooled_per_item_then_averaged(kind, tiny_encoders, tmp_path):
+    directory, tokenizer, model = tiny_encoders[kind]
+    cand = tmp_path / "cand.json"
+    users = encoder_candidates(cand)
+    long_text = MOVIE.prompts["retrieval_history"].format(**users[1]["profile"][-1])
+    assert len(tokenizer(long_text)["input_ids"]) > 512          # truncated to 512 tokens, by both sides
+    emb, index = select(cand, tmp_path / "out", directory)
+    assert emb.shape == (5, model.config.hidden_size)
+    np.testing.assert_allclose(emb, reference_user_embeddings(users, tokenizer, model), rtol=0, atol=2e-5)
+    assert index["encoder"] == str(directory.resolve())
+    assert json.loads((tmp_path / "out" / EMB_META_FILE).read_text())["encoder"] == str(directory.resolve())
+
+
+def test_switching_encoder_re_embeds_even_in_the_same_directory(tiny_encoders, tmp_path, capsys):
+    cand = tmp_path / "cand.json"
+    users = encoder_candidates(cand)
+    out, encoder = tmp_path / "out", tmp_path / "encoder"
+    first = reference_user_embeddings(users, *build_tiny_bert(encoder, seed=0))
+    np.testing.assert_allclose(select(cand, out, encoder)[0], first, atol=2e-5)
+    select(cand, out, encoder)
+    assert "reusing embeddings" in capsys.readouterr().out
+
+    deberta_dir, tokenizer, model = tiny_encoders["deberta"]
+    emb, index = select(cand, out, deberta_dir)
+    assert "re-embedding" in capsys.readouterr().out
+    np.testing.assert_allclose(emb, reference_user_embeddings(users, tokenizer, model), atol=2e-5)
+
+    # Another model saved where the first one was: same path, other weights.
+    select(cand, out, encoder)
+    capsys.readouterr()
+    second = reference_user_embeddings(users, *build_tiny_bert(encoder, seed=1))
+    emb, _ = select(cand, out, encoder)
+    assert "re-embedding" in capsys.readouterr().out
+    assert np.abs(second - first).max() > 1e-3
+    np.testing.assert_allclose(emb, second, atol=2e-5)
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """huggingface_hub's constants with an empty cache (tmp_path/hub); opening a connection fails the test."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return constants
+
+
+def fake_hub_cache(cache: Path, repo_id: str, files_from: Path, commit="0123456789abcdef0123456789abcdef01234567"):
+    """The layout huggingface_hub gives a downloaded model: refs/main -> snapshots/<commit>/ (files are links
+    into blobs/)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot, blobs = repo / "snapshots" / commit, repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for f in files_from.iterdir():
+        blob = blobs / f"blob_{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+def test_hub_id_is_read_from_the_local_cache_without_the_network(tiny_encoders, tmp_path, hub, capsys):
+    directory, tokenizer, model = tiny_encoders["deberta"]
+    fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-deberta", directory)
+    cand = tmp_path / "cand.json"
+    users = encoder_candidates(cand)
+    emb, index = select(cand, tmp_path / "out", "tiny-org/tiny-deberta")
+    np.testing.assert_allclose(emb, reference_user_embeddings(users, tokenizer, model), atol=2e-5)
+    assert index["encoder"] == "tiny-org/tiny-deberta"
+    assert "with tiny-org/tiny-deberta on cpu" in capsys.readouterr().out
+    # The same files as a local directory are the same encoder: the embeddings are reused.
+    select(cand, tmp_path / "out", directory)
+    assert "reusing embeddings" in capsys.readouterr().out
+
+
+def test_unknown_hub_id_fails_naming_it_and_how_to_provide_it(tmp_path, hub):
+    assert hub.is_offline_mode()                               # conftest: HF_HUB_OFFLINE=1
+    cand = tmp_path / "cand.json"
+    encoder_candidates(cand)
+    with pytest.raises(PerpcsError) as err:
+        select(cand, tmp_path / "out", "nobody/no-such-encoder")
+    message = str(err.value)
+    assert "'nobody/no-such-encoder' is not a local directory and not in the Hugging Face cache" in message
+    assert str(tmp_path / "hub") in message and "models--nobody--no-such-encoder" in message
+    assert "HF_HUB_OFFLINE is set" in message and "save_pretrained(DIR)" in message and "--encoder DIR" in message
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(PerpcsError, match=r"--encoder \./nowhere: no such directory"):
+        select(cand, tmp_path / "out", "./nowhere")
+
+
+def test_unreachable_hub_fails_with_the_reason(hub, monkeypatch):
+    monkeypatch.setattr(hub, "is_offline_mode", lambda: False)
+    import huggingface_hub
+
+    def unreachable(self, repo_id, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(PerpcsError, match=r"'org/enc' is not a local directory .*downloading it failed "
+                                          r"\(ConnectionError: Name or service not known\)"):
+        load_encoder("org/enc", torch.device("cpu"))
+
+
+def test_sentencepiece_only_tokenizer_loads_or_says_what_it_needs(tmp_path):
+    """microsoft/deberta-v3-large as published has spm.model and no tokenizer.json; transformers reads that
+    with protobuf. Without it the error says so (transformers' own would ask for tiktoken)."""
+    from transformers.utils import is_protobuf_available
+    directory = tmp_path / "deberta_spm"
+    directory.mkdir()
+    proto = train_tiny_spm()
+    (directory / "spm.model").write_bytes(proto)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False, "vocab_type": "spm"}))
+    import sentencepiece
+    tiny_deberta_model(sentencepiece.SentencePieceProcessor(model_proto=proto).get_piece_size(), 0).save_pretrained(
+        directory)
+    try:
+        from sentencepiece import sentencepiece_model_pb2  # noqa: F401  (what transformers reads spm.model with)
+        readable = is_protobuf_available()
+    except Exception:
+        readable = False
+    if readable:
+        tokenizer, model = load_encoder(directory, torch.device("cpu"))
+        assert embed_texts(["Description: space alien Tag: sci-fi\n"], tokenizer, model).shape == (1, 24)
+    else:
+        with pytest.raises(PerpcsError, match=r"SentencePiece model without tokenizer\.json.*pip install protobuf"
+                                              r".*save_pretrained\(DIR\)"):
+            load_encoder(directory, torch.device("cpu"))
