@@ -159,7 +159,8 @@ def test_sharers_of_another_task_lora_or_base_model_are_not_counted_as_done(pipe
     (out_dir / f"user_{first}" / "source.json").unlink()
     err = cli_error(train_anchor_PEFT.main, pipe.sharer_args(out_dir), capsys)
     assert f"user_{first} has no record of the base model and task lora" in err
-    assert adapter_digests(out_dir) == before                                  # nothing lost
+    assert {k: v for k, v in adapter_digests(out_dir).items() if not k.endswith("source.json")} == \
+        {k: v for k, v in before.items() if not k.endswith("source.json")}   # nothing lost
 
 
 def test_gates_without_a_record_or_of_another_base_model_are_refused(pipe, tmp_path, capsys):
@@ -174,7 +175,8 @@ def test_gates_without_a_record_or_of_another_base_model_are_refused(pipe, tmp_p
     (gate_dir / f"user_{first}" / "source.json").unlink()   # gates of an older version: unknown, not current
     err = cli_error(train_anchor_gate.main, pipe.gate_args(gate_dir), capsys)
     assert f"user_{first} has no record" in err and "--overwrite" in err
-    assert adapter_digests(gate_dir) == before
+    assert {k: v for k, v in adapter_digests(gate_dir).items() if not k.endswith("source.json")} == \
+        {k: v for k, v in before.items() if not k.endswith("source.json")}
 
 
 @pytest.mark.parametrize("change", ["max_seq_len", "gates", "task_lora"])
