@@ -18,6 +18,7 @@ from .sharers import (check_existing_predictions, combine_user_predictions, defa
                       resolve_anchor_dir, resolve_anchor_index, user_examples, user_predictions_path)
 from .tasks import get_task
 from .training import tokenize_example, user_seed
+from .truncation import count_cuts, log_totals, report_stage, user_entry
 
 
 def settings_from_args(args) -> ComposeSettings:
@@ -99,11 +100,13 @@ def compose(args) -> Path:
         path = recipe_path(out_root, uid)
         t0 = time.perf_counter()
         timing = {}   # kept in users_log.jsonl, not in the recipe, so recipes are byte-reproducible
+        assembly_cuts = None
         if path.is_file() and not args.overwrite:   # killed after the recipe, before the predictions
             recipe = read_json(path, "recipe")
             weights = recipe_weights(recipe, pool, path)
         else:
             tokenized = [tokenize_example(tokenizer, ex, args.max_seq_len) for ex in examples[uid]]
+            assembly_cuts = count_cuts([t.cut for t in tokenized], args.max_seq_len)
             weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}",
                                              cpu_bf16=args.cpu_bf16)
             seconds = time.perf_counter() - t0
@@ -114,15 +117,17 @@ def compose(args) -> Path:
         if args.save_adapters:
             pool.save_adapter(weights, out_root / "adapters" / f"user_{uid}")
         composer.use_fixed(weights)
+        shortened = {}
         preds = predict_one_user(model, tokenizer, task, user, all_profiles, layout.profiles, device, args,
-                                 gen_settings)
+                                 gen_settings, shortened)
         composer.mode = "off"
         write_json_atomic(user_predictions_path(out_root, uid), preds)
-        return timing
+        return {**timing, "truncated": user_entry(uid, assembly_cuts, shortened)}
 
     run_per_user(users, lambda uid: recipe_path(out_root, uid).is_file()
                  and user_predictions_path(out_root, uid).is_file(),
                  work, "composition", out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+    report_stage("composition", log_totals(out_root / "users_log.jsonl", [uid for uid, _ in users]))
     if combine_user_predictions(out_root, task, test_users):
         write_summary(out_root, pool, [uid for uid, _ in users])
     return out_root
@@ -144,7 +149,7 @@ def write_summary(out_root: Path, pool: PiecePool, uids: list) -> dict:
     mean = {key: _mean([u[key] for u in per_user.values()])
             for key in ("assembly_seconds", "recipe_bytes", "adapter_bytes", "sharers_per_piece")}
     summary = {"users": per_user, "mean": mean, "n_users": len(per_user), "n_sharers": len(pool),
-               "n_pieces": len(pool.pieces)}
+               "n_pieces": len(pool.pieces), "truncated": log_totals(out_root / "users_log.jsonl", uids)}
     write_json_atomic(out_root / "summary.json", summary)
     print(f"summary: {mean['assembly_seconds']:.2f} s per user, recipe {mean['recipe_bytes']:.0f} B vs "
           f"adapter {adapter_bytes} B per user -> {out_root / 'summary.json'}")

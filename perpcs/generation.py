@@ -14,16 +14,23 @@ from .data import profile_text, write_json_atomic
 from .prompts import UserHistory, query_example
 from .tasks import Task
 from .modeling import autocast_context
+from .truncation import count_cuts, fit_example
 
 
 KV_CACHES = ("dynamic", "static")
 STATIC_WIDTH_STEP = 64   # static cache: prompt widths rounded up to this, so few shapes get compiled
+DEFAULT_MAX_SEQ_LEN = 3000
+
+
+def prompt_budget(max_seq_len: int, max_new_tokens: int) -> int:
+    """Tokens a prompt may have so that it and its new tokens fit max_seq_len."""
+    return max(1, max_seq_len - max_new_tokens)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch.device,
              temperature: float = 0.1, top_p: float = 0.9, seed: int = 0, batch_size: int = 16,
-             max_seq_len: int = 3000, cpu_bf16: bool = False, show_progress: bool = False,
+             max_seq_len: int = DEFAULT_MAX_SEQ_LEN, cpu_bf16: bool = False, show_progress: bool = False,
              kv_cache: str = "dynamic", add_special_tokens: bool = True) -> list:
     """Completions (new tokens only, stripped) for each prompt; greedy when temperature is 0.
 
@@ -41,7 +48,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch
         raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
     torch.manual_seed(seed)
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    max_prompt = max(1, max_seq_len - max_new_tokens)
+    max_prompt = prompt_budget(max_seq_len, max_new_tokens)   # callers with prompt parts fit them first (fit_prompts)
     encoded = [keep_bos_cut_left(ids, max_prompt, tokenizer.bos_token_id) for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -76,8 +83,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch
 
 
 def keep_bos_cut_left(ids: list, limit: int, bos_id) -> list:
-    """At most ``limit`` ids, cut from the left after the BOS (as training cuts): the instruction at the end
-    stays, and the model still sees the BOS it was trained with."""
+    """At most ``limit`` ids, cut from the left after the BOS (as training cuts, last resort after fit_prompts):
+    the end of the instruction stays, and the model still sees the BOS it was trained with."""
     if len(ids) <= limit:
         return ids
     keep = 1 if bos_id is not None and ids and ids[0] == bos_id and limit > 1 else 0
@@ -90,16 +97,35 @@ def variant_names(k_list) -> list:
     return [(stem + ("-profile" if prof else ""), k, prof) for prof in (False, True) for stem, k in ks]
 
 
-def variant_prompts(task: Task, users: list, k: int, with_profile: bool, profiles: dict | None,
-                    profiles_path=None) -> list:
-    """(query id, prompt) for every query of every user under one variant."""
+def variant_examples(task: Task, users: list, k: int, with_profile: bool, profiles: dict | None,
+                     profiles_path=None) -> list:
+    """(query id, Example) for every query of every user under one variant."""
     rows = []
     for ui, user in enumerate(users):
         history = UserHistory(task, user["profile"])
         prof = profile_text(profiles, user, profiles_path, ui) if with_profile else None
         for q in user["query"]:
-            rows.append((str(q["id"]), query_example(task, q, history, k, prof).prompt))
+            rows.append((str(q["id"]), query_example(task, q, history, k, prof)))
     return rows
+
+
+def variant_prompts(task: Task, users: list, k: int, with_profile: bool, profiles: dict | None,
+                    profiles_path=None) -> list:
+    """(query id, prompt) for every query of every user under one variant (before any fitting to a length)."""
+    return [(qid, ex.prompt) for qid, ex in variant_examples(task, users, k, with_profile, profiles, profiles_path)]
+
+
+def fit_prompts(tokenizer, examples: list, max_seq_len: int, max_new_tokens: int,
+                add_special_tokens: bool = True) -> tuple:
+    """([prompt], [cut]): each example's prompt fitted to max_seq_len - max_new_tokens tokens by the rule training
+    uses (truncation.fit_example); a cut holding "left" is left to generate()'s cut from the left."""
+    budget = prompt_budget(max_seq_len, max_new_tokens)
+
+    def fits(ex) -> bool:
+        return len(tokenizer(ex.prompt, add_special_tokens=add_special_tokens)["input_ids"]) <= budget
+
+    fitted = [fit_example(ex, fits) for ex in examples]
+    return [ex.prompt for ex, _ in fitted], [cut for _, cut in fitted]
 
 
 def write_predictions(path: Path, task: Task, rows: list) -> None:
@@ -109,13 +135,22 @@ def write_predictions(path: Path, task: Task, rows: list) -> None:
 
 def predict_variants(model, tokenizer, task: Task, users: list, profiles: dict | None, device: torch.device,
                      k_list=(1, 2, 4), max_new_tokens: int | None = None, profiles_path=None,
-                     **gen_kwargs) -> dict:
-    """{variant stem: [(query id, output)]} for the 8 variants, generated in one length-sorted pass."""
+                     shortened: dict | None = None, **gen_kwargs) -> dict:
+    """{variant stem: [(query id, output)]} for the 8 variants, generated in one length-sorted pass.
+
+    Prompts too long for max_seq_len are fitted first (fit_prompts); ``shortened``, if given, receives how many
+    (truncation.count_cuts).
+    """
     variants = variant_names(k_list)
-    rows = [(stem, qid, prompt) for stem, k, with_profile in variants
-            for qid, prompt in variant_prompts(task, users, k, with_profile, profiles, profiles_path)]
-    outputs = generate(model, tokenizer, [r[2] for r in rows], max_new_tokens or task.max_gen_len, device,
-                       **gen_kwargs)
+    rows = [(stem, qid, ex) for stem, k, with_profile in variants
+            for qid, ex in variant_examples(task, users, k, with_profile, profiles, profiles_path)]
+    new_tokens = max_new_tokens or task.max_gen_len
+    max_seq_len = gen_kwargs.get("max_seq_len", DEFAULT_MAX_SEQ_LEN)
+    prompts, cuts = fit_prompts(tokenizer, [r[2] for r in rows], max_seq_len, new_tokens,
+                                gen_kwargs.get("add_special_tokens", True))
+    if shortened is not None:
+        shortened.update(count_cuts(cuts, max_seq_len))
+    outputs = generate(model, tokenizer, prompts, new_tokens, device, **gen_kwargs)
     preds = {stem: [] for stem, _, _ in variants}
     for (stem, qid, _), out in zip(rows, outputs):
         preds[stem].append((qid, out))

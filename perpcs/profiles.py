@@ -2,16 +2,17 @@
 
 The reference ``profile_prompts`` are used verbatim: the user's last ``k`` history items, each written with the
 task's profile ``retrieval_history`` template (368 words at most), joined by newlines, fill ``profile_prompt``;
-the oldest of them are left out when the prompt would not fit ``--max_seq_len`` minus the new tokens.
-Resumable: users already in the file are skipped, and the file is rewritten atomically after every batch.
+the oldest of them are left out when the prompt would not fit ``--max_seq_len`` minus the new tokens (counted:
+a printed line and ``<output file stem>.summary.json`` beside the profiles). Resumable: users already in the file are skipped, and the file is rewritten atomically after every batch.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .data import Layout, all_splits_users, load_profiles, user_id, write_json_atomic
+from .data import Layout, all_splits_users, load_profiles, read_json, user_id, write_json_atomic
 from .prompts import HISTORY_WORDS, truncated_item
 from .tasks import Task, get_task
+from .truncation import count_cuts, describe
 
 
 def profile_prompt(task: Task, items: list, k: int) -> str:
@@ -22,7 +23,13 @@ def profile_prompt(task: Task, items: list, k: int) -> str:
 
 
 def fitted_profile_prompt(task: Task, tokenizer, items: list, k: int, budget: int, chat: bool) -> str:
-    """The prompt with the most recent of the last ``k`` items that fit in ``budget`` tokens (at least one).
+    """The prompt with the most recent of the last ``k`` items that fit in ``budget`` tokens (at least one)."""
+    return fit_profile_prompt(task, tokenizer, items, k, budget, chat)[0]
+
+
+def fit_profile_prompt(task: Task, tokenizer, items: list, k: int, budget: int, chat: bool) -> tuple:
+    """(fitted_profile_prompt, what it lost): ("history",) when older items were left out, + "left" when even
+    the latest item alone does not fit (generation then cuts the prompt from the left), () when all fit.
 
     Generation cuts a too-long prompt from the left, which here would cut the instruction and the chat header
     that come first; so the oldest items give way instead (binary search on how many of the latest to keep).
@@ -37,12 +44,13 @@ def fitted_profile_prompt(task: Task, tokenizer, items: list, k: int, budget: in
         return len(tokenizer(text(n), add_special_tokens=not chat)["input_ids"]) <= budget
 
     if fits(len(recent)):
-        return text(len(recent))
+        return text(len(recent)), ()
     low, high = 1, len(recent)          # fits(high) is False; find the largest n that fits, at least 1
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
-    return text(low)
+    cut = ("history",) if low < len(recent) else ()
+    return text(low), cut + (() if fits(low) else ("left",))
 
 
 def as_chat(tokenizer, prompt: str) -> str:
@@ -54,7 +62,7 @@ def as_chat(tokenizer, prompt: str) -> str:
 
 
 def generate_profiles(args) -> Path:
-    from .generation import generate
+    from .generation import generate, prompt_budget
     from .modeling import load_base_model
     task = get_task(args.task_name)
     layout = Layout(args.data_dir, task)
@@ -73,15 +81,24 @@ def generate_profiles(args) -> Path:
         return out_path
     model, tokenizer, device = load_base_model(args.model_path, None, args.device)
     use_chat = args.chat_template and getattr(tokenizer, "chat_template", None)
+    summary_path = out_path.with_name(out_path.stem + ".summary.json")   # beside the profiles, named for them
+    summary = read_json(summary_path, "profile summary") if summary_path.is_file() else {}
+    cuts = dict(summary.get("prompt_cuts", {}))   # user -> what its prompt lost to fit, over every run so far
     for start in range(0, len(todo), args.batch_size):
         chunk = todo[start:start + args.batch_size]
-        budget = args.max_seq_len - args.max_gen_len
-        prompts = [fitted_profile_prompt(task, tokenizer, u["profile"], args.k, budget, bool(use_chat)) for u in chunk]
-        texts = generate(model, tokenizer, prompts, args.max_gen_len, device, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+        budget = prompt_budget(args.max_seq_len, args.max_gen_len)
+        fitted = [fit_profile_prompt(task, tokenizer, u["profile"], args.k, budget, bool(use_chat)) for u in chunk]
+        texts = generate(model, tokenizer, [p for p, _ in fitted], args.max_gen_len, device,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                         max_seq_len=args.max_seq_len,
                          add_special_tokens=not use_chat)   # a chat template writes its own special tokens
-        for u, text in zip(chunk, texts):
+        for u, text, (_, cut) in zip(chunk, texts, fitted):
             profiles[user_id(u)] = text
+            cuts[user_id(u)] = list(cut)
         write_json_atomic(out_path, profiles)
+        counts = count_cuts([cuts[uid] for uid in profiles if uid in cuts], args.max_seq_len)
+        summary.update(truncated={"prompts": counts}, prompt_cuts=cuts)
+        write_json_atomic(summary_path, summary)
         print(f"  {min(start + args.batch_size, len(todo))}/{len(todo)} profiles written")
+    print(describe("profile prompts", counts, "prompts") + f" (history items: the oldest left out) -> {summary_path}")
     return out_path

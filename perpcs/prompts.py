@@ -1,10 +1,13 @@
 """Turning users into prompts (SPEC section 4): truncation, BM25 history, profile text, training examples.
 
 An :class:`Example` is a prompt and the answer text the model should continue it with; the training and
-composition code masks the loss/scores to the answer tokens.
+composition code masks the loss/scores to the answer tokens. Examples built here also carry the prompt's
+parts (:class:`PromptParts`), so that one too long for ``--max_seq_len`` can lose the least needed parts first
+(perpcs/truncation.py).
 """
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 from .retrieval import PrefixBM25
@@ -15,10 +18,29 @@ HISTORY_WORDS = 368    # history items written into prompts / indexed by BM25
 
 
 @dataclass(frozen=True)
+class PromptParts:
+    """What a prompt is made of (SPEC 4): [profile section] + [history section] + instruction, the instruction
+    being ``head + article + tail`` (the article: the query's article/title, or the history item's text)."""
+    profile: str | None
+    retrieved: tuple      # history strings in BM25 rank order, best first
+    head: str
+    article: str
+    tail: str
+
+    def render(self) -> str:
+        return context_prefix(self.profile, list(self.retrieved)) + self.head + self.article + self.tail
+
+
+@dataclass(frozen=True)
 class Example:
     prompt: str
     answer: str
     source: str = ""   # e.g. "item 3" or "query 110": names the example in warnings
+    parts: PromptParts | None = None   # None: a prompt of unknown make (only cut from the left when too long)
+
+    @staticmethod
+    def of(parts: PromptParts, answer: str, source: str = "") -> "Example":
+        return Example(parts.render(), answer, source, parts)
 
 
 def truncate_words(text, n_words: int) -> str:
@@ -73,6 +95,21 @@ def query_args(task: Task, raw_input: str, query_id: str) -> tuple:
     return tuple(truncate_words(a, QUERY_WORDS) for a in task.parse_query(raw_input, query_id))
 
 
+_MARK = "\x00article\x00"   # stands for the article while a template is filled, to find what surrounds it
+
+
+def _around_article(marked: str) -> tuple:
+    """(head, tail) of a filled template holding _MARK once where the article goes."""
+    head, tail = marked.split(_MARK)
+    return head, tail
+
+
+def article_field(task: Task) -> str | None:
+    """The history field ``OPPU_input`` shows (the item's article); None when it shows none (tweets)."""
+    names = [name for _, name, _, _ in string.Formatter().parse(task.prompts["OPPU_input"]) if name]
+    return names[0] if names else None
+
+
 def query_example(task: Task, query: dict, history: UserHistory, k: int, profile: str | None) -> Example:
     """A test (or task-LoRA training) query: [profile] + [BM25 top-k history] + ``prompt``; answer = gold."""
     qid = str(query.get("id", "?"))
@@ -81,7 +118,8 @@ def query_example(task: Task, query: dict, history: UserHistory, k: int, profile
     prompt = task.prompts["prompt"].format(*args)
     gold = str(query.get("gold", ""))
     answer = task.prompts["full_prompt"].format(*args, gold)[len(prompt):]
-    return Example(context_prefix(profile, retrieved) + prompt, answer, f"query {qid}")
+    head, tail = _around_article(task.prompts["prompt"].format(_MARK, *args[1:]))
+    return Example.of(PromptParts(profile, tuple(retrieved), head, args[0], tail), answer, f"query {qid}")
 
 
 def history_examples(task: Task, items: list, profile: str | None, recent_k: int | None = None,
@@ -95,14 +133,21 @@ def history_examples(task: Task, items: list, profile: str | None, recent_k: int
     history = UserHistory(task, items)
     start = 0 if recent_k is None else max(0, len(items) - recent_k)
     prompts = task.prompts
+    field = article_field(task)
     examples = []
     for i in range(start, len(items)):
         item = truncated_item(items[i], QUERY_WORDS)
         prompt = prompts["OPPU_input"].format(**item)
         answer = prompts["OPPU_full"].format(**item)[len(prompt):]
-        examples.append(Example(prompt, answer, f"item {i} (id {items[i].get('id', '?')})"))
+        if field is None:
+            head, article, tail = prompt, "", ""
+        else:
+            article = str(item[field])
+            head, tail = _around_article(prompts["OPPU_input"].format(**{**item, field: _MARK}))
+        name = f"item {i} (id {items[i].get('id', '?')})"
+        examples.append(Example.of(PromptParts(None, (), head, article, tail), answer, name))
         if augment and task.uses_profile_in_history_training and i >= 1:
             retrieved = history.retrieve(prompts["retrieval_query"].format(**item), 1, before=i)
-            examples.append(Example(context_prefix(profile, retrieved) + prompt, answer,
-                                    f"item {i} (id {items[i].get('id', '?')}) with history"))
+            examples.append(Example.of(PromptParts(profile, tuple(retrieved), head, article, tail), answer,
+                                       f"{name} with history"))
     return examples

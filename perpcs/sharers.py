@@ -19,6 +19,7 @@ from .provenance import SOURCE_FILE, adapter_sha256, read_source, refuse_other_s
 from .runner import lazy, refuse_other_settings, run_per_user
 from .tasks import get_task
 from .training import seed_all, train, user_seed
+from .truncation import finish_per_user_stage, user_entry
 
 
 def user_dir(root, uid: str) -> Path:
@@ -128,10 +129,11 @@ def fresh_lora(model, args, seed: int):
     return get_peft_model(model, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules))
 
 
-def user_record(examples: list, stats: dict) -> dict:
-    """What a per-user stage logs for a user (users_log.jsonl)."""
+def user_record(uid: str, examples: list, stats: dict, prompts: dict | None = None) -> dict:
+    """What a per-user stage logs for a user (users_log.jsonl), with how many examples/prompts were shortened."""
     return {"examples": len(examples), "tokens": stats["tokens"], "last_loss": stats["last_loss"],
-            "train_seconds": round(stats["seconds"], 3)}
+            "train_seconds": round(stats["seconds"], 3),
+            "truncated": user_entry(uid, stats.get("truncated"), prompts)}
 
 
 def profiles_if_needed(layout, task):
@@ -163,10 +165,11 @@ def train_sharer_loras(args) -> Path:
             save_peft_adapter(peft_model, user_dir(out_root, uid), {SOURCE_FILE: sources})
         finally:
             peft_model.unload()
-        return user_record(examples[uid], stats)
+        return user_record(uid, examples[uid], stats)
 
     run_per_user(sharers, lambda uid: adapter_done(user_dir(out_root, uid), sources, "trained"), work,
                  "sharer LoRAs", out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+    finish_per_user_stage("sharer LoRAs", out_root, [uid for uid, _ in sharers])
     return out_root
 
 
@@ -210,7 +213,7 @@ def train_sharer_gates(args) -> Path:
             remove_gates(peft_model)
         finally:
             peft_model.unload()
-        return user_record(examples[uid], stats)
+        return user_record(uid, examples[uid], stats)
 
     def gates_done(uid) -> bool:
         """Gates exist and were trained on the sharer LoRA that is there now (stage 3 may have retrained it: then
@@ -228,6 +231,7 @@ def train_sharer_gates(args) -> Path:
 
     run_per_user(sharers, gates_done, work, "sharer gates", out_root / "users_log.jsonl", num_shards, shard_id,
                  args.overwrite)
+    finish_per_user_stage("sharer gates", out_root, [uid for uid, _ in sharers])
     return out_root
 
 
@@ -242,9 +246,10 @@ def generation_settings(args, task) -> dict:
             "max_gen_len": args.max_gen_len or task.max_gen_len, "max_seq_len": args.max_seq_len, "seed": args.seed}
 
 
-def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, device, args, settings: dict) -> dict:
+def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, device, args, settings: dict,
+                     shortened: dict | None = None) -> dict:
     preds = predict_variants(model, tokenizer, task, [user], profiles, device, k_list=args.k_list,
-                             max_new_tokens=args.max_gen_len, profiles_path=profiles_path,
+                             max_new_tokens=args.max_gen_len, profiles_path=profiles_path, shortened=shortened,
                              **generation_kwargs(args))
     return {"settings": settings, "predictions": {stem: [list(r) for r in rows] for stem, rows in preds.items()}}
 
@@ -324,14 +329,16 @@ def train_oppu(args) -> Path:
                 stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                               desc=f"OPPU {uid}", log_path=out_root / "train_log.jsonl")
                 save_peft_adapter(peft_model, adapter_dir, {SOURCE_FILE: sources})
+            shortened = {}
             preds = predict_one_user(peft_model, tokenizer, task, user, profiles, layout.profiles, device, args,
-                                     gen_settings)
+                                     gen_settings, shortened)
             write_json_atomic(user_predictions_path(out_root, uid), preds)
         finally:
             peft_model.unload()
-        return user_record(examples[uid], stats)
+        return user_record(uid, examples[uid], stats, shortened)
 
     run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
                  out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+    finish_per_user_stage("OPPU", out_root, [uid for uid, _ in users])
     combine_user_predictions(out_root, task, test_users)
     return out_root

@@ -13,6 +13,7 @@ from .generation import predict_variants, write_variant_files
 from .prompts import UserHistory, query_example
 from .tasks import get_task
 from .training import seed_all, train
+from .truncation import describe, record_in_summary
 
 
 def init_data_parallel(device: str) -> tuple:
@@ -81,15 +82,20 @@ def run(args) -> Path:
         save_peft_adapter(model, out_dir)
         print(f"saved the task LoRA to {out_dir} ({stats['steps']} steps, last loss {stats['last_loss']:.4f}, "
               f"{stats['tokens_per_s']:.0f} tokens/s)")
+        print(describe("task LoRA training", stats["truncated"], "examples"))
+        record_in_summary(out_dir, {"examples": stats["truncated"]})
     if rank != 0:
         return out_dir
     model = model.merge_and_unload()   # faster generation; the adapter on disk is unchanged
 
     pred_dir = out_dir / "predictions"
+    shortened = {}
     preds = predict_variants(model, tokenizer, task, test_users, profiles, device, k_list=args.k_list,
-                             max_new_tokens=args.max_gen_len, profiles_path=layout.profiles,
+                             max_new_tokens=args.max_gen_len, profiles_path=layout.profiles, shortened=shortened,
                              show_progress=True, **generation_kwargs(args))
     write_variant_files(pred_dir, task, preds)
+    where = record_in_summary(out_dir, {"prompts": shortened})
+    print(describe("task LoRA predictions", shortened, "prompts") + f" -> {where}")
     n_golds = len(golds["golds"])
     print(f"predictions for {n_golds} test queries in {pred_dir}")
     return out_dir

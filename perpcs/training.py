@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .errors import fail
 from .modeling import autocast_context
 from .prompts import Example
+from .truncation import count_cuts, fit_example
 
 IGNORE_INDEX = -100
 
@@ -71,6 +72,7 @@ class Tokenized:
     input_ids: list
     labels: list
     source: str
+    cut: tuple = ()   # the parts shortening took off to fit max_seq_len (perpcs/truncation.py), () if none
 
     @property
     def n_answer(self) -> int:
@@ -80,23 +82,32 @@ class Tokenized:
 def tokenize_example(tokenizer, example: Example, max_seq_len: int, add_eos: bool = True) -> Tokenized:
     """Prompt + answer (+ EOS) token ids; labels are -100 on the prompt, so the loss sees the answer only.
 
-    Too long: the prompt is cut from the left (after BOS), keeping the instruction and the answer: the
-    profile/history sections come first and are the least important part.
+    Too long: the example is fitted as generation fits prompts (truncation.fit_example: retrieved history,
+    then article words, then profile words go); if the instruction and answer alone are still too long, the
+    prompt is cut from the left after BOS, keeping the answer.
     """
-    prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+
+    def fits(ex: Example) -> bool:
+        return len(tokenizer(ex.prompt + ex.answer, add_special_tokens=True)["input_ids"]) + len(eos) <= max_seq_len
+
     full_ids = tokenizer(example.prompt + example.answer, add_special_tokens=True)["input_ids"]
+    cut = ()
+    if len(full_ids) + len(eos) > max_seq_len:
+        example, cut = fit_example(example, fits)
+        full_ids = tokenizer(example.prompt + example.answer, add_special_tokens=True)["input_ids"]
+    prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
     n_prompt = len(prompt_ids)
     if full_ids[:n_prompt] != prompt_ids:   # a token merged across the boundary: use the common prefix
         n_prompt = next(i for i, (a, b) in enumerate(zip(full_ids, prompt_ids)) if a != b)
-    if add_eos and tokenizer.eos_token_id is not None:
-        full_ids = full_ids + [tokenizer.eos_token_id]
+    full_ids = full_ids + eos
     labels = [IGNORE_INDEX] * n_prompt + full_ids[n_prompt:]
     if len(full_ids) > max_seq_len:
         keep_bos = 1 if tokenizer.bos_token_id is not None and full_ids[0] == tokenizer.bos_token_id else 0
-        cut = len(full_ids) - max_seq_len
-        full_ids = full_ids[:keep_bos] + full_ids[keep_bos + cut:]
-        labels = labels[:keep_bos] + labels[keep_bos + cut:]
-    return Tokenized(full_ids, labels, example.source)
+        cut_n = len(full_ids) - max_seq_len
+        full_ids = full_ids[:keep_bos] + full_ids[keep_bos + cut_n:]
+        labels = labels[:keep_bos] + labels[keep_bos + cut_n:]
+    return Tokenized(full_ids, labels, example.source, cut)
 
 
 def collate(batch: list, pad_id: int, device=None) -> dict:
@@ -319,4 +330,5 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
     return {"steps": state["step"], "next_lr": optimizer.param_groups[0]["lr"],
             "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "mean_loss": float(np.mean(losses)) if losses else None,
-            "seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+            "seconds": elapsed, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "truncated": count_cuts([t.cut for t in tokenized], cfg.max_seq_len)}
