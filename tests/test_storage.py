@@ -150,7 +150,7 @@ def test_summary_reports_the_payload_beside_the_recipe_file(tmp_path, capsys):
     assert summary["sharer_pool_bytes"] == pool_bytes and summary["sharer_adapter_bytes"] == pool_bytes / 3
     assert "adapter_bytes" not in summary["mean"] and "adapter_bytes" not in summary["users"]["u1"]
     out = capsys.readouterr().out
-    assert format_bytes(summary["mean"]["payload_bytes"]) in out and format_bytes(summary["mean"]["recipe_bytes"]) in out
+    assert all(format_bytes(summary["mean"][key]) in out for key in ("payload_bytes", "recipe_bytes"))
 
 
 def test_summary_without_any_timing_still_writes(tmp_path):
