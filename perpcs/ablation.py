@@ -499,7 +499,7 @@ def plot_costs(task: Task, curves: dict, path: Path) -> Path:
         scale = 1 / size
         ax.set_ylabel(f"{what} ({unit})")
         for label, ys in curves[key].items():
-            style = "--" if "+" in label else ":" if "bookkeeping" in label else "-"
+            style = "--" if "+ sharer" in label else ":" if "bookkeeping" in label else "-"
             ax.plot(curves["users"], [y * scale for y in ys], style, marker=".", label=label)
         ax.set_xlabel("number of target users")
         ax.grid(alpha=0.3)
