@@ -18,8 +18,9 @@ A step whose outputs exist is skipped, so an interrupted sweep continues where i
 
 After the runs, every composition dir is scored, metric-vs-setting plots are drawn (one PNG per sweep), and
 storage and time against the number of target users are drawn for Per-Pcs and OPPU from
-``LoRA-Composition/summary.json`` and ``OPPU/users_log.jsonl``. All numbers go to
-``output/<task>/ablation/results.json``.
+``LoRA-Composition/summary.json``, ``OPPU/adapters/`` and ``OPPU/users_log.jsonl`` (storage as perpcs.storage
+defines it; a method whose figures are missing gets no curve, and the plot and results.json say so). All
+numbers go to ``output/<task>/ablation/results.json``.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +42,7 @@ from .errors import fail
 from .paths import COMPOSITION, OPPU, SHARER_GATES, SHARER_LORAS, TASK_LORA
 from .results import METRIC_NAMES, TASK_METRICS, score_prediction_dir, variant_order
 from .runner import last_per_user
+from .storage import mean_adapter_bytes
 from .tasks import Task
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -358,36 +361,42 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def per_user_costs(task_root: Path, composition_dir: Path | None = None) -> dict:
     """Per-target-user storage and time of Per-Pcs (from ``composition_dir``, default the pipeline's
-    LoRA-Composition/) and OPPU (None where the run is missing), and the one-off cost of the sharers."""
+    LoRA-Composition/) and OPPU, and the one-off cost of the sharers; storage as perpcs.storage defines it. A figure
+    that was not measured is None, with the reason under "missing": one method's figure never stands in for
+    another's."""
     task_root = Path(task_root)
     summary_path = Path(composition_dir or task_root / COMPOSITION) / "summary.json"
     summary = read_json(summary_path, "composition summary") if summary_path.is_file() else {}
-    mean = summary.get("mean", {})
-    oppu_adapters = [d for d in (task_root / OPPU / "adapters").glob("user_*") if d.is_dir()]
-    oppu_bytes = _mean(_dir_bytes(d) for d in oppu_adapters)
+    mean = summary.get("mean") or {}
+    oppu_bytes, oppu_users = mean_adapter_bytes(task_root / OPPU / "adapters")
     sharer_seconds = [_mean(last_per_user(task_root / sub / "users_log.jsonl", "seconds").values())
                       for sub in (SHARER_LORAS, SHARER_GATES)]
     n_sharers = summary.get("n_sharers")
-    return {
+    costs = {
+        "payload_bytes": mean.get("payload_bytes"),
         "recipe_bytes": mean.get("recipe_bytes"),
         "assembly_seconds": mean.get("assembly_seconds"),
-        "adapter_bytes": mean.get("adapter_bytes"),
-        "oppu_adapter_bytes": oppu_bytes if oppu_bytes is not None else mean.get("adapter_bytes"),
-        "oppu_adapter_bytes_source": "OPPU/adapters" if oppu_bytes is not None else
-        ("composition/summary.json adapter_bytes" if mean.get("adapter_bytes") else None),
+        "oppu_adapter_bytes": oppu_bytes,
+        "oppu_users": oppu_users,
         "oppu_train_seconds": _mean(last_per_user(task_root / OPPU / "users_log.jsonl",
                                                    "train_seconds").values()),
         "n_sharers": n_sharers,
-        "sharer_pool_bytes": n_sharers * mean["adapter_bytes"] if n_sharers and mean.get("adapter_bytes") else None,
+        "sharer_pool_bytes": summary.get("sharer_pool_bytes"),
         "sharer_seconds": (n_sharers * sum(sharer_seconds)
                            if n_sharers and all(s is not None for s in sharer_seconds) else None),
     }
+    in_summary = (f"not in {summary_path} (written by an older version: run stage 5 again)" if summary
+                  else f"no {summary_path}")
+    why = {"payload_bytes": in_summary, "recipe_bytes": in_summary, "assembly_seconds": in_summary,
+           "sharer_pool_bytes": in_summary,
+           "oppu_adapter_bytes": f"no complete adapter under {task_root / 'OPPU' / 'adapters'}",
+           "oppu_train_seconds": f"no train_seconds in {task_root / 'OPPU' / 'users_log.jsonl'}",
+           "sharer_seconds": f"no seconds in {task_root}/{{anchor_PEFT,anchor_gate}}/users_log.jsonl"
+                             + ("" if n_sharers else f" or no n_sharers ({in_summary})")}
+    costs["missing"] = {key: reason for key, reason in why.items() if costs[key] is None}
+    return costs
 
 
 def user_grid(max_users: int, points: int = 10) -> list:
@@ -395,21 +404,36 @@ def user_grid(max_users: int, points: int = 10) -> list:
     return sorted({1, max_users, *range(step, max_users + 1, step)})
 
 
+# curve -> the per-user figure and the fixed figure (or None) it is drawn from
+STORAGE_CURVES = {"Per-Pcs (sharer ids + weights)": ("payload_bytes", None),
+                  "Per-Pcs recipe files (with bookkeeping)": ("recipe_bytes", None),
+                  "Per-Pcs + sharer LoRAs": ("payload_bytes", "sharer_pool_bytes"),
+                  "OPPU (one LoRA per user)": ("oppu_adapter_bytes", None)}
+TIME_CURVES = {"Per-Pcs (assembly)": ("assembly_seconds", None),
+               "Per-Pcs + sharer training": ("assembly_seconds", "sharer_seconds"),
+               "OPPU (training)": ("oppu_train_seconds", None)}
+
+
 def cost_curves(costs: dict, users: list) -> dict:
     """Storage (bytes) and time (seconds) for n target users: linear in n, at each method's per-user cost;
-    the Per-Pcs '+ sharers' curves add the one-off sharer LoRAs (storage) and their training (time)."""
-    def line(per_user, fixed=0.0):
-        return None if per_user is None or fixed is None else [fixed + n * per_user for n in users]
+    the Per-Pcs '+ sharers' curves add the one-off sharer LoRAs (storage) and their training (time). A curve
+    whose figures were not measured is left out and named under "missing" with the reason."""
+    reasons = costs.get("missing") or {}
+    missing = []
 
-    storage = {"Per-Pcs (recipes)": line(costs["recipe_bytes"]),
-               "Per-Pcs + sharer LoRAs": line(costs["recipe_bytes"], costs["sharer_pool_bytes"]),
-               "OPPU (one LoRA per user)": line(costs["oppu_adapter_bytes"])}
-    seconds = {"Per-Pcs (assembly)": line(costs["assembly_seconds"]),
-               "Per-Pcs + sharer training": line(costs["assembly_seconds"], costs["sharer_seconds"]),
-               "OPPU (training)": line(costs["oppu_train_seconds"])}
-    return {"users": list(users), "per_user": costs,
-            "storage_bytes": {k: v for k, v in storage.items() if v is not None},
-            "seconds": {k: v for k, v in seconds.items() if v is not None}}
+    def curves(spec: dict) -> dict:
+        out = {}
+        for label, (per_user, fixed) in spec.items():
+            absent = [key for key in (per_user, fixed) if key is not None and costs.get(key) is None]
+            if absent:
+                missing.append(f"{label}: " + "; ".join(reasons.get(k, f"no {k}") for k in absent))
+            else:
+                out[label] = [(costs[fixed] if fixed else 0.0) + n * costs[per_user] for n in users]
+        return out
+
+    storage, seconds = curves(STORAGE_CURVES), curves(TIME_CURVES)
+    return {"users": list(users), "per_user": costs, "storage_bytes": storage, "seconds": seconds,
+            "missing": missing}
 
 
 # ---- plots ------------------------------------------------------------------------------------------
@@ -476,7 +500,7 @@ def plot_costs(task: Task, curves: dict, path: Path) -> Path:
         scale = 1 / size
         ax.set_ylabel(f"{what} ({unit})")
         for label, ys in curves[key].items():
-            style = "--" if "+" in label else "-"
+            style = "--" if "+ sharer" in label else ":" if "bookkeeping" in label else "-"
             ax.plot(curves["users"], [y * scale for y in ys], style, marker=".", label=label)
         ax.set_xlabel("number of target users")
         ax.grid(alpha=0.3)
@@ -485,6 +509,9 @@ def plot_costs(task: Task, curves: dict, path: Path) -> Path:
     left.set_title("storage")
     right.set_title("time")
     fig.suptitle(f"{task.name}: cost of personalizing n users")
+    if curves.get("missing"):   # say what is not drawn rather than leave the reader to guess
+        note = "\n".join(textwrap.fill(f"not drawn: {m}", 150) for m in curves["missing"])
+        fig.text(0.01, -0.02, note, fontsize="x-small", va="top")
     try:
         return _save_png(fig, path)
     finally:
@@ -529,6 +556,8 @@ def run_ablation(config: AblationConfig, sweeps: dict, dry_run: bool = False, ma
                             evaluate_points(config, points), costs)
     results["plots"] = [str(p) for p in plot_results(config.task, results, config.ablation_root)]
     write_json_atomic(config.ablation_root / "results.json", results)
+    for missing in costs["missing"]:
+        print(f"# cost curve not drawn: {missing}")
     print(f"results: {config.ablation_root / 'results.json'}; plots: {', '.join(results['plots'])}")
     return results
 

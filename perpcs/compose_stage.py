@@ -16,6 +16,7 @@ from .runner import last_per_user, lazy, refuse_other_settings, run_per_user
 from .sharers import (check_existing_predictions, combine_user_predictions, default_dirs, generation_settings,
                       load_merged_base, load_sharers, merged_base_sources, predict_one_user, profiles_if_needed,
                       resolve_anchor_dir, resolve_anchor_index, user_examples, user_predictions_path)
+from .storage import adapter_bytes, format_bytes, recipe_payload
 from .tasks import get_task
 from .training import tokenize_example, user_seed
 from .truncation import count_cuts, log_totals, report_stage, user_entry
@@ -134,25 +135,31 @@ def compose(args) -> Path:
 
 
 def write_summary(out_root: Path, pool: PiecePool, uids: list) -> dict:
-    """Per user and on average: assembly seconds, recipe bytes, adapter bytes (what OPPU stores), sharers
-    chosen per piece."""
-    adapter_bytes = pool.adapter_bytes()
+    """Per user and on average: assembly seconds; storage as perpcs.storage defines it: payload_bytes (the
+    recipe's sharer ids and weights per piece, what re-materialises the LoRA) beside recipe_bytes (the whole
+    recipe file, with its bookkeeping: settings, batches, seed); sharers chosen per piece. Once: the sharer
+    LoRAs as stored (a fixed cost of all users together)."""
     seconds = assembly_seconds(out_root / "users_log.jsonl")
     per_user = {}
     for uid in uids:
         path = recipe_path(out_root, uid)
         recipe = read_json(path, "recipe")
         counts = [len(v) for v in recipe["pieces"].values()]
-        per_user[uid] = {"assembly_seconds": seconds.get(uid), "recipe_bytes": path.stat().st_size,
-                         "adapter_bytes": adapter_bytes,
-                         "sharers_per_piece": sum(counts) / max(len(counts), 1)}
+        per_user[uid] = {"assembly_seconds": seconds.get(uid), "payload_bytes": len(recipe_payload(recipe, path)),
+                         "recipe_bytes": path.stat().st_size, "sharers_per_piece": sum(counts) / max(len(counts), 1)}
     mean = {key: _mean([u[key] for u in per_user.values()])
-            for key in ("assembly_seconds", "recipe_bytes", "adapter_bytes", "sharers_per_piece")}
+            for key in ("assembly_seconds", "payload_bytes", "recipe_bytes", "sharers_per_piece")}
+    sharer_bytes = [adapter_bytes(pool.anchor_dir / f"user_{uid}") for uid in pool.sharer_ids]
+    pool_bytes = sum(sharer_bytes) if None not in sharer_bytes else None
     summary = {"users": per_user, "mean": mean, "n_users": len(per_user), "n_sharers": len(pool),
-               "n_pieces": len(pool.pieces), "truncated": log_totals(out_root / "users_log.jsonl", uids)}
+               "n_pieces": len(pool.pieces), "truncated": log_totals(out_root / "users_log.jsonl", uids),
+               "sharer_pool_bytes": pool_bytes,
+               "sharer_adapter_bytes": pool_bytes / len(pool) if pool_bytes is not None else None}
     write_json_atomic(out_root / "summary.json", summary)
-    print(f"summary: {mean['assembly_seconds']:.2f} s per user, recipe {mean['recipe_bytes']:.0f} B vs "
-          f"adapter {adapter_bytes} B per user -> {out_root / 'summary.json'}")
+    secs = "-" if mean["assembly_seconds"] is None else f"{mean['assembly_seconds']:.2f}"
+    print(f"summary: {secs} s per user; storage per user {format_bytes(mean['payload_bytes'])} (sharer ids and "
+          f"weights; recipe file with bookkeeping {format_bytes(mean['recipe_bytes'])}); sharer LoRAs "
+          f"{format_bytes(pool_bytes)} in all -> {out_root / 'summary.json'}")
     return summary
 
 

@@ -201,11 +201,6 @@ class PiecePool:
 
         return write_dir_atomic(target, write)
 
-    def adapter_bytes(self) -> int:
-        """Bytes of one full LoRA of this shape in the adapters' dtype: what OPPU stores per user."""
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return sum((self.A[p][0].numel() + self.B[p][0].numel()) * elem for p in self.pieces)
-
 
 def _norm(value):
     return sorted(value) if isinstance(value, (list, set, tuple)) else value

@@ -76,8 +76,9 @@ def fake_runner(config, calls):
             outputs = [g if i < right else "zzz" for i, (_, g) in enumerate(GOLDS)]
             write(out / "predictions/kNP.json",
                   {"task": "LaMP_2M", "golds": [{"id": i, "output": o} for (i, _), o in zip(GOLDS, outputs)]})
-            write(out / "summary.json", {"mean": {"recipe_bytes": 1000.0, "assembly_seconds": 2.0,
-                                                  "adapter_bytes": 50000.0}, "n_sharers": 4})
+            write(out / "summary.json", {"mean": {"payload_bytes": 400.0, "recipe_bytes": 1000.0,
+                                                  "assembly_seconds": 2.0}, "n_sharers": 4,
+                                         "sharer_pool_bytes": 200000.0, "sharer_adapter_bytes": 50000.0})
         return 0
     return run
 
@@ -248,7 +249,12 @@ def test_full_ablation_with_fake_stages_scores_and_plots(config):
     assert [(p["value"], p["scores"]["kNP"]["accuracy"]) for p in points] == [(1, 0.25), (3, 0.75)]
     # no pipeline index: the pipeline setting (top-k 3) got its own dirs, and the costs come from there
     assert Path(points[1]["run_dir"]).name == "LoRA-Composition-cluster-k50"
-    assert results["costs"]["storage_bytes"]["Per-Pcs (recipes)"][-1] == 10 * 1000.0
+    storage = results["costs"]["storage_bytes"]
+    assert storage["Per-Pcs (sharer ids + weights)"][-1] == 10 * 400.0                   # the payload ...
+    assert storage["Per-Pcs recipe files (with bookkeeping)"][-1] == 10 * 1000.0        # ... beside the files
+    # no OPPU run: no OPPU curve (not the sharers' adapter size in its place), and results.json says why
+    assert not any("OPPU" in label for label in storage) and "OPPU (training)" not in results["costs"]["seconds"]
+    assert any(m.startswith("OPPU (one LoRA per user): no complete adapter under") for m in results["costs"]["missing"])
     saved = json.loads((config.ablation_root / "results.json").read_text())
     assert saved["sweeps"]["topk"] == points
     assert sorted(Path(p).name for p in saved["plots"]) == ["costs.png", "topk.png"]
@@ -266,43 +272,81 @@ def test_costs_come_from_the_base_setting_of_the_run(config):
     results = run_ablation(config, {"topk": [1, 3]}, runner=fake_runner(config, calls), max_users=10)
     base_dir = config.composition_dir(config.base)
     assert "k4" in base_dir.name and (base_dir / "summary.json").is_file()
-    assert results["costs"]["storage_bytes"]["Per-Pcs (recipes)"][-1] == 10 * 1000.0
+    assert results["costs"]["storage_bytes"]["Per-Pcs (sharer ids + weights)"][-1] == 10 * 400.0
 
 
 def test_per_user_costs_and_curves_from_fake_logs(tmp_path):
     root = tmp_path / "movie_tagging"
-    write(root / "LoRA-Composition/summary.json", {"mean": {"recipe_bytes": 3000.0, "assembly_seconds": 4.0,
-                                                      "adapter_bytes": 80000.0}, "n_sharers": 5})
+    write(root / "LoRA-Composition/summary.json", {"mean": {"payload_bytes": 700.0, "recipe_bytes": 3000.0,
+                                                      "assembly_seconds": 4.0},
+                                             "n_sharers": 5, "sharer_pool_bytes": 400000.0})
     write(root / "OPPU/users_log.jsonl", "\n".join(json.dumps(r) for r in [
         {"user_id": "u1", "train_seconds": 100.0}, {"user_id": "u2", "train_seconds": 300.0},
         {"user_id": "u1", "train_seconds": 0.0}]) + "\n")     # u1 resumed: its adapter existed
+    # OPPU's storage: the adapter files peft loads, mean over the users with a complete adapter
     write(root / "OPPU/adapters/user_u1/adapter_model.safetensors", "x" * 600)
     write(root / "OPPU/adapters/user_u1/adapter_config.json", "x" * 400)
-    write(root / "OPPU/adapters/user_u2/adapter_model.safetensors", "x" * 1000)
+    write(root / "OPPU/adapters/user_u1/README.md", "x" * 5000)                 # peft's model card: not counted
+    write(root / "OPPU/adapters/user_u2/adapter_model.safetensors", "x" * 1500)
+    write(root / "OPPU/adapters/user_u2/adapter_config.json", "x" * 500)
+    write(root / "OPPU/adapters/user_u3/adapter_model.safetensors", "x" * 9999)  # unfinished: no config
     write(root / "Anchor_PEFT/LoRA/users_log.jsonl", json.dumps({"user_id": "s", "seconds": 50.0}) + "\n")
     write(root / "Anchor_PEFT/gate/users_log.jsonl", json.dumps({"user_id": "s", "seconds": 30.0}) + "\n")
     costs = per_user_costs(root)
     assert costs["oppu_train_seconds"] == 200.0          # mean of 100 and 300, the resume's 0 ignored
-    assert costs["oppu_adapter_bytes"] == 1000.0 and costs["oppu_adapter_bytes_source"] == "OPPU/adapters"
-    assert costs["sharer_pool_bytes"] == 5 * 80000.0 and costs["sharer_seconds"] == 5 * 80.0
+    assert costs["oppu_adapter_bytes"] == (1000 + 2000) / 2 and costs["oppu_users"] == 2
+    assert costs["sharer_pool_bytes"] == 400000.0 and costs["sharer_seconds"] == 5 * 80.0
+    assert costs["missing"] == {}
     curves = cost_curves(costs, [1, 10])
-    assert curves["storage_bytes"]["Per-Pcs (recipes)"] == [3000.0, 30000.0]
-    assert curves["storage_bytes"]["OPPU (one LoRA per user)"] == [1000.0, 10000.0]
-    assert curves["storage_bytes"]["Per-Pcs + sharer LoRAs"] == [403000.0, 430000.0]
+    assert curves["storage_bytes"]["Per-Pcs (sharer ids + weights)"] == [700.0, 7000.0]
+    assert curves["storage_bytes"]["Per-Pcs recipe files (with bookkeeping)"] == [3000.0, 30000.0]
+    assert curves["storage_bytes"]["OPPU (one LoRA per user)"] == [1500.0, 15000.0]
+    assert curves["storage_bytes"]["Per-Pcs + sharer LoRAs"] == [400700.0, 407000.0]
     assert curves["seconds"]["Per-Pcs (assembly)"] == [4.0, 40.0]
     assert curves["seconds"]["OPPU (training)"] == [200.0, 2000.0]
     assert curves["seconds"]["Per-Pcs + sharer training"] == [404.0, 440.0]
+    assert curves["missing"] == []
 
 
-def test_costs_without_oppu_fall_back_and_leave_out_missing_curves(tmp_path):
+def test_costs_without_oppu_show_no_oppu_figure(tmp_path):
+    """OPPU never ran: its curves are left out and named as missing; the sharers' adapter size (in the summary)
+    does not stand in for OPPU's."""
     root = tmp_path / "movie_tagging"
-    write(root / "LoRA-Composition/summary.json", {"mean": {"recipe_bytes": 10.0, "assembly_seconds": 1.0,
-                                                      "adapter_bytes": 500.0}, "n_sharers": 2})
+    write(root / "LoRA-Composition/summary.json", {"mean": {"payload_bytes": 8.0, "recipe_bytes": 10.0,
+                                                      "assembly_seconds": 1.0},
+                                             "n_sharers": 2, "sharer_pool_bytes": 1000.0,
+                                             "sharer_adapter_bytes": 500.0})
     costs = per_user_costs(root)
-    assert costs["oppu_adapter_bytes"] == 500.0 and "summary" in costs["oppu_adapter_bytes_source"]
+    assert costs["oppu_adapter_bytes"] is None and costs["oppu_train_seconds"] is None
+    assert "OPPU/adapters" in costs["missing"]["oppu_adapter_bytes"]
     curves = cost_curves(costs, [2])
+    assert set(curves["storage_bytes"]) == {"Per-Pcs (sharer ids + weights)", "Per-Pcs + sharer LoRAs",
+                                            "Per-Pcs recipe files (with bookkeeping)"}
     assert "OPPU (training)" not in curves["seconds"] and "Per-Pcs + sharer training" not in curves["seconds"]
-    assert curves["storage_bytes"]["OPPU (one LoRA per user)"] == [1000.0]
+    assert [m.split(":")[0] for m in curves["missing"]] == ["OPPU (one LoRA per user)", "Per-Pcs + sharer training",
+                                                          "OPPU (training)"]
+    assert plot_results(TASK, {"costs": curves}, tmp_path / "plots")[0].name == "costs.png"
+
+
+def test_costs_without_per_pcs_show_no_per_pcs_figure(tmp_path):
+    """Stage 5 never ran (or left an old summary without the payload): OPPU is drawn alone, Per-Pcs is named as
+    missing, and no OPPU figure is drawn as Per-Pcs's."""
+    root = tmp_path / "movie_tagging"
+    write(root / "OPPU/adapters/user_u1/adapter_model.safetensors", "x" * 900)
+    write(root / "OPPU/adapters/user_u1/adapter_config.json", "x" * 100)
+    write(root / "OPPU/users_log.jsonl", json.dumps({"user_id": "u1", "train_seconds": 30.0}) + "\n")
+    for summary in (None, {"mean": {"recipe_bytes": 6000.0, "adapter_bytes": 80000.0}, "n_sharers": 4}):
+        if summary is not None:
+            write(root / "LoRA-Composition/summary.json", summary)
+        costs = per_user_costs(root)
+        assert costs["payload_bytes"] is None and costs["sharer_pool_bytes"] is None
+        curves = cost_curves(costs, [1, 3])
+        assert curves["storage_bytes"]["OPPU (one LoRA per user)"] == [1000.0, 3000.0]
+        assert set(curves["seconds"]) == {"OPPU (training)"}
+        per_pcs_curves = [label for label in curves["storage_bytes"] if "Per-Pcs" in label]
+        assert per_pcs_curves == ([] if summary is None else ["Per-Pcs recipe files (with bookkeeping)"])
+        reason = "no " if summary is None else "written by an older version"
+        assert any(m.startswith("Per-Pcs (sharer ids + weights):") and reason in m for m in curves["missing"])
 
 
 def test_plots_from_a_fake_results_json(tmp_path):
@@ -311,7 +355,8 @@ def test_plots_from_a_fake_results_json(tmp_path):
     results = {"sweeps": {
         "k": [{"value": 10, "scores": scores(0.3)}, {"value": 50, "scores": scores(0.4)}],
         "strategy": [{"value": "cluster", "scores": scores(0.4)}, {"value": "random", "scores": {}}]},
-        "costs": cost_curves({"recipe_bytes": 100.0, "sharer_pool_bytes": None, "oppu_adapter_bytes": 9000.0,
+        "costs": cost_curves({"payload_bytes": 40.0, "recipe_bytes": 100.0, "sharer_pool_bytes": None,
+                              "oppu_adapter_bytes": 9000.0,
                               "assembly_seconds": 2.0, "sharer_seconds": None, "oppu_train_seconds": 60.0},
                              [1, 50, 100])}
     paths = plot_results(TASK, results, tmp_path / "plots")

@@ -84,10 +84,16 @@ def test_every_stage_runs_on_the_bundled_model(workdir):
     composed = score_all(root / "output/movie_tagging/LoRA-Composition/predictions", root)
     assert sorted(composed) == ["k1", "k1-profile", "kNP", "kNP-profile"]
     summary = json.loads((root / "output/movie_tagging/LoRA-Composition/summary.json").read_text())
-    assert summary["n_users"] == 2 and summary["mean"]["recipe_bytes"] < summary["mean"]["adapter_bytes"]
+    assert summary["n_users"] == 2 and (summary["mean"]["payload_bytes"] < summary["mean"]["recipe_bytes"]
+                                       < summary["sharer_adapter_bytes"])
     run(REPO / "OPPU.py", *COMMON, *GEN, "--k_list", "1", "--epochs", "1", "--no-grad_ckpt", cwd=root)
     assert sorted(score_all(root / "output/movie_tagging/OPPU/predictions", root)) == sorted(composed)
     table = run("-m", "perpcs", "report", "--task_name", TASK, "--output_file", "results.md", cwd=root)
     for method in ("task LoRA", "OPPU", "Per-Pcs"):
         assert method in table
+    # OPPU's storage is its own q/v adapter (smaller than a q/k/v/o sharer LoRA), not the sharers'
+    from perpcs.storage import format_bytes, mean_adapter_bytes
+    oppu_bytes, oppu_users = mean_adapter_bytes(root / "output/movie_tagging/OPPU/adapters")
+    assert oppu_users == 2 and oppu_bytes < summary["sharer_adapter_bytes"]
+    assert f"| {format_bytes(oppu_bytes)} | - |" in table
     assert (root / "results.md").read_text().startswith("# movie_tagging")

@@ -19,6 +19,7 @@ import train_anchor_PEFT
 from perpcs.data import Layout, load_profiles, user_id
 from perpcs.gates import GATES_FILE
 from perpcs.prompts import history_examples
+from perpcs.storage import format_bytes
 from perpcs.tasks import get_task
 from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
 from pipeline_fixture import run_stage as run
@@ -203,8 +204,17 @@ def test_stage5_recipes_predictions_summary(pipe, capsys):
     summary = json.loads((comp / "summary.json").read_text())
     assert summary["n_users"] == len(ids) and set(summary["users"]) == set(ids)
     assert summary["n_sharers"] == len(sharers) and summary["n_pieces"] == len(MODULES)
-    assert all(u["recipe_bytes"] == (comp / "recipes" / f"user_{uid}.json").stat().st_size
-               for uid, u in summary["users"].items())
+    for uid, u in summary["users"].items():
+        path = comp / "recipes" / f"user_{uid}.json"
+        recipe = json.loads(path.read_text())
+        # storage: the payload (used sharer ids once, then per piece a count and (index, float32 weight) pairs;
+        # 1-byte counts and indices below 256 sharers) beside the whole recipe file
+        used = {s for mix in recipe["pieces"].values() for s, _ in mix}
+        entries = sum(len(mix) for mix in recipe["pieces"].values())
+        assert u["payload_bytes"] == sum(1 + len(s.encode()) for s in used) + 1 + len(MODULES) + entries * 5
+        assert u["recipe_bytes"] == path.stat().st_size > u["payload_bytes"]
+    assert summary["sharer_pool_bytes"] == sum((pipe.anchor_peft / f"user_{s}" / name).stat().st_size for s in sharers
+                                               for name in ("adapter_model.safetensors", "adapter_config.json"))
 
 
 def test_stage5_materialize_from_a_recipe_equals_the_saved_adapter(pipe, tmp_path, capsys):
@@ -299,6 +309,10 @@ def test_show_prompts_and_report_commands(pipe, capsys):
             scores = evaluate_files(pipe.golds, pred_dir / "predictions" / f"{stem}.json", TASK)
             assert f"| {method} | {label} | {scores['accuracy']:.4f} | {scores['f1']:.4f} |" in out
     assert "| OPPU |" not in out                       # no OPPU run under this root
+    mean = json.loads((pipe.composition / "summary.json").read_text())["mean"]
+    scores = evaluate_files(pipe.golds, pipe.composition / "predictions" / "kNP.json", TASK)
+    assert (f"| Per-Pcs | no retrieval | {scores['accuracy']:.4f} | {scores['f1']:.4f} | "
+            f"{format_bytes(mean['payload_bytes'])} | {format_bytes(mean['recipe_bytes'])} |") in out
 
 
 
