@@ -235,6 +235,17 @@ def _copy_embeddings(source_dir: Path, target_dir: Path) -> str | None:
     return f"copied the candidate embeddings of {source_dir} to {target_dir}"
 
 
+def pipeline_encoder(pipeline_anchor_dir: Path, anchor_extra: list) -> list:
+    """``--encoder <the pipeline's>``: a sweep's sharers are embedded with the encoder the pipeline's were (the
+    paper's DeBERTa in run_task.sh), not with stage 2's default; --anchor_extra "--encoder ..." wins."""
+    index_path = Path(pipeline_anchor_dir) / INDEX_FILE
+    if "--encoder" in anchor_extra or not index_path.is_file():
+        return []
+    index = read_json(index_path, "sharer index file")
+    encoder = index.get("encoder") if isinstance(index, dict) else None
+    return ["--encoder", str(encoder)] if encoder else []
+
+
 def plan_setting(config: AblationConfig, setting: Setting) -> list:
     """Stages 2-5 of one setting, with the dirs and flags they get."""
     task, py = config.task.name, config.python
@@ -247,7 +258,7 @@ def plan_setting(config: AblationConfig, setting: Setting) -> list:
     anchors = Step("anchors", [py, script_path("anchors"), "--task_name", task, "--candidate_path",
                                str(Layout(config.data_dir, config.task).candidate_users), "--k", str(setting.k),
                                "--strategy", setting.strategy, "--output_dir", str(anchor_dir),
-                               *config.anchor_extra],
+                               *pipeline_encoder(main_anchor_dir, config.anchor_extra), *config.anchor_extra],
                    lambda: sharer_ids(index, setting) is not None,
                    prepare=None if anchor_dir == main_anchor_dir or setting.strategy != "cluster"
                    else lambda: _copy_embeddings(main_anchor_dir, anchor_dir))

@@ -85,6 +85,19 @@ def fake_runner(config, calls):
 
 # ---- the commands -------------------------------------------------------------------------------
 
+def test_sweeps_embed_with_the_pipelines_encoder(config):
+    """The pipeline's sharers were chosen with DeBERTa (run_task.sh): a sweep's stage 2 must not fall back to the
+    bundled MiniLM; an --encoder given in --anchor_extra wins."""
+    _, steps = plan(config, sweep_values("k", ["10"]))
+    assert "--encoder" not in steps[0].argv                      # no pipeline index: stage 2's own default
+    write(config.pipeline_anchor_dir / "anchor_user_idx.json", {**index(50), "encoder": "microsoft/deberta-v3-large"})
+    _, steps = plan(config, sweep_values("k", ["10"]))
+    assert flags(steps[0].argv)["--encoder"] == "microsoft/deberta-v3-large"
+    config.anchor_extra = ["--encoder", "/my/encoder"]
+    _, steps = plan(config, sweep_values("k", ["10"]))
+    assert steps[0].argv.count("--encoder") == 1 and flags(steps[0].argv)["--encoder"] == "/my/encoder"
+
+
 def test_k_sweep_reruns_stages_2_to_5_with_shared_sharer_dirs(config):
     points, steps = plan(config, sweep_values("k", ["10", "20"]))
     assert [(s, v) for s, v, _ in points] == [("k", 10), ("k", 20)]
