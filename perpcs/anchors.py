@@ -26,6 +26,7 @@ import numpy as np
 from .data import Layout, load_users, read_json, user_id, write_json_atomic
 from .errors import fail
 from .prompts import HISTORY_WORDS, history_string
+from .provenance import file_sha256
 from .tasks import Task, get_task
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -277,14 +278,6 @@ def _cluster_sharers(embeddings, lengths, k, min_history, seed):
 
 
 # ---- embedding cache ------------------------------------------------------------------------------
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def save_npy_atomic(path, array: np.ndarray) -> None:
     path = Path(path)

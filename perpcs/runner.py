@@ -40,19 +40,29 @@ def last_per_user(log_path, key: str) -> dict:
     """{user: value of ``key``} from a per-user log (users_log.jsonl, all shards append to it); the last positive
     value of each user counts (a user resumed from its saved adapter logs 0 training seconds)."""
     values = {}
-    if not Path(log_path).is_file():
-        return values
-    for number, line in enumerate(Path(log_path).read_text(encoding="utf-8").splitlines(), 1):
+    for row in log_rows(log_path):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and value > 0:
+            values[str(row["user_id"])] = float(value)
+    return values
+
+
+def log_rows(log_path) -> list:
+    """The per-user rows (those with a user_id) of a users_log.jsonl, in order; none when there is no log."""
+    path = Path(log_path)
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             fail(f"{log_path}: line {number} is not JSON ({err.msg})")
-        value = row.get(key)
-        if isinstance(value, (int, float)) and value > 0 and "user_id" in row:
-            values[str(row["user_id"])] = float(value)
-    return values
+        if isinstance(row, dict) and "user_id" in row:
+            rows.append(row)
+    return rows
 
 
 def shard_users(users: list, num_shards: int, shard_id: int) -> list:

@@ -15,7 +15,6 @@ stages) and in the stage's summary.json.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -143,19 +142,11 @@ def log_totals(log_path, uids=None) -> dict:
     """{"examples": ..., "prompts": ...} summed over the users of a users_log.jsonl (all shards append to it):
     per user and kind the last row that has it counts (a user resumed from its adapter or recipe logs no
     examples, only prompts). ``uids``: only these users."""
+    from .runner import log_rows
     last: dict = {}
-    path = Path(log_path)
-    if not path.is_file():
-        return {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            fail(f"{log_path}: line {number} is not JSON ({err.msg})")
+    for row in log_rows(log_path):
         entry = row.get("truncated")
-        if isinstance(entry, dict) and "user_id" in row:
+        if isinstance(entry, dict):
             for kind, counts in entry.items():
                 last.setdefault(kind, {})[str(row["user_id"])] = counts
     wanted = None if uids is None else {str(u) for u in uids}
