@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perpcs import cli  # noqa: E402
+import cli_flags as cli  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
 
@@ -42,8 +42,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from perpcs.config import OPPUStage
     from perpcs.sharers import train_oppu
-    return train_oppu(parse_args(argv))
+    args = parse_args(argv)
+    return train_oppu(OPPUStage(
+        inputs=cli.stage_inputs(args), lora=cli.lora_settings(args), train=cli.train_config(args),
+        generation=cli.generation_config(args), shards=cli.shard_config(args), output_dir=args.output_dir))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perpcs import cli  # noqa: E402
+import cli_flags as cli  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
 
@@ -62,7 +62,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from perpcs.compose_stage import compose
-    return compose(parse_args(argv))
+    from perpcs.composition import ComposeSettings
+    from perpcs.config import CompositionStage
+    args = parse_args(argv)
+    settings = ComposeSettings(topk=args.topk, agg_temperature=args.agg_temperature, share_ratio=args.share_ratio,
+                               epochs=args.epochs, batch_size=args.batch_size, recent_k=args.recent_k,
+                               seed=args.seed, sample=args.sample, sample_topk=args.sample_topk,
+                               sample_temperature=args.sample_temperature, sample_top_p=args.sample_top_p)
+    return compose(CompositionStage(
+        inputs=cli.stage_inputs(args), compose=settings, generation=cli.generation_config(args),
+        shards=cli.shard_config(args), anchor_dir=args.anchor_dir, gate_dir=args.gate_dir,
+        anchor_idx_path=args.anchor_idx_path, output_dir=args.output_dir, max_seq_len=args.max_seq_len,
+        save_adapters=args.save_adapters))
 
 
 if __name__ == "__main__":

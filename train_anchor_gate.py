@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perpcs import cli  # noqa: E402
+import cli_flags as cli  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
 
@@ -35,8 +35,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from perpcs.config import SharerGateStage
     from perpcs.sharers import train_sharer_gates
-    return train_sharer_gates(parse_args(argv))
+    args = parse_args(argv)
+    return train_sharer_gates(SharerGateStage(
+        inputs=cli.stage_inputs(args), train=cli.train_config(args), shards=cli.shard_config(args),
+        anchor_path=args.anchor_path, anchor_idx_path=args.anchor_idx_path, recent_k=args.recent_k,
+        output_dir=args.output_dir))
 
 
 if __name__ == "__main__":

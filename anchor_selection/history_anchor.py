@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perpcs.anchors import KMEANS_N_INIT, PAPER_ENCODER, STRATEGIES, run_anchor_selection  # noqa: E402
-from perpcs.cli import device_name  # noqa: E402
+from cli_flags import device_name  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
 

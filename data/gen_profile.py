@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perpcs.cli import device_name  # noqa: E402
+from cli_flags import device_name  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
 
@@ -32,8 +32,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from perpcs.config import ProfileConfig
     from perpcs.profiles import generate_profiles
-    return generate_profiles(parse_args(argv))
+    return generate_profiles(ProfileConfig(**vars(parse_args(argv))))
 
 
 if __name__ == "__main__":

@@ -5,28 +5,21 @@ import hashlib
 import time
 from pathlib import Path
 
-from .cli import shard_of
 from .composition import (Composer, ComposeSettings, PiecePool, assemble_user, install_composer, make_recipe,
                           recipe_weights, write_recipe)
+from .config import CompositionStage, StageInputs
 from .data import Layout, read_json, user_id, write_json_atomic
 from .errors import fail
 from .gates import GATES_FILE
 from .provenance import file_sha256, refuse_other_sources
 from .runner import last_per_user, lazy, refuse_other_settings, run_per_user
-from .sharers import (check_existing_predictions, combine_user_predictions, default_dirs, generation_settings,
+from .sharers import (check_existing_predictions, combine_user_predictions, default_dirs,
                       load_merged_base, load_sharers, merged_base_sources, predict_one_user, profiles_if_needed,
                       resolve_anchor_dir, resolve_anchor_index, user_examples, user_predictions_path)
 from .storage import adapter_bytes, format_bytes, recipe_payload
 from .tasks import get_task
 from .training import tokenize_example, user_seed
 from .truncation import count_cuts, log_totals, report_stage, user_entry
-
-
-def settings_from_args(args) -> ComposeSettings:
-    return ComposeSettings(topk=args.topk, agg_temperature=args.agg_temperature, share_ratio=args.share_ratio,
-                           epochs=args.epochs, batch_size=args.batch_size, recent_k=args.recent_k, seed=args.seed,
-                           sample=args.sample, sample_topk=args.sample_topk,
-                           sample_temperature=args.sample_temperature, sample_top_p=args.sample_top_p)
 
 
 def recipe_path(root, uid: str) -> Path:
@@ -53,42 +46,41 @@ def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings
             refuse_other_sources(path, recipe.get("inputs"), inputs, "assembled")
 
 
-def composition_inputs(args, pool: PiecePool, gate_dir: Path) -> dict:
+def composition_inputs(inputs: StageInputs, max_seq_len: int, pool: PiecePool, gate_dir: Path) -> dict:
     """What a recipe is made from besides its settings: recorded in it and compared on resume."""
     gates = hashlib.sha256()
     for uid in pool.sharer_ids:   # pool order: the order the recipe's sharers are listed in
         gates.update(file_sha256(gate_dir / f"user_{uid}" / GATES_FILE).encode())
-    return {**merged_base_sources(args), "gates_sha256": gates.hexdigest(), "max_seq_len": args.max_seq_len}
+    return {**merged_base_sources(inputs), "gates_sha256": gates.hexdigest(), "max_seq_len": max_seq_len}
 
 
-def compose(args) -> Path:
-    task = get_task(args.task_name)
-    layout = Layout(args.data_dir, task)
+def compose(cfg: CompositionStage) -> Path:
+    task = get_task(cfg.inputs.task_name)
+    layout = Layout(cfg.inputs.data_dir, task)
     dirs = default_dirs(task.name)
-    out_root = Path(args.output_dir or dirs["composition"])
-    settings = settings_from_args(args)
+    out_root = Path(cfg.output_dir or dirs["composition"])
+    settings, overwrite = cfg.compose, cfg.shards.overwrite
     test_users = layout.load_split("test", check=True)
     layout.load_golds(test_users)
     all_profiles = layout.load_profiles()
-    sharers = load_sharers(resolve_anchor_index(args.anchor_idx_path, task.name), layout.candidate_users, task)
+    sharers = load_sharers(resolve_anchor_index(cfg.anchor_idx_path, task.name), layout.candidate_users, task)
     settings.check(len(sharers))
     print(f"selection {settings.describe()}")
-    gate_dir = Path(args.gate_dir or dirs["anchor_gate"])
-    pool = PiecePool([uid for uid, _ in sharers], resolve_anchor_dir(args.anchor_dir or dirs["anchor_peft"]),
+    gate_dir = Path(cfg.gate_dir or dirs["anchor_gate"])
+    pool = PiecePool([uid for uid, _ in sharers], resolve_anchor_dir(cfg.anchor_dir or dirs["anchor_peft"]),
                      gate_dir)
     profiles = profiles_if_needed(layout, task)
     users = [(user_id(u), u) for u in test_users]
     examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users, settings.recent_k)
                 for i, (uid, u) in enumerate(users)}
-    num_shards, shard_id = shard_of(args)
-    inputs = composition_inputs(args, pool, gate_dir)
-    check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, inputs, args.overwrite)
-    gen_settings = generation_settings(args, task)
-    check_existing_predictions(out_root, [uid for uid, _ in users], gen_settings, args.overwrite)
+    num_shards, shard_id = cfg.shards.resolve()
+    inputs = composition_inputs(cfg.inputs, cfg.max_seq_len, pool, gate_dir)
+    check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, inputs, overwrite)
+    check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task), overwrite)
 
     @lazy
     def engine():   # loaded at the first user to do: a rerun with every user done loads no model
-        model, tokenizer, device = load_merged_base(args)
+        model, tokenizer, device = load_merged_base(cfg.inputs)
         pool.to(device)   # read and checked before the model load; it lives beside the model
         composer = Composer(pool, settings)
         install_composer(model, composer)
@@ -97,37 +89,37 @@ def compose(args) -> Path:
 
     def work(uid, user):
         model, tokenizer, device, composer, pad_id = engine()
-        seed = user_seed(args.seed, uid)
+        seed = user_seed(settings.seed, uid)
         path = recipe_path(out_root, uid)
         t0 = time.perf_counter()
         timing = {}   # kept in users_log.jsonl, not in the recipe, so recipes are byte-reproducible
         assembly_cuts = None
-        if path.is_file() and not args.overwrite:   # killed after the recipe, before the predictions
+        if path.is_file() and not overwrite:   # killed after the recipe, before the predictions
             recipe = read_json(path, "recipe")
             weights = recipe_weights(recipe, pool, path)
         else:
-            tokenized = [tokenize_example(tokenizer, ex, args.max_seq_len) for ex in examples[uid]]
-            assembly_cuts = count_cuts([t.cut for t in tokenized], args.max_seq_len)
+            tokenized = [tokenize_example(tokenizer, ex, cfg.max_seq_len) for ex in examples[uid]]
+            assembly_cuts = count_cuts([t.cut for t in tokenized], cfg.max_seq_len)
             weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}",
-                                             cpu_bf16=args.cpu_bf16)
+                                             cpu_bf16=cfg.inputs.model.cpu_bf16)
             seconds = time.perf_counter() - t0
             recipe = make_recipe(pool, weights, settings, uid, task.name, batches,
                                  {"seed_user": seed, "examples": len(tokenized), "inputs": inputs})
             write_recipe(recipe, path)
             timing["assembly_seconds"] = round(seconds, 4)
-        if args.save_adapters:
+        if cfg.save_adapters:
             pool.save_adapter(weights, out_root / "adapters" / f"user_{uid}")
         composer.use_fixed(weights)
         shortened = {}
-        preds = predict_one_user(model, tokenizer, task, user, all_profiles, layout.profiles, device, args,
-                                 gen_settings, shortened)
+        preds = predict_one_user(model, tokenizer, task, user, all_profiles, layout.profiles, device,
+                                 cfg.generation, shortened)
         composer.mode = "off"
         write_json_atomic(user_predictions_path(out_root, uid), preds)
         return {**timing, "truncated": user_entry(uid, assembly_cuts, shortened)}
 
     run_per_user(users, lambda uid: recipe_path(out_root, uid).is_file()
                  and user_predictions_path(out_root, uid).is_file(),
-                 work, "composition", out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+                 work, "composition", out_root / "users_log.jsonl", num_shards, shard_id, overwrite)
     report_stage("composition", log_totals(out_root / "users_log.jsonl", [uid for uid, _ in users]))
     if combine_user_predictions(out_root, task, test_users):
         write_summary(out_root, pool, [uid for uid, _ in users])

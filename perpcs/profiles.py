@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .config import ProfileConfig
 from .data import Layout, all_splits_users, load_profiles, read_json, user_id, write_json_atomic
 from .prompts import HISTORY_WORDS, truncated_item
 from .tasks import Task, get_task
@@ -61,12 +62,12 @@ def as_chat(tokenizer, prompt: str) -> str:
     return prompt
 
 
-def generate_profiles(args) -> Path:
+def generate_profiles(cfg: ProfileConfig) -> Path:
     from .generation import generate, prompt_budget
     from .modeling import load_base_model
-    task = get_task(args.task_name)
-    layout = Layout(args.data_dir, task)
-    out_path = Path(args.output_file) if args.output_file else layout.profiles
+    task = get_task(cfg.task_name)
+    layout = Layout(cfg.data_dir, task)
+    out_path = Path(cfg.output_file) if cfg.output_file else layout.profiles
     users = all_splits_users(layout)
     profiles = load_profiles(out_path) if out_path.is_file() else {}
     seen, todo = set(profiles), []
@@ -79,26 +80,26 @@ def generate_profiles(args) -> Path:
           f"{len(todo)} to generate")
     if not todo:
         return out_path
-    model, tokenizer, device = load_base_model(args.model_path, None, args.device)
-    use_chat = args.chat_template and getattr(tokenizer, "chat_template", None)
+    model, tokenizer, device = load_base_model(cfg.model_path, None, cfg.device)
+    use_chat = cfg.chat_template and getattr(tokenizer, "chat_template", None)
     summary_path = out_path.with_name(out_path.stem + ".summary.json")   # beside the profiles, named for them
     summary = read_json(summary_path, "profile summary") if summary_path.is_file() else {}
     cuts = dict(summary.get("prompt_cuts", {}))   # user -> what its prompt lost to fit, over every run so far
-    for start in range(0, len(todo), args.batch_size):
-        chunk = todo[start:start + args.batch_size]
-        budget = prompt_budget(args.max_seq_len, args.max_gen_len)
-        fitted = [fit_profile_prompt(task, tokenizer, u["profile"], args.k, budget, bool(use_chat)) for u in chunk]
-        texts = generate(model, tokenizer, [p for p, _ in fitted], args.max_gen_len, device,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                         max_seq_len=args.max_seq_len,
+    for start in range(0, len(todo), cfg.batch_size):
+        chunk = todo[start:start + cfg.batch_size]
+        budget = prompt_budget(cfg.max_seq_len, cfg.max_gen_len)
+        fitted = [fit_profile_prompt(task, tokenizer, u["profile"], cfg.k, budget, bool(use_chat)) for u in chunk]
+        texts = generate(model, tokenizer, [p for p, _ in fitted], cfg.max_gen_len, device,
+                         temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
+                         max_seq_len=cfg.max_seq_len,
                          add_special_tokens=not use_chat)   # a chat template writes its own special tokens
         for u, text, (_, cut) in zip(chunk, texts, fitted):
             profiles[user_id(u)] = text
             cuts[user_id(u)] = list(cut)
         write_json_atomic(out_path, profiles)
-        counts = count_cuts([cuts[uid] for uid in profiles if uid in cuts], args.max_seq_len)
+        counts = count_cuts([cuts[uid] for uid in profiles if uid in cuts], cfg.max_seq_len)
         summary.update(truncated={"prompts": counts}, prompt_cuts=cuts)
         write_json_atomic(summary_path, summary)
-        print(f"  {min(start + args.batch_size, len(todo))}/{len(todo)} profiles written")
+        print(f"  {min(start + cfg.batch_size, len(todo))}/{len(todo)} profiles written")
     print(describe("profile prompts", counts, "prompts") + f" (history items: the oldest left out) -> {summary_path}")
     return out_path

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .adapters import is_complete_adapter, load_adapter_weights, save_peft_adapter, write_dir_atomic
-from .cli import generation_kwargs, shard_of, train_config
+from .config import GenerationConfig, LoraSettings, OPPUStage, SharerGateStage, SharerLoRAStage, StageInputs
 from .data import Layout, load_users, profile_text, read_json, user_id, write_json_atomic
 from .errors import fail
 from .gates import GATES_FILE, install_gates, remove_gates, save_gates
@@ -83,24 +83,24 @@ def load_sharers(anchor_idx_path, candidate_path, task) -> list:
     return [(str(uid), candidates[idx]) for idx, uid in zip(index["indices"], index["user_ids"])]
 
 
-def task_lora_dir(args) -> Path:
+def task_lora_dir(inputs: StageInputs) -> Path:
     from .modeling import resolve_lora_ckpt
-    return resolve_lora_ckpt(args.lora_ckpt or default_dirs(get_task(args.task_name).name)["task_lora"])
+    return resolve_lora_ckpt(inputs.lora_ckpt or default_dirs(get_task(inputs.task_name).name)["task_lora"])
 
 
-def load_merged_base(args):
+def load_merged_base(inputs: StageInputs):
     """Base LLM with the stage 1 task LoRA merged into its weights (every personal LoRA sits on top)."""
     from .modeling import load_base_model, merge_lora_into_base
-    adapter = task_lora_dir(args)
-    model, tokenizer, device = load_base_model(args.llama_model_path, args.tokenizer_path, args.device,
-                                               cpu_bf16=args.cpu_bf16)
+    adapter = task_lora_dir(inputs)
+    m = inputs.model
+    model, tokenizer, device = load_base_model(m.llama_model_path, m.tokenizer_path, m.device, cpu_bf16=m.cpu_bf16)
     return merge_lora_into_base(model, adapter), tokenizer, device
 
 
-def merged_base_sources(args) -> dict:
+def merged_base_sources(inputs: StageInputs) -> dict:
     """Digests of the base model and the task LoRA a per-user stage works on (checked before any user counts
     as done: a nonexistent --llama_model_path fails here, not after "all users done")."""
-    return training_sources(args.llama_model_path, task_lora_dir(args))
+    return training_sources(inputs.model.llama_model_path, task_lora_dir(inputs))
 
 
 def adapter_done(adapter_dir: Path, sources: dict, what: str) -> bool:
@@ -120,13 +120,13 @@ def user_examples(task, user, profiles, profiles_path, index, users_path, recent
     return examples
 
 
-def fresh_lora(model, args, seed: int):
+def fresh_lora(model, lora: LoraSettings, seed: int):
     """A new peft LoRA on the shared (base + task) model, its A init seeded per user."""
     from peft import get_peft_model
 
     from .modeling import lora_config
     seed_all(seed)
-    return get_peft_model(model, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout, args.target_modules))
+    return get_peft_model(model, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
 
 
 def user_record(uid: str, examples: list, stats: dict, prompts: dict | None = None) -> dict:
@@ -140,25 +140,25 @@ def profiles_if_needed(layout, task):
     return layout.load_profiles() if task.uses_profile_in_history_training else None
 
 
-def train_sharer_loras(args) -> Path:
+def train_sharer_loras(cfg: SharerLoRAStage) -> Path:
     """Stage 3: one LoRA per sharer on its own history."""
-    task = get_task(args.task_name)
-    layout = Layout(args.data_dir, task)
+    task = get_task(cfg.inputs.task_name)
+    layout = Layout(cfg.inputs.data_dir, task)
     dirs = default_dirs(task.name)
-    out_root = Path(args.output_dir or dirs["anchor_peft"])
-    sharers = load_sharers(resolve_anchor_index(args.anchor_idx_path, task.name), layout.candidate_users, task)
+    out_root = Path(cfg.output_dir or dirs["anchor_peft"])
+    sharers = load_sharers(resolve_anchor_index(cfg.anchor_idx_path, task.name), layout.candidate_users, task)
     profiles = profiles_if_needed(layout, task)
     examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.candidate_users)
                 for i, (uid, u) in enumerate(sharers)}
-    num_shards, shard_id = shard_of(args)
-    base_cfg = train_config(args)   # checks the flags before the model load
-    sources = merged_base_sources(args)
-    engine = lazy(lambda: load_merged_base(args))   # no model load when every sharer is done
+    num_shards, shard_id = cfg.shards.resolve()
+    base_cfg = cfg.train
+    sources = merged_base_sources(cfg.inputs)
+    engine = lazy(lambda: load_merged_base(cfg.inputs))   # no model load when every sharer is done
 
     def work(uid, user):
         model, tokenizer, device = engine()
-        seed = user_seed(args.seed, uid)
-        peft_model = fresh_lora(model, args, seed)
+        seed = user_seed(base_cfg.seed, uid)
+        peft_model = fresh_lora(model, cfg.lora, seed)
         try:
             stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                           desc=f"sharer {uid}", log_path=out_root / "train_log.jsonl")
@@ -168,36 +168,36 @@ def train_sharer_loras(args) -> Path:
         return user_record(uid, examples[uid], stats)
 
     run_per_user(sharers, lambda uid: adapter_done(user_dir(out_root, uid), sources, "trained"), work,
-                 "sharer LoRAs", out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+                 "sharer LoRAs", out_root / "users_log.jsonl", num_shards, shard_id, cfg.shards.overwrite)
     finish_per_user_stage("sharer LoRAs", out_root, [uid for uid, _ in sharers])
     return out_root
 
 
-def train_sharer_gates(args) -> Path:
+def train_sharer_gates(cfg: SharerGateStage) -> Path:
     """Stage 4: one gate per piece of each (frozen) sharer LoRA, on the sharer's last recent_k items."""
     from peft import PeftModel
-    task = get_task(args.task_name)
-    layout = Layout(args.data_dir, task)
+    task = get_task(cfg.inputs.task_name)
+    layout = Layout(cfg.inputs.data_dir, task)
     dirs = default_dirs(task.name)
-    anchor_dir = resolve_anchor_dir(args.anchor_path or dirs["anchor_peft"])
-    out_root = Path(args.output_dir or dirs["anchor_gate"])
-    if args.recent_k < 1:
-        fail(f"--recent_k must be at least 1, got {args.recent_k}")
-    sharers = load_sharers(resolve_anchor_index(args.anchor_idx_path, task.name), layout.candidate_users, task)
+    anchor_dir = resolve_anchor_dir(cfg.anchor_path or dirs["anchor_peft"])
+    out_root = Path(cfg.output_dir or dirs["anchor_gate"])
+    if cfg.recent_k < 1:
+        fail(f"--recent_k must be at least 1, got {cfg.recent_k}")
+    sharers = load_sharers(resolve_anchor_index(cfg.anchor_idx_path, task.name), layout.candidate_users, task)
     for uid, _ in sharers:
         if not is_complete_adapter(user_dir(anchor_dir, uid)):
             fail(f"no sharer LoRA for user {uid!r} in {user_dir(anchor_dir, uid)} (run train_anchor_PEFT.py)")
     profiles = profiles_if_needed(layout, task)
-    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.candidate_users, args.recent_k)
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.candidate_users, cfg.recent_k)
                 for i, (uid, u) in enumerate(sharers)}
-    num_shards, shard_id = shard_of(args)
-    base_cfg = train_config(args)   # checks the flags before the model load
-    sources = merged_base_sources(args)
-    engine = lazy(lambda: load_merged_base(args))   # no model load when every sharer is done
+    num_shards, shard_id = cfg.shards.resolve()
+    base_cfg = cfg.train
+    sources = merged_base_sources(cfg.inputs)
+    engine = lazy(lambda: load_merged_base(cfg.inputs))   # no model load when every sharer is done
 
     def work(uid, user):
         model, tokenizer, device = engine()
-        seed = user_seed(args.seed, uid)
+        seed = user_seed(base_cfg.seed, uid)
         peft_model = PeftModel.from_pretrained(model, str(user_dir(anchor_dir, uid)), is_trainable=False)
         try:
             gates = install_gates(peft_model)
@@ -230,7 +230,7 @@ def train_sharer_gates(args) -> Path:
         return True
 
     run_per_user(sharers, gates_done, work, "sharer gates", out_root / "users_log.jsonl", num_shards, shard_id,
-                 args.overwrite)
+                 cfg.shards.overwrite)
     finish_per_user_stage("sharer gates", out_root, [uid for uid, _ in sharers])
     return out_root
 
@@ -239,19 +239,14 @@ def user_predictions_path(root, uid: str) -> Path:
     return Path(root) / "user_predictions" / f"user_{uid}.json"
 
 
-def generation_settings(args, task) -> dict:
-    """What decides a user's predictions besides the model: kept in each per-user predictions file, so a rerun
-    with other settings does not pass the old predictions off as its own."""
-    return {"k_list": list(args.k_list), "temperature": args.temperature, "top_p": args.top_p,
-            "max_gen_len": args.max_gen_len or task.max_gen_len, "max_seq_len": args.max_seq_len, "seed": args.seed}
-
-
-def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, device, args, settings: dict,
+def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, device, gen: GenerationConfig,
                      shortened: dict | None = None) -> dict:
-    preds = predict_variants(model, tokenizer, task, [user], profiles, device, k_list=args.k_list,
-                             max_new_tokens=args.max_gen_len, profiles_path=profiles_path, shortened=shortened,
-                             **generation_kwargs(args))
-    return {"settings": settings, "predictions": {stem: [list(r) for r in rows] for stem, rows in preds.items()}}
+    """A user's predictions of every variant, with the generation settings that made them (the resume unit)."""
+    preds = predict_variants(model, tokenizer, task, [user], profiles, device, k_list=gen.k_list,
+                             max_new_tokens=gen.max_gen_len, profiles_path=profiles_path, shortened=shortened,
+                             **gen.kwargs())
+    return {"settings": gen.recorded(task),
+            "predictions": {stem: [list(r) for r in rows] for stem, rows in preds.items()}}
 
 
 def read_user_predictions(path) -> tuple:
@@ -297,32 +292,32 @@ def combine_user_predictions(root, task, users: list) -> bool:
     return True
 
 
-def train_oppu(args) -> Path:
+def train_oppu(cfg: OPPUStage) -> Path:
     """The OPPU baseline: a LoRA per test user on that user's own history only, then its predictions."""
-    task = get_task(args.task_name)
-    layout = Layout(args.data_dir, task)
-    out_root = Path(args.output_dir or default_dirs(task.name)["oppu"])
+    task = get_task(cfg.inputs.task_name)
+    layout = Layout(cfg.inputs.data_dir, task)
+    out_root = Path(cfg.output_dir or default_dirs(task.name)["oppu"])
     test_users = layout.load_split("test", check=True)
     layout.load_golds(test_users)
     profiles = layout.load_profiles()
     users = [(user_id(u), u) for u in test_users]
     examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users)
                 for i, (uid, u) in enumerate(users)}
-    num_shards, shard_id = shard_of(args)
-    base_cfg = train_config(args)   # checks the flags before the model load
-    gen_settings = generation_settings(args, task)
-    check_existing_predictions(out_root, [uid for uid, _ in users], gen_settings, args.overwrite)
-    sources = merged_base_sources(args)
-    engine = lazy(lambda: load_merged_base(args))   # no model load when every user is done
+    num_shards, shard_id = cfg.shards.resolve()
+    base_cfg = cfg.train
+    check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task),
+                               cfg.shards.overwrite)
+    sources = merged_base_sources(cfg.inputs)
+    engine = lazy(lambda: load_merged_base(cfg.inputs))   # no model load when every user is done
 
     def work(uid, user):
         model, tokenizer, device = engine()
-        seed = user_seed(args.seed, uid)
+        seed = user_seed(base_cfg.seed, uid)
         adapter_dir = out_root / "adapters" / f"user_{uid}"
-        peft_model = fresh_lora(model, args, seed)
+        peft_model = fresh_lora(model, cfg.lora, seed)
         try:
             # killed after saving, before predicting: reuse the adapter if it was made from the same inputs
-            if not args.overwrite and adapter_done(adapter_dir, sources, "trained"):
+            if not cfg.shards.overwrite and adapter_done(adapter_dir, sources, "trained"):
                 load_adapter_weights(peft_model, adapter_dir)
                 stats = {"tokens": 0, "last_loss": None, "seconds": 0.0}
             else:
@@ -330,15 +325,15 @@ def train_oppu(args) -> Path:
                               desc=f"OPPU {uid}", log_path=out_root / "train_log.jsonl")
                 save_peft_adapter(peft_model, adapter_dir, {SOURCE_FILE: sources})
             shortened = {}
-            preds = predict_one_user(peft_model, tokenizer, task, user, profiles, layout.profiles, device, args,
-                                     gen_settings, shortened)
+            preds = predict_one_user(peft_model, tokenizer, task, user, profiles, layout.profiles, device,
+                                     cfg.generation, shortened)
             write_json_atomic(user_predictions_path(out_root, uid), preds)
         finally:
             peft_model.unload()
         return user_record(uid, examples[uid], stats, shortened)
 
     run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
-                 out_root / "users_log.jsonl", num_shards, shard_id, args.overwrite)
+                 out_root / "users_log.jsonl", num_shards, shard_id, cfg.shards.overwrite)
     finish_per_user_stage("OPPU", out_root, [uid for uid, _ in users])
     combine_user_predictions(out_root, task, test_users)
     return out_root

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .adapters import is_complete_adapter, save_peft_adapter
-from .cli import generation_kwargs, train_config
+from .config import TaskLoRAStage
 from .data import Layout, profile_text
 from .generation import predict_variants, write_variant_files
 from .prompts import UserHistory, query_example
@@ -46,36 +46,35 @@ def default_output_dir(task_name: str) -> Path:
     return Path("./output") / task_name / "task-base_LLM"
 
 
-def run(args) -> Path:
+def run(cfg: TaskLoRAStage) -> Path:
     from peft import PeftModel, get_peft_model
 
     from .modeling import load_base_model, lora_config, resolve_lora_ckpt
 
-    task = get_task(args.task_name)
-    layout = Layout(args.data_dir, task)
-    out_dir = Path(args.output_dir or default_output_dir(task.name))
+    inputs, m = cfg.inputs, cfg.inputs.model
+    task = get_task(inputs.task_name)
+    layout = Layout(inputs.data_dir, task)
+    out_dir = Path(cfg.output_dir or default_output_dir(task.name))
     # read and validate every input before the (slow) model load
     test_users = layout.load_split("test", check=True)
     golds = layout.load_golds(test_users)
     profiles = layout.load_profiles()
-    base_users = None if args.infer else layout.load_split("base", need_gold=True, check=True)
+    base_users = None if cfg.infer else layout.load_split("base", need_gold=True, check=True)
 
-    cfg = None if args.infer else train_config(args)   # checks the flags before the model load
-    rank, world = init_data_parallel(args.device)
-    model, tokenizer, device = load_base_model(args.llama_model_path, args.tokenizer_path, args.device,
-                                               cpu_bf16=args.cpu_bf16)
-    if args.infer or (is_complete_adapter(out_dir) and not args.overwrite):
-        adapter_dir = resolve_lora_ckpt(args.lora_ckpt) if args.lora_ckpt else resolve_lora_ckpt(out_dir)
-        print(f"loading the task LoRA from {adapter_dir}" + ("" if args.infer else " (already trained)"))
+    rank, world = init_data_parallel(m.device)
+    model, tokenizer, device = load_base_model(m.llama_model_path, m.tokenizer_path, m.device, cpu_bf16=m.cpu_bf16)
+    if cfg.infer or (is_complete_adapter(out_dir) and not cfg.overwrite):
+        adapter_dir = resolve_lora_ckpt(inputs.lora_ckpt) if inputs.lora_ckpt else resolve_lora_ckpt(out_dir)
+        print(f"loading the task LoRA from {adapter_dir}" + ("" if cfg.infer else " (already trained)"))
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     else:
         examples = task_lora_examples(task, base_users, profiles, layout.profiles)
-        seed_all(args.seed)   # the LoRA's A init
-        model = get_peft_model(model, lora_config(args.lora_r, args.lora_alpha, args.lora_dropout,
-                                                  args.target_modules))
+        seed_all(cfg.train.seed)   # the LoRA's A init
+        model = get_peft_model(model, lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+                                                  cfg.lora.target_modules))
         print(f"training the task LoRA on {len(examples)} queries of {len(base_users)} base users")
         out_dir.mkdir(parents=True, exist_ok=True)
-        stats = train(model, tokenizer, examples, cfg, device, desc=f"task LoRA ({task.name})",
+        stats = train(model, tokenizer, examples, cfg.train, device, desc=f"task LoRA ({task.name})",
                       log_path=out_dir / "train_log.jsonl")
         if rank != 0:   # data parallel: rank 0 saves and predicts
             return out_dir
@@ -90,9 +89,10 @@ def run(args) -> Path:
 
     pred_dir = out_dir / "predictions"
     shortened = {}
-    preds = predict_variants(model, tokenizer, task, test_users, profiles, device, k_list=args.k_list,
-                             max_new_tokens=args.max_gen_len, profiles_path=layout.profiles, shortened=shortened,
-                             show_progress=True, **generation_kwargs(args))
+    gen = cfg.generation
+    preds = predict_variants(model, tokenizer, task, test_users, profiles, device, k_list=gen.k_list,
+                             max_new_tokens=gen.max_gen_len, profiles_path=layout.profiles, shortened=shortened,
+                             show_progress=True, **gen.kwargs())
     write_variant_files(pred_dir, task, preds)
     where = record_in_summary(out_dir, {"prompts": shortened})
     print(describe("task LoRA predictions", shortened, "prompts") + f" -> {where}")

@@ -93,6 +93,7 @@ def test_stage1_infer_reloads_the_adapter_from_the_seed_spelling_without_trainin
 def test_stage3_trains_only_lora_weights_on_an_untouched_merged_base(pipe, tmp_path, capsys, monkeypatch):
     from peft import get_peft_model
 
+    import cli_flags
     import perpcs.sharers as sharers
     from perpcs.modeling import lora_config
     from perpcs.training import seed_all, user_seed
@@ -110,7 +111,7 @@ def test_stage3_trains_only_lora_weights_on_an_untouched_merged_base(pipe, tmp_p
     monkeypatch.undo()
 
     # the process's merged base after training 3 sharers equals a freshly merged one: LoRAs were unloaded
-    fresh, _, _ = original(train_anchor_PEFT.parse_args(argv))
+    fresh, _, _ = original(cli_flags.stage_inputs(train_anchor_PEFT.parse_args(argv)))
     after, before = loaded["model"].state_dict(), fresh.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)

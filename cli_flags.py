@@ -1,17 +1,16 @@
-"""Flag groups shared by the stage scripts, with the original's names and defaults.
+"""Flag groups shared by the stage scripts, with the original's names and defaults, and the builders that turn
+parsed flags into the library's typed configs (perpcs/config.py): the library never sees a Namespace.
 
 ``type=bool`` flags of the original could not be turned off; here booleans are ``--flag/--no-flag``.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import re
 
-from .training import TrainConfig
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
+from perpcs.config import (LORA_TARGETS, GenerationConfig, LoraSettings, ModelConfig, ShardConfig,
+                           StageInputs)
+from perpcs.training import TrainConfig
 
 # Flags of the published parsers that change nothing here: accepted (with a note) so that the authors' commands
 # and scripts built on them run as written instead of stopping at an argparse error.
@@ -145,23 +144,34 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
                    help="redo users whose outputs already exist")
 
 
-def shard_of(args) -> tuple:
-    """(num_shards, shard_id) from the flags, else torchrun's WORLD_SIZE / RANK, else (1, 0)."""
-    num = args.num_shards if args.num_shards is not None else int(os.environ.get("WORLD_SIZE", 1))
-    sid = args.shard_id if args.shard_id is not None else int(os.environ.get("RANK", 0))
-    if num < 1 or not 0 <= sid < num:
-        from .errors import fail
-        fail(f"--shard_id {sid} must be in [0, --num_shards {num})")
-    return num, sid
+def model_config(args) -> ModelConfig:
+    return ModelConfig(llama_model_path=args.llama_model_path, tokenizer_path=args.tokenizer_path,
+                       device=args.device, cpu_bf16=args.cpu_bf16)
+
+
+def stage_inputs(args) -> StageInputs:
+    return StageInputs(task_name=args.task_name, data_dir=args.data_dir, model=model_config(args),
+                       lora_ckpt=getattr(args, "lora_ckpt", None))
+
+
+def lora_settings(args) -> LoraSettings:
+    return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                        target_modules=tuple(args.target_modules))
 
 
 def train_config(args) -> TrainConfig:
+    """Checks the training flags (TrainConfig refuses bad ones) before any model loads."""
     return TrainConfig(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
                        accum_iter=args.accum_iter, epochs=args.epochs, max_step=args.max_step, clip=args.clip,
                        max_seq_len=args.max_seq_len, grad_ckpt=args.grad_ckpt, seed=args.seed,
                        cpu_bf16=args.cpu_bf16, group_by_length=args.group_by_length)
 
 
-def generation_kwargs(args) -> dict:
-    return dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.gen_batch_size,
-                max_seq_len=args.max_seq_len, cpu_bf16=args.cpu_bf16, kv_cache=args.kv_cache)
+def generation_config(args) -> GenerationConfig:
+    return GenerationConfig(max_gen_len=args.max_gen_len, temperature=args.temperature, top_p=args.top_p,
+                            k_list=tuple(args.k_list), batch_size=args.gen_batch_size, kv_cache=args.kv_cache,
+                            max_seq_len=args.max_seq_len, seed=args.seed, cpu_bf16=args.cpu_bf16)
+
+
+def shard_config(args) -> ShardConfig:
+    return ShardConfig(num_shards=args.num_shards, shard_id=args.shard_id, overwrite=args.overwrite)
