@@ -14,7 +14,6 @@ machine convert a checkpoint once, not once each.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -148,19 +147,22 @@ def _conversion_lock(target: Path):
     """Hold an exclusive lock on ``<target>.lock`` while converting into ``target``.
 
     Every torchrun process loads the base model; without the lock each would convert (and write) the same
-    checkpoint at once. The lock file is left in place: deleting it could let a late process lock a new
-    file while another still holds the old one.
+    checkpoint at once. ``filelock`` takes an flock on the file and leaves the file in place (deleting it could
+    let a late process lock a new file while another still holds the old one); on a filesystem without flock
+    it falls back to a marker file.
     """
+    from filelock import FileLock
+
     lock_file = target.with_name(target.name + ".lock")
+    lock = FileLock(lock_file)
     try:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        lock.acquire()
     except OSError as err:
         fail(f"{lock_file}: cannot create the conversion lock ({err}); the directory must be writable")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        lock.release()
 
 
 def _remove_stale_temps(target: Path) -> None:
@@ -324,7 +326,11 @@ def llama_intermediate_size(dim: int, multiple_of: int, ffn_dim_multiplier=None)
 
 def rotary_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder q/k output rows per head from Meta's interleaved rotary pairs (0,1),(2,3).. to HF's
-    half split (pair i = rows i and i + head_dim/2)."""
+    half split (pair i = rows i and i + head_dim/2).
+
+    Ours, not transformers': its wheel has no Meta converter (convert_llama_weights_to_hf.py is a repository
+    script), and the same reordering in its GGUF reader is a private numpy method (no bf16); the tests check
+    that ours equals it bit for bit."""
     out_features, in_features = weight.shape
     head_dim = out_features // n_heads
     return (weight.reshape(n_heads, head_dim // 2, 2, in_features)
@@ -479,45 +485,31 @@ _PARITY_TEXTS = (
 def tokenizer_from_sentencepiece(model_file: Path):
     """A fast HF tokenizer equal to a sentencepiece BPE model (Llama 1/2 style), checked id for id.
 
-    Built from the model's pieces and scores with the ``sentencepiece`` library only (reading the
-    model's options would need protobuf, which is not a dependency); the id check catches a model
-    this reconstruction does not reproduce (unigram models, models that normalize text).
+    The backend is transformers' own conversion (``SpmConverter.build_tokenizer_from_spm_proto``, what
+    ``AutoTokenizer`` builds from a ``tokenizer.model`` without ``tokenizer.json``: the model's normalizer and
+    dummy prefix, BPE merges ranked by piece score, byte fallback); we add ``<s>`` in front as Llama does.
+    Not ``LlamaTokenizer``: its pre-tokenizer drops sentencepiece's dummy prefix before a leading space, and
+    it adds no ``<s>`` when built from a ``.model`` file. The id check catches a model the conversion does not
+    reproduce.
     """
     import sentencepiece
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
 
     processor = sentencepiece.SentencePieceProcessor()
     try:
         processor.Load(str(model_file))
     except (OSError, RuntimeError) as err:
         fail(f"{model_file}: not a sentencepiece model ({err}); Llama 3's tiktoken tokenizer is not supported")
-    size = processor.get_piece_size()
-    vocab = {processor.id_to_piece(i): i for i in range(size)}
-
-    def is_text_piece(i):
-        return not (processor.is_control(i) or processor.is_unknown(i)
-                    or processor.is_byte(i) or processor.is_unused(i))
-
-    # A sentencepiece BPE merge is ranked by the score of the piece it makes (higher merges first).
-    text_pieces = {piece: i for piece, i in vocab.items() if is_text_piece(i)}
-    ranked = []
-    for piece, i in text_pieces.items():
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in text_pieces and right in text_pieces:
-                ranked.append((-processor.get_score(i), vocab[left], vocab[right], left, right))
-    ranked.sort()
-    merges = [(left, right) for *_, left, right in ranked]
-
+    proto = SentencePieceExtractor(str(model_file)).proto
+    if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
+        fail(f"{model_file}: a sentencepiece {proto.trainer_spec.ModelType.Name(proto.trainer_spec.model_type)} "
+             f"model; only BPE models (like Llama 1/2's) are supported")
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
     unk, bos, eos = (processor.id_to_piece(processor.unk_id()), processor.id_to_piece(processor.bos_id()),
                      processor.id_to_piece(processor.eos_id()))
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk,
-                                   fuse_unk=True, byte_fallback=True))
-    # As sentencepiece: a space before the text, spaces become "▁"; decoding undoes both.
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                         decoders.Fuse(), decoders.Strip(content=" ", left=1)])
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=unk, bos_token=bos,
@@ -531,8 +523,7 @@ def _check_tokenizer_parity(tokenizer, processor, model_file: Path) -> None:
         ours = tokenizer(text).input_ids
         theirs = [processor.bos_id()] + processor.encode(text)
         if ours != theirs:
-            fail(f"{model_file}: could not convert this sentencepiece tokenizer faithfully (only BPE "
-                 f"models without text normalization, like Llama 1/2, are supported); on {text!r} "
+            fail(f"{model_file}: could not convert this sentencepiece tokenizer faithfully; on {text!r} "
                  f"sentencepiece gives {theirs[:12]} but the conversion gives {ours[:12]}")
 
 

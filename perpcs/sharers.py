@@ -18,7 +18,7 @@ from .prompts import history_examples
 from .provenance import SOURCE_FILE, adapter_sha256, read_source, refuse_other_sources, training_sources
 from .runner import lazy, refuse_other_settings, run_per_user
 from .tasks import get_task
-from .training import seed_all, train, user_seed
+from .training import train, user_seed
 from .truncation import finish_per_user_stage, user_entry
 
 
@@ -123,9 +123,10 @@ def user_examples(task, user, profiles, profiles_path, index, users_path, recent
 def fresh_lora(model, lora: LoraSettings, seed: int):
     """A new peft LoRA on the shared (base + task) model, its A init seeded per user."""
     from peft import get_peft_model
+    from transformers import set_seed
 
     from .modeling import lora_config
-    seed_all(seed)
+    set_seed(seed)
     return get_peft_model(model, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
 
 

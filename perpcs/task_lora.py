@@ -12,7 +12,7 @@ from .data import Layout, profile_text
 from .generation import predict_variants, write_variant_files
 from .prompts import UserHistory, query_example
 from .tasks import get_task
-from .training import seed_all, train
+from .training import train
 from .truncation import describe, record_in_summary
 
 
@@ -48,6 +48,7 @@ def default_output_dir(task_name: str) -> Path:
 
 def run(cfg: TaskLoRAStage) -> Path:
     from peft import PeftModel, get_peft_model
+    from transformers import set_seed
 
     from .modeling import load_base_model, lora_config, resolve_lora_ckpt
 
@@ -69,7 +70,7 @@ def run(cfg: TaskLoRAStage) -> Path:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     else:
         examples = task_lora_examples(task, base_users, profiles, layout.profiles)
-        seed_all(cfg.train.seed)   # the LoRA's A init
+        set_seed(cfg.train.seed)   # the LoRA's A init
         model = get_peft_model(model, lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
                                                   cfg.lora.target_modules))
         print(f"training the task LoRA on {len(examples)} queries of {len(base_users)} base users")

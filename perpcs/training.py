@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,12 +51,8 @@ class TrainConfig:
         if not self.lr >= 0 or self.weight_decay < 0 or not self.clip > 0:
             fail(f"--lr and --weight_decay must be at least 0 and --clip positive, got lr {self.lr}, "
                  f"weight_decay {self.weight_decay}, clip {self.clip}")
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+        if not 0 <= self.seed < 2**32:   # what transformers.set_seed takes (numpy's range)
+            fail(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
 
 
 def user_seed(seed: int, user: str) -> int:
@@ -224,9 +219,11 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
 
     A non-finite loss stops with an error naming ``desc`` and the step; the caller saves nothing then.
     """
+    from transformers import set_seed
+
     if not examples:
         fail(f"{desc}: no training examples (empty history?)")
-    seed_all(cfg.seed)
+    set_seed(cfg.seed)   # Python's, numpy's and torch's generators (CPU and every accelerator)
     tokenized = [tokenize_example(tokenizer, ex, cfg.max_seq_len) for ex in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     params = [p for p in model.parameters() if p.requires_grad]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from perpcs import modeling
 from perpcs.errors import PerpcsError
@@ -173,6 +174,10 @@ def test_meta_checkpoint_converts_to_the_same_model(tmp_path, tiny_sp_dir, sp_mo
     assert hf_dir == meta_dir / "hf_converted"
     converted = logits_of(hf_dir)
     assert torch.allclose(converted, logits_of(tiny_sp_dir), atol=1e-5)
+    # Bit for bit: joining shards, renaming and permuting only move values.
+    original, written = load_file(tiny_sp_dir / "model.safetensors"), load_file(hf_dir / "model.safetensors")
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[name], tensor) for name, tensor in original.items())
     # Against Meta's own formulation, so a wrong rotary permutation cannot cancel out with the writer's.
     reference = meta_reference_logits(meta, params, TOKEN_IDS[0].tolist())
     assert torch.allclose(converted.double(), reference, atol=1e-5)
@@ -325,6 +330,56 @@ def test_concurrent_meta_conversions_convert_once(tmp_path, tiny_sp_dir, sp_mode
     assert not [p for p in meta_dir.iterdir() if p.name.startswith(".hf_converted")]  # no temp left
 
 
+def test_conversion_lock_is_held_across_processes_on_the_lock_file(tmp_path):
+    """A rank in another process holding ``<target>.lock`` (with a plain flock, as the hand-written lock took it)
+    keeps this one waiting; while this one holds it, nobody else gets it; the file stays after release."""
+    import subprocess
+    import sys
+
+    target, lock_file = tmp_path / "hf_converted", tmp_path / "hf_converted.lock"
+    flock = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX"
+    holder = subprocess.Popen([sys.executable, "-c", flock + "); open(sys.argv[2], 'w').close()\n"
+                               "while not os.path.exists(sys.argv[3]): import time; time.sleep(0.01)",
+                               str(lock_file), str(tmp_path / "locked"), str(tmp_path / "release")])
+    acquired = threading.Event()
+
+    def rank():
+        with modeling._conversion_lock(target):
+            acquired.set()
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "locked").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiter = threading.Thread(target=rank)
+        waiter.start()
+        assert not acquired.wait(0.5)                       # the other process holds it
+        (tmp_path / "release").touch()
+        waiter.join(60)
+        assert acquired.is_set()
+    finally:
+        (tmp_path / "release").touch()
+        holder.wait(60)
+
+    def try_lock():
+        return subprocess.run([sys.executable, "-c", flock + " | fcntl.LOCK_NB)", str(lock_file)],
+                              capture_output=True, text=True)
+
+    with modeling._conversion_lock(target):
+        busy = try_lock()
+    assert busy.returncode != 0 and "BlockingIOError" in busy.stderr
+    assert try_lock().returncode == 0                       # released
+    assert lock_file.is_file()
+
+
+def test_a_conversion_lock_that_cannot_be_created_names_the_file(tmp_path):
+    (tmp_path / "a_file").write_text("x")   # its "directory" is a file (a read-only one would not stop root)
+    target = tmp_path / "a_file" / "hf_converted"
+    with pytest.raises(PerpcsError, match=re.escape(f"{target}.lock: cannot create the conversion lock")):
+        with modeling._conversion_lock(target):
+            pass
+
+
 def fake_smollm2(tmp_path, monkeypatch, calls: list) -> Path:
     """Point SmolLM2 at a tmp cache, with a fast stand-in for the GGUF conversion."""
     monkeypatch.setenv("PERPCS_CACHE", str(tmp_path / "cache"))
@@ -390,12 +445,112 @@ def test_params_that_do_not_fit_the_weights_fail(tmp_path, tiny_sp_dir, sp_model
     assert not (meta_dir / "hf_converted").exists()
 
 
-def test_sentencepiece_model_with_normalization_is_refused(tmp_path, tiny_sp_dir):
+def test_sentencepiece_model_with_normalization_converts_faithfully(tmp_path, tiny_sp_dir):
+    """transformers' converter follows the model's normalizer (NFKC, extra spaces); the hand-written one refused it."""
+    import sentencepiece
+
     sp_model = train_sentencepiece(tmp_path / "nfkc.model", normalization_rule_name="nmt_nfkc",
                                    remove_extra_whitespaces=True)
     meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
-    with pytest.raises(PerpcsError, match="could not convert this sentencepiece tokenizer"):
+    tokenizer = load_tokenizer(resolve_model_dir(str(meta_dir)))
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
+    for text in ["ﬁne ＡＢＣ ① ㎏", "  extra   spaces  ", "The lazy dog.\n\tTabs", "Zürich ☕ 東京"]:
+        assert tokenizer(text).input_ids == [1] + processor.encode(text)
+
+
+def test_unigram_sentencepiece_model_is_refused(tmp_path, tiny_sp_dir):
+    sp_model = train_sentencepiece(tmp_path / "unigram.model", model_type="unigram")
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    with pytest.raises(PerpcsError, match="a sentencepiece UNIGRAM model; only BPE models"):
         resolve_model_dir(str(meta_dir))
+    assert not (meta_dir / "hf_converted").exists()
+
+
+def test_a_conversion_that_differs_from_sentencepiece_is_refused(tmp_path, tiny_sp_dir, sp_model, monkeypatch):
+    """The id check stays: e.g. a converter that loses the dummy prefix before a leading space, as LlamaTokenizer."""
+    from tokenizers import normalizers
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    real_build = SpmConverter.build_tokenizer_from_spm_proto
+
+    def without_dummy_prefix_fix(proto, vocab, *args, **kwargs):
+        backend = real_build(proto, vocab, *args, **kwargs)
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        return backend
+
+    monkeypatch.setattr(SpmConverter, "build_tokenizer_from_spm_proto", staticmethod(without_dummy_prefix_fix))
+    meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
+    with pytest.raises(PerpcsError, match="could not convert this sentencepiece tokenizer faithfully; on '  two"):
+        resolve_model_dir(str(meta_dir))
+
+
+def previous_sentencepiece_conversion(model_file: Path):
+    """The tokenizer perpcs rebuilt by hand before it used transformers' converter (kept as the reference the
+    library path must equal): BPE from sentencepiece's pieces and scores, a merge ranked by the score of the piece
+    it makes, "▁" prepended and for spaces, byte fallback, "<s>" in front."""
+    import sentencepiece
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
+    text_pieces = {piece: i for piece, i in vocab.items()
+                   if not (processor.is_control(i) or processor.is_unknown(i) or processor.is_byte(i)
+                           or processor.is_unused(i))}
+    ranked = sorted((-processor.get_score(i), vocab[piece[:cut]], vocab[piece[cut:]], piece[:cut], piece[cut:])
+                    for piece, i in text_pieces.items() for cut in range(1, len(piece))
+                    if piece[:cut] in text_pieces and piece[cut:] in text_pieces)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked],
+                                   unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(content=" ", left=1)])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   padding_side="left")
+
+
+def comparison_texts(n_random: int = 300) -> list:
+    """The fixture corpus, edge cases of spaces and unknown characters, and seeded random strings of them."""
+    import random
+
+    edges = ["", " ", "  ", "\n", " leading space", "trailing space ", "a  b   c ", "▁x", " ▁x", "tabs\tand\nlines 42",
+             "Zürich ☕ 東京 🙂", "Ünïcödé, 日本語", "3.5% of 1234567890", "<s> literal </s> tokens", "<0x41>"]
+    alphabet = list("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"-()[]&#") + \
+        [" ", "  ", "\n", "\t", "▁", "é", "ß", "日", "🙂", "The ", " the", "ing", "tion", "###"]
+    rng = random.Random(0)
+    randoms = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(n_random)]
+    return CORPUS + edges + randoms
+
+
+@pytest.mark.parametrize("vocab_size", [400, 1000])
+def test_transformers_converter_equals_the_previous_hand_written_tokenizer(tmp_path, vocab_size):
+    """Same vocabulary, same merges (ordered alike up to the splits of one piece, which never compete), and the
+    same ids, decodes and pairs as the tokenizer perpcs built by hand before; and sentencepiece's ids."""
+    import sentencepiece
+
+    sp_model = train_sentencepiece(tmp_path / "tokenizer.model", vocab_size=vocab_size)
+    library, previous = modeling.tokenizer_from_sentencepiece(sp_model), previous_sentencepiece_conversion(sp_model)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
+    assert library.get_vocab() == previous.get_vocab()
+    assert (library.bos_token, library.eos_token, library.unk_token, library.padding_side) == \
+        (previous.bos_token, previous.eos_token, previous.unk_token, previous.padding_side)
+
+    def merges(tokenizer):
+        return [tuple(m) for m in json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]]
+
+    assert set(merges(library)) == set(merges(previous)) and len(merges(library)) == len(merges(previous)) > 50
+    assert list(dict.fromkeys(a + b for a, b in merges(library))) == list(dict.fromkeys(a + b for a, b in
+                                                                                        merges(previous)))
+    texts = comparison_texts()
+    for text, pair in zip(texts, texts[1:] + texts[:1]):
+        ids = library(text).input_ids
+        assert ids == previous(text).input_ids, text
+        if "<s>" not in text and "</s>" not in text:      # sentencepiece reads these as text, HF as tokens
+            assert ids == [processor.bos_id()] + processor.encode(text), text
+        assert library.decode(ids) == previous.decode(ids), text
+        assert library(text, pair).input_ids == previous(text, pair).input_ids, (text, pair)
 
 
 def test_llama_intermediate_sizes():
@@ -409,6 +564,22 @@ def test_rotary_permutation_moves_pair_members_to_halves():
     rows = torch.arange(8.0).unsqueeze(1)  # two heads of head_dim 4: pairs (0,1),(2,3) | (4,5),(6,7)
     assert rotary_to_half_split(rows, n_heads=2).squeeze(1).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
     assert torch.equal(half_split_to_interleaved(rotary_to_half_split(rows, 2), 2), rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_permutation_equals_the_one_transformers_reads_gguf_with(dtype):
+    """transformers 5 ships no Meta converter; its GGUF reader undoes the same interleaving (llama.cpp writes Meta's
+    layout). Ours must give the same rows bit for bit, for q (n_heads) and for k (n_kv_heads < n_heads)."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    n_heads, n_kv_heads, head_dim, hidden = 8, 2, 16, 24
+    gguf = LlamaTensorProcessor({"num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads})
+    generator = torch.Generator().manual_seed(0)
+    for name, heads in (("blk.0.attn_q.weight", n_heads), ("blk.0.attn_k.weight", n_kv_heads)):
+        weight = torch.randn(heads * head_dim, hidden, generator=generator).to(dtype)
+        bits = weight.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)  # numpy has no bfloat16
+        theirs = torch.from_numpy(gguf.process(bits.numpy(), name).weights.copy())
+        assert torch.equal(rotary_to_half_split(weight, heads).view(bits.dtype), theirs), name
 
 
 # ---------------------------------------------------------------- HF directories, errors, devices

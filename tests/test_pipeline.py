@@ -92,11 +92,12 @@ def test_stage1_infer_reloads_the_adapter_from_the_seed_spelling_without_trainin
 
 def test_stage3_trains_only_lora_weights_on_an_untouched_merged_base(pipe, tmp_path, capsys, monkeypatch):
     from peft import get_peft_model
+    from transformers import set_seed
 
     import cli_flags
     import perpcs.sharers as sharers
     from perpcs.modeling import lora_config
-    from perpcs.training import seed_all, user_seed
+    from perpcs.training import user_seed
 
     loaded = {}
     original = sharers.load_merged_base
@@ -120,7 +121,7 @@ def test_stage3_trains_only_lora_weights_on_an_untouched_merged_base(pipe, tmp_p
         tensors = load_file(str(tmp_path / "anchor_PEFT" / f"user_{uid}" / "adapter_model.safetensors"))
         assert {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in tensors} == MODULES
         assert all(".lora_A." in k or ".lora_B." in k for k in tensors)           # LoRA weights only
-        seed_all(user_seed(0, uid))                                                # the user's own init
+        set_seed(user_seed(0, uid))                                                # the user's own init
         peft_model = get_peft_model(fresh, lora_config())
         init = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_A" in n}
         fresh = peft_model.unload()

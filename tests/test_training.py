@@ -348,10 +348,30 @@ def test_a_non_finite_gradient_with_a_finite_loss_stops_and_saves_nothing(tiny):
 
 
 @pytest.mark.parametrize("flag,value", [("batch_size", 0), ("accum_iter", 0), ("epochs", 0), ("max_step", 0),
-                                        ("max_seq_len", 0), ("lr", -1.0), ("clip", -1.0), ("weight_decay", -0.1)])
+                                        ("max_seq_len", 0), ("lr", -1.0), ("clip", -1.0), ("weight_decay", -0.1),
+                                        ("seed", -1), ("seed", 2**32)])
 def test_bad_training_settings_fail_before_anything_runs(flag, value):
     with pytest.raises(PerpcsError, match=f"--{flag}"):
         TrainConfig(**{flag: value})
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1])
+def test_set_seed_seeds_the_generators_the_hand_written_seeding_did(seed):
+    """transformers.set_seed replaced perpcs' own seed_all (random, numpy, torch): the same states, the same runs."""
+    import random
+
+    from transformers import set_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    expected = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.random(), np.random.rand(), torch.rand(1)      # move every generator on
+    set_seed(seed)
+    state = np.random.get_state()
+    assert random.getstate() == expected[0]
+    assert state[0] == expected[1][0] and np.array_equal(state[1], expected[1][1]) and state[2:] == expected[1][2:]
+    assert torch.equal(torch.get_rng_state(), expected[2])
 
 
 def test_republishing_an_adapter_never_pairs_new_weights_with_the_old_config(tiny, tmp_path, monkeypatch):
