@@ -49,7 +49,8 @@ def test_data_parallel_stage1_equals_one_process(tiny_model_dir, data_dir, tmp_p
     """DDP (gloo, gradient checkpointing on, the default) trains what one process trains on the same global
     batches. Not bit-exact: each rank pads its slice to its own width and sums its own rows' gradients before
     the all-reduce adds the two partial sums, so float32 sums run in another order (~1e-7 relative per step);
-    Adam's m / sqrt(v) then passes such differences on, relatively larger where a gradient is near 0."""
+    Adam's m / sqrt(v) then passes such differences on, relatively larger where a gradient is near 0. Measured
+    after 3 steps at lr 1e-2: at most 3e-6 absolute (2.4e-4 relative) on weights up to ~1e-1."""
     run([sys.executable] + stage1_args(tiny_model_dir, data_dir, tmp_path / "one") + extra)
     run(torchrun(2) + stage1_args(tiny_model_dir, data_dir, tmp_path / "two") + extra)
     one = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
@@ -86,7 +87,7 @@ def test_ddp_gradients_equal_one_process(tiny_model_dir, tmp_path):
     assert one["stats"]["steps"] == len(one["steps"]) == 4
     for two in ranks:
         assert len(two["steps"]) == 4
-        assert len(two["reductions"]) == 4                # 6 micro-steps, one bucket reduced per optimizer step
+        assert len(two["reductions"]) == 4                # 6 micro-steps; the tiny LoRA is one bucket
         assert two["stats"]["tokens"] == one["stats"]["tokens"]
         for step, (grads_one, grads_two) in enumerate(zip(one["steps"], two["steps"])):
             for g1, g2 in zip(grads_one, grads_two, strict=True):
