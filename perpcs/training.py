@@ -6,6 +6,7 @@ tokens only. Whatever parameters have ``requires_grad`` train: LoRA weights for 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -189,7 +190,8 @@ def _collective_device(value: torch.Tensor) -> torch.device:
 
 
 def _all_reduce(value: torch.Tensor) -> torch.Tensor:
-    """Sum over the ranks (a no-op in one process); the result is on ``value``'s device."""
+    """Sum over the ranks (a no-op in one process); the result is on ``value``'s device. Only for the per-step
+    statistics (loss, answer tokens, tokens): gradients are reduced by DistributedDataParallel."""
     import torch.distributed as dist
     if _world()[1] > 1:
         moved = value.to(_collective_device(value))
@@ -197,6 +199,23 @@ def _all_reduce(value: torch.Tensor) -> torch.Tensor:
         if moved is not value:
             value.copy_(moved)
     return value
+
+
+class _AnswerLoss(torch.nn.Module):
+    """What DistributedDataParallel wraps: ``answer_loss_sum`` of ``model``, owning only the parameters that train.
+
+    DDP broadcasts every parameter and buffer of the module it wraps when it starts and reduces the gradients of
+    those that require grad; registering just the trained ones (LoRA: a few MB) keeps it from sending the frozen
+    base (14 GB on a 7B) to every rank. ``model`` is kept outside the module tree for that reason.
+    """
+
+    def __init__(self, model, params: list):
+        super().__init__()
+        self.trained = torch.nn.ParameterList(params)
+        object.__setattr__(self, "model", model)
+
+    def forward(self, batch: dict) -> tuple:
+        return answer_loss_sum(self.model, batch)
 
 
 def _checkpointing(model, on: bool) -> None:
@@ -232,31 +251,28 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     total_steps = count_steps(len(tokenized), cfg)
+    rank, world = _world()
+    ddp = None
+    if world > 1:   # data parallel: torch's DDP reduces the gradients, bucketed and overlapped with the backward
+        from torch.nn.parallel import DistributedDataParallel
+        # find_unused_parameters off: every trained parameter (LoRA A/B, gate vectors) is used in every forward,
+        # and non-reentrant checkpointing recomputes without a second gradient per parameter, so no static_graph
+        ddp = DistributedDataParallel(_AnswerLoss(model, params), find_unused_parameters=False)
     if cfg.grad_ckpt:
         _checkpointing(model, True)
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed)
     lengths = [len(t.input_ids) for t in tokenized] if cfg.group_by_length else None
-    rank, world = _world()
     if log_path and rank == 0:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a", encoding="utf-8") if log_path and rank == 0 else None
     bar = tqdm(total=total_steps, desc=desc, disable=not show_progress, leave=False)
-    state = {"step": 0, "micro": 0, "losses": [], "tokens": 0, "running": None}
+    state = {"step": 0, "micro": 0, "losses": [], "tokens": 0, "running": None}   # tokens: all ranks together
     t0 = time.perf_counter()
 
     def optimizer_step(x: float) -> None:
-        """Average the accumulated gradients over ranks (data parallel), clip, step, log; then set the lr of the
-        next step from the fractional epoch x of this one (SPEC 5: the first step uses the base lr)."""
-        if world > 1:   # one collective per dtype instead of one per tensor (256 LoRA tensors on a 7B)
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            for dtype in sorted({p.grad.dtype for p in params}, key=str):
-                same = [p for p in params if p.grad.dtype == dtype]
-                flat = _all_reduce(torch.cat([p.grad.reshape(-1) for p in same]))
-                for p, summed in zip(same, flat.split([p.numel() for p in same])):
-                    p.grad.copy_(summed.view_as(p.grad))
+        """Clip, step, log (gradients already averaged over ranks by DDP); then set the lr of the next step from
+        the fractional epoch x of this one (SPEC 5: the first step uses the base lr)."""
         lr = optimizer.param_groups[0]["lr"]   # the lr this step uses, as logged
         if state["micro"] < cfg.accum_iter:   # a short window at the epoch's end: still a mean, not a part
             for p in params:
@@ -276,14 +292,11 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
         state["running"] = step_loss if state["running"] is None else 0.9 * state["running"] + 0.1 * step_loss
         bar.update(1)
         bar.set_postfix(loss=f"{state['running']:.4f}")
-        # tokens every rank has seen so far, summed (one small collective per step under data parallel)
-        state["global_tokens"] = state["tokens"] if world == 1 else \
-            int(_all_reduce(torch.tensor([float(state["tokens"])], dtype=torch.float64))[0])
         if log:
             elapsed = time.perf_counter() - t0
             log.write(json.dumps({"desc": desc, "step": state["step"], "loss": step_loss, "lr": lr,
-                                  "tokens": state["global_tokens"],
-                                  "tokens_per_s": state["global_tokens"] / max(elapsed, 1e-9)}) + "\n")
+                                  "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(elapsed, 1e-9)})
+                      + "\n")
 
     try:
         epoch = 0
@@ -292,24 +305,30 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
             batches = make_batches(len(tokenized), cfg.batch_size, generator, lengths)
             for j, batch_idx in enumerate(batches):   # j: loader step (one global batch) within the epoch
                 mine = batch_idx[rank::world]     # every rank sees the same global batches, a slice each
-                if mine:
-                    batch = collate([tokenized[i] for i in mine], pad_id, device)
+                # a global batch smaller than the world leaves a rank nothing: it runs a row without answer tokens
+                # (loss 0, zero gradients), since DDP reduces only once every rank's backward has run
+                batch = collate([tokenized[i] for i in mine] or [Tokenized([pad_id] * 2, [IGNORE_INDEX] * 2, "")],
+                                pad_id, device)
+                closes = state["micro"] + 1 == cfg.accum_iter or j == len(batches) - 1   # the window's last micro
+                with ddp.no_sync() if ddp is not None and not closes else contextlib.nullcontext():
                     with autocast_context(device, cfg.cpu_bf16):
-                        loss_sum, count = answer_loss_sum(model, batch)
-                    state["tokens"] += int(batch["attention_mask"].sum())
-                else:
-                    loss_sum, count = torch.zeros((), device=device, requires_grad=True), 0
-                # normalise by the answer tokens of the whole global batch: equal to one process's mean
-                stats = _all_reduce(torch.tensor([float(loss_sum.detach()), float(count)], dtype=torch.float64))
-                global_loss = float(stats[0] / max(stats[1], 1.0))
-                if not math.isfinite(global_loss):
-                    fail(f"{desc}: non-finite loss ({global_loss}) at step {state['step'] + 1}, epoch "
-                         f"{epoch + 1}; nothing was saved (try a lower --lr)")
-                (loss_sum / max(float(stats[1]), 1.0) / cfg.accum_iter).backward()   # grads summed over ranks
+                        loss_sum, count = ddp(batch) if ddp is not None else answer_loss_sum(model, batch)
+                    tokens = int(batch["attention_mask"].sum()) if mine else 0
+                    # loss, answer tokens and tokens of the whole global batch (one small collective per micro-step)
+                    stats = _all_reduce(torch.tensor([float(loss_sum.detach()), float(count), float(tokens)],
+                                                     dtype=torch.float64))
+                    global_loss = float(stats[0] / max(stats[1], 1.0))
+                    if not math.isfinite(global_loss):
+                        fail(f"{desc}: non-finite loss ({global_loss}) at step {state['step'] + 1}, epoch "
+                             f"{epoch + 1}; nothing was saved (try a lower --lr)")
+                    # normalised by the global batch's answer tokens; DDP averages (divides the sum over ranks by
+                    # world), so the factor world makes the reduced gradient sum_r grad(loss_sum_r) / N: the
+                    # gradient one process gets from the whole global batch's mean
+                    (loss_sum * world / max(float(stats[1]), 1.0) / cfg.accum_iter).backward()
+                state["tokens"] += int(stats[2])
                 state["losses"].append(global_loss)
                 state["micro"] += 1
-                # an update every accum_iter loader steps, and a short window's at the epoch's end
-                if state["micro"] == cfg.accum_iter or j == len(batches) - 1:
+                if closes:   # an update every accum_iter loader steps, and a short window's at the epoch's end
                     optimizer_step(j / len(batches) + epoch)
                     if state["step"] >= total_steps:
                         break
@@ -322,7 +341,7 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
             _checkpointing(model, False)
         model.eval()
     elapsed = time.perf_counter() - t0
-    losses, tokens = state["losses"], state.get("global_tokens", state["tokens"] * world)
+    losses, tokens = state["losses"], state["tokens"]
     # next_lr: what the schedule set after the last step, used by no step (after --epochs alone: f(epochs - 1/L), not 0)
     return {"steps": state["step"], "next_lr": optimizer.param_groups[0]["lr"],
             "first_loss": losses[0] if losses else None,
