@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from perpcs.composition import (ADAPTER_PREFIX, ComposeSettings, Composer, PiecePool, assemble_user,  # noqa: E402
-                                install_composer)
+                                composed_lora_model, composer_removed, install_composer, load_composed)
 from perpcs.errors import fail, run_cli  # noqa: E402
 from perpcs.gates import GATES_FILE, GatedInput, install_gates, remove_gates, save_gates  # noqa: E402
 from perpcs.generation import generate  # noqa: E402
@@ -264,8 +264,8 @@ def pool_gib(pool: PiecePool) -> float:
 
 
 def bench_compose(model, shape: Shape, args, device, generator) -> dict:
-    """Seconds per target user: assemble_user over its history rows plus building its LoRA (use_fixed).
-    The pool is written and read once, outside the timing."""
+    """Seconds per target user: assemble_user over its history rows plus loading its LoRA into the peft model that
+    predicts (load_composed), as stage 5 does. The pool is written and read once, outside the timing."""
     root = Path(tempfile.mkdtemp(prefix="perpcs-bench-pool-", dir=args.tmp_dir))
     try:
         sharer_ids, write_s = timed(lambda: write_pool(root, model, shape, generator), device)
@@ -274,6 +274,7 @@ def bench_compose(model, shape: Shape, args, device, generator) -> dict:
         shutil.rmtree(root, ignore_errors=True)   # the pool is in memory now
     settings = ComposeSettings(topk=min(shape.topk, shape.sharers), batch_size=shape.compose_batch)
     settings.check(len(pool))
+    peft_model = composed_lora_model(model, pool)
     composer = Composer(pool, settings)
     install_composer(model, composer)
 
@@ -281,15 +282,16 @@ def bench_compose(model, shape: Shape, args, device, generator) -> dict:
         rows = scoring_rows(random_rows(shape.compose_rows, shape.seq_len, shape.vocab, generator), shape.answer_len)
         sync(device)
         t0 = time.perf_counter()
-        weights, _ = assemble_user(model, composer, rows, PAD_ID, device, seed, f"bench user {seed}")
-        composer.use_fixed(weights)
+        with peft_model.disable_adapter():
+            weights, _ = assemble_user(model, composer, rows, PAD_ID, device, seed, f"bench user {seed}")
+        with composer_removed(model):
+            load_composed(peft_model, pool, weights)
         sync(device)
         return time.perf_counter() - t0
 
     one_user(0)   # warm-up
     reset_peak(device)
     seconds = [one_user(seed) for seed in range(1, shape.compose_users + 1)]
-    composer.mode = "off"
     return {"sharers": len(pool), "pieces": len(pool.pieces), "rows": shape.compose_rows,
             "batch": shape.compose_batch, "topk": settings.topk, "users_timed": len(seconds),
             "s_per_user": round(statistics.mean(seconds), 4), "s_per_user_min": round(min(seconds), 4),
@@ -484,7 +486,7 @@ def main(argv=None) -> dict:
         fresh_compile_cache(args)
         results["generate"] = bench_generate(model, shape, args, device, generator)
         print(f"generate: {results['generate']}", flush=True)
-    if "compose" in works:   # last: it leaves the composer's wrappers in the model
+    if "compose" in works:   # last: it leaves the composer's wrappers and a peft LoRA in the model
         fresh_compile_cache(args)
         results["compose"] = bench_compose(model, shape, args, device, generator)
         print(f"compose: {results['compose']}", flush=True)

@@ -5,8 +5,8 @@ import hashlib
 import time
 from pathlib import Path
 
-from .composition import (Composer, ComposeSettings, PiecePool, assemble_user, install_composer, make_recipe,
-                          recipe_weights, write_recipe)
+from .composition import (Composer, ComposeSettings, PiecePool, assemble_user, composed_lora_model, composer_removed,
+                          install_composer, load_composed, make_recipe, recipe_weights, write_recipe)
 from .config import CompositionStage, StageInputs
 from .data import Layout, read_json, user_id, write_json_atomic
 from .errors import fail
@@ -82,13 +82,14 @@ def compose(cfg: CompositionStage) -> Path:
     def engine():   # loaded at the first user to do: a rerun with every user done loads no model
         model, tokenizer, device = load_merged_base(cfg.inputs)
         pool.to(device)   # read and checked before the model load; it lives beside the model
+        peft_model = composed_lora_model(model, pool)   # one adapter: each user's LoRA is loaded into it
         composer = Composer(pool, settings)
         install_composer(model, composer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return model, tokenizer, device, composer, pad_id
+        return model, peft_model, tokenizer, device, composer, pad_id
 
     def work(uid, user):
-        model, tokenizer, device, composer, pad_id = engine()
+        model, peft_model, tokenizer, device, composer, pad_id = engine()
         seed = user_seed(settings.seed, uid)
         path = recipe_path(out_root, uid)
         t0 = time.perf_counter()
@@ -100,8 +101,9 @@ def compose(cfg: CompositionStage) -> Path:
         else:
             tokenized = [tokenize_example(tokenizer, ex, cfg.max_seq_len) for ex in examples[uid]]
             assembly_cuts = count_cuts([t.cut for t in tokenized], cfg.max_seq_len)
-            weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}",
-                                             cpu_bf16=cfg.inputs.model.cpu_bf16)
+            with peft_model.disable_adapter():   # assembly sees base + task model and the composer's pieces only
+                weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}",
+                                                 cpu_bf16=cfg.inputs.model.cpu_bf16)
             seconds = time.perf_counter() - t0
             recipe = make_recipe(pool, weights, settings, uid, task.name, batches,
                                  {"seed_user": seed, "examples": len(tokenized), "inputs": inputs})
@@ -109,11 +111,11 @@ def compose(cfg: CompositionStage) -> Path:
             timing["assembly_seconds"] = round(seconds, 4)
         if cfg.save_adapters:
             pool.save_adapter(weights, out_root / "adapters" / f"user_{uid}")
-        composer.use_fixed(weights)
         shortened = {}
-        preds = predict_one_user(model, tokenizer, task, user, all_profiles, layout.profiles, device,
-                                 cfg.generation, shortened)
-        composer.mode = "off"
+        with composer_removed(model):   # predicted as OPPU is: peft's LoRA layers on base + task model
+            load_composed(peft_model, pool, weights)
+            preds = predict_one_user(peft_model, tokenizer, task, user, all_profiles, layout.profiles, device,
+                                     cfg.generation, shortened)
         write_json_atomic(user_predictions_path(out_root, uid), preds)
         return {**timing, "truncated": user_entry(uid, assembly_cuts, shortened)}
 

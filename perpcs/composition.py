@@ -6,7 +6,9 @@ four selection modes of the published code), mixed (A and B separately) and used
 the assembled shallower pieces. The final piece is the mean of the per-batch mixtures, i.e. a sparse weighted sum
 of sharer pieces: the *recipe*, which rebuilds the LoRA exactly.
 
-The sharer pool (all LoRAs and gates) is read once per process and scored for all sharers at once.
+The sharer pool (all LoRAs and gates) is read once per process and scored for all sharers at once. The assembled
+LoRA predicts through peft, as OPPU's and the task LoRA's do: one peft LoRA per process (composed_lora_model)
+receives each user's A and B (load_composed), the composer's wrappers out of the forward (composer_removed).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import math
 import random
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,14 +189,19 @@ class PiecePool:
             out[piece] = (torch.einsum("s,srd->rd", w, self.A[piece]), torch.einsum("s,sdr->dr", w, self.B[piece]))
         return out
 
+    def adapter_state_dict(self, weights: dict) -> dict:
+        """The assembled LoRA as a peft adapter state dict ({base_model.model.<piece>.lora_A.weight: A, ...}) in the
+        sharers' dtype, on the pool's device: what save_adapter writes and load_composed loads."""
+        tensors = {}
+        for piece, (a, b) in self.build(weights).items():
+            tensors[f"{ADAPTER_PREFIX}{piece}.lora_A.weight"] = a.to(self.dtype)
+            tensors[f"{ADAPTER_PREFIX}{piece}.lora_B.weight"] = b.to(self.dtype)
+        return tensors
+
     def save_adapter(self, weights: dict, target) -> Path:
         """Write the assembled LoRA as a standard peft adapter (the sharers' config, the sharers' dtype)."""
-        pieces = self.build(weights)
         config_src = self._adapter_dir(self.sharer_ids[0]) / "adapter_config.json"
-        tensors = {}
-        for piece, (a, b) in pieces.items():
-            tensors[f"{ADAPTER_PREFIX}{piece}.lora_A.weight"] = a.to(self.dtype).cpu().contiguous()
-            tensors[f"{ADAPTER_PREFIX}{piece}.lora_B.weight"] = b.to(self.dtype).cpu().contiguous()
+        tensors = {k: t.cpu().contiguous() for k, t in self.adapter_state_dict(weights).items()}
 
         def write(staging: Path) -> None:
             save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -207,7 +215,8 @@ def _norm(value):
 
 
 class ComposedLinear(nn.Module):
-    """A target module of the base (+task) model with a composed LoRA: base(x) + B(A(x)) * scaling."""
+    """A target module of the base (+task) model during assembly: base(x) + B(A(x)) * scaling, A and B mixed from
+    the sharers' pieces at this forward."""
 
     def __init__(self, base: nn.Linear, piece: str, composer: "Composer"):
         super().__init__()
@@ -228,11 +237,10 @@ class Composer:
 
     def __init__(self, pool: PiecePool, settings: ComposeSettings):
         self.pool, self.settings = pool, settings
-        self.mode = "off"                 # off | assemble | fixed
+        self.mode = "off"                 # off | assemble
         self.score_mask = None            # (batch, T) positions whose next token is an answer token
         self._positions = None            # (rows, cols, weight of each position) of score_mask, once a batch
         self.weight_sum: dict = {}
-        self.fixed: dict = {}
         self.allowed: dict = {}
         self.generator = torch.Generator()
         self.n_batches = 0
@@ -264,18 +272,10 @@ class Composer:
     def final_weights(self) -> dict:
         return {p: (w / max(self.n_batches, 1)).cpu() for p, w in self.weight_sum.items()}
 
-    def use_fixed(self, weights: dict) -> None:
-        """Run the model with an assembled LoRA (for predictions), stored in the adapters' dtype."""
-        built = self.pool.build(weights)
-        self.fixed = {p: (a.to(self.pool.dtype), b.to(self.pool.dtype)) for p, (a, b) in built.items()}
-        self.mode = "fixed"
-
     # --- inside the forward ---------------------------------------------------------------------------
     def piece_for(self, piece: str, x: torch.Tensor):
         if self.mode == "off":
             return None
-        if self.mode == "fixed":
-            return self.fixed[piece]
         return self._assemble(piece, x)
 
     def scores(self, piece: str, x: torch.Tensor) -> torch.Tensor:
@@ -355,6 +355,53 @@ def install_composer(model, composer: Composer) -> None:
                  f"{base.in_features} -> {base.out_features}: another base model?")
         parent_name, _, child = piece.rpartition(".")
         setattr(modules[parent_name], child, ComposedLinear(base, piece, composer))
+
+
+@contextmanager
+def composer_removed(model):
+    """The composer's wrappers out of ``model`` (its target modules as they were: peft's LoRA layers) while peft
+    loads and predicts a user's LoRA; put back afterwards for the next user's assembly."""
+    modules = dict(model.named_modules())
+    wrapped = [(name, m) for name, m in modules.items() if isinstance(m, ComposedLinear)]
+    for name, m in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, m.base)
+    try:
+        yield model
+    finally:
+        for name, m in wrapped:
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent], child, m)
+
+
+def composed_lora_model(model, pool: PiecePool):
+    """A peft LoRA on ``model`` (base + task model) at the pool's pieces, with the sharers' r, lora_alpha and rslora:
+    made once per process, it receives each target user's assembled LoRA (load_composed) and predicts the way
+    OPPU's adapters do, adapter weights in fp32 (peft's default) whatever the model's dtype. The composer is
+    installed after it (around peft's layers); assembly runs with the adapter disabled."""
+    from peft import get_peft_model
+
+    from .modeling import lora_config
+    config = lora_config(pool.config["r"], pool.config["lora_alpha"], 0.0, pool.pieces)
+    config.use_rslora = bool(pool.config.get("use_rslora"))
+    config.inference_mode = True
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:   # none of the pieces is in the model (some missing: install_composer says which)
+        fail(f"the sharer LoRAs target modules this model does not have ({err}): were they trained on another "
+             f"base model?")
+
+
+def load_composed(peft_model, pool: PiecePool, weights: dict) -> None:
+    """Load a user's assembled LoRA into composed_lora_model's adapter as peft loads a saved adapter: the tensors
+    pool.save_adapter writes (the sharers' dtype), copied into the adapter's (fp32) weights. Call it with the
+    composer's wrappers removed (their nesting would rename peft's keys)."""
+    from peft import set_peft_model_state_dict
+    result = set_peft_model_state_dict(peft_model, pool.adapter_state_dict(weights))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise RuntimeError(f"the assembled LoRA does not fit the peft model: unexpected {result.unexpected_keys[:3]}, "
+                           f"missing {missing[:3]}")
 
 
 def answer_predicting_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from perpcs.composition import (Composer, ComposeSettings, PiecePool, answer_predicting_mask, assemble_user,
-                                install_composer, make_recipe)
+from perpcs.composition import (ComposedLinear, Composer, ComposeSettings, PiecePool, answer_predicting_mask,
+                                assemble_user, composed_lora_model, composer_removed, install_composer, load_composed,
+                                make_recipe)
 from perpcs.compose_stage import materialize
 from perpcs.errors import PerpcsError
 from perpcs.gates import GATES_FILE
@@ -196,15 +197,18 @@ def test_assembly_matches_the_loop_reference(tiny_model_dir, sharer_pool, topk, 
 
 @pytest.mark.parametrize("mode", [1, 2, 4])
 def test_recipe_materializes_to_the_assembled_adapter(tiny_model_dir, sharer_pool, tmp_path, mode):
-    """Mode 2's variable number of sharers per piece goes through the recipe and materialize like the top k."""
-    from peft import PeftModel
+    """Mode 2's variable number of sharers per piece goes through the recipe and materialize like the top k; the
+    peft model that predicts (as stage 5 sets it up) holds exactly the materialized adapter."""
+    from peft import PeftModel, get_peft_model_state_dict
     model, tokenizer, device = load_base_model(str(tiny_model_dir), device="cpu")
     settings = ComposeSettings(topk=2, batch_size=2, **MODES[mode])
     pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
+    peft_model = composed_lora_model(model, pool)
     composer = Composer(pool, settings)
     install_composer(model, composer)
     tokenized = random_examples(tokenizer, n=4, seed=3)
-    weights, batches = assemble_user(model, composer, tokenized, tokenizer.pad_token_id, device, seed=1)
+    with peft_model.disable_adapter():
+        weights, batches = assemble_user(model, composer, tokenized, tokenizer.pad_token_id, device, seed=1)
     direct = pool.save_adapter(weights, tmp_path / "direct")
     from perpcs.composition import write_recipe
     recipe = make_recipe(pool, weights, settings, "u1", "movie_tagging", batches)
@@ -214,19 +218,83 @@ def test_recipe_materializes_to_the_assembled_adapter(tiny_model_dir, sharer_poo
     rebuilt = materialize(tmp_path / "recipe.json", sharer_pool / "anchor", tmp_path / "rebuilt")
     a, b = load_file(str(direct / "adapter_model.safetensors")), load_file(str(rebuilt / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # the composer's fixed mode and the saved peft adapter give the same logits
+    # stage 5's prediction model: peft's LoRA layers alone in the forward, holding the materialized adapter
     ids = torch.tensor([tokenized[0].input_ids])
-    composer.use_fixed(weights)
-    with torch.no_grad():
-        composed_logits = model(input_ids=ids).logits
+    with composer_removed(model):
+        assert not any(isinstance(m, ComposedLinear) for m in peft_model.modules())
+        load_composed(peft_model, pool, weights)
+        loaded = get_peft_model_state_dict(peft_model)
+        assert loaded.keys() == b.keys() and all(torch.equal(loaded[k], b[k]) for k in b)
+        with torch.no_grad():
+            composed_logits = peft_model(input_ids=ids).logits
+            with peft_model.disable_adapter():
+                base_logits = peft_model(input_ids=ids).logits
+    assert sum(isinstance(m, ComposedLinear) for m in model.modules()) == len(pool.pieces)   # back for assembly
     plain, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
-    peft_model = PeftModel.from_pretrained(plain, str(rebuilt))
+    reference = PeftModel.from_pretrained(plain, str(rebuilt))
     with torch.no_grad():
-        peft_logits = peft_model(input_ids=ids).logits
-    torch.testing.assert_close(composed_logits, peft_logits, rtol=1e-5, atol=1e-5)
-    composer.mode = "off"
+        peft_logits = reference(input_ids=ids).logits
+    assert torch.equal(composed_logits, peft_logits)                  # the same numerics as a loaded adapter
+    assert not torch.allclose(base_logits, peft_logits, atol=1e-4)    # the LoRA matters
+
+
+def composed_forward(model, adapter: dict, scaling: float) -> list:
+    """The composed LoRA as stage 5 predicted with it before peft did (SPEC 7's base(x) + B(A(x)) * scaling in the
+    activations' dtype), as forward hooks on a plain model; returns the handles."""
+    modules = dict(model.named_modules())
+    handles = []
+    for key in adapter:
+        if key.endswith(".lora_A.weight"):
+            piece = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            a, b = adapter[key], adapter[key.replace("lora_A", "lora_B")]
+
+            def hook(module, inputs, output, a=a, b=b):
+                x = inputs[0]
+                return output + ((x @ a.T.to(x.dtype)) @ b.T.to(x.dtype) * scaling).to(output.dtype)
+            handles.append(modules[piece].register_forward_hook(hook))
+    return handles
+
+
+def test_peft_predictions_equal_the_composed_forward_in_fp32(tiny_model_dir, sharer_pool, tmp_path):
+    """Stage 5 predicts through peft now: in fp32 the logits and the generated tokens are those of the composed
+    forward it predicted with before (written out here), and a second user's assembly on the same model does not
+    see the first user's LoRA."""
+    from perpcs.generation import generate
+    model, tokenizer, device = load_base_model(str(tiny_model_dir), device="cpu")
+    pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
+    settings = ComposeSettings(topk=2, batch_size=2)
+    peft_model = composed_lora_model(model, pool)
+    composer = Composer(pool, settings)
+    install_composer(model, composer)
+    first, second = random_examples(tokenizer, n=4, seed=3), random_examples(tokenizer, n=4, seed=4)
+    with peft_model.disable_adapter():
+        weights, _ = assemble_user(model, composer, first, tokenizer.pad_token_id, device, seed=1)
+    prompts = [tokenizer.decode(t.input_ids) for t in first + second]
+    ids = torch.tensor([first[0].input_ids])
+    with composer_removed(model):
+        load_composed(peft_model, pool, weights)
+        with torch.no_grad():
+            peft_logits = peft_model(input_ids=ids).logits
+        peft_tokens = generate(peft_model, tokenizer, prompts, 6, device, temperature=0, batch_size=3)
+    with peft_model.disable_adapter():   # the next user, on the model that just predicted
+        after, _ = assemble_user(model, composer, second, tokenizer.pad_token_id, device, seed=2)
+
+    reference, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
+    plain_tokens = generate(reference, tokenizer, prompts, 6, device, temperature=0, batch_size=3)
+    handles = composed_forward(reference, pool.adapter_state_dict(weights), pool.scaling)
     with torch.no_grad():
-        assert not torch.allclose(model(input_ids=ids).logits, peft_logits, atol=1e-4)   # the LoRA matters
+        reference_logits = reference(input_ids=ids).logits
+    reference_tokens = generate(reference, tokenizer, prompts, 6, device, temperature=0, batch_size=3)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(peft_logits, reference_logits, rtol=1e-5, atol=1e-5)
+    assert peft_tokens == reference_tokens != plain_tokens
+
+    fresh, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
+    fresh_composer = Composer(pool, settings)
+    install_composer(fresh, fresh_composer)
+    alone, _ = assemble_user(fresh, fresh_composer, second, tokenizer.pad_token_id, device, seed=2)
+    assert all(torch.equal(after[p], alone[p]) for p in pool.pieces)
 
 
 def test_ties_go_to_the_lower_sharer_index(sharer_pool):
@@ -486,3 +554,19 @@ def test_stage_5_refuses_mode_4_settings_before_the_model_loads(tmp_path, capsys
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_pieces_the_model_does_not_have_are_refused(tiny_model_dir):
+    """Sharer LoRAs of another model: none or only some of their pieces exist here (an error naming them, not
+    peft's traceback)."""
+    from types import SimpleNamespace
+    model, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
+    foreign = SimpleNamespace(config={"r": 8, "lora_alpha": 8}, pieces=["model.layers.9.self_attn.q_proj"])
+    with pytest.raises(PerpcsError, match="this model does not have .*another base model"):
+        composed_lora_model(model, foreign)
+    some = ["model.layers.0.self_attn.q_proj", "model.layers.9.self_attn.q_proj"]
+    pool = SimpleNamespace(config={"r": 8, "lora_alpha": 8}, pieces=some,
+                           A={p: torch.zeros(1, 8, 64) for p in some}, B={p: torch.zeros(1, 64, 8) for p in some})
+    composed_lora_model(model, pool)
+    with pytest.raises(PerpcsError, match="'model.layers.9.self_attn.q_proj', which this model does not have"):
+        install_composer(model, Composer(pool, ComposeSettings()))

@@ -24,6 +24,7 @@ from perpcs.tasks import get_task
 from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
 from pipeline_fixture import run_stage as run
 from pipeline_fixture import DEVICE, ROOT, TASK, adapter_digests, file_digests, load_script, log_users
+from test_composition import composed_forward
 
 MOVIE = get_task(TASK)
 VARIANTS = {"kNP", "k1", "kNP-profile", "k1-profile"}   # --k_list 1
@@ -232,6 +233,18 @@ def test_stage5_materialize_from_a_recipe_equals_the_saved_adapter(pipe, tmp_pat
     PeftModel.from_pretrained(model, str(tmp_path / "adapter"))        # a standard peft adapter
 
 
+def test_stage5_users_assembled_in_separate_runs_equal_one_run(pipe, tmp_path, capsys):
+    """A user's recipe and predictions do not depend on the users predicted before it by the same model (their LoRAs
+    stay in the peft adapter between users): one shard per user gives the one-run outputs."""
+    out_dir = tmp_path / "composition"
+    n = len(pipe.test_ids())
+    for shard in range(n):
+        run(lora_composition.main, pipe.compose_args(out_dir) + ["--num_shards", str(n), "--shard_id", str(shard)],
+            capsys)
+    for sub in ("recipes", "user_predictions", "predictions"):
+        assert file_digests(out_dir / sub) == file_digests(pipe.composition / sub)
+
+
 def test_stage5_rerun_keeps_finished_users(pipe, tmp_path, capsys):
     out_dir = tmp_path / "composition"
     shutil.copytree(pipe.composition, out_dir)
@@ -243,7 +256,7 @@ def test_stage5_rerun_keeps_finished_users(pipe, tmp_path, capsys):
 
 
 def test_stage5_static_kv_cache_predicts_the_same(pipe, tmp_path, capsys):
-    """--kv_cache static through the assembled-LoRA model (the composer's wrapped modules): same predictions."""
+    """--kv_cache static through the assembled-LoRA model (peft's LoRA layers): same predictions."""
     out_dir = tmp_path / "composition"
     run(lora_composition.main, pipe.compose_args(out_dir) + ["--kv_cache", "static"], capsys)
     assert file_digests(out_dir / "recipes") == file_digests(pipe.composition / "recipes")
@@ -363,27 +376,51 @@ def _reference_logits(pipe, adapter_dir, tokenizer):
     return _logits(PeftModel.from_pretrained(merge_lora_into_base(base, pipe.task_lora), str(adapter_dir)), tokenizer)
 
 
-def test_stage5_predicts_with_the_assembled_lora(pipe, tmp_path, capsys, monkeypatch):
+def _composed_forward_logits(pipe, adapter_dir, tokenizer):
+    """Base + task LoRA merged, the user's LoRA added as stage 5 predicted before peft did: forward hooks adding
+    B(A(x)) * scaling in the activations' dtype (SPEC 7)."""
+    from perpcs.modeling import load_base_model, merge_lora_into_base
+    model, _, _ = load_base_model(str(pipe.model), device="cpu")
+    model = merge_lora_into_base(model, pipe.task_lora)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    composed_forward(model, load_file(str(adapter_dir / "adapter_model.safetensors")),
+                     config["lora_alpha"] / config["r"])
+    return _logits(model, tokenizer)
+
+
+def test_stage5_predicts_with_the_assembled_lora_through_peft(pipe, tmp_path, capsys, monkeypatch):
+    """Each user's LoRA predicts as OPPU's does: a peft model whose adapter holds the user's materialized LoRA,
+    without the composer's wrappers in the forward; in fp32 it predicts what the composed forward did."""
+    from peft import PeftModel, get_peft_model_state_dict
+
     import perpcs.compose_stage as compose_stage
     from perpcs.composition import ComposedLinear
     seen = {}
     real = compose_stage.predict_one_user
 
     def spy(model, tokenizer, task, user, *args, **kwargs):
-        if not seen:
-            composer = next(m.composer for m in model.modules() if isinstance(m, ComposedLinear))
+        assert isinstance(model, PeftModel) and not any(isinstance(m, ComposedLinear) for m in model.modules())
+        seen.setdefault("adapters", {})[str(user["user_id"])] = {k: v.clone() for k, v in
+                                                                 get_peft_model_state_dict(model).items()}
+        if "used" not in seen:
             seen.update(uid=str(user["user_id"]), tokenizer=tokenizer, used=_logits(model, tokenizer))
-            mode, composer.mode = composer.mode, "off"
-            seen["off"] = _logits(model, tokenizer)
-            composer.mode = mode
+            with model.disable_adapter():
+                seen["off"] = _logits(model, tokenizer)
         return real(model, tokenizer, task, user, *args, **kwargs)
 
     monkeypatch.setattr(compose_stage, "predict_one_user", spy)
     out_dir = tmp_path / "composition"
     run(lora_composition.main, pipe.compose_args(out_dir) + ["--save_adapters"], capsys)
+    assert sorted(seen["adapters"]) == sorted(pipe.test_ids())
+    for uid, state in seen["adapters"].items():   # the active adapter is the recipe's, as materialize writes it
+        saved = load_file(str(out_dir / "adapters" / f"user_{uid}" / "adapter_model.safetensors"))
+        assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k].to(state[k].dtype)) for k in saved)
     assert not torch.allclose(seen["used"], seen["off"], atol=1e-4)          # the LoRA changes the model
-    expected = _reference_logits(pipe, out_dir / "adapters" / f"user_{seen['uid']}", seen["tokenizer"])
+    adapter_dir = out_dir / "adapters" / f"user_{seen['uid']}"
+    expected = _reference_logits(pipe, adapter_dir, seen["tokenizer"])
     torch.testing.assert_close(seen["used"], expected, **CLOSE)  # and it is the user's LoRA
+    composed = _composed_forward_logits(pipe, adapter_dir, seen["tokenizer"])
+    torch.testing.assert_close(seen["used"], composed, **CLOSE)  # the numerics of the composed forward, in fp32
 
 
 def test_oppu_predicts_with_the_users_own_lora(pipe, tmp_path, capsys, monkeypatch):
