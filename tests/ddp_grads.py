@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perpcs.modeling import load_base_model, lora_config  # noqa: E402
 from perpcs.prompts import Example  # noqa: E402
-from perpcs.training import TrainConfig, seed_all, train  # noqa: E402
+from perpcs.training import TrainConfig, train  # noqa: E402
+from transformers import set_seed  # noqa: E402
 
 # 7 examples in batches of 3: two 3-example batches (split 2/1) and one of 1 that leaves rank 1 nothing; answers of
 # 1 to 3 words, so the ranks' answer-token counts differ and a per-rank mean would not equal the global one.
@@ -50,7 +51,7 @@ def main(model_dir: str, out: Path) -> None:
 
     from peft import get_peft_model
     model, tokenizer, device = load_base_model(model_dir, device="cpu")
-    seed_all(0)
+    set_seed(0)
     model = get_peft_model(model, lora_config(dropout=0.0))
     stats = train(model, tokenizer, EXAMPLES, CONFIG, device, show_progress=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
