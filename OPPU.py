@@ -43,7 +43,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from perpcs.config import OPPUStage
-    from perpcs.sharers import train_oppu
+    from perpcs.stages.oppu import train_oppu
     args = parse_args(argv)
     return train_oppu(OPPUStage(
         inputs=cli.stage_inputs(args), lora=cli.lora_settings(args), train=cli.train_config(args),

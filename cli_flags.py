@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from perpcs.config import (LORA_TARGETS, GenerationConfig, LoraSettings, ModelConfig, ShardConfig,
-                           StageInputs)
-from perpcs.training import TrainConfig
+from perpcs.config import LORA_TARGETS, GenerationConfig, LoraSettings, ModelConfig, ShardConfig, StageInputs
+from perpcs.engine.training import TrainConfig
 
 # Flags of the published parsers that change nothing here: accepted (with a note) so that the authors' commands
 # and scripts built on them run as written instead of stopping at an argparse error.

@@ -61,8 +61,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from perpcs.compose_stage import compose
-    from perpcs.composition import ComposeSettings
+    from perpcs.stages.composition import compose
+    from perpcs.method.composition import ComposeSettings
     from perpcs.config import CompositionStage
     args = parse_args(argv)
     settings = ComposeSettings(topk=args.topk, agg_temperature=args.agg_temperature, share_ratio=args.share_ratio,

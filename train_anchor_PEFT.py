@@ -33,7 +33,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from perpcs.config import SharerLoRAStage
-    from perpcs.sharers import train_sharer_loras
+    from perpcs.stages.sharer_loras import train_sharer_loras
     args = parse_args(argv)
     return train_sharer_loras(SharerLoRAStage(
         inputs=cli.stage_inputs(args), lora=cli.lora_settings(args), train=cli.train_config(args),

@@ -36,7 +36,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from perpcs.config import SharerGateStage
-    from perpcs.sharers import train_sharer_gates
+    from perpcs.stages.sharer_gates import train_sharer_gates
     args = parse_args(argv)
     return train_sharer_gates(SharerGateStage(
         inputs=cli.stage_inputs(args), train=cli.train_config(args), shards=cli.shard_config(args),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perpcs.anchors import KMEANS_N_INIT, PAPER_ENCODER, STRATEGIES, run_anchor_selection  # noqa: E402
+from perpcs.stages.sharer_selection import KMEANS_N_INIT, PAPER_ENCODER, STRATEGIES, run_sharer_selection  # noqa: E402
 from cli_flags import device_name  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run_anchor_selection(args.task_name, candidate_path=args.candidate_path, output_dir=args.output_dir,
+    run_sharer_selection(args.task_name, candidate_path=args.candidate_path, output_dir=args.output_dir,
                          k=args.k, strategy=args.strategy, min_history=args.min_history, seed=args.seed,
                          encoder=args.encoder, batch_size=args.batch_size, max_length=args.max_length,
                          device=args.device, reembed=args.reembed)

@@ -15,10 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from perpcs.modeling import load_base_model, lora_config  # noqa: E402
-from perpcs.prompts import Example  # noqa: E402
-from perpcs.training import TrainConfig, train  # noqa: E402
-from perpcs.generation import generate  # noqa: E402
+from perpcs.models.loading import load_base_model  # noqa: E402
+from perpcs.models.lora import lora_config  # noqa: E402
+from perpcs.data.prompts import Example  # noqa: E402
+from perpcs.engine.training import TrainConfig, train  # noqa: E402
+from perpcs.engine.generation import generate  # noqa: E402
 
 
 def make_examples(n: int, words: int, answer_words: int = 2) -> list:

@@ -34,14 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from perpcs.composition import (ADAPTER_PREFIX, ComposeSettings, Composer, PiecePool, assemble_user,  # noqa: E402
-                                composed_lora_model, composer_removed, install_composer, load_composed)
+from perpcs.method.pieces import ADAPTER_PREFIX, PiecePool, composed_lora_model, load_composed
+from perpcs.method.composition import ComposeSettings, Composer, assemble_user, composer_removed, install_composer
 from perpcs.errors import fail, run_cli  # noqa: E402
-from perpcs.gates import GATES_FILE, GatedInput, install_gates, remove_gates, save_gates  # noqa: E402
-from perpcs.generation import generate  # noqa: E402
-from perpcs.modeling import lora_config, resolve_device, targeted_module_names  # noqa: E402
-from perpcs.prompts import Example  # noqa: E402
-from perpcs.training import IGNORE_INDEX, Tokenized, TrainConfig, train  # noqa: E402
+from perpcs.method.gates import GATES_FILE, GatedInput, install_gates, remove_gates, save_gates  # noqa: E402
+from perpcs.engine.generation import generate  # noqa: E402
+from perpcs.models.lora import lora_config, targeted_module_names  # noqa: E402
+from perpcs.models.devices import resolve_device  # noqa: E402
+from perpcs.data.prompts import Example  # noqa: E402
+from perpcs.engine.training import IGNORE_INDEX, Tokenized, TrainConfig, train  # noqa: E402
 
 WORKS = ("train", "gate", "compose", "generate")
 PAD_ID = 0

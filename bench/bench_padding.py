@@ -25,18 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from perpcs.data import Layout, profile_text, user_id  # noqa: E402
-from perpcs.prompts import history_examples  # noqa: E402
-from perpcs.tasks import TASKS, get_task  # noqa: E402
-from perpcs.task_lora import task_lora_examples  # noqa: E402
-from perpcs.training import TrainConfig, make_batches, tokenize_example  # noqa: E402
+from perpcs.data.layout import Layout, profile_text, user_id  # noqa: E402
+from perpcs.data.prompts import history_examples  # noqa: E402
+from perpcs.data.tasks import TASKS, get_task  # noqa: E402
+from perpcs.stages.task_lora import task_lora_examples  # noqa: E402
+from perpcs.engine.training import TrainConfig, make_batches, tokenize_example  # noqa: E402
 
 
 def sample_layout(task_name: str, root: Path) -> Layout:
     """Generated sample data in the project layout, with a placeholder profile text per user."""
-    from perpcs.data import all_splits_users, write_json_atomic
-    from perpcs.prepare import prepare_lamp
-    from perpcs.sample import write_sample
+    from perpcs.data.layout import all_splits_users
+    from perpcs.atomic import write_json_atomic
+    from perpcs.data.prepare import prepare_lamp
+    from perpcs.data.sample import write_sample
 
     write_sample(task_name, root / "raw", n_users=60, n_history=30, n_queries=4, seed=0)
     prepare_lamp(task_name, root / "raw", root / "data", n_test=10, verbose=False)
@@ -75,8 +76,9 @@ def time_training(examples: list, tokenizer, steps: int, batch_size: int) -> dic
     """Real tokens/s of train() on SmolLM2 (CPU, bf16 autocast, no checkpointing), grouped vs random batches."""
     from peft import get_peft_model
 
-    from perpcs.modeling import load_base_model, lora_config
-    from perpcs.training import train
+    from perpcs.models.loading import load_base_model
+    from perpcs.models.lora import lora_config
+    from perpcs.engine.training import train
 
     model, tokenizer, device = load_base_model("smollm2", device="cpu")
     warm = get_peft_model(model, lora_config())   # the first steps of a process are slower (kernel set-up)
@@ -111,7 +113,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from perpcs.modeling import load_tokenizer, resolve_model_dir
+    from perpcs.models.loading import load_tokenizer, resolve_model_dir
     tokenizer = load_tokenizer(resolve_model_dir(args.tokenizer))
     results = {"tokenizer": args.tokenizer, "batch_size": args.batch_size, "seeds": args.seeds, "tasks": {}}
     tmp = tempfile.TemporaryDirectory(prefix="perpcs-padding-")

@@ -33,7 +33,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from perpcs.config import ProfileConfig
-    from perpcs.profiles import generate_profiles
+    from perpcs.stages.profiles import generate_profiles
     return generate_profiles(ProfileConfig(**vars(parse_args(argv))))
 
 

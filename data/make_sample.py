@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perpcs.errors import run_cli  # noqa: E402
-from perpcs.sample import write_sample  # noqa: E402
+from perpcs.data.sample import write_sample  # noqa: E402
 
 
 def main(argv=None):

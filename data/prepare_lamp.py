@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perpcs.errors import run_cli  # noqa: E402
-from perpcs.prepare import prepare_lamp  # noqa: E402
+from perpcs.data.prepare import prepare_lamp  # noqa: E402
 
 
 def main(argv=None):

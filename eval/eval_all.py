@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perpcs.errors import run_cli  # noqa: E402
-from perpcs.results import write_results  # noqa: E402
+from perpcs.evaluation.results import write_results  # noqa: E402
 
 
 def parse_args(argv=None):

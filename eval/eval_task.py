@@ -12,10 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perpcs.data import Layout, read_json, write_json_atomic  # noqa: E402
+from perpcs.data.layout import Layout, read_json  # noqa: E402
+from perpcs.atomic import write_json_atomic  # noqa: E402
 from perpcs.errors import fail, run_cli  # noqa: E402
-from perpcs.metrics import evaluate_files, evaluate_task  # noqa: E402
-from perpcs.tasks import get_task  # noqa: E402
+from perpcs.evaluation.metrics import evaluate_files, evaluate_task  # noqa: E402
+from perpcs.data.tasks import get_task  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import fail, run_cli
+from perpcs.errors import fail, run_cli
 
 
 def show_prompts(args) -> None:
-    from .data import Layout, profile_text
-    from .prompts import UserHistory, query_example
-    from .tasks import get_task
+    from perpcs.data.layout import Layout, profile_text
+    from perpcs.data.prompts import UserHistory, query_example
+    from perpcs.data.tasks import get_task
     task = get_task(args.task_name)
     layout = Layout(args.data_dir, task)
     users = layout.load_split(args.split)
@@ -36,14 +36,14 @@ def show_prompts(args) -> None:
 
 
 def materialize_cmd(args) -> None:
-    from .compose_stage import materialize
+    from perpcs.method.recipes import materialize
     out = materialize(args.recipe, args.anchor_dir, args.output_dir)
     print(f"wrote the adapter to {out}")
 
 
 def report_cmd(args) -> None:
-    from .data import write_bytes_atomic
-    from .report import results_table
+    from perpcs.atomic import write_bytes_atomic
+    from perpcs.evaluation.report import results_table
     table = results_table(args.task_name, args.data_dir, args.output_root)
     print(table)
     if args.output_file:

@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .composition import ComposeSettings
-from .errors import fail
-from .training import TrainConfig
+from perpcs.engine.training import TrainConfig
+from perpcs.errors import fail
+from perpcs.method.composition import ComposeSettings
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from perpcs.data.layout import Layout
+from perpcs.data.tasks import Task, get_task
+from perpcs.errors import fail
+
 OUTPUT_ROOT = Path("./output")
 TASK_LORA = "task-base_LLM"
 SHARERS = "Anchor_PEFT"                  # the published parent of the sharers' LoRAs and gates
@@ -21,9 +25,71 @@ OPPU = "OPPU"
 
 
 def stage_dirs(task_name: str, root=OUTPUT_ROOT) -> dict:
-    """The default output directory of every stage of one task (keys: task_lora, anchor_peft, anchor_gate,
+    """The default output directory of every stage of one task (keys: task_lora, sharer_loras, sharer_gates,
     composition, oppu)."""
     task_root = Path(root) / task_name
-    return {"task_lora": task_root / TASK_LORA, "anchor_peft": task_root / SHARER_LORAS,
-            "anchor_gate": task_root / SHARER_GATES, "composition": task_root / COMPOSITION,
+    return {"task_lora": task_root / TASK_LORA, "sharer_loras": task_root / SHARER_LORAS,
+            "sharer_gates": task_root / SHARER_GATES, "composition": task_root / COMPOSITION,
             "oppu": task_root / OPPU}
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INDEX_FILE = "anchor_user_idx.json"
+EMB_FILE = "user_history_emb.npy"
+EMB_META_FILE = "user_history_emb.json"    # sidecar: what the embeddings were computed from
+
+
+# ---- paths and devices ----------------------------------------------------------------------------
+
+def default_candidate_path(task: Task) -> Path:
+    return Layout(REPO_ROOT / "data", task).candidate_users
+
+
+def default_output_dir(task: Task) -> Path:
+    """``<repo>/anchor_selection/<task>``, whatever the working directory (stage 3 looks there)."""
+    return REPO_ROOT / "anchor_selection" / task.name
+
+
+def default_dirs(task_name: str) -> dict:
+    """The stages' default outputs (perpcs/paths.py) and stage 2's index."""
+    return {**stage_dirs(task_name), "sharer_index": default_sharer_index(task_name)}
+
+
+def default_sharer_index(task_name: str) -> Path:
+    """Where stage 2 writes by default (anchored at the repo, as history_anchor.py runs from anywhere)."""
+    return default_output_dir(get_task(task_name)) / INDEX_FILE
+
+
+PUBLISHED_INDEX_NAME = "anchor_user_idx.pt"   # the published stage 2's pickle; ours is anchor_user_idx.json
+
+
+def resolve_sharer_index(path, task_name: str) -> Path:
+    """Stage 2's index file. The published step 4 names ./anchor_selection/most_active/anchor_user_idx.pt, a
+    file nothing writes: a missing file of that name (or of ours) resolves to the index stage 2 wrote, with one
+    line saying so; any other missing path is an error naming the file stage 2 writes."""
+    written = default_sharer_index(task_name)
+    if path is None:
+        return written
+    path = Path(path)
+    if path.is_file():
+        return path
+    sibling = path.with_name(INDEX_FILE)
+    if path.name in (PUBLISHED_INDEX_NAME, INDEX_FILE):
+        for found in (sibling, written):
+            if found.is_file():
+                print(f"note: --anchor_idx_path {path} does not exist (the published commands name a file their "
+                      f"stage 2 never writes); using {found}, written by anchor_selection/history_anchor.py")
+                return found
+    fail(f"--anchor_idx_path {path}: no such file; stage 2 (anchor_selection/history_anchor.py --task_name "
+         f"{task_name}) writes {written}" + ("" if written.is_file() else ", which does not exist yet either"))
+
+
+def resolve_sharer_lora_dir(path) -> Path:
+    """The dir holding the sharers' user_<id>/ adapters. The published step 4 passes the parent Anchor_PEFT/ of
+    the LoRA/ that step 3 wrote; output/<task>/ (holding Anchor_PEFT/LoRA/) is accepted too."""
+    path = Path(path)
+    if path.is_dir() and not any(path.glob("user_*")):
+        for sub in ("LoRA", SHARER_LORAS):
+            if (path / sub).is_dir():
+                return path / sub
+    return path

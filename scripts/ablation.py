@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perpcs.ablation import (DEFAULT_VALUES, PIPELINE, STRATEGIES, SWEEPS, AblationConfig, Setting,  # noqa: E402
-                             run_ablation, split_flags, sweep_values)
+from perpcs.evaluation.ablation import (DEFAULT_VALUES, PIPELINE, STRATEGIES, SWEEPS, AblationConfig, Setting,
+                                        run_ablation, split_flags, sweep_values)
 from perpcs.errors import run_cli  # noqa: E402
-from perpcs.tasks import get_task  # noqa: E402
+from perpcs.data.tasks import get_task  # noqa: E402
 
 
 def parse_args(argv=None):

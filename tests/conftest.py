@@ -29,7 +29,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2 as an HF directory, converted once into a persistent cache shared by every test run."""
-    from perpcs.modeling import resolve_model_dir
+    from perpcs.models.loading import resolve_model_dir
 
     os.environ.setdefault("PERPCS_CACHE", str(Path.home() / ".cache" / "perpcs"))
     return resolve_model_dir("smollm2")

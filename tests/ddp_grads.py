@@ -15,9 +15,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perpcs.modeling import load_base_model, lora_config  # noqa: E402
-from perpcs.prompts import Example  # noqa: E402
-from perpcs.training import TrainConfig, train  # noqa: E402
+from perpcs.models.loading import load_base_model  # noqa: E402
+from perpcs.models.lora import lora_config  # noqa: E402
+from perpcs.data.prompts import Example  # noqa: E402
+from perpcs.engine.training import TrainConfig, train  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 # 7 examples in batches of 3: two 3-example batches (split 2/1) and one of 1 that leaves rank 1 nothing; answers of

@@ -41,8 +41,8 @@ class Pipeline:
 
     @property
     def layout(self):
-        from perpcs.data import Layout
-        from perpcs.tasks import get_task
+        from perpcs.data.layout import Layout
+        from perpcs.data.tasks import get_task
         return Layout(self.data, get_task(TASK))
 
     @property
@@ -98,10 +98,11 @@ def sample_layout(task_name: str, root: Path, n_users: int, n_history: int, n_qu
                   seed: int = 0):
     """make_sample -> prepare_lamp under root/raw and root/data, plus the profile text "profile of <user id>"
     for every user; returns the task's Layout."""
-    from perpcs.data import Layout, all_splits_users, user_id, write_json_atomic
-    from perpcs.prepare import prepare_lamp
-    from perpcs.sample import write_sample
-    from perpcs.tasks import get_task
+    from perpcs.data.layout import Layout, all_splits_users, user_id
+    from perpcs.atomic import write_json_atomic
+    from perpcs.data.prepare import prepare_lamp
+    from perpcs.data.sample import write_sample
+    from perpcs.data.tasks import get_task
 
     write_sample(task_name, root / "raw", n_users, n_history, n_queries, seed=seed)
     prepare_lamp(task_name, root / "raw", root / "data", n_test=n_test, verbose=False)
@@ -198,7 +199,7 @@ def build_pipeline(root: Path, model: Path) -> Pipeline:
     import task_LoRA
     import train_anchor_gate
     import train_anchor_PEFT
-    from perpcs.anchors import run_anchor_selection
+    from perpcs.stages.sharer_selection import run_sharer_selection
 
     p = Pipeline(root=root, model=model, data=root / "data", task_lora=root / "task-base_LLM",
                  anchor_idx=root / "anchor" / "anchor_user_idx.json", anchor_peft=root / "Anchor_PEFT" / "LoRA",
@@ -206,7 +207,7 @@ def build_pipeline(root: Path, model: Path) -> Pipeline:
     sample_layout(TASK, root, N_USERS, N_HISTORY, N_QUERIES, N_TEST)
     stages = [
         ("task_lora", lambda: task_LoRA.main(p.task_lora_args(p.task_lora))),
-        ("anchors", lambda: run_anchor_selection(TASK, candidate_path=p.layout.candidate_users,
+        ("anchors", lambda: run_sharer_selection(TASK, candidate_path=p.layout.candidate_users,
                                                  output_dir=p.anchor_idx.parent, k=N_SHARERS,
                                                  strategy="most_active", min_history=2)),
         ("sharers", lambda: train_anchor_PEFT.main(p.sharer_args(p.anchor_peft))),

@@ -13,10 +13,10 @@ from unittest import mock
 
 import pytest
 
-from perpcs.ablation import (AblationConfig, Setting, check_plan, cost_curves, load_script, per_user_costs, plan,
-                             plot_results, run_ablation, run_steps, sweep_values)
+from perpcs.evaluation.ablation import (AblationConfig, Setting, check_plan, cost_curves, load_script,
+                                        per_user_costs, plan, plot_results, run_ablation, run_steps, sweep_values)
 from perpcs.errors import PerpcsError
-from perpcs.tasks import get_task
+from perpcs.data.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = get_task("movie_tagging")
@@ -90,7 +90,7 @@ def test_sweeps_embed_with_the_pipelines_encoder(config):
     bundled MiniLM; an --encoder given in --anchor_extra wins."""
     _, steps = plan(config, sweep_values("k", ["10"]))
     assert "--encoder" not in steps[0].argv                      # no pipeline index: stage 2's own default
-    write(config.pipeline_anchor_dir / "anchor_user_idx.json", {**index(50), "encoder": "microsoft/deberta-v3-large"})
+    write(config.pipeline_selection_dir / "anchor_user_idx.json", {**index(50), "encoder": "microsoft/deberta-v3-large"})
     _, steps = plan(config, sweep_values("k", ["10"]))
     assert flags(steps[0].argv)["--encoder"] == "microsoft/deberta-v3-large"
     config.anchor_extra = ["--encoder", "/my/encoder"]
@@ -122,7 +122,7 @@ def test_k_sweep_reruns_stages_2_to_5_with_shared_sharer_dirs(config):
 
 
 def test_share_ratio_and_topk_reuse_the_pipeline_sharers(config):
-    write(config.pipeline_anchor_dir / "anchor_user_idx.json", index(50, ids=["a", "b"]))
+    write(config.pipeline_selection_dir / "anchor_user_idx.json", index(50, ids=["a", "b"]))
     points, steps = plan(config, {"share_ratio": [0.5, 1.0], "topk": [1, 3]})
     # the pipeline setting (share ratio 1, top-k 3) appears in both sweeps but is planned once
     compose = [flags(s.argv) for s in steps if script(s) == "lora_composition.py"]
@@ -130,14 +130,14 @@ def test_share_ratio_and_topk_reuse_the_pipeline_sharers(config):
     assert [(c["--share_ratio"], c["--topk"], c["--output_dir"]) for c in compose] == [
         ("0.5", "3", str(root / "LoRA-Composition-share_ratio0.5")), ("1", "3", str(root / "LoRA-Composition")),
         ("1", "1", str(root / "LoRA-Composition-topk1"))]
-    assert all(c["--anchor_idx_path"] == str(config.pipeline_anchor_dir / "anchor_user_idx.json") for c in compose)
+    assert all(c["--anchor_idx_path"] == str(config.pipeline_selection_dir / "anchor_user_idx.json") for c in compose)
     anchor_steps = [s for s in steps if script(s) == "history_anchor.py"]
     assert len(anchor_steps) == 1 and anchor_steps[0].is_done()
     assert len(points) == 4
 
 
 def test_pipeline_index_for_another_k_is_not_reused(config):
-    write(config.pipeline_anchor_dir / "anchor_user_idx.json", index(4))     # e.g. the demo's
+    write(config.pipeline_selection_dir / "anchor_user_idx.json", index(4))     # e.g. the demo's
     _, steps = plan(config, {"topk": [3]})
     anchors, *_, compose = (flags(s.argv) for s in steps)
     root = config.output_root / "movie_tagging"
@@ -243,7 +243,7 @@ def test_a_failing_stage_stops_the_ablation(config):
 
 def test_cluster_runs_start_from_the_pipeline_embeddings(config):
     for name in ("user_history_emb.npy", "user_history_emb.json"):
-        write(config.pipeline_anchor_dir / name, name)
+        write(config.pipeline_selection_dir / name, name)
     _, steps = plan(config, {"k": [5]})
     note = steps[0].prepare()
     target = config.output_root / "movie_tagging/ablation/anchors/cluster-k5"

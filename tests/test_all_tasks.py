@@ -8,8 +8,8 @@ import lora_composition
 import task_LoRA
 import train_anchor_gate
 import train_anchor_PEFT
-from perpcs.metrics import evaluate_files
-from perpcs.tasks import TASKS, get_task
+from perpcs.evaluation.metrics import evaluate_files
+from perpcs.data.tasks import TASKS, get_task
 from pipeline_fixture import DEVICE, one_thread, sample_layout  # noqa: F401  (one_thread: a fixture)
 
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from perpcs.anchors import (EMB_FILE, EMB_META_FILE, INDEX_FILE, default_encoder_path, default_output_dir,
-                            embed_texts, embed_users, load_anchor_index, load_encoder, run_anchor_selection,
-                            select_sharers)
+from perpcs.paths import EMB_FILE, EMB_META_FILE, INDEX_FILE, default_output_dir
+from perpcs.stages.sharer_selection import (default_encoder_path, embed_texts, embed_users, load_sharer_index,
+                                            load_encoder, run_sharer_selection, select_sharers)
 from perpcs.errors import PerpcsError
-from perpcs.prompts import history_string
-from perpcs.tasks import get_task
+from perpcs.data.prompts import history_string
+from perpcs.data.tasks import get_task
 from pipeline_fixture import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +185,7 @@ def test_script_from_repo_root_and_from_anchor_selection(tmp_path):
     res = run_script("--candidate_path", str(cand), "--task_name", "movie_tagging", "--k", "3",
                      "--min_history", "5", "--output_dir", str(out))
     assert res.returncode == 0, res.stderr
-    index = load_anchor_index(out / INDEX_FILE, users)
+    index = load_sharer_index(out / INDEX_FILE, users)
     # The themes are the clusters; the last user of each theme has the longest history.
     assert index["indices"] == [6, 7, 8] and index["user_ids"] == ["user6", "user7", "user8"]
     assert sorted(index["clusters"]) == [0, 1, 2]
@@ -202,7 +202,7 @@ def test_script_from_repo_root_and_from_anchor_selection(tmp_path):
                       "--min_history", "5", "--output_dir", str(out), cwd=REPO / "anchor_selection")
     assert res2.returncode == 0, res2.stderr
     assert "reusing embeddings" in res2.stdout
-    index2 = load_anchor_index(out / INDEX_FILE, users)
+    index2 = load_sharer_index(out / INDEX_FILE, users)
     assert index2["k"] == 4 and {6, 7, 8} <= set(index2["indices"])
     np.testing.assert_array_equal(np.load(out / EMB_FILE), emb)
 
@@ -211,10 +211,10 @@ def test_changed_candidate_file_is_re_embedded(tmp_path):
     cand = tmp_path / "cand.json"
     write_candidates(cand)
     out = tmp_path / "out"
-    run_anchor_selection("movie_tagging", cand, out, k=3, min_history=5, device="cpu")
+    run_sharer_selection("movie_tagging", cand, out, k=3, min_history=5, device="cpu")
     first = json.loads((out / EMB_META_FILE).read_text())["candidate_sha256"]
     users = write_candidates(cand, n_users=6)
-    index = run_anchor_selection("movie_tagging", cand, out, k=3, min_history=5, device="cpu")
+    index = run_sharer_selection("movie_tagging", cand, out, k=3, min_history=5, device="cpu")
     assert json.loads((out / EMB_META_FILE).read_text())["candidate_sha256"] != first
     assert np.load(out / EMB_FILE).shape[0] == 6
     assert index["user_ids"] == ["user3", "user4", "user5"] and len(users) == 6
@@ -234,7 +234,7 @@ def test_no_candidate_passing_min_history_is_an_error(tmp_path):
     cand = tmp_path / "cand.json"
     write_candidates(cand, n_users=4)                      # at most 8 items each
     with pytest.raises(PerpcsError, match="--min_history 10"):
-        run_anchor_selection("movie_tagging", cand, tmp_path / "out", k=2, strategy="most_active")
+        run_sharer_selection("movie_tagging", cand, tmp_path / "out", k=2, strategy="most_active")
 
 
 def test_default_output_dir_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
@@ -258,27 +258,27 @@ GOOD_INDEX = {"task": "movie_tagging", "strategy": "cluster", "k": 2, "seed": 0,
 def test_load_anchor_index_rejects_malformed_files(tmp_path, change, message):
     path = tmp_path / INDEX_FILE
     path.write_text(json.dumps(GOOD_INDEX))
-    assert load_anchor_index(path)["indices"] == [1, 3]
+    assert load_sharer_index(path)["indices"] == [1, 3]
     path.write_text(json.dumps({**GOOD_INDEX, **change}))
     with pytest.raises(PerpcsError, match=message):
-        load_anchor_index(path)
+        load_sharer_index(path)
 
 
 def test_load_anchor_index_checks_the_candidate_file(tmp_path):
     path = tmp_path / INDEX_FILE
     path.write_text(json.dumps({k: v for k, v in GOOD_INDEX.items() if k != "task"}))
     with pytest.raises(PerpcsError, match="missing field 'task'"):
-        load_anchor_index(path)
+        load_sharer_index(path)
     path.write_text("{not json")
     with pytest.raises(PerpcsError, match="malformed JSON"):
-        load_anchor_index(path)
+        load_sharer_index(path)
     path.write_text(json.dumps(GOOD_INDEX))
     users = [{"user_id": f"u{i}", "profile": [], "query": []} for i in range(4)]
-    assert load_anchor_index(path, users)["user_ids"] == ["u1", "u3"]
+    assert load_sharer_index(path, users)["user_ids"] == ["u1", "u3"]
     with pytest.raises(PerpcsError, match="another candidate file"):
-        load_anchor_index(path, users[::-1])
+        load_sharer_index(path, users[::-1])
     with pytest.raises(PerpcsError, match="out of range"):
-        load_anchor_index(path, users[:2])
+        load_sharer_index(path, users[:2])
 
 
 # ---- any Hugging Face encoder (SPEC 5: the paper's is DeBERTa-v3-large) ----------------------------

@@ -10,14 +10,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from perpcs.composition import (ComposedLinear, Composer, ComposeSettings, PiecePool, answer_predicting_mask,
-                                assemble_user, composed_lora_model, composer_removed, install_composer, load_composed,
-                                make_recipe)
-from perpcs.compose_stage import materialize
+from perpcs.method.composition import (ComposedLinear, Composer, ComposeSettings, answer_predicting_mask,
+                                       assemble_user, composer_removed, install_composer)
+from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
+from perpcs.method.recipes import make_recipe
+from perpcs.method.recipes import materialize
 from perpcs.errors import PerpcsError
-from perpcs.gates import GATES_FILE
-from perpcs.modeling import load_base_model, lora_config
-from perpcs.training import IGNORE_INDEX, Tokenized, collate
+from perpcs.method.gates import GATES_FILE
+from perpcs.models.loading import load_base_model
+from perpcs.models.lora import lora_config
+from perpcs.engine.training import IGNORE_INDEX, Tokenized, collate
 
 N_SHARERS = 6
 SHARER_IDS = [f"s{i}" for i in range(N_SHARERS)]
@@ -210,7 +212,7 @@ def test_recipe_materializes_to_the_assembled_adapter(tiny_model_dir, sharer_poo
     with peft_model.disable_adapter():
         weights, batches = assemble_user(model, composer, tokenized, tokenizer.pad_token_id, device, seed=1)
     direct = pool.save_adapter(weights, tmp_path / "direct")
-    from perpcs.composition import write_recipe
+    from perpcs.method.recipes import write_recipe
     recipe = make_recipe(pool, weights, settings, "u1", "movie_tagging", batches)
     write_recipe(recipe, tmp_path / "recipe.json")
     if mode == 2:       # sharers per piece: not the --topk 2 everywhere
@@ -259,7 +261,7 @@ def test_peft_predictions_equal_the_composed_forward_in_fp32(tiny_model_dir, sha
     """Stage 5 predicts through peft now: in fp32 the logits and the generated tokens are those of the composed
     forward it predicted with before (written out here), and a second user's assembly on the same model does not
     see the first user's LoRA."""
-    from perpcs.generation import generate
+    from perpcs.engine.generation import generate
     model, tokenizer, device = load_base_model(str(tiny_model_dir), device="cpu")
     pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
     settings = ComposeSettings(topk=2, batch_size=2)
@@ -534,7 +536,7 @@ def test_too_cold_a_draw_is_an_error_not_a_zero_probability_piece(sharer_pool):
     (["--sample_topk", "2", "--topk", "3"], "--topk 3 is larger than --sample_topk 2")])
 def test_stage_5_refuses_mode_4_settings_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, message):
     import lora_composition
-    from perpcs import compose_stage
+    from perpcs.stages import composition as compose_stage
     from perpcs.errors import run_cli
     from pipeline_fixture import TASK, sample_layout
     layout = sample_layout(TASK, tmp_path, 16, 8, 2, 3)

@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from perpcs.data import Layout, check_queries, golds_from_users, load_users, validate_users, write_json_atomic
+from perpcs.data.layout import Layout, check_queries, golds_from_users, load_users, validate_users
+from perpcs.atomic import write_json_atomic
 from perpcs.errors import PerpcsError
-from perpcs.tasks import get_task
+from perpcs.data.tasks import get_task
 
 TASK = get_task("product_rating")
 QUERY = ("What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, 3, 4, or 5 "

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from perpcs.errors import PerpcsError
-from perpcs.results import collect_results, parse_variant, row_label, to_latex, to_markdown, write_results
+from perpcs.evaluation.results import (collect_results, parse_variant, row_label, to_latex, to_markdown,
+                                       write_results)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "eval" / "eval_all.py"
@@ -157,8 +158,8 @@ def test_eval_task_takes_the_test_users_golds_when_golds_json_is_absent(tmp_path
     """The authors' processed data may come without test_100/golds.json: --data_dir derives the golds."""
     import importlib.util
 
-    from perpcs.data import Layout
-    from perpcs.tasks import get_task
+    from perpcs.data.layout import Layout
+    from perpcs.data.tasks import get_task
     spec = importlib.util.spec_from_file_location("eval_task", REPO / "eval" / "eval_task.py")
     eval_task = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_task)

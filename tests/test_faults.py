@@ -374,7 +374,7 @@ def test_sharer_adapter_of_another_rank_or_modules(change, field, pipe, tmp_path
 
 
 def test_gates_missing_for_a_sharer(pipe, tmp_path, capsys):
-    gates = Path(shutil.copytree(pipe.anchor_gate, tmp_path / "anchor_gate"))
+    gates = Path(shutil.copytree(pipe.anchor_gate, tmp_path / "sharer_gates"))
     odd = pipe.sharer_ids()[2]
     (gates / f"user_{odd}" / "gates.safetensors").unlink()
     err = cli_error(lora_composition.main, pipe.compose_args(tmp_path / "out", gate_path=gates), capsys)
@@ -509,7 +509,7 @@ def test_generation_flags_that_would_write_clashing_files_are_refused(flags, cap
 def test_a_rerun_with_every_user_done_loads_no_model(stage, pipe, tmp_path, capsys, monkeypatch):
     """Resuming a finished stage (scripts/run_task.sh and the ablation call every stage again) must cost
     seconds, not a model load; the combined files are rewritten from the per-user ones."""
-    import perpcs.sharers
+    import perpcs.stages.base
     if stage == "oppu":
         out_dir = tmp_path / "oppu"
         run(OPPU.main, pipe.oppu_args(out_dir), capsys)
@@ -526,7 +526,7 @@ def test_a_rerun_with_every_user_done_loads_no_model(stage, pipe, tmp_path, caps
         raise AssertionError("loaded the model with nothing to do")
 
     monkeypatch.setattr(perpcs.sharers, "load_merged_base", no_model)
-    monkeypatch.setattr("perpcs.compose_stage.load_merged_base", no_model)
+    monkeypatch.setattr("perpcs.stages.composition.load_merged_base", no_model)
     before = adapter_digests(out_dir)
     combined = file_digests(out_dir / "predictions") if (out_dir / "predictions").is_dir() else None
     if combined:
@@ -547,9 +547,9 @@ def test_rerun_with_other_generation_settings_refuses_old_predictions(pipe, tmp_
 def test_combining_per_user_files_of_other_k_lists_is_refused(pipe, tmp_path, capsys):
     """Two users predicted with --k_list 1 and one with --k_list 1 2 (an older file without settings): the
     combined k2.json would cover one user only."""
-    from perpcs.sharers import combine_user_predictions
-    from perpcs.data import Layout
-    from perpcs.tasks import get_task
+    from perpcs.stages.base import combine_user_predictions
+    from perpcs.data.layout import Layout
+    from perpcs.data.tasks import get_task
     out_dir = tmp_path / "composition"
     shutil.copytree(pipe.composition, out_dir)
     first = out_dir / "user_predictions" / f"user_{pipe.test_ids()[0]}.json"
@@ -565,7 +565,7 @@ def test_a_read_only_output_dir_is_named_and_nothing_is_lost(pipe, tmp_path, cap
     """Root ignores chmod here, so a read-only filesystem is simulated where the stage first writes."""
     import tempfile
 
-    import perpcs.adapters
+    import perpcs.models.lora
     out_dir = tmp_path / "anchor_PEFT"
     first = pipe.sharer_ids()[0]
     shutil.copytree(pipe.anchor_peft / f"user_{first}", out_dir / f"user_{first}")
@@ -586,7 +586,7 @@ def test_a_read_only_output_dir_is_named_and_nothing_is_lost(pipe, tmp_path, cap
 def test_gates_of_a_retrained_sharer_lora_are_trained_again(pipe, tmp_path, capsys):
     """Stage 3 rerun with --overwrite (other flags) changes a sharer's LoRA: its old gates no longer count as
     done; the other sharers' gates are kept."""
-    peft_dir, gate_dir = tmp_path / "anchor_PEFT", tmp_path / "anchor_gate"
+    peft_dir, gate_dir = tmp_path / "anchor_PEFT", tmp_path / "sharer_gates"
     shutil.copytree(pipe.anchor_peft, peft_dir)
     shutil.copytree(pipe.anchor_gate, gate_dir)
     changed, *others = pipe.sharer_ids()

@@ -6,8 +6,8 @@ from datetime import date
 
 import pytest
 
-from perpcs.sample import N_GROUPS, generate, style_of, write_sample
-from perpcs.tasks import TASKS, get_task
+from perpcs.data.sample import N_GROUPS, generate, style_of, write_sample
+from perpcs.data.tasks import TASKS, get_task
 
 MAIN_FIELD = {"citation": "title", "movie_tagging": "description", "news_categorize": "text",
               "product_rating": "text", "news_headline": "text", "scholarly_title": "abstract",

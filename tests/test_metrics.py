@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from perpcs.errors import PerpcsError
-from perpcs.metrics import (classification_metrics, evaluate_task, generation_metrics, parse_rating,
-                            regression_metrics)
-from perpcs.tasks import get_task
+from perpcs.evaluation.metrics import (classification_metrics, evaluate_task, generation_metrics, parse_rating,
+                                       regression_metrics)
+from perpcs.data.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "eval" / "eval_task.py"

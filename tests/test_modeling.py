@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from perpcs import modeling
+from perpcs.models import loading as modeling
 from perpcs.errors import PerpcsError
-from perpcs.modeling import (adapter_tensor_names, autocast_context, llama_intermediate_size, load_base_model,
-                             load_tokenizer, lora_config, merge_lora_into_base, resolve_device,
-                             resolve_lora_ckpt, resolve_model_dir, rotary_to_half_split, verify_adapter)
+from perpcs.models.lora import (adapter_tensor_names, lora_config, merge_lora_into_base, resolve_lora_ckpt,
+                                verify_adapter)
+from perpcs.models.devices import autocast_context, resolve_device
+from perpcs.models.meta import llama_intermediate_size, rotary_to_half_split
+from perpcs.models.loading import load_base_model, load_tokenizer, resolve_model_dir
 from tiny import CORPUS, build_tiny_llama
 
 TOKEN_IDS = torch.tensor([[1, 5, 17, 42, 99, 230, 7, 300, 12, 64]])

@@ -16,11 +16,11 @@ import OPPU
 import task_LoRA
 import train_anchor_gate
 import train_anchor_PEFT
-from perpcs.data import Layout, load_profiles, user_id
-from perpcs.gates import GATES_FILE
-from perpcs.prompts import history_examples
-from perpcs.storage import format_bytes
-from perpcs.tasks import get_task
+from perpcs.data.layout import Layout, load_profiles, user_id
+from perpcs.method.gates import GATES_FILE
+from perpcs.data.prompts import history_examples
+from perpcs.evaluation.storage import format_bytes
+from perpcs.data.tasks import get_task
 from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
 from pipeline_fixture import run_stage as run
 from pipeline_fixture import DEVICE, ROOT, TASK, adapter_digests, file_digests, load_script, log_users
@@ -59,7 +59,7 @@ def check_predictions(pipe, pred_dir, capsys) -> None:
 def test_stage1_writes_a_peft_adapter_and_four_prediction_files(pipe, capsys):
     from peft import PeftModel
 
-    from perpcs.modeling import load_base_model
+    from perpcs.models.loading import load_base_model
     model, _, _ = load_base_model(str(pipe.model), device="cpu")
     peft_model = PeftModel.from_pretrained(model, str(pipe.task_lora))
     lora_b = {n: p for n, p in peft_model.named_parameters() if "lora_B" in n}
@@ -96,9 +96,9 @@ def test_stage3_trains_only_lora_weights_on_an_untouched_merged_base(pipe, tmp_p
     from transformers import set_seed
 
     import cli_flags
-    import perpcs.sharers as sharers
-    from perpcs.modeling import lora_config
-    from perpcs.training import user_seed
+    import perpcs.stages.base as sharers
+    from perpcs.models.lora import lora_config
+    from perpcs.engine.training import user_seed
 
     loaded = {}
     original = sharers.load_merged_base
@@ -165,7 +165,7 @@ def test_stage3_restart_after_losing_a_user_equals_an_uninterrupted_run(pipe, tm
 
 
 def test_stage3_and_stage4_two_shards_equal_one_run(pipe, tmp_path, capsys):
-    peft_dir, gate_dir = tmp_path / "anchor_PEFT", tmp_path / "anchor_gate"
+    peft_dir, gate_dir = tmp_path / "anchor_PEFT", tmp_path / "sharer_gates"
     done = []
     for shard in (0, 1):
         out = run(train_anchor_PEFT.main, pipe.sharer_args(peft_dir) + ["--num_shards", "2", "--shard_id",
@@ -224,7 +224,7 @@ def test_stage5_materialize_from_a_recipe_equals_the_saved_adapter(pipe, tmp_pat
     from peft import PeftModel
 
     from perpcs.__main__ import main as perpcs_main
-    from perpcs.modeling import load_base_model
+    from perpcs.models.loading import load_base_model
     uid = pipe.test_ids()[0]
     run(perpcs_main, ["materialize", "--recipe", str(pipe.composition / "recipes" / f"user_{uid}.json"),
                       "--anchor_dir", str(pipe.anchor_peft), "--output_dir", str(tmp_path / "adapter")], capsys)
@@ -266,7 +266,7 @@ def test_stage5_static_kv_cache_predicts_the_same(pipe, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- OPPU and profiles
 
 def test_oppu_trains_each_user_on_its_own_history_only(pipe, tmp_path, capsys, monkeypatch):
-    import perpcs.sharers as sharers
+    import perpcs.stages.base as sharers
     seen = {}
     original_train = sharers.train
 
@@ -309,7 +309,7 @@ def test_gen_profile_writes_every_user_and_a_rerun_generates_none(pipe, tmp_path
 
 def test_show_prompts_and_report_commands(pipe, capsys):
     from perpcs.__main__ import main as perpcs_main
-    from perpcs.metrics import evaluate_files
+    from perpcs.evaluation.metrics import evaluate_files
     out = run(perpcs_main, ["show-prompts", "--task_name", TASK, "--data_dir", str(pipe.data), "--n", "2",
                             "--k", "1", "--profile"], capsys)
     first = json.loads(pipe.layout.test_users.read_text())[0]
@@ -342,7 +342,7 @@ def test_report_takes_the_parent_output_dir_like_eval_all(pipe, tmp_path, capsys
 
 def test_report_without_predictions_is_an_error_and_ignores_zero_seconds_of_resumed_users(pipe, tmp_path):
     from perpcs.errors import PerpcsError
-    from perpcs.report import _per_user_seconds, results_table
+    from perpcs.evaluation.report import _per_user_seconds, results_table
     with pytest.raises(PerpcsError, match="no prediction files under"):
         results_table(TASK, pipe.data, tmp_path / "empty")
     log = tmp_path / "users_log.jsonl"
@@ -371,7 +371,8 @@ def _reference_logits(pipe, adapter_dir, tokenizer):
     """Base + task LoRA merged, the user's adapter loaded by PEFT: what a server would run."""
     from peft import PeftModel
 
-    from perpcs.modeling import load_base_model, merge_lora_into_base
+    from perpcs.models.loading import load_base_model
+    from perpcs.models.lora import merge_lora_into_base
     base, _, _ = load_base_model(str(pipe.model), device="cpu")
     return _logits(PeftModel.from_pretrained(merge_lora_into_base(base, pipe.task_lora), str(adapter_dir)), tokenizer)
 
@@ -379,7 +380,8 @@ def _reference_logits(pipe, adapter_dir, tokenizer):
 def _composed_forward_logits(pipe, adapter_dir, tokenizer):
     """Base + task LoRA merged, the user's LoRA added as stage 5 predicted before peft did: forward hooks adding
     B(A(x)) * scaling in the activations' dtype (SPEC 7)."""
-    from perpcs.modeling import load_base_model, merge_lora_into_base
+    from perpcs.models.loading import load_base_model
+    from perpcs.models.lora import merge_lora_into_base
     model, _, _ = load_base_model(str(pipe.model), device="cpu")
     model = merge_lora_into_base(model, pipe.task_lora)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -393,8 +395,8 @@ def test_stage5_predicts_with_the_assembled_lora_through_peft(pipe, tmp_path, ca
     without the composer's wrappers in the forward; in fp32 it predicts what the composed forward did."""
     from peft import PeftModel, get_peft_model_state_dict
 
-    import perpcs.compose_stage as compose_stage
-    from perpcs.composition import ComposedLinear
+    import perpcs.stages.composition as compose_stage
+    from perpcs.method.composition import ComposedLinear
     seen = {}
     real = compose_stage.predict_one_user
 
@@ -424,7 +426,7 @@ def test_stage5_predicts_with_the_assembled_lora_through_peft(pipe, tmp_path, ca
 
 
 def test_oppu_predicts_with_the_users_own_lora(pipe, tmp_path, capsys, monkeypatch):
-    import perpcs.sharers as sharers
+    import perpcs.stages.base as sharers
     seen = {}
     real = sharers.predict_one_user
 

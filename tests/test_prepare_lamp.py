@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from perpcs.data import Layout
+from perpcs.data.layout import Layout
 from perpcs.errors import PerpcsError
-from perpcs.prepare import DOCUMENT_FIELD, Question, build_user, group_questions, prepare_lamp, split_users
-from perpcs.tasks import TASKS, get_task
+from perpcs.data.prepare import DOCUMENT_FIELD, Question, build_user, group_questions, prepare_lamp, split_users
+from perpcs.data.tasks import TASKS, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -123,7 +123,7 @@ def test_group_questions_unit():
 
 
 def test_an_item_in_too_many_profiles_proves_nothing(monkeypatch):
-    import perpcs.prepare as prepare
+    import perpcs.data.prepare as prepare
 
     monkeypatch.setattr(prepare, "MAX_POSTINGS", 2)
     questions = [Question(str(i), "x", "g", ({"id": f"{i}a", "description": "boilerplate", "tag": "t"},),

@@ -8,9 +8,9 @@ import pytest
 from rank_bm25 import BM25Okapi
 
 from perpcs.errors import PerpcsError
-from perpcs.prompts import UserHistory, history_examples, query_example, truncated_item
-from perpcs.retrieval import PrefixBM25
-from perpcs.tasks import TASKS, get_task, load_prompt_file
+from perpcs.data.prompts import UserHistory, history_examples, query_example, truncated_item
+from perpcs.data.retrieval import PrefixBM25
+from perpcs.data.tasks import TASKS, get_task, load_prompt_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

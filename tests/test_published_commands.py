@@ -105,9 +105,9 @@ def repo_copy(root: Path) -> Path:
 
 
 def test_published_commands_run_as_written(tmp_path, smollm2_dir):
-    from perpcs.data import read_json
-    from perpcs.metrics import evaluate_task
-    from perpcs.tasks import get_task
+    from perpcs.data.layout import read_json
+    from perpcs.evaluation.metrics import evaluate_task
+    from perpcs.data.tasks import get_task
 
     repo = repo_copy(tmp_path)
     sample_layout(TASK, repo, n_users=14, n_history=6, n_queries=2, n_test=2, seed=3)

@@ -66,34 +66,34 @@ def test_stage5_published_dir_flags_with_our_old_names_as_hidden_aliases(capsys)
 
 
 def test_default_layout_is_the_published_one():
-    from perpcs.sharers import default_dirs
+    from perpcs.paths import default_dirs
     dirs = default_dirs(TASK)
     root = Path("output") / TASK
-    assert (dirs["anchor_peft"], dirs["anchor_gate"], dirs["composition"], dirs["task_lora"]) == (
+    assert (dirs["sharer_loras"], dirs["sharer_gates"], dirs["composition"], dirs["task_lora"]) == (
         root / "Anchor_PEFT/LoRA", root / "Anchor_PEFT/gate", root / "LoRA-Composition", root / "task-base_LLM")
 
 
 def test_missing_published_index_resolves_to_stage_2s_with_one_line(tmp_path, monkeypatch, capsys):
-    import perpcs.sharers as sharers
+    import perpcs.stages.base as sharers
     written = tmp_path / "anchor_selection" / TASK / "anchor_user_idx.json"
-    monkeypatch.setattr(sharers, "default_anchor_index", lambda task_name: written)
+    monkeypatch.setattr(sharers, "default_sharer_index", lambda task_name: written)
     published = tmp_path / "anchor_selection/most_active/anchor_user_idx.pt"
     with pytest.raises(PerpcsError, match=f"writes {written}, which does not exist yet"):
-        sharers.resolve_anchor_index(published, TASK)
+        sharers.resolve_sharer_index(published, TASK)
     written.parent.mkdir(parents=True)
     written.write_text("{}")
-    assert sharers.resolve_anchor_index(published, TASK) == written
+    assert sharers.resolve_sharer_index(published, TASK) == written
     assert capsys.readouterr().out.count(f"using {written}") == 1
     # stage 2 run from anchor_selection/ by the published step 2 writes the .json beside where the .pt would be
     beside = written.with_name("anchor_user_idx.pt")
-    assert sharers.resolve_anchor_index(beside, TASK) == written
+    assert sharers.resolve_sharer_index(beside, TASK) == written
     with pytest.raises(PerpcsError, match=f"--anchor_idx_path .*typo.json: no such file; .* writes {written}"):
-        sharers.resolve_anchor_index(tmp_path / "typo.json", TASK)   # a path of one's own is never redirected
-    assert sharers.resolve_anchor_index(None, TASK) == written
+        sharers.resolve_sharer_index(tmp_path / "typo.json", TASK)   # a path of one's own is never redirected
+    assert sharers.resolve_sharer_index(None, TASK) == written
 
 
 def test_resolve_tokenizer_path(tmp_path):
-    from perpcs.modeling import resolve_tokenizer_path, smollm2_dir
+    from perpcs.models.loading import resolve_tokenizer_path, smollm2_dir
     model = tmp_path / "Llama-2-7b"          # a Meta download: its tokenizer is the converted dir's
     model.mkdir()
     converted = tmp_path / "hf_converted"

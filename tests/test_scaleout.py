@@ -125,7 +125,7 @@ def test_collectives_move_cpu_tensors_to_the_gpu_under_nccl(monkeypatch):
     (this machine has no GPU and no NCCL, so the backend and the current device are faked)."""
     import torch.distributed as dist
 
-    from perpcs.training import _collective_device
+    from perpcs.engine.training import _collective_device
 
     monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)

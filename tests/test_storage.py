@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from perpcs.compose_stage import write_summary
-from perpcs.composition import ComposeSettings, PiecePool, make_recipe, write_recipe
+from perpcs.stages.composition import write_summary
+from perpcs.method.composition import ComposeSettings
+from perpcs.method.pieces import PiecePool
+from perpcs.method.recipes import make_recipe, write_recipe
 from perpcs.errors import PerpcsError
-from perpcs.report import results_table
-from perpcs.storage import format_bytes, recipe_payload
-from perpcs.tasks import get_task
+from perpcs.evaluation.report import results_table
+from perpcs.evaluation.storage import format_bytes, recipe_payload
+from perpcs.data.tasks import get_task
 
 TASK = get_task("movie_tagging")
 GOLDS = [("1", "comedy"), ("2", "action")]

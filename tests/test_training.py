@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from perpcs.adapters import is_complete_adapter, load_adapter_weights, save_peft_adapter
+from perpcs.models.lora import is_complete_adapter, load_adapter_weights, save_peft_adapter
 from perpcs.errors import PerpcsError
-from perpcs.gates import GatedInput, install_gates, lora_modules, remove_gates
-from perpcs.generation import generate, variant_names
-from perpcs.modeling import load_base_model, lora_config
-from perpcs.prompts import Example
-from perpcs.training import (IGNORE_INDEX, TrainConfig, collate, count_steps, make_batches, tokenize_example,
-                             train)
+from perpcs.method.gates import GatedInput, install_gates, lora_modules, remove_gates
+from perpcs.engine.generation import generate, variant_names
+from perpcs.models.loading import load_base_model
+from perpcs.models.lora import lora_config
+from perpcs.data.prompts import Example
+from perpcs.engine.training import (IGNORE_INDEX, TrainConfig, collate, count_steps, make_batches,
+                                    tokenize_example, train)
 
 
 @pytest.fixture()
@@ -46,7 +47,7 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_answer(tiny):
 
 
 def test_collate_pads_right_and_masks_padding():
-    from perpcs.training import Tokenized
+    from perpcs.engine.training import Tokenized
     batch = collate([Tokenized([1, 2, 3], [IGNORE_INDEX, 2, 3], ""), Tokenized([4], [4], "")], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -54,7 +55,7 @@ def test_collate_pads_right_and_masks_padding():
 
 
 def test_answer_only_loss_equals_the_hf_loss(tiny):
-    from perpcs.training import answer_loss
+    from perpcs.engine.training import answer_loss
     model, tok, _ = tiny
     batch = collate([tokenize_example(tok, ex, 64) for ex in LEARNABLE[:3]], tok.pad_token_id)
     with torch.no_grad():
@@ -382,7 +383,7 @@ def test_republishing_an_adapter_never_pairs_new_weights_with_the_old_config(tin
 
     from peft import get_peft_model
 
-    from perpcs import adapters
+    from perpcs.models import lora as adapters
     model, tok, device = tiny
     target = tmp_path / "task"
     peft_model = get_peft_model(model, lora_config(r=8))
@@ -410,7 +411,7 @@ def test_republishing_an_adapter_never_pairs_new_weights_with_the_old_config(tin
 
 
 def test_a_prompt_cut_for_length_keeps_its_bos_like_training(tiny):
-    from perpcs.generation import keep_bos_cut_left
+    from perpcs.engine.generation import keep_bos_cut_left
     model, tok, device = tiny
     assert keep_bos_cut_left([1, 5, 6, 7, 8], 3, bos_id=1) == [1, 7, 8]
     assert keep_bos_cut_left([5, 6, 7, 8], 3, bos_id=1) == [6, 7, 8]        # no BOS to keep
@@ -431,8 +432,8 @@ def test_negative_temperature_is_refused(tiny):
 
 
 def test_profile_prompt_drops_the_oldest_items_to_fit_and_keeps_the_instruction(tiny):
-    from perpcs.profiles import fitted_profile_prompt, profile_prompt
-    from perpcs.tasks import get_task
+    from perpcs.stages.profiles import fitted_profile_prompt, profile_prompt
+    from perpcs.data.tasks import get_task
     _, tok, _ = tiny
     task = get_task("news_headline")
     items = [{"id": str(i), "text": f"article {i} " + "rain in Paris " * 40, "title": f"Title {i}"}
@@ -477,8 +478,8 @@ def test_sampling_is_seeded_and_uses_temperature_and_top_p_only(tiny, monkeypatc
 
 
 def test_profile_prompt_takes_the_last_k_items(tiny):
-    from perpcs.profiles import profile_prompt
-    from perpcs.tasks import get_task
+    from perpcs.stages.profiles import profile_prompt
+    from perpcs.data.tasks import get_task
     task = get_task("news_headline")
     items = [{"id": str(i), "text": f"article number {i}", "title": f"Title {i}"} for i in range(5)]
     prompt = profile_prompt(task, items, 2)

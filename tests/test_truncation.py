@@ -11,9 +11,9 @@ import pytest
 
 import OPPU
 import task_LoRA
-from perpcs.prompts import UserHistory, history_examples, query_example
-from perpcs.tasks import get_task
-from perpcs.training import IGNORE_INDEX, tokenize_example
+from perpcs.data.prompts import UserHistory, history_examples, query_example
+from perpcs.data.tasks import get_task
+from perpcs.engine.training import IGNORE_INDEX, tokenize_example
 from pipeline_fixture import DEVICE, load_script, one_thread, sample_layout  # noqa: F401  (one_thread: fixture)
 from pipeline_fixture import run_stage as run
 
@@ -54,7 +54,7 @@ def by_hand(profile, retrieved: list, article: str) -> str:
 
 def generated_prompts(tok, monkeypatch, max_seq_len: int, k: int = 4, max_new_tokens: int = 4) -> tuple:
     """(the prompts generation receives for the query's variants with profile, the counts it reports)."""
-    import perpcs.generation as generation
+    import perpcs.engine.generation as generation
     seen = []
 
     def spy(model, tokenizer, prompts, *args, **kwargs):
@@ -185,14 +185,14 @@ def too_long_examples(tok, examples) -> int:
 
 
 def too_long_prompts(tok, users, profiles, profiles_path) -> int:
-    from perpcs.generation import variant_names, variant_prompts
+    from perpcs.engine.generation import variant_names, variant_prompts
     return sum(1 for _, k, with_profile in variant_names([1])
                for _, p in variant_prompts(MOVIE, users, k, with_profile, profiles, profiles_path)
                if n_tokens(tok, p) > MAX_SEQ_LEN - GEN_LEN)
 
 
 def test_stage1_counts_shortened_examples_and_prompts_in_its_log_and_summary(stage1, tok):
-    from perpcs.task_lora import task_lora_examples
+    from perpcs.stages.task_lora import task_lora_examples
     root, layout, out = stage1
     profiles = layout.load_profiles()
     n_examples = too_long_examples(tok, task_lora_examples(MOVIE, layout.load_split("base"), profiles,
@@ -257,8 +257,8 @@ def test_oppu_counts_per_user_in_its_log_rows_lines_and_summary(stage1, tiny_mod
 
 
 def test_gen_profile_counts_the_prompts_that_left_out_history_items(stage1, tiny_model_dir, tok, tmp_path, capsys):
-    from perpcs.data import all_splits_users
-    from perpcs.profiles import profile_prompt
+    from perpcs.data.layout import all_splits_users
+    from perpcs.stages.profiles import profile_prompt
     gen_profile = load_script("data/gen_profile.py")
     root, layout, _ = stage1
     out_file = tmp_path / "profiles.json"

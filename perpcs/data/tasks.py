@@ -1,0 +1,109 @@
+"""The seven LaMP tasks: ids, history fields, query parsing, labels, metrics, prompt templates.
+
+Prompt templates are the published Per-Pcs ones (``resources/prompts.json``), used verbatim.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+from perpcs.errors import fail
+
+MOVIE_TAGS = [
+    "sci-fi", "based on a book", "comedy", "action", "twist ending", "dystopia", "dark comedy",
+    "classic", "psychology", "fantasy", "romance", "thought-provoking", "social commentary",
+    "violence", "true story",
+]
+NEWS_CATEGORIES = [
+    "travel", "education", "parents", "style & beauty", "entertainment", "food & drink",
+    "science & technology", "business", "sports", "healthy living", "women", "politics", "crime",
+    "culture & arts", "religion",
+]
+
+
+@lru_cache(maxsize=1)
+def load_prompt_file() -> dict:
+    text = resources.files("perpcs").joinpath("resources/prompts.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str                      # the project's name, e.g. "movie_tagging"
+    lamp_id: str                   # LaMP's name, e.g. "LaMP_2M"
+    history_fields: tuple          # fields every history item must carry
+    answer_field: str              # the history field the model learns to produce (OPPU_full)
+    metric: str                    # "classification" | "regression" | "generation"
+    max_gen_len: int               # default number of new tokens at test time
+    marker: str = ""               # the article starts after this text in a raw LaMP input
+    labels: tuple = field(default=())
+
+    @property
+    def prompts(self) -> dict:
+        return load_prompt_file()["task_prompts"][self.name]
+
+    @property
+    def profile_prompts(self) -> dict:
+        return load_prompt_file()["profile_prompts"][self.name]
+
+    @property
+    def uses_profile_in_history_training(self) -> bool:
+        """SPEC 4: sharer/gate data get BM25+profile copies except for citation and tweets."""
+        return self.name not in ("citation", "tweet_paraphrase")
+
+    def parse_query(self, text: str, query_id: str = "?") -> tuple:
+        """The positional arguments of the ``prompt`` template for a raw LaMP query input.
+
+        (article,) for most tasks; (title, option1, option2) for citation.
+        """
+        if not isinstance(text, str):
+            fail(f"task {self.name}: query {query_id}: 'input' must be a string, got {type(text).__name__}")
+        if self.name == "citation":
+            title = _CITATION_TITLE.search(text)
+            # options after the title only: a title may itself contain '[1]: "'
+            options = _CITATION_OPTIONS.search(text, title.end()) if title else None
+            if not title or not options:
+                fail(f"task citation: query {query_id}: expected 'written the paper with the title \"...\"' "
+                     f"and options '[1]: \"...\" [2]: \"...\"' in the input, got: {text[:120]!r}")
+            return (title.group(1), options.group(1), options.group(2))
+        pos = text.find(self.marker)
+        if pos < 0:
+            fail(f"task {self.name}: query {query_id}: expected the marker {self.marker!r} in the input, "
+                 f"got: {text[:120]!r}")
+        return (text[pos + len(self.marker):],)
+
+
+_CITATION_TITLE = re.compile(r'written the paper with the title "(.*?)"(?:,\s*which reference|\s*$)', re.S)
+_CITATION_OPTIONS = re.compile(r'\[1\]:\s*"(.*)"\s*\[2\]:\s*"(.*)"', re.S)
+
+TASKS = {
+    t.name: t for t in [
+        Task("citation", "LaMP_1", ("title", "citation"), "citation", "classification", 4,
+             labels=("[1]", "[2]")),
+        Task("movie_tagging", "LaMP_2M", ("description", "tag"), "tag", "classification", 10,
+             marker="] description: ", labels=tuple(MOVIE_TAGS)),
+        Task("news_categorize", "LaMP_2N", ("text", "title", "category"), "category", "classification", 10,
+             marker="] article: ", labels=tuple(NEWS_CATEGORIES)),
+        Task("product_rating", "LaMP_3", ("text", "score"), "score", "regression", 4,
+             marker="without further explanation. review: ", labels=("1", "2", "3", "4", "5")),
+        Task("news_headline", "LaMP_4", ("text", "title"), "title", "generation", 40,
+             marker="Generate a headline for the following article: "),
+        Task("scholarly_title", "LaMP_5", ("abstract", "title"), "title", "generation", 48,
+             marker="Generate a title for the following abstract of a paper: "),
+        Task("tweet_paraphrase", "LaMP_7", ("text",), "text", "generation", 80,
+             marker="Paraphrase the following tweet without any explanation before or after it: "),
+    ]
+}
+BY_LAMP_ID = {t.lamp_id: t for t in TASKS.values()}
+
+
+def get_task(name: str) -> Task:
+    """Accepts the project name (movie_tagging) or the LaMP id (LaMP_2M)."""
+    if name in TASKS:
+        return TASKS[name]
+    if name in BY_LAMP_ID:
+        return BY_LAMP_ID[name]
+    fail(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or LaMP ids {', '.join(BY_LAMP_ID)})")

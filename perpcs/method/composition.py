@@ -1,0 +1,296 @@
+"""Stage 5, the heart of Per-Pcs (SPEC section 7): a target user's LoRA assembled from sharers' pieces.
+
+No gradient step. The user's history examples run through base + task model; at every piece position the
+module input scores every sharer's piece with its gate, some pieces are chosen (top-k, nucleus or drawn: the
+four selection modes of the published code), mixed (A and B separately) and used at once, so deeper layers see
+the assembled shallower pieces. The final piece is the mean of the per-batch mixtures, i.e. a sparse weighted sum
+of sharer pieces: the *recipe*, which rebuilds the LoRA exactly.
+
+The sharer pool (all LoRAs and gates) is read once per process and scored for all sharers at once. The assembled
+LoRA predicts through peft, as OPPU's and the task LoRA's do: one peft LoRA per process (composed_lora_model)
+receives each user's A and B (load_composed), the composer's wrappers out of the forward (composer_removed).
+"""
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perpcs.errors import fail
+from perpcs.method.pieces import PiecePool
+
+
+@dataclass
+class ComposeSettings:
+    topk: int = 3
+    agg_temperature: float = 1.0
+    share_ratio: float = 1.0
+    epochs: int = 1
+    batch_size: int = 16
+    recent_k: int = 2000
+    seed: int = 0
+    sample: bool = False
+    sample_topk: int = 10
+    sample_temperature: float = 1.0
+    sample_top_p: float | None = None      # None = unset, as published: it picks the selection mode
+
+    @property
+    def selection_mode(self) -> int:
+        """SPEC 7's modes of the published code: 1 top-k, 2 nucleus, 3 sampled within nucleus + top-k, 4 sampled
+        within the --sample_topk best."""
+        if self.sample:
+            return 3 if self.sample_top_p is not None else 4
+        return 2 if self.sample_top_p is not None else 1
+
+    def describe(self) -> str:
+        k, p, t, ts = self.topk, self.sample_top_p, self.agg_temperature, self.sample_temperature
+        return {1: f"mode 1: the top {k} pieces per position, mixed by softmax(score / {t})",
+                2: f"mode 2: the nucleus (top-p {p}, temperature {ts}) of the scores, a variable number of pieces "
+                   f"per position (--topk ignored), mixed by softmax(score / {t})",
+                3: f"mode 3: {k} pieces drawn from softmax(score / {t}) over the nucleus (top-p {p}, temperature "
+                   f"{ts}) and the top {k}, mixed by softmax(score / {t})",
+                4: f"mode 4: {k} pieces drawn from softmax(score / {ts}) over the {self.sample_topk} best, mixed by "
+                   f"softmax(score / {t})"}[self.selection_mode]
+
+    def check(self, pool_size: int) -> None:
+        """Refuse, before any model loads, settings that make no sense or that the published code crashed on."""
+        if not 0 < self.share_ratio <= 1:
+            fail(f"--share_ratio must be in (0, 1], got {self.share_ratio}")
+        if self.topk < 1:
+            fail(f"--topk must be at least 1, got {self.topk}")
+        if self.agg_temperature <= 0:
+            fail(f"--agg_temperature must be positive, got {self.agg_temperature}")
+        for flag, value in (("epochs", self.epochs), ("batch_size", self.batch_size), ("recent_k", self.recent_k)):
+            if value < 1:   # epochs 0 would assemble an all-zero LoRA and report it as Per-Pcs
+                fail(f"--{flag} must be at least 1, got {value}")
+        mode = self.selection_mode
+        if self.sample_top_p is not None and not 0 < self.sample_top_p <= 1:
+            fail(f"--sample_top_p must be in (0, 1], got {self.sample_top_p}")
+        if mode != 1 and not self.sample_temperature > 0:   # the nucleus (modes 2, 3) and mode 4's draw use it
+            fail(f"--sample_temperature must be positive, got {self.sample_temperature}")
+        usable = int(self.share_ratio * pool_size)
+        pool = f"{pool_size} sharers" + (f", {usable} with --share_ratio {self.share_ratio}"
+                                         if self.share_ratio < 1 else "")
+        if usable < 1:
+            fail(f"the sharer pool of a piece position is empty ({pool})")
+        if mode != 2 and self.topk > usable:   # mode 2 ignores --topk
+            fail(f"--topk {self.topk} is larger than the sharer pool ({pool})")
+        if mode == 4:   # the published code crashed on both, after loading the model
+            if self.sample_topk > usable:
+                fail(f"--sample_topk {self.sample_topk} is larger than the sharer pool ({pool}): --sample without "
+                     f"--sample_top_p draws from the --sample_topk best sharers; lower --sample_topk")
+            if self.topk > self.sample_topk:
+                fail(f"--topk {self.topk} is larger than --sample_topk {self.sample_topk}: --sample without "
+                     f"--sample_top_p draws --topk pieces from the --sample_topk best")
+
+
+class ComposedLinear(nn.Module):
+    """A target module of the base (+task) model during assembly: base(x) + B(A(x)) * scaling, A and B mixed from
+    the sharers' pieces at this forward."""
+
+    def __init__(self, base: nn.Linear, piece: str, composer: "Composer"):
+        super().__init__()
+        self.base, self.piece, self.composer = base, piece, composer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        ab = self.composer.piece_for(self.piece, x)
+        if ab is None:
+            return out
+        a, b = ab   # the small A and B take the activations' dtype, not the other way round
+        lora = (x @ a.T.to(x.dtype)) @ b.T.to(x.dtype)
+        return out + (lora * self.composer.pool.scaling).to(out.dtype)
+
+
+class Composer:
+    """Drives assembly: holds the pool, the per-piece share pools, the score mask and the weight sums."""
+
+    def __init__(self, pool: PiecePool, settings: ComposeSettings):
+        self.pool, self.settings = pool, settings
+        self.mode = "off"                 # off | assemble
+        self.score_mask = None            # (batch, T) positions whose next token is an answer token
+        self._positions = None            # (rows, cols, weight of each position) of score_mask, once a batch
+        self.weight_sum: dict = {}
+        self.allowed: dict = {}
+        self.generator = torch.Generator()
+        self.n_batches = 0
+
+    # --- per user -------------------------------------------------------------------------------------
+    def start_user(self, seed: int) -> None:
+        """Fresh sums; share-ratio pools drawn once per user and piece (seeded), serving every batch."""
+        S = len(self.pool)
+        device = self.pool.A[self.pool.pieces[0]].device
+        self.weight_sum = {p: torch.zeros(S, dtype=torch.float64, device=device) for p in self.pool.pieces}
+        self.n_batches = 0
+        rnd = random.Random(seed)
+        size = int(self.settings.share_ratio * S)
+        self.allowed = {p: torch.tensor(sorted(rnd.sample(range(S), size)) if size < S else list(range(S)),
+                                        device=device) for p in self.pool.pieces}
+        self.generator.manual_seed(seed)
+        self.mode = "assemble"
+
+    def set_batch(self, mask: torch.Tensor) -> None:
+        """The answer-predicting positions of the next forward, shared by every piece of that forward.
+
+        The batch mean of per-example means is one weighted sum over the positions, weight 1 / (examples x
+        the example's positions): a matrix product, deterministic on GPUs (index_add_ is not)."""
+        self.score_mask = mask
+        rows, cols = mask.nonzero(as_tuple=True)
+        counts = mask.sum(dim=1).clamp(min=1).float()
+        self._positions = (rows, cols, 1.0 / (counts[rows] * mask.shape[0]))
+
+    def final_weights(self) -> dict:
+        return {p: (w / max(self.n_batches, 1)).cpu() for p, w in self.weight_sum.items()}
+
+    # --- inside the forward ---------------------------------------------------------------------------
+    def piece_for(self, piece: str, x: torch.Tensor):
+        if self.mode == "off":
+            return None
+        return self._assemble(piece, x)
+
+    def scores(self, piece: str, x: torch.Tensor) -> torch.Tensor:
+        """(S,) score of every sharer: batch mean of the per-example mean over answer-predicting positions
+        of LayerNorm(x_t) . LayerNorm(g_s) / sqrt(d), in fp32."""
+        rows, cols, weights = self._positions
+        d = x.shape[-1]
+        h = F.layer_norm(x[rows, cols].float(), (d,), eps=1e-5)                   # (N, d)
+        return ((weights @ h) @ self.pool.G[piece].T) / math.sqrt(d)
+
+    def choose(self, piece: str, scores: torch.Tensor) -> torch.Tensor:
+        """Indices of the sharers mixed at this position, by the selection mode (SPEC 7); ties in the ranking go
+        to the lower sharer index. Draws use the user's generator, in forward order (batches, then pieces)."""
+        st = self.settings
+        allowed = self.allowed[piece]       # ascending sharer indices: the pool order
+        s = scores[allowed].float()
+        order = torch.sort(-s, stable=True).indices
+        mode, k = st.selection_mode, st.topk
+        if mode == 1:
+            return allowed[order[:k]]
+        if mode == 4:
+            cand = order[:st.sample_topk]
+            probs = torch.softmax(s[cand] / st.sample_temperature, dim=0)
+            return allowed[cand[self._draw(piece, probs, k)]]
+        kept = order[:nucleus_size(s[order], st.sample_temperature, st.sample_top_p)]
+        if mode == 2:
+            return allowed[kept]
+        keep = torch.zeros_like(s, dtype=torch.bool)
+        keep[kept] = True
+        keep[order[:k]] = True              # mode 3: the k best stay whatever the nucleus
+        probs = torch.softmax(s.masked_fill(~keep, -math.inf) / st.agg_temperature, dim=0)   # pool order
+        return allowed[self._draw(piece, probs, k)]
+
+    def _draw(self, piece: str, probs: torch.Tensor, k: int) -> torch.Tensor:
+        """k indices into probs, without replacement, from the user's generator (on the CPU: the same draws on
+        every device)."""
+        probs = probs.cpu()
+        if int((probs > 0).sum()) < k:   # torch would quietly draw zero-probability categories
+            fail(f"piece {piece}: {k} pieces must be drawn without replacement, but only {int((probs > 0).sum())} "
+                 f"have a non-zero probability at this temperature: raise --agg_temperature (with --sample_top_p) "
+                 f"or --sample_temperature (without)")
+        return torch.multinomial(probs, k, replacement=False, generator=self.generator).to(self.allowed[piece].device)
+
+    def _assemble(self, piece: str, x: torch.Tensor):
+        with torch.autocast(x.device.type, enabled=False):   # scores, softmax and mixing in fp32 (SPEC 7)
+            return self._assemble_fp32(piece, x)
+
+    def _assemble_fp32(self, piece: str, x: torch.Tensor):
+        scores = self.scores(piece, x)
+        chosen = self.choose(piece, scores)
+        w = torch.softmax(scores[chosen] / self.settings.agg_temperature, dim=0)
+        self.weight_sum[piece].index_add_(0, chosen, w.double())
+        a = torch.einsum("k,krd->rd", w, self.pool.A[piece][chosen])
+        b = torch.einsum("k,kdr->dr", w, self.pool.B[piece][chosen])
+        return a, b
+
+
+def nucleus_size(sorted_scores: torch.Tensor, temperature: float, top_p: float) -> int:
+    """Leading positions of descending scores that form the nucleus: c = cumsum(softmax(s / temperature)) in fp32;
+    a position is dropped when the previous one already has c > top_p, so the first one always stays."""
+    c = torch.cumsum(torch.softmax(sorted_scores.float() / temperature, dim=0), dim=0)
+    return 1 + int((c[:-1] <= top_p).sum())   # c never decreases: the kept positions are a prefix
+
+
+def install_composer(model, composer: Composer) -> None:
+    """Wrap each target module named by the pool's pieces; checks that the pieces fit the model."""
+    modules = dict(model.named_modules())
+    for piece in composer.pool.pieces:
+        module = modules.get(piece)
+        if module is None:
+            fail(f"the sharer LoRAs target {piece!r}, which this model does not have: were they trained on "
+                 f"another base model?")
+        base = module.base if isinstance(module, ComposedLinear) else module
+        a, b = composer.pool.A[piece][0], composer.pool.B[piece][0]
+        if base.in_features != a.shape[1] or base.out_features != b.shape[0]:
+            fail(f"piece {piece}: the sharer LoRA is {a.shape[1]} -> {b.shape[0]}, the model's module is "
+                 f"{base.in_features} -> {base.out_features}: another base model?")
+        parent_name, _, child = piece.rpartition(".")
+        setattr(modules[parent_name], child, ComposedLinear(base, piece, composer))
+
+
+@contextmanager
+def composer_removed(model):
+    """The composer's wrappers out of ``model`` (its target modules as they were: peft's LoRA layers) while peft
+    loads and predicts a user's LoRA; put back afterwards for the next user's assembly."""
+    modules = dict(model.named_modules())
+    wrapped = [(name, m) for name, m in modules.items() if isinstance(m, ComposedLinear)]
+    for name, m in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, m.base)
+    try:
+        yield model
+    finally:
+        for name, m in wrapped:
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent], child, m)
+
+
+def answer_predicting_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions t whose next token (labels shifted by one) is an answer token."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+@torch.no_grad()
+def assemble_user(model, composer: Composer, tokenized: list, pad_id: int, device, seed: int,
+                  who: str = "user", cpu_bf16: bool = False) -> tuple:
+    """Assemble one user's LoRA from its tokenized examples; returns (weights per piece, batches).
+
+    Examples without an answer-predicting position are dropped with a warning that names them.
+    """
+    from perpcs.engine.training import collate
+    from perpcs.models.devices import autocast_context
+    usable = []
+    for i, t in enumerate(tokenized):
+        if t.n_answer == 0 or len(t.input_ids) < 2:
+            warnings.warn(f"{who}: example {i} ({t.source}) has no answer token after truncation; "
+                          f"left out of the scoring")
+        else:
+            usable.append(i)
+    if not usable:
+        fail(f"{who}: no history example with an answer token to score the pieces with")
+    settings = composer.settings
+    composer.start_user(seed)
+    generator = torch.Generator().manual_seed(seed)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    model.eval()
+    batches = []
+    for _ in range(settings.epochs):
+        order = [usable[j] for j in torch.randperm(len(usable), generator=generator).tolist()]
+        for s in range(0, len(order), settings.batch_size):
+            idx = order[s:s + settings.batch_size]
+            batch = collate([tokenized[i] for i in idx], pad_id, device)
+            composer.set_batch(answer_predicting_mask(batch["labels"]))
+            with autocast_context(device, cpu_bf16):
+                decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            composer.n_batches += 1
+            batches.append(idx)
+    composer.score_mask = composer._positions = None
+    composer.mode = "off"
+    return composer.final_weights(), batches

@@ -1,0 +1,68 @@
+"""Recipes: a target user's LoRA as per-piece sharer weights (what Per-Pcs stores per
+user), written byte-reproducibly and turned back into a peft adapter.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from perpcs.data.layout import read_json
+from perpcs.errors import fail
+from perpcs.method.composition import ComposeSettings
+from perpcs.method.pieces import PiecePool
+from perpcs.paths import resolve_sharer_lora_dir
+
+RECIPE_FORMAT = "perpcs-recipe/1"
+
+
+def make_recipe(pool: PiecePool, weights: dict, settings: ComposeSettings, user: str, task: str,
+                batches: list, extra: dict | None = None) -> dict:
+    pieces = {}
+    for piece in pool.pieces:
+        w = weights[piece]
+        nz = torch.nonzero(w).flatten().tolist()
+        pieces[piece] = [[pool.sharer_ids[i], float(w[i])] for i in nz]
+    return {"format": RECIPE_FORMAT, "user_id": user, "task": task, "settings": vars(settings).copy(),
+            "lora": {k: pool.config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora",
+                                                    "base_model_name_or_path")},
+            "sharers": pool.sharer_ids, "batches": batches, "pieces": pieces, **(extra or {})}
+
+
+def recipe_weights(recipe: dict, pool: PiecePool, path="recipe") -> dict:
+    """{piece: weight vector over the pool's sharers} from a recipe (which must fit the pool)."""
+    if recipe.get("format") != RECIPE_FORMAT:
+        fail(f"{path}: not a Per-Pcs recipe (format {recipe.get('format')!r})")
+    index = {uid: i for i, uid in enumerate(pool.sharer_ids)}
+    weights = {}
+    for piece in pool.pieces:
+        if piece not in recipe["pieces"]:
+            fail(f"{path}: no entry for piece {piece}")
+        w = torch.zeros(len(pool), dtype=torch.float64)
+        for uid, weight in recipe["pieces"][piece]:
+            if uid not in index:
+                fail(f"{path}: piece {piece} uses sharer {uid!r}, which is not in the sharer pool")
+            w[index[uid]] = weight
+        weights[piece] = w
+    return weights
+
+
+def recipe_sharers(path) -> list:
+    return [str(s) for s in read_json(path, "recipe")["sharers"]]
+
+
+def write_recipe(recipe: dict, path) -> int:
+    from perpcs.atomic import write_bytes_atomic
+    data = (json.dumps(recipe, indent=None, separators=(",", ":")) + "\n").encode()
+    write_bytes_atomic(path, data)
+    return len(data)
+
+
+def materialize(recipe_file, anchor_dir, output_dir) -> Path:
+    """Rebuild a user's peft adapter from its recipe and the sharer LoRAs (gates are not needed)."""
+    recipe = read_json(recipe_file, "recipe")
+    if "sharers" not in recipe or "pieces" not in recipe:
+        fail(f"{recipe_file}: not a Per-Pcs recipe (needs 'sharers' and 'pieces')")
+    pool = PiecePool(recipe["sharers"], resolve_sharer_lora_dir(anchor_dir))
+    return pool.save_adapter(recipe_weights(recipe, pool, recipe_file), Path(output_dir))

@@ -1,0 +1,237 @@
+"""The per-user loop of stages 3, 4, 5 and OPPU: sharding, resuming, per-user seeds and a JSONL log.
+
+A user's work is seeded from (seed, user id), and its output is published atomically, so a run killed at any
+moment and started again produces the same files as an uninterrupted one, without redoing finished users.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from perpcs.config import GenerationConfig, LoraSettings, StageInputs
+from perpcs.data.layout import load_users, profile_text, read_json, user_id
+from perpcs.data.prompts import history_examples
+from perpcs.data.tasks import get_task
+from perpcs.data.truncation import user_entry
+from perpcs.engine.generation import predict_variants, write_variant_files
+from perpcs.errors import fail
+from perpcs.models.lora import is_complete_adapter
+from perpcs.models.provenance import SOURCE_FILE, read_source, refuse_other_sources, training_sources
+from perpcs.paths import default_dirs
+
+
+def lazy(make: Callable) -> Callable:
+    """``make()`` on the first call, the same value afterwards: a stage loads its model only once it has a
+    user to work on, so a rerun with everything done costs seconds, not a 13 GB model load."""
+    made = []
+
+    def get():
+        if not made:
+            made.append(make())
+        return made[0]
+    return get
+
+
+def refuse_other_settings(path, had: dict, wanted: dict, made: str) -> None:
+    """Resuming over an output made with other settings would pass it off as this run's: stop and say which."""
+    changed = {k: (had.get(k), v) for k, v in wanted.items() if had.get(k) != v}
+    if changed:
+        diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        fail(f"{path} was {made} with other settings ({diff}); pass another --output_dir, or --overwrite to redo "
+             f"every user")
+
+
+def last_per_user(log_path, key: str) -> dict:
+    """{user: value of ``key``} from a per-user log (users_log.jsonl, all shards append to it); the last positive
+    value of each user counts (a user resumed from its saved adapter logs 0 training seconds)."""
+    values = {}
+    for row in log_rows(log_path):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and value > 0:
+            values[str(row["user_id"])] = float(value)
+    return values
+
+
+def log_rows(log_path) -> list:
+    """The per-user rows (those with a user_id) of a users_log.jsonl, in order; none when there is no log."""
+    path = Path(log_path)
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            fail(f"{log_path}: line {number} is not JSON ({err.msg})")
+        if isinstance(row, dict) and "user_id" in row:
+            rows.append(row)
+    return rows
+
+
+def shard_users(users: list, num_shards: int, shard_id: int) -> list:
+    """Users i with i % num_shards == shard_id: deterministic, and the shards' union is every user once."""
+    return [u for i, u in enumerate(users) if i % num_shards == shard_id]
+
+
+def run_per_user(users: list, is_done: Callable, work: Callable, desc: str, log_path: Path | None = None,
+                 num_shards: int = 1, shard_id: int = 0, overwrite: bool = False) -> dict:
+    """Call ``work(uid, user) -> dict`` for each (uid, user) of this shard that is not done yet.
+
+    Returns {"done": [...], "skipped": [...]}; each finished user appends a line (time, stats) to log_path.
+    """
+    mine = shard_users(users, num_shards, shard_id)
+    finished = set() if overwrite else {uid for uid, _ in mine if is_done(uid)}
+    todo = [(uid, u) for uid, u in mine if uid not in finished]
+    skipped = [uid for uid, _ in mine if uid in finished]
+    print(f"{desc}: {len(mine)} users in shard {shard_id}/{num_shards}, {len(skipped)} already done, "
+          f"{len(todo)} to do")
+    done = []
+    for uid, user in tqdm(todo, desc=desc, unit="user"):
+        t0 = time.perf_counter()
+        try:
+            stats = work(uid, user) or {}
+            record = {"user_id": uid, "seconds": round(time.perf_counter() - t0, 3), **stats}
+            if log_path is not None:
+                Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+        except OSError as err:   # disk full, read-only output dir: say where, keep what is finished
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            fail(f"{desc}: user {uid!r}: {err.strerror or err}{where}; users finished before are intact, "
+                 f"run again to resume")
+        done.append(uid)
+    return {"done": done, "skipped": skipped}
+
+
+def user_dir(root, uid: str) -> Path:
+    return Path(root) / f"user_{uid}"
+
+
+def load_sharers(anchor_idx_path, candidate_path, task) -> list:
+    """[(user id, user record)] of the chosen sharers, from stage 2's index into the candidate file."""
+    from perpcs.stages.sharer_selection import load_sharer_index
+    candidates = load_users(candidate_path, task)
+    index = load_sharer_index(anchor_idx_path, candidates)
+    return [(str(uid), candidates[idx]) for idx, uid in zip(index["indices"], index["user_ids"])]
+
+
+def task_lora_dir(inputs: StageInputs) -> Path:
+    from perpcs.models.lora import resolve_lora_ckpt
+    return resolve_lora_ckpt(inputs.lora_ckpt or default_dirs(get_task(inputs.task_name).name)["task_lora"])
+
+
+def load_merged_base(inputs: StageInputs):
+    """Base LLM with the stage 1 task LoRA merged into its weights (every personal LoRA sits on top)."""
+    from perpcs.models.loading import load_base_model
+    from perpcs.models.lora import merge_lora_into_base
+    adapter = task_lora_dir(inputs)
+    m = inputs.model
+    model, tokenizer, device = load_base_model(m.llama_model_path, m.tokenizer_path, m.device, cpu_bf16=m.cpu_bf16)
+    return merge_lora_into_base(model, adapter), tokenizer, device
+
+
+def merged_base_sources(inputs: StageInputs) -> dict:
+    """Digests of the base model and the task LoRA a per-user stage works on (checked before any user counts
+    as done: a nonexistent --llama_model_path fails here, not after "all users done")."""
+    return training_sources(inputs.model.llama_model_path, task_lora_dir(inputs))
+
+
+def adapter_done(adapter_dir: Path, sources: dict, what: str) -> bool:
+    """A complete adapter counts as done only if it was trained on this run's base model and task LoRA."""
+    if not is_complete_adapter(adapter_dir):
+        return False
+    refuse_other_sources(adapter_dir, read_source(adapter_dir / SOURCE_FILE), sources, what)
+    return True
+
+
+def user_examples(task, user, profiles, profiles_path, index, users_path, recent_k=None):
+    """A user's history examples (SPEC 4); the profile text only for tasks whose examples use it."""
+    prof = profile_text(profiles, user, profiles_path, index) if task.uses_profile_in_history_training else None
+    examples = history_examples(task, user["profile"], prof, recent_k=recent_k)
+    if not examples:
+        fail(f"{users_path}: user #{index} (user_id {user_id(user)!r}): empty history, nothing to train on")
+    return examples
+
+
+def fresh_lora(model, lora: LoraSettings, seed: int):
+    """A new peft LoRA on the shared (base + task) model, its A init seeded per user."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from perpcs.models.lora import lora_config
+    set_seed(seed)
+    return get_peft_model(model, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
+
+
+def user_record(uid: str, examples: list, stats: dict, prompts: dict | None = None) -> dict:
+    """What a per-user stage logs for a user (users_log.jsonl), with how many examples/prompts were shortened."""
+    return {"examples": len(examples), "tokens": stats["tokens"], "last_loss": stats["last_loss"],
+            "train_seconds": round(stats["seconds"], 3),
+            "truncated": user_entry(uid, stats.get("truncated"), prompts)}
+
+
+def profiles_if_needed(layout, task):
+    return layout.load_profiles() if task.uses_profile_in_history_training else None
+
+
+def user_predictions_path(root, uid: str) -> Path:
+    return Path(root) / "user_predictions" / f"user_{uid}.json"
+
+
+def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, device, gen: GenerationConfig,
+                     shortened: dict | None = None) -> dict:
+    """A user's predictions of every variant, with the generation settings that made them (the resume unit)."""
+    preds = predict_variants(model, tokenizer, task, [user], profiles, device, k_list=gen.k_list,
+                             max_new_tokens=gen.max_gen_len, profiles_path=profiles_path, shortened=shortened,
+                             **gen.kwargs())
+    return {"settings": gen.recorded(task),
+            "predictions": {stem: [list(r) for r in rows] for stem, rows in preds.items()}}
+
+
+def read_user_predictions(path) -> tuple:
+    """(generation settings or None, {variant: rows}) of a per-user predictions file (older files: no settings)."""
+    data = read_json(path, "per-user predictions")
+    if isinstance(data, dict) and isinstance(data.get("predictions"), dict):
+        return data.get("settings"), data["predictions"]
+    return None, data
+
+
+def check_existing_predictions(root, uids: list, settings: dict, overwrite: bool) -> None:
+    """Refuse to resume over per-user predictions made with other generation settings (see recipes)."""
+    if overwrite:
+        return
+    for uid in uids:
+        path = user_predictions_path(root, uid)
+        if path.is_file():
+            had, _ = read_user_predictions(path)
+            if had is None:   # made by an older version: nothing says how
+                fail(f"{path} records no generation settings (made by an older version): it cannot be counted as "
+                     f"this run's; pass --overwrite to predict every user again, or another --output_dir")
+            refuse_other_settings(path, had, settings, "predicted")
+
+
+def combine_user_predictions(root, task, users: list) -> bool:
+    """Join the per-user prediction files into <root>/predictions/<variant>.json once every user is done."""
+    paths = [user_predictions_path(root, user_id(u)) for u in users]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        print(f"{len(missing)} of {len(paths)} users have no predictions yet (other shards?); "
+              f"the combined files are written when all are done")
+        return False
+    combined: dict = {}
+    for p in paths:
+        _, predictions = read_user_predictions(p)
+        if combined and set(predictions) != set(combined):
+            fail(f"{p} holds the variants {sorted(predictions)}, other users' files {sorted(combined)}: they were "
+                 f"made with other --k_list; rerun with --overwrite")
+        for stem, rows in predictions.items():
+            combined.setdefault(stem, []).extend(tuple(r) for r in rows)
+    write_variant_files(Path(root) / "predictions", task, combined)
+    print(f"predictions of {len(users)} users in {Path(root) / 'predictions'}")
+    return True

@@ -1,0 +1,172 @@
+"""Stage 5 driver: recipes, optional adapters, predictions and a summary for every target user.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from perpcs.atomic import write_json_atomic
+from perpcs.config import CompositionStage, StageInputs
+from perpcs.data.layout import Layout, read_json, user_id
+from perpcs.data.tasks import get_task
+from perpcs.data.truncation import count_cuts, log_totals, report_stage, user_entry
+from perpcs.engine.training import tokenize_example, user_seed
+from perpcs.errors import fail
+from perpcs.evaluation.storage import adapter_bytes, format_bytes, recipe_payload
+from perpcs.method.composition import Composer, ComposeSettings, assemble_user, composer_removed, install_composer
+from perpcs.method.gates import GATES_FILE
+from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
+from perpcs.method.recipes import make_recipe, recipe_weights, write_recipe
+from perpcs.models.provenance import file_sha256, refuse_other_sources
+from perpcs.paths import default_dirs, resolve_sharer_lora_dir, resolve_sharer_index
+from perpcs.stages.base import (check_existing_predictions, combine_user_predictions, last_per_user, lazy,
+                                load_merged_base, load_sharers, merged_base_sources, predict_one_user,
+                                profiles_if_needed, refuse_other_settings, run_per_user, user_examples,
+                                user_predictions_path)
+
+
+def recipe_path(root, uid: str) -> Path:
+    return Path(root) / "recipes" / f"user_{uid}.json"
+
+
+def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, sharer_ids: list,
+                           inputs: dict, overwrite: bool) -> None:
+    """A rerun resumes finished users only if they were assembled with the same settings, sharers and inputs
+    (base model, task LoRA, gates, --max_seq_len): otherwise a sweep (say --topk 1 after --topk 3) into the same
+    output dir would report the old recipes as the new run's."""
+    if overwrite:
+        return
+    wanted = vars(settings)
+    for uid in uids:
+        path = recipe_path(out_root, uid)
+        if path.is_file():
+            recipe = read_json(path, "recipe")
+            if [str(s) for s in recipe.get("sharers", [])] != list(sharer_ids):
+                fail(f"{path} was assembled from another sharer selection ({len(recipe.get('sharers', []))} "
+                     f"sharers, not the {len(sharer_ids)} of this run's anchor index); pass another --output_dir, "
+                     f"or --overwrite to redo every user")
+            refuse_other_settings(path, recipe.get("settings", {}), wanted, "assembled")
+            refuse_other_sources(path, recipe.get("inputs"), inputs, "assembled")
+
+
+def composition_inputs(inputs: StageInputs, max_seq_len: int, pool: PiecePool, gate_dir: Path) -> dict:
+    """What a recipe is made from besides its settings: recorded in it and compared on resume."""
+    gates = hashlib.sha256()
+    for uid in pool.sharer_ids:   # pool order: the order the recipe's sharers are listed in
+        gates.update(file_sha256(gate_dir / f"user_{uid}" / GATES_FILE).encode())
+    return {**merged_base_sources(inputs), "gates_sha256": gates.hexdigest(), "max_seq_len": max_seq_len}
+
+
+def compose(cfg: CompositionStage) -> Path:
+    task = get_task(cfg.inputs.task_name)
+    layout = Layout(cfg.inputs.data_dir, task)
+    dirs = default_dirs(task.name)
+    out_root = Path(cfg.output_dir or dirs["composition"])
+    settings, overwrite = cfg.compose, cfg.shards.overwrite
+    test_users = layout.load_split("test", check=True)
+    layout.load_golds(test_users)
+    all_profiles = layout.load_profiles()
+    sharers = load_sharers(resolve_sharer_index(cfg.anchor_idx_path, task.name), layout.candidate_users, task)
+    settings.check(len(sharers))
+    print(f"selection {settings.describe()}")
+    gate_dir = Path(cfg.gate_dir or dirs["sharer_gates"])
+    pool = PiecePool([uid for uid, _ in sharers], resolve_sharer_lora_dir(cfg.anchor_dir or dirs["sharer_loras"]),
+                     gate_dir)
+    profiles = profiles_if_needed(layout, task)
+    users = [(user_id(u), u) for u in test_users]
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users, settings.recent_k)
+                for i, (uid, u) in enumerate(users)}
+    num_shards, shard_id = cfg.shards.resolve()
+    inputs = composition_inputs(cfg.inputs, cfg.max_seq_len, pool, gate_dir)
+    check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, inputs, overwrite)
+    check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task), overwrite)
+
+    @lazy
+    def engine():   # loaded at the first user to do: a rerun with every user done loads no model
+        model, tokenizer, device = load_merged_base(cfg.inputs)
+        pool.to(device)   # read and checked before the model load; it lives beside the model
+        peft_model = composed_lora_model(model, pool)   # one adapter: each user's LoRA is loaded into it
+        composer = Composer(pool, settings)
+        install_composer(model, composer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return model, peft_model, tokenizer, device, composer, pad_id
+
+    def work(uid, user):
+        model, peft_model, tokenizer, device, composer, pad_id = engine()
+        seed = user_seed(settings.seed, uid)
+        path = recipe_path(out_root, uid)
+        t0 = time.perf_counter()
+        timing = {}   # kept in users_log.jsonl, not in the recipe, so recipes are byte-reproducible
+        assembly_cuts = None
+        if path.is_file() and not overwrite:   # killed after the recipe, before the predictions
+            recipe = read_json(path, "recipe")
+            weights = recipe_weights(recipe, pool, path)
+        else:
+            tokenized = [tokenize_example(tokenizer, ex, cfg.max_seq_len) for ex in examples[uid]]
+            assembly_cuts = count_cuts([t.cut for t in tokenized], cfg.max_seq_len)
+            with peft_model.disable_adapter():   # assembly sees base + task model and the composer's pieces only
+                weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}",
+                                                 cpu_bf16=cfg.inputs.model.cpu_bf16)
+            seconds = time.perf_counter() - t0
+            recipe = make_recipe(pool, weights, settings, uid, task.name, batches,
+                                 {"seed_user": seed, "examples": len(tokenized), "inputs": inputs})
+            write_recipe(recipe, path)
+            timing["assembly_seconds"] = round(seconds, 4)
+        if cfg.save_adapters:
+            pool.save_adapter(weights, out_root / "adapters" / f"user_{uid}")
+        shortened = {}
+        with composer_removed(model):   # predicted as OPPU is: peft's LoRA layers on base + task model
+            load_composed(peft_model, pool, weights)
+            preds = predict_one_user(peft_model, tokenizer, task, user, all_profiles, layout.profiles, device,
+                                     cfg.generation, shortened)
+        write_json_atomic(user_predictions_path(out_root, uid), preds)
+        return {**timing, "truncated": user_entry(uid, assembly_cuts, shortened)}
+
+    run_per_user(users, lambda uid: recipe_path(out_root, uid).is_file()
+                 and user_predictions_path(out_root, uid).is_file(),
+                 work, "composition", out_root / "users_log.jsonl", num_shards, shard_id, overwrite)
+    report_stage("composition", log_totals(out_root / "users_log.jsonl", [uid for uid, _ in users]))
+    if combine_user_predictions(out_root, task, test_users):
+        write_summary(out_root, pool, [uid for uid, _ in users])
+    return out_root
+
+
+def write_summary(out_root: Path, pool: PiecePool, uids: list) -> dict:
+    """Per user and on average: assembly seconds; storage as perpcs.storage defines it: payload_bytes (the
+    recipe's sharer ids and weights per piece, what re-materialises the LoRA) beside recipe_bytes (the whole
+    recipe file, with its bookkeeping: settings, batches, seed); sharers chosen per piece. Once: the sharer
+    LoRAs as stored (a fixed cost of all users together)."""
+    seconds = assembly_seconds(out_root / "users_log.jsonl")
+    per_user = {}
+    for uid in uids:
+        path = recipe_path(out_root, uid)
+        recipe = read_json(path, "recipe")
+        counts = [len(v) for v in recipe["pieces"].values()]
+        per_user[uid] = {"assembly_seconds": seconds.get(uid), "payload_bytes": len(recipe_payload(recipe, path)),
+                         "recipe_bytes": path.stat().st_size, "sharers_per_piece": sum(counts) / max(len(counts), 1)}
+    mean = {key: _mean([u[key] for u in per_user.values()])
+            for key in ("assembly_seconds", "payload_bytes", "recipe_bytes", "sharers_per_piece")}
+    sharer_bytes = [adapter_bytes(pool.anchor_dir / f"user_{uid}") for uid in pool.sharer_ids]
+    pool_bytes = sum(sharer_bytes) if None not in sharer_bytes else None
+    summary = {"users": per_user, "mean": mean, "n_users": len(per_user), "n_sharers": len(pool),
+               "n_pieces": len(pool.pieces), "truncated": log_totals(out_root / "users_log.jsonl", uids),
+               "sharer_pool_bytes": pool_bytes,
+               "sharer_adapter_bytes": pool_bytes / len(pool) if pool_bytes is not None else None}
+    write_json_atomic(out_root / "summary.json", summary)
+    secs = "-" if mean["assembly_seconds"] is None else f"{mean['assembly_seconds']:.2f}"
+    print(f"summary: {secs} s per user; storage per user {format_bytes(mean['payload_bytes'])} (sharer ids and "
+          f"weights; recipe file with bookkeeping {format_bytes(mean['recipe_bytes'])}); sharer LoRAs "
+          f"{format_bytes(pool_bytes)} in all -> {out_root / 'summary.json'}")
+    return summary
+
+
+def _mean(values) -> float | None:
+    """Mean over the users that have the value (a user resumed from its recipe has no timing); None if none has."""
+    known = [float(v) for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def assembly_seconds(log_path: Path) -> dict:
+    """{user: seconds of its last assembly} (a user resumed from its recipe logs none)."""
+    return last_per_user(log_path, "assembly_seconds")

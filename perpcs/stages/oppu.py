@@ -1,0 +1,66 @@
+"""The OPPU baseline: a LoRA per target user trained on that user's own history only.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from perpcs.atomic import write_json_atomic
+from perpcs.config import OPPUStage
+from perpcs.data.layout import Layout, user_id
+from perpcs.data.tasks import get_task
+from perpcs.data.truncation import finish_per_user_stage
+from perpcs.engine.training import train, user_seed
+from perpcs.models.lora import load_adapter_weights, save_peft_adapter
+from perpcs.models.provenance import SOURCE_FILE
+from perpcs.paths import default_dirs
+from perpcs.stages.base import (adapter_done, check_existing_predictions, combine_user_predictions, fresh_lora, lazy,
+                                load_merged_base, merged_base_sources, predict_one_user, run_per_user, user_examples,
+                                user_predictions_path, user_record)
+
+
+def train_oppu(cfg: OPPUStage) -> Path:
+    """The OPPU baseline: a LoRA per test user on that user's own history only, then its predictions."""
+    task = get_task(cfg.inputs.task_name)
+    layout = Layout(cfg.inputs.data_dir, task)
+    out_root = Path(cfg.output_dir or default_dirs(task.name)["oppu"])
+    test_users = layout.load_split("test", check=True)
+    layout.load_golds(test_users)
+    profiles = layout.load_profiles()
+    users = [(user_id(u), u) for u in test_users]
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users)
+                for i, (uid, u) in enumerate(users)}
+    num_shards, shard_id = cfg.shards.resolve()
+    base_cfg = cfg.train
+    check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task),
+                               cfg.shards.overwrite)
+    sources = merged_base_sources(cfg.inputs)
+    engine = lazy(lambda: load_merged_base(cfg.inputs))   # no model load when every user is done
+
+    def work(uid, user):
+        model, tokenizer, device = engine()
+        seed = user_seed(base_cfg.seed, uid)
+        adapter_dir = out_root / "adapters" / f"user_{uid}"
+        peft_model = fresh_lora(model, cfg.lora, seed)
+        try:
+            # killed after saving, before predicting: reuse the adapter if it was made from the same inputs
+            if not cfg.shards.overwrite and adapter_done(adapter_dir, sources, "trained"):
+                load_adapter_weights(peft_model, adapter_dir)
+                stats = {"tokens": 0, "last_loss": None, "seconds": 0.0}
+            else:
+                stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
+                              desc=f"OPPU {uid}", log_path=out_root / "train_log.jsonl")
+                save_peft_adapter(peft_model, adapter_dir, {SOURCE_FILE: sources})
+            shortened = {}
+            preds = predict_one_user(peft_model, tokenizer, task, user, profiles, layout.profiles, device,
+                                     cfg.generation, shortened)
+            write_json_atomic(user_predictions_path(out_root, uid), preds)
+        finally:
+            peft_model.unload()
+        return user_record(uid, examples[uid], stats, shortened)
+
+    run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
+                 out_root / "users_log.jsonl", num_shards, shard_id, cfg.shards.overwrite)
+    finish_per_user_stage("OPPU", out_root, [uid for uid, _ in users])
+    combine_user_predictions(out_root, task, test_users)
+    return out_root

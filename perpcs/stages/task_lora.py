@@ -1,0 +1,103 @@
+"""Stage 1: the task LoRA on the base LLM, and the non-personalized / RAG / PAG baseline predictions."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from perpcs.config import TaskLoRAStage
+from perpcs.data.layout import Layout, profile_text
+from perpcs.data.prompts import UserHistory, query_example
+from perpcs.data.tasks import get_task
+from perpcs.data.truncation import describe, record_in_summary
+from perpcs.engine.generation import predict_variants, write_variant_files
+from perpcs.engine.training import train
+from perpcs.models.lora import is_complete_adapter, save_peft_adapter
+
+
+def init_data_parallel(device: str) -> tuple:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on GPUs, gloo on CPUs); (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    from perpcs.models.devices import resolve_device
+    if not dist.is_initialized():
+        dev = resolve_device(device)   # cuda:LOCAL_RANK under torchrun on GPUs
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def task_lora_examples(task, users: list, profiles: dict, profiles_path) -> list:
+    """SPEC 4: each query of each base user with profile text + BM25 top-1 of the user's history; target gold."""
+    examples = []
+    for ui, user in enumerate(users):
+        history = UserHistory(task, user["profile"])
+        prof = profile_text(profiles, user, profiles_path, ui)
+        examples.extend(query_example(task, q, history, 1, prof) for q in user["query"])
+    return examples
+
+
+def default_output_dir(task_name: str) -> Path:
+    return Path("./output") / task_name / "task-base_LLM"
+
+
+def run(cfg: TaskLoRAStage) -> Path:
+    from peft import PeftModel, get_peft_model
+    from transformers import set_seed
+
+    from perpcs.models.loading import load_base_model
+    from perpcs.models.lora import lora_config, resolve_lora_ckpt
+
+    inputs, m = cfg.inputs, cfg.inputs.model
+    task = get_task(inputs.task_name)
+    layout = Layout(inputs.data_dir, task)
+    out_dir = Path(cfg.output_dir or default_output_dir(task.name))
+    # read and validate every input before the (slow) model load
+    test_users = layout.load_split("test", check=True)
+    golds = layout.load_golds(test_users)
+    profiles = layout.load_profiles()
+    base_users = None if cfg.infer else layout.load_split("base", need_gold=True, check=True)
+
+    rank, world = init_data_parallel(m.device)
+    model, tokenizer, device = load_base_model(m.llama_model_path, m.tokenizer_path, m.device, cpu_bf16=m.cpu_bf16)
+    if cfg.infer or (is_complete_adapter(out_dir) and not cfg.overwrite):
+        adapter_dir = resolve_lora_ckpt(inputs.lora_ckpt) if inputs.lora_ckpt else resolve_lora_ckpt(out_dir)
+        print(f"loading the task LoRA from {adapter_dir}" + ("" if cfg.infer else " (already trained)"))
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    else:
+        examples = task_lora_examples(task, base_users, profiles, layout.profiles)
+        set_seed(cfg.train.seed)   # the LoRA's A init
+        model = get_peft_model(model, lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+                                                  cfg.lora.target_modules))
+        print(f"training the task LoRA on {len(examples)} queries of {len(base_users)} base users")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stats = train(model, tokenizer, examples, cfg.train, device, desc=f"task LoRA ({task.name})",
+                      log_path=out_dir / "train_log.jsonl")
+        if rank != 0:   # data parallel: rank 0 saves and predicts
+            return out_dir
+        save_peft_adapter(model, out_dir)
+        print(f"saved the task LoRA to {out_dir} ({stats['steps']} steps, last loss {stats['last_loss']:.4f}, "
+              f"{stats['tokens_per_s']:.0f} tokens/s)")
+        print(describe("task LoRA training", stats["truncated"], "examples"))
+        record_in_summary(out_dir, {"examples": stats["truncated"]})
+    if rank != 0:
+        return out_dir
+    model = model.merge_and_unload()   # faster generation; the adapter on disk is unchanged
+
+    pred_dir = out_dir / "predictions"
+    shortened = {}
+    gen = cfg.generation
+    preds = predict_variants(model, tokenizer, task, test_users, profiles, device, k_list=gen.k_list,
+                             max_new_tokens=gen.max_gen_len, profiles_path=layout.profiles, shortened=shortened,
+                             show_progress=True, **gen.kwargs())
+    write_variant_files(pred_dir, task, preds)
+    where = record_in_summary(out_dir, {"prompts": shortened})
+    print(describe("task LoRA predictions", shortened, "prompts") + f" -> {where}")
+    n_golds = len(golds["golds"])
+    print(f"predictions for {n_golds} test queries in {pred_dir}")
+    return out_dir
