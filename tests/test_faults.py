@@ -461,7 +461,7 @@ def test_the_scanner_catches_unsafe_code(tmp_path):
 
 def test_no_pickle_no_unsafe_torch_load_no_remote_code():
     sources = project_sources()
-    assert len(sources) > 20 and ROOT / "perpcs" / "modeling.py" in sources
+    assert len(sources) > 20 and ROOT / "perpcs" / "models" / "meta.py" in sources
     problems = [p for f in sources for p in unsafe_calls(f)]
     assert problems == []
     for f in sources:     # plain text too: no pickle use through getattr or strings
@@ -509,7 +509,6 @@ def test_generation_flags_that_would_write_clashing_files_are_refused(flags, cap
 def test_a_rerun_with_every_user_done_loads_no_model(stage, pipe, tmp_path, capsys, monkeypatch):
     """Resuming a finished stage (scripts/run_task.sh and the ablation call every stage again) must cost
     seconds, not a model load; the combined files are rewritten from the per-user ones."""
-    import perpcs.stages.base
     if stage == "oppu":
         out_dir = tmp_path / "oppu"
         run(OPPU.main, pipe.oppu_args(out_dir), capsys)
@@ -525,8 +524,8 @@ def test_a_rerun_with_every_user_done_loads_no_model(stage, pipe, tmp_path, caps
     def no_model(*a, **k):
         raise AssertionError("loaded the model with nothing to do")
 
-    monkeypatch.setattr(perpcs.sharers, "load_merged_base", no_model)
-    monkeypatch.setattr("perpcs.stages.composition.load_merged_base", no_model)
+    for stage_module in ("sharer_loras", "sharer_gates", "oppu", "composition"):
+        monkeypatch.setattr(f"perpcs.stages.{stage_module}.load_merged_base", no_model)
     before = adapter_digests(out_dir)
     combined = file_digests(out_dir / "predictions") if (out_dir / "predictions").is_dir() else None
     if combined:
@@ -565,7 +564,7 @@ def test_a_read_only_output_dir_is_named_and_nothing_is_lost(pipe, tmp_path, cap
     """Root ignores chmod here, so a read-only filesystem is simulated where the stage first writes."""
     import tempfile
 
-    import perpcs.models.lora
+    import perpcs.atomic
     out_dir = tmp_path / "anchor_PEFT"
     first = pipe.sharer_ids()[0]
     shutil.copytree(pipe.anchor_peft / f"user_{first}", out_dir / f"user_{first}")
@@ -577,7 +576,7 @@ def test_a_read_only_output_dir_is_named_and_nothing_is_lost(pipe, tmp_path, cap
             raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
         return real_mkdtemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(perpcs.adapters.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(perpcs.atomic.tempfile, "mkdtemp", read_only)
     err = cli_error(train_anchor_PEFT.main, pipe.sharer_args(out_dir), capsys)
     assert f"cannot write into {out_dir}" in err and "Read-only file system" in err
     assert adapter_digests(out_dir) == before

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from perpcs.models import loading as modeling
+from perpcs.models import folders, loading, lora, meta
 from perpcs.errors import PerpcsError
 from perpcs.models.lora import (adapter_tensor_names, lora_config, merge_lora_into_base, resolve_lora_ckpt,
                                 verify_adapter)
@@ -209,7 +209,7 @@ def test_meta_conversion_is_reused(tmp_path, tiny_sp_dir, sp_model, monkeypatch)
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(modeling, "convert_meta_checkpoint", no_second_conversion)
+    monkeypatch.setattr(meta, "convert_meta_checkpoint", no_second_conversion)
     assert resolve_model_dir(str(meta_dir)) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     assert not [p for p in meta_dir.iterdir() if p.name.startswith(".hf_converted")]  # no temp left
@@ -242,7 +242,7 @@ def test_moved_meta_download_keeps_its_conversion_and_a_same_size_swap_is_caught
     def no_second_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(modeling, "convert_meta_checkpoint", no_second_conversion)
+    monkeypatch.setattr(meta, "convert_meta_checkpoint", no_second_conversion)
     assert resolve_model_dir(str(moved)) == moved / "hf_converted"
     shard = moved / "consolidated.00.pth"
     data = bytearray(shard.read_bytes())
@@ -255,7 +255,7 @@ def test_moved_meta_download_keeps_its_conversion_and_a_same_size_swap_is_caught
 def test_read_only_meta_download_converts_into_cache(tmp_path, tiny_sp_dir, sp_model, monkeypatch):
     meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
     monkeypatch.setenv("PERPCS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(modeling.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(meta.os, "access", lambda path, mode: False)
     hf_dir = resolve_model_dir(str(meta_dir))
     assert hf_dir.parent == tmp_path / "cache" / "meta-converted"
     assert not (meta_dir / "hf_converted").exists()
@@ -268,18 +268,18 @@ def test_read_only_meta_download_uses_its_existing_conversion(tmp_path, tiny_sp_
     converted = resolve_model_dir(str(meta_dir))
     assert converted == meta_dir / "hf_converted"
     monkeypatch.setenv("PERPCS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(modeling.os, "access", lambda path, mode: False)
-    real_convert = modeling.convert_meta_checkpoint
+    monkeypatch.setattr(meta.os, "access", lambda path, mode: False)
+    real_convert = meta.convert_meta_checkpoint
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(modeling, "convert_meta_checkpoint", no_conversion)
+    monkeypatch.setattr(meta, "convert_meta_checkpoint", no_conversion)
     assert resolve_model_dir(str(meta_dir)) == converted
     assert not (tmp_path / "cache" / "meta-converted").exists()
     # A stale conversion there cannot be deleted by this user: convert into the cache instead.
     (meta_dir / "params.json").write_text((meta_dir / "params.json").read_text() + "\n")
-    monkeypatch.setattr(modeling, "convert_meta_checkpoint", real_convert)
+    monkeypatch.setattr(meta, "convert_meta_checkpoint", real_convert)
     assert resolve_model_dir(str(meta_dir)).parent == tmp_path / "cache" / "meta-converted"
 
 
@@ -296,7 +296,7 @@ def test_leftover_meta_target_fails_before_converting(tmp_path, tiny_sp_dir, sp_
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted into a leftover directory")
 
-    monkeypatch.setattr(modeling, "convert_meta_checkpoint", no_conversion)
+    monkeypatch.setattr(meta, "convert_meta_checkpoint", no_conversion)
     with pytest.raises(PerpcsError, match=re.escape(f"{target} exists but is not a finished conversion")) as err:
         resolve_model_dir(str(meta_dir))
     assert f"delete {target}" in str(err.value)
@@ -305,20 +305,20 @@ def test_leftover_meta_target_fails_before_converting(tmp_path, tiny_sp_dir, sp_
 def test_empty_meta_target_is_converted_into(tmp_path, tiny_sp_dir, sp_model):
     meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
     (meta_dir / "hf_converted").mkdir()
-    assert modeling._has_hf_files(resolve_model_dir(str(meta_dir)))
+    assert folders._has_hf_files(resolve_model_dir(str(meta_dir)))
 
 
 def test_concurrent_meta_conversions_convert_once(tmp_path, tiny_sp_dir, sp_model, monkeypatch):
     """torchrun ranks all load the base model: one converts, the others wait for it and reuse its result."""
     meta_dir, _, _ = write_meta_download(tiny_sp_dir, sp_model, tmp_path / "Llama-t")
-    real_convert, calls = modeling.convert_meta_checkpoint, []
+    real_convert, calls = meta.convert_meta_checkpoint, []
 
     def slow_convert(*args, **kwargs):
         calls.append(threading.get_ident())
         time.sleep(0.5)  # leaves the other thread time to find no conversion and start its own
         real_convert(*args, **kwargs)
 
-    monkeypatch.setattr(modeling, "convert_meta_checkpoint", slow_convert)
+    monkeypatch.setattr(meta, "convert_meta_checkpoint", slow_convert)
     start = threading.Barrier(2)
 
     def rank(_):
@@ -346,7 +346,7 @@ def test_conversion_lock_is_held_across_processes_on_the_lock_file(tmp_path):
     acquired = threading.Event()
 
     def rank():
-        with modeling._conversion_lock(target):
+        with folders._conversion_lock(target):
             acquired.set()
 
     try:
@@ -367,7 +367,7 @@ def test_conversion_lock_is_held_across_processes_on_the_lock_file(tmp_path):
         return subprocess.run([sys.executable, "-c", flock + " | fcntl.LOCK_NB)", str(lock_file)],
                               capture_output=True, text=True)
 
-    with modeling._conversion_lock(target):
+    with folders._conversion_lock(target):
         busy = try_lock()
     assert busy.returncode != 0 and "BlockingIOError" in busy.stderr
     assert try_lock().returncode == 0                       # released
@@ -378,14 +378,14 @@ def test_a_conversion_lock_that_cannot_be_created_names_the_file(tmp_path):
     (tmp_path / "a_file").write_text("x")   # its "directory" is a file (a read-only one would not stop root)
     target = tmp_path / "a_file" / "hf_converted"
     with pytest.raises(PerpcsError, match=re.escape(f"{target}.lock: cannot create the conversion lock")):
-        with modeling._conversion_lock(target):
+        with folders._conversion_lock(target):
             pass
 
 
 def fake_smollm2(tmp_path, monkeypatch, calls: list) -> Path:
     """Point SmolLM2 at a tmp cache, with a fast stand-in for the GGUF conversion."""
     monkeypatch.setenv("PERPCS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(modeling, "_smollm2_package_dir", lambda: tmp_path)
+    monkeypatch.setattr(loading, "_smollm2_package_dir", lambda: tmp_path)
 
     def fake_gguf_to_hf(gguf_dir, gguf_file, out_dir):
         calls.append(out_dir)
@@ -393,7 +393,7 @@ def fake_smollm2(tmp_path, monkeypatch, calls: list) -> Path:
         (out_dir / "config.json").write_text('{"model_type": "llama"}')
         (out_dir / "model.safetensors").write_bytes(b"x")
 
-    monkeypatch.setattr(modeling, "_gguf_to_hf", fake_gguf_to_hf)
+    monkeypatch.setattr(loading, "_gguf_to_hf", fake_gguf_to_hf)
     return tmp_path / "cache" / "smollm2-135m-instruct"
 
 
@@ -404,7 +404,7 @@ def test_concurrent_smollm2_conversions_convert_once(tmp_path, monkeypatch):
 
     def rank(_):
         start.wait()
-        return modeling.smollm2_dir()
+        return loading.smollm2_dir()
 
     with ThreadPoolExecutor(2) as pool:
         assert list(pool.map(rank, range(2))) == [target] * 2
@@ -417,7 +417,7 @@ def test_leftover_smollm2_cache_fails_before_converting(tmp_path, monkeypatch):
     target.mkdir(parents=True)
     (target / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(PerpcsError, match=re.escape(f"{target} exists but is not a finished conversion")) as err:
-        modeling.smollm2_dir()
+        loading.smollm2_dir()
     assert f"delete {target}" in str(err.value)
     assert not calls
 
@@ -533,7 +533,7 @@ def test_transformers_converter_equals_the_previous_hand_written_tokenizer(tmp_p
     import sentencepiece
 
     sp_model = train_sentencepiece(tmp_path / "tokenizer.model", vocab_size=vocab_size)
-    library, previous = modeling.tokenizer_from_sentencepiece(sp_model), previous_sentencepiece_conversion(sp_model)
+    library, previous = meta.tokenizer_from_sentencepiece(sp_model), previous_sentencepiece_conversion(sp_model)
     processor = sentencepiece.SentencePieceProcessor(model_file=str(sp_model))
     assert library.get_vocab() == previous.get_vocab()
     assert (library.bos_token, library.eos_token, library.unk_token, library.padding_side) == \
@@ -673,7 +673,7 @@ def test_publish_keeps_the_first_finished_copy(tmp_path):
         tmp.mkdir()
         (tmp / "config.json").write_text(name)
         (tmp / "model.safetensors").write_bytes(b"x")
-        assert modeling._publish_dir(tmp, target) == target
+        assert folders._publish_dir(tmp, target) == target
         assert not tmp.exists()
     assert (target / "config.json").read_text() == "first"
 
@@ -685,7 +685,7 @@ def test_publish_follows_the_umask(tmp_path, umask):
     (tmp / "config.json").write_text("{}")
     old = os.umask(umask)
     try:
-        target = modeling._publish_dir(tmp, tmp_path / "model")
+        target = folders._publish_dir(tmp, tmp_path / "model")
     finally:
         os.umask(old)
     assert target.stat().st_mode & 0o777 == 0o777 & ~umask
@@ -811,11 +811,11 @@ def test_targeted_module_names_accepts_dotted_suffixes(tiny_model_dir):
     """As PEFT: "self_attn.q_proj" is a valid target, and the bare last component still matches."""
     model, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
     expected = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
-    assert modeling.targeted_module_names(model, ["self_attn.q_proj"]) == expected
-    assert modeling.targeted_module_names(model, ["q_proj"]) == expected
-    assert modeling.targeted_module_names(model, ["model.layers.1.self_attn.q_proj"]) == expected[1:]
-    assert modeling.targeted_module_names(model, ["attn.q_proj"]) == []  # whole components only
-    assert modeling.targeted_module_names(model, r".*\.1\.self_attn\.q_proj") == expected[1:]
+    assert lora.targeted_module_names(model, ["self_attn.q_proj"]) == expected
+    assert lora.targeted_module_names(model, ["q_proj"]) == expected
+    assert lora.targeted_module_names(model, ["model.layers.1.self_attn.q_proj"]) == expected[1:]
+    assert lora.targeted_module_names(model, ["attn.q_proj"]) == []  # whole components only
+    assert lora.targeted_module_names(model, r".*\.1\.self_attn\.q_proj") == expected[1:]
 
 
 # ---------------------------------------------------------------- the bundled SmolLM2

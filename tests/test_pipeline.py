@@ -96,18 +96,18 @@ def test_stage3_trains_only_lora_weights_on_an_untouched_merged_base(pipe, tmp_p
     from transformers import set_seed
 
     import cli_flags
-    import perpcs.stages.base as sharers
-    from perpcs.models.lora import lora_config
+    import perpcs.stages.sharer_loras as sharer_loras
     from perpcs.engine.training import user_seed
+    from perpcs.models.lora import lora_config
 
     loaded = {}
-    original = sharers.load_merged_base
+    original = sharer_loras.load_merged_base
 
     def capture(args):
         loaded["model"], tokenizer, device = original(args)
         return loaded["model"], tokenizer, device
 
-    monkeypatch.setattr(sharers, "load_merged_base", capture)
+    monkeypatch.setattr(sharer_loras, "load_merged_base", capture)
     argv = pipe.sharer_args(tmp_path / "anchor_PEFT")
     run(train_anchor_PEFT.main, argv, capsys)
     monkeypatch.undo()
@@ -266,15 +266,15 @@ def test_stage5_static_kv_cache_predicts_the_same(pipe, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- OPPU and profiles
 
 def test_oppu_trains_each_user_on_its_own_history_only(pipe, tmp_path, capsys, monkeypatch):
-    import perpcs.stages.base as sharers
+    import perpcs.stages.oppu as oppu
     seen = {}
-    original_train = sharers.train
+    original_train = oppu.train
 
     def recording_train(model, tokenizer, examples, cfg, device, desc="train", **kw):
         seen[desc] = list(examples)
         return original_train(model, tokenizer, examples, cfg, device, desc=desc, **kw)
 
-    monkeypatch.setattr(sharers, "train", recording_train)
+    monkeypatch.setattr(oppu, "train", recording_train)
     out_dir = tmp_path / "OPPU"
     run(OPPU.main, pipe.oppu_args(out_dir), capsys)
     layout = Layout(pipe.data, MOVIE)
@@ -426,9 +426,9 @@ def test_stage5_predicts_with_the_assembled_lora_through_peft(pipe, tmp_path, ca
 
 
 def test_oppu_predicts_with_the_users_own_lora(pipe, tmp_path, capsys, monkeypatch):
-    import perpcs.stages.base as sharers
+    import perpcs.stages.oppu as oppu
     seen = {}
-    real = sharers.predict_one_user
+    real = oppu.predict_one_user
 
     def spy(model, tokenizer, task, user, *args, **kwargs):
         if not seen:
@@ -437,7 +437,7 @@ def test_oppu_predicts_with_the_users_own_lora(pipe, tmp_path, capsys, monkeypat
                 seen["off"] = _logits(model, tokenizer)
         return real(model, tokenizer, task, user, *args, **kwargs)
 
-    monkeypatch.setattr(sharers, "predict_one_user", spy)
+    monkeypatch.setattr(oppu, "predict_one_user", spy)
     out_dir = tmp_path / "oppu"
     run(OPPU.main, pipe.oppu_args(out_dir) + ["--lr", "5e-2"], capsys)
     assert not torch.allclose(seen["used"], seen["off"], atol=1e-4)

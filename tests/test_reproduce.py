@@ -74,22 +74,22 @@ def test_default_layout_is_the_published_one():
 
 
 def test_missing_published_index_resolves_to_stage_2s_with_one_line(tmp_path, monkeypatch, capsys):
-    import perpcs.stages.base as sharers
+    import perpcs.paths as paths
     written = tmp_path / "anchor_selection" / TASK / "anchor_user_idx.json"
-    monkeypatch.setattr(sharers, "default_sharer_index", lambda task_name: written)
+    monkeypatch.setattr(paths, "default_sharer_index", lambda task_name: written)
     published = tmp_path / "anchor_selection/most_active/anchor_user_idx.pt"
     with pytest.raises(PerpcsError, match=f"writes {written}, which does not exist yet"):
-        sharers.resolve_sharer_index(published, TASK)
+        paths.resolve_sharer_index(published, TASK)
     written.parent.mkdir(parents=True)
     written.write_text("{}")
-    assert sharers.resolve_sharer_index(published, TASK) == written
+    assert paths.resolve_sharer_index(published, TASK) == written
     assert capsys.readouterr().out.count(f"using {written}") == 1
     # stage 2 run from anchor_selection/ by the published step 2 writes the .json beside where the .pt would be
     beside = written.with_name("anchor_user_idx.pt")
-    assert sharers.resolve_sharer_index(beside, TASK) == written
+    assert paths.resolve_sharer_index(beside, TASK) == written
     with pytest.raises(PerpcsError, match=f"--anchor_idx_path .*typo.json: no such file; .* writes {written}"):
-        sharers.resolve_sharer_index(tmp_path / "typo.json", TASK)   # a path of one's own is never redirected
-    assert sharers.resolve_sharer_index(None, TASK) == written
+        paths.resolve_sharer_index(tmp_path / "typo.json", TASK)   # a path of one's own is never redirected
+    assert paths.resolve_sharer_index(None, TASK) == written
 
 
 def test_resolve_tokenizer_path(tmp_path):

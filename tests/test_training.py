@@ -383,7 +383,7 @@ def test_republishing_an_adapter_never_pairs_new_weights_with_the_old_config(tin
 
     from peft import get_peft_model
 
-    from perpcs.models import lora as adapters
+    from perpcs import atomic
     model, tok, device = tiny
     target = tmp_path / "task"
     peft_model = get_peft_model(model, lora_config(r=8))
@@ -398,7 +398,7 @@ def test_republishing_an_adapter_never_pairs_new_weights_with_the_old_config(tin
         return real_replace(src, dst, *args, **kwargs)
 
     bigger = get_peft_model(model, lora_config(r=16))
-    monkeypatch.setattr(adapters.os, "replace", no_space_for_the_config)
+    monkeypatch.setattr(atomic.os, "replace", no_space_for_the_config)
     try:
         with pytest.raises(PerpcsError, match="incomplete now"):
             save_peft_adapter(bigger, target)
