@@ -42,7 +42,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from perpcs.config import OPPUStage
+    from perpcs.stages.config import OPPUStage
     from perpcs.stages.oppu import train_oppu
     args = parse_args(argv)
     return train_oppu(OPPUStage(

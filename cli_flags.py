@@ -1,5 +1,5 @@
 """Flag groups shared by the stage scripts, with the original's names and defaults, and the builders that turn
-parsed flags into the library's typed configs (perpcs/config.py): the library never sees a Namespace.
+parsed flags into the library's typed configs (perpcs/stages/config.py): the library never sees a Namespace.
 
 ``type=bool`` flags of the original could not be turned off; here booleans are ``--flag/--no-flag``.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from perpcs.config import LORA_TARGETS, GenerationConfig, LoraSettings, ModelConfig, ShardConfig, StageInputs
 from perpcs.engine.training import TrainConfig
+from perpcs.stages.config import LORA_TARGETS, GenerationConfig, LoraSettings, ModelConfig, ShardConfig, StageInputs
 
 # Flags of the published parsers that change nothing here: accepted (with a note) so that the authors' commands
 # and scripts built on them run as written instead of stopping at an argparse error.

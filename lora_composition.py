@@ -63,7 +63,7 @@ def parse_args(argv=None):
 def main(argv=None):
     from perpcs.stages.composition import compose
     from perpcs.method.composition import ComposeSettings
-    from perpcs.config import CompositionStage
+    from perpcs.stages.config import CompositionStage
     args = parse_args(argv)
     settings = ComposeSettings(topk=args.topk, agg_temperature=args.agg_temperature, share_ratio=args.share_ratio,
                                epochs=args.epochs, batch_size=args.batch_size, recent_k=args.recent_k,

@@ -29,7 +29,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from perpcs.config import TaskLoRAStage
+    from perpcs.stages.config import TaskLoRAStage
     from perpcs.stages.task_lora import run
     args = parse_args(argv)
     return run(TaskLoRAStage(inputs=cli.stage_inputs(args), lora=cli.lora_settings(args), train=cli.train_config(args),

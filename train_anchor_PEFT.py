@@ -32,7 +32,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from perpcs.config import SharerLoRAStage
+    from perpcs.stages.config import SharerLoRAStage
     from perpcs.stages.sharer_loras import train_sharer_loras
     args = parse_args(argv)
     return train_sharer_loras(SharerLoRAStage(

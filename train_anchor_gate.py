@@ -35,7 +35,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from perpcs.config import SharerGateStage
+    from perpcs.stages.config import SharerGateStage
     from perpcs.stages.sharer_gates import train_sharer_gates
     args = parse_args(argv)
     return train_sharer_gates(SharerGateStage(

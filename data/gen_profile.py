@@ -32,7 +32,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from perpcs.config import ProfileConfig
+    from perpcs.stages.config import ProfileConfig
     from perpcs.stages.profiles import generate_profiles
     return generate_profiles(ProfileConfig(**vars(parse_args(argv))))
 

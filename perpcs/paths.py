@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from perpcs.data.layout import Layout
-from perpcs.data.tasks import Task, get_task
 from perpcs.errors import fail
 
 OUTPUT_ROOT = Path("./output")
@@ -41,11 +39,10 @@ EMB_META_FILE = "user_history_emb.json"    # sidecar: what the embeddings were c
 
 # ---- paths and devices ----------------------------------------------------------------------------
 
-def default_candidate_path(task: Task) -> Path:
-    return Layout(REPO_ROOT / "data", task).candidate_users
 
 
-def default_output_dir(task: Task) -> Path:
+
+def default_output_dir(task) -> Path:
     """``<repo>/anchor_selection/<task>``, whatever the working directory (stage 3 looks there)."""
     return REPO_ROOT / "anchor_selection" / task.name
 
@@ -57,7 +54,7 @@ def default_dirs(task_name: str) -> dict:
 
 def default_sharer_index(task_name: str) -> Path:
     """Where stage 2 writes by default (anchored at the repo, as history_anchor.py runs from anywhere)."""
-    return default_output_dir(get_task(task_name)) / INDEX_FILE
+    return REPO_ROOT / "anchor_selection" / task_name / INDEX_FILE
 
 
 PUBLISHED_INDEX_NAME = "anchor_user_idx.pt"   # the published stage 2's pickle; ours is anchor_user_idx.json

@@ -92,7 +92,7 @@ def test_every_stage_runs_on_the_bundled_model(workdir):
     for method in ("task LoRA", "OPPU", "Per-Pcs"):
         assert method in table
     # OPPU's storage is its own q/v adapter (smaller than a q/k/v/o sharer LoRA), not the sharers'
-    from perpcs.evaluation.storage import format_bytes, mean_adapter_bytes
+    from perpcs.method.storage import format_bytes, mean_adapter_bytes
     oppu_bytes, oppu_users = mean_adapter_bytes(root / "output/movie_tagging/OPPU/adapters")
     assert oppu_users == 2 and oppu_bytes < summary["sharer_adapter_bytes"]
     assert f"| {format_bytes(oppu_bytes)} | - |" in table

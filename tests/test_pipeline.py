@@ -19,7 +19,7 @@ import train_anchor_PEFT
 from perpcs.data.layout import Layout, load_profiles, user_id
 from perpcs.method.gates import GATES_FILE
 from perpcs.data.prompts import history_examples
-from perpcs.evaluation.storage import format_bytes
+from perpcs.method.storage import format_bytes
 from perpcs.data.tasks import get_task
 from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
 from pipeline_fixture import run_stage as run

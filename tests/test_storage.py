@@ -16,7 +16,7 @@ from perpcs.method.pieces import PiecePool
 from perpcs.method.recipes import make_recipe, write_recipe
 from perpcs.errors import PerpcsError
 from perpcs.evaluation.report import results_table
-from perpcs.evaluation.storage import format_bytes, recipe_payload
+from perpcs.method.storage import format_bytes, recipe_payload
 from perpcs.data.tasks import get_task
 
 TASK = get_task("movie_tagging")

@@ -258,3 +258,21 @@ def all_splits_users(layout: Layout, splits=("base", "candidate", "test", "reser
         if path.is_file():
             users.extend(layout.load_split(split))
     return users
+
+
+def log_rows(log_path) -> list:
+    """The per-user rows (those with a user_id) of a users_log.jsonl, in order; none when there is no log."""
+    path = Path(log_path)
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            fail(f"{log_path}: line {number} is not JSON ({err.msg})")
+        if isinstance(row, dict) and "user_id" in row:
+            rows.append(row)
+    return rows

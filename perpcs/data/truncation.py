@@ -143,7 +143,7 @@ def log_totals(log_path, uids=None) -> dict:
     """{"examples": ..., "prompts": ...} summed over the users of a users_log.jsonl (all shards append to it):
     per user and kind the last row that has it counts (a user resumed from its adapter or recipe logs no
     examples, only prompts). ``uids``: only these users."""
-    from perpcs.stages.base import log_rows
+    from perpcs.data.layout import log_rows
     last: dict = {}
     for row in log_rows(log_path):
         entry = row.get("truncated")

@@ -42,8 +42,8 @@ from perpcs.data.layout import Layout, read_json
 from perpcs.data.tasks import Task
 from perpcs.errors import fail
 from perpcs.evaluation.results import METRIC_NAMES, TASK_METRICS, score_prediction_dir, variant_order
-from perpcs.evaluation.storage import mean_adapter_bytes
 from perpcs.method.gates import GATES_FILE
+from perpcs.method.storage import mean_adapter_bytes
 from perpcs.paths import (COMPOSITION, EMB_FILE, EMB_META_FILE, INDEX_FILE, OPPU, REPO_ROOT, SHARER_GATES, SHARER_LORAS,
                           TASK_LORA)
 from perpcs.stages.base import last_per_user

@@ -7,7 +7,7 @@ from perpcs.data.layout import Layout, read_json
 from perpcs.data.tasks import get_task
 from perpcs.errors import fail
 from perpcs.evaluation.metrics import evaluate_task
-from perpcs.evaluation.storage import format_bytes, mean_adapter_bytes
+from perpcs.method.storage import format_bytes, mean_adapter_bytes
 from perpcs.paths import COMPOSITION, OPPU, TASK_LORA
 from perpcs.stages.base import last_per_user
 

@@ -12,8 +12,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from perpcs.config import GenerationConfig, LoraSettings, StageInputs
-from perpcs.data.layout import load_users, profile_text, read_json, user_id
+from perpcs.data.layout import load_users, log_rows, profile_text, read_json, user_id
 from perpcs.data.prompts import history_examples
 from perpcs.data.tasks import get_task
 from perpcs.data.truncation import user_entry
@@ -22,6 +21,7 @@ from perpcs.errors import fail
 from perpcs.models.lora import is_complete_adapter
 from perpcs.models.provenance import SOURCE_FILE, read_source, refuse_other_sources, training_sources
 from perpcs.paths import default_dirs
+from perpcs.stages.config import GenerationConfig, LoraSettings, StageInputs
 
 
 def lazy(make: Callable) -> Callable:
@@ -56,22 +56,7 @@ def last_per_user(log_path, key: str) -> dict:
     return values
 
 
-def log_rows(log_path) -> list:
-    """The per-user rows (those with a user_id) of a users_log.jsonl, in order; none when there is no log."""
-    path = Path(log_path)
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            fail(f"{log_path}: line {number} is not JSON ({err.msg})")
-        if isinstance(row, dict) and "user_id" in row:
-            rows.append(row)
-    return rows
+
 
 
 def shard_users(users: list, num_shards: int, shard_id: int) -> list:

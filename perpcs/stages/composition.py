@@ -7,23 +7,23 @@ import time
 from pathlib import Path
 
 from perpcs.atomic import write_json_atomic
-from perpcs.config import CompositionStage, StageInputs
 from perpcs.data.layout import Layout, read_json, user_id
 from perpcs.data.tasks import get_task
 from perpcs.data.truncation import count_cuts, log_totals, report_stage, user_entry
 from perpcs.engine.training import tokenize_example, user_seed
 from perpcs.errors import fail
-from perpcs.evaluation.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.method.composition import Composer, ComposeSettings, assemble_user, composer_removed, install_composer
 from perpcs.method.gates import GATES_FILE
 from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
 from perpcs.method.recipes import make_recipe, recipe_weights, write_recipe
+from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.models.provenance import file_sha256, refuse_other_sources
-from perpcs.paths import default_dirs, resolve_sharer_lora_dir, resolve_sharer_index
+from perpcs.paths import default_dirs, resolve_sharer_index, resolve_sharer_lora_dir
 from perpcs.stages.base import (check_existing_predictions, combine_user_predictions, last_per_user, lazy,
                                 load_merged_base, load_sharers, merged_base_sources, predict_one_user,
                                 profiles_if_needed, refuse_other_settings, run_per_user, user_examples,
                                 user_predictions_path)
+from perpcs.stages.config import CompositionStage, StageInputs
 
 
 def recipe_path(root, uid: str) -> Path:

@@ -6,7 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from perpcs.atomic import write_json_atomic
-from perpcs.config import OPPUStage
 from perpcs.data.layout import Layout, user_id
 from perpcs.data.tasks import get_task
 from perpcs.data.truncation import finish_per_user_stage
@@ -17,6 +16,7 @@ from perpcs.paths import default_dirs
 from perpcs.stages.base import (adapter_done, check_existing_predictions, combine_user_predictions, fresh_lora, lazy,
                                 load_merged_base, merged_base_sources, predict_one_user, run_per_user, user_examples,
                                 user_predictions_path, user_record)
+from perpcs.stages.config import OPPUStage
 
 
 def train_oppu(cfg: OPPUStage) -> Path:

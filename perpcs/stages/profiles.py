@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from perpcs.atomic import write_json_atomic
-from perpcs.config import ProfileConfig
 from perpcs.data.layout import Layout, all_splits_users, load_profiles, read_json, user_id
 from perpcs.data.prompts import HISTORY_WORDS, truncated_item
 from perpcs.data.tasks import Task, get_task
 from perpcs.data.truncation import count_cuts, describe
+from perpcs.stages.config import ProfileConfig
 
 
 def profile_prompt(task: Task, items: list, k: int) -> str:

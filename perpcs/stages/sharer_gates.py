@@ -6,7 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from perpcs.atomic import write_dir_atomic, write_json_atomic
-from perpcs.config import SharerGateStage
 from perpcs.data.layout import Layout
 from perpcs.data.tasks import get_task
 from perpcs.data.truncation import finish_per_user_stage
@@ -15,9 +14,10 @@ from perpcs.errors import fail
 from perpcs.method.gates import GATES_FILE, install_gates, remove_gates, save_gates
 from perpcs.models.lora import is_complete_adapter
 from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, read_source, refuse_other_sources
-from perpcs.paths import default_dirs, resolve_sharer_lora_dir, resolve_sharer_index
+from perpcs.paths import default_dirs, resolve_sharer_index, resolve_sharer_lora_dir
 from perpcs.stages.base import (lazy, load_merged_base, load_sharers, merged_base_sources, profiles_if_needed,
                                 run_per_user, user_dir, user_examples, user_record)
+from perpcs.stages.config import SharerGateStage
 
 
 def train_sharer_gates(cfg: SharerGateStage) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from perpcs.config import SharerLoRAStage
 from perpcs.data.layout import Layout
 from perpcs.data.tasks import get_task
 from perpcs.data.truncation import finish_per_user_stage
@@ -15,6 +14,7 @@ from perpcs.models.provenance import SOURCE_FILE
 from perpcs.paths import default_dirs, resolve_sharer_index
 from perpcs.stages.base import (adapter_done, fresh_lora, lazy, load_merged_base, load_sharers, merged_base_sources,
                                 profiles_if_needed, run_per_user, user_dir, user_examples, user_record)
+from perpcs.stages.config import SharerLoRAStage
 
 
 def train_sharer_loras(cfg: SharerLoRAStage) -> Path:

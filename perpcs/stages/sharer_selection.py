@@ -14,22 +14,21 @@ A candidate with an empty history cannot be embedded: its embedding row is NaN, 
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from perpcs.atomic import write_json_atomic
-from perpcs.data.layout import load_users, read_json, user_id
+from perpcs.atomic import write_bytes_atomic, write_json_atomic
+from perpcs.data.layout import Layout, load_users, read_json, user_id
 from perpcs.data.prompts import HISTORY_WORDS, history_string
 from perpcs.data.tasks import Task, get_task
 from perpcs.errors import fail
 from perpcs.models.provenance import file_sha256
-from perpcs.paths import EMB_FILE, EMB_META_FILE, INDEX_FILE, default_candidate_path, default_output_dir
+from perpcs.paths import EMB_FILE, EMB_META_FILE, INDEX_FILE, REPO_ROOT, default_output_dir
 
 STRATEGIES = ("cluster", "most_active", "random")
 KMEANS_N_INIT = 10          # k-means restarts; the best of 10 (by inertia) is kept
@@ -39,6 +38,10 @@ PAPER_ENCODER = "microsoft/deberta-v3-large"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # The files that make an encoder (config, tokenizer, PyTorch weights); other frameworks' weights are left out.
 ENCODER_FILE_SUFFIXES = (".json", ".txt", ".model", ".safetensors", ".bin")
+
+
+def default_candidate_path(task: Task) -> Path:
+    return Layout(REPO_ROOT / "data", task).candidate_users
 
 
 def default_encoder_path() -> Path:
@@ -267,19 +270,9 @@ def _cluster_sharers(embeddings, lengths, k, min_history, seed):
 # ---- embedding cache ------------------------------------------------------------------------------
 
 def save_npy_atomic(path, array: np.ndarray) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def embedding_key(task: Task, candidate_path, encoder, max_length: int) -> dict:

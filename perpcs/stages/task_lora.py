@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from perpcs.config import TaskLoRAStage
 from perpcs.data.layout import Layout, profile_text
 from perpcs.data.prompts import UserHistory, query_example
 from perpcs.data.tasks import get_task
@@ -14,6 +13,7 @@ from perpcs.data.truncation import describe, record_in_summary
 from perpcs.engine.generation import predict_variants, write_variant_files
 from perpcs.engine.training import train
 from perpcs.models.lora import is_complete_adapter, save_peft_adapter
+from perpcs.stages.config import TaskLoRAStage
 
 
 def init_data_parallel(device: str) -> tuple:
