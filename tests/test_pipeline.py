@@ -96,18 +96,18 @@ def test_stage3_trains_only_lora_weights_on_an_untouched_merged_base(pipe, tmp_p
     from transformers import set_seed
 
     import cli_flags
-    import perpcs.stages.sharer_loras as sharer_loras
+    import perpcs.stages.base as stage_base
     from perpcs.engine.training import user_seed
     from perpcs.models.lora import lora_config
 
     loaded = {}
-    original = sharer_loras.load_merged_base
+    original = stage_base.load_merged_base
 
     def capture(args):
         loaded["model"], tokenizer, device = original(args)
         return loaded["model"], tokenizer, device
 
-    monkeypatch.setattr(sharer_loras, "load_merged_base", capture)
+    monkeypatch.setattr(stage_base, "load_merged_base", capture)
     argv = pipe.sharer_args(tmp_path / "anchor_PEFT")
     run(train_anchor_PEFT.main, argv, capsys)
     monkeypatch.undo()

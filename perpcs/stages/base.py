@@ -1,4 +1,5 @@
-"""The per-user loop of stages 3, 4, 5 and OPPU: sharding, resuming, per-user seeds and a JSONL log.
+"""What every per-user stage (3, 4, 5 and OPPU) shares: the merged base model loaded lazily, the sharers and users'
+history examples, sharding and resuming with a JSONL log, refusing outputs made differently, per-user predictions.
 
 A user's work is seeded from (seed, user id), and its output is published atomically, so a run killed at any
 moment and started again produces the same files as an uninterrupted one, without redoing finished users.
@@ -7,12 +8,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
 
-from perpcs.data.layout import load_users, log_rows, profile_text, read_json, user_id
+from perpcs.data.layout import Layout, load_users, log_rows, profile_text, read_json, user_id
 from perpcs.data.prompts import history_examples
 from perpcs.data.tasks import get_task
 from perpcs.data.truncation import user_entry
@@ -20,8 +22,8 @@ from perpcs.engine.generation import predict_variants, write_variant_files
 from perpcs.errors import fail
 from perpcs.models.lora import is_complete_adapter
 from perpcs.models.provenance import SOURCE_FILE, read_source, refuse_other_sources, training_sources
-from perpcs.paths import default_dirs
-from perpcs.stages.config import GenerationConfig, LoraSettings, StageInputs
+from perpcs.paths import default_dirs, resolve_sharer_index
+from perpcs.stages.config import GenerationConfig, LoraSettings, ShardConfig, StageInputs
 
 
 def lazy(make: Callable) -> Callable:
@@ -54,9 +56,6 @@ def last_per_user(log_path, key: str) -> dict:
         if isinstance(value, (int, float)) and value > 0:
             values[str(row["user_id"])] = float(value)
     return values
-
-
-
 
 
 def shard_users(users: list, num_shards: int, shard_id: int) -> list:
@@ -104,6 +103,31 @@ def load_sharers(anchor_idx_path, candidate_path, task) -> list:
     candidates = load_users(candidate_path, task)
     index = load_sharer_index(anchor_idx_path, candidates)
     return [(str(uid), candidates[idx]) for idx, uid in zip(index["indices"], index["user_ids"])]
+
+
+@dataclass
+class SharerRun:
+    """The set-up stages 3 and 4 share: the sharers (stage 2's index into the candidates), their examples, this
+    process's shard, what the outputs must be made from, and the merged base model, loaded at the first user."""
+    task: object
+    layout: Layout
+    dirs: dict
+    sharers: list          # [(user id, user record)]
+    examples: dict         # user id -> history examples
+    shard: tuple           # (num_shards, shard_id)
+    sources: dict          # digests of the base model and task LoRA (provenance)
+    engine: Callable       # -> (model, tokenizer, device); no model load when every sharer is done
+
+
+def sharer_run(inputs: StageInputs, shards: ShardConfig, anchor_idx_path, recent_k: int | None = None) -> SharerRun:
+    task = get_task(inputs.task_name)
+    layout = Layout(inputs.data_dir, task)
+    sharers = load_sharers(resolve_sharer_index(anchor_idx_path, task.name), layout.candidate_users, task)
+    profiles = profiles_if_needed(layout, task)
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.candidate_users, recent_k)
+                for i, (uid, u) in enumerate(sharers)}
+    return SharerRun(task, layout, default_dirs(task.name), sharers, examples, shards.resolve(),
+                     merged_base_sources(inputs), lazy(lambda: load_merged_base(inputs)))
 
 
 def task_lora_dir(inputs: StageInputs) -> Path:

@@ -6,44 +6,32 @@ from dataclasses import replace
 from pathlib import Path
 
 from perpcs.atomic import write_dir_atomic, write_json_atomic
-from perpcs.data.layout import Layout
-from perpcs.data.tasks import get_task
 from perpcs.data.truncation import finish_per_user_stage
 from perpcs.engine.training import train, user_seed
 from perpcs.errors import fail
 from perpcs.method.gates import GATES_FILE, install_gates, remove_gates, save_gates
 from perpcs.models.lora import is_complete_adapter
 from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, read_source, refuse_other_sources
-from perpcs.paths import default_dirs, resolve_sharer_index, resolve_sharer_lora_dir
-from perpcs.stages.base import (lazy, load_merged_base, load_sharers, merged_base_sources, profiles_if_needed,
-                                run_per_user, user_dir, user_examples, user_record)
+from perpcs.paths import resolve_sharer_lora_dir
+from perpcs.stages.base import run_per_user, sharer_run, user_dir, user_record
 from perpcs.stages.config import SharerGateStage
 
 
 def train_sharer_gates(cfg: SharerGateStage) -> Path:
     """Stage 4: one gate per piece of each (frozen) sharer LoRA, on the sharer's last recent_k items."""
     from peft import PeftModel
-    task = get_task(cfg.inputs.task_name)
-    layout = Layout(cfg.inputs.data_dir, task)
-    dirs = default_dirs(task.name)
-    anchor_dir = resolve_sharer_lora_dir(cfg.anchor_path or dirs["sharer_loras"])
-    out_root = Path(cfg.output_dir or dirs["sharer_gates"])
     if cfg.recent_k < 1:
         fail(f"--recent_k must be at least 1, got {cfg.recent_k}")
-    sharers = load_sharers(resolve_sharer_index(cfg.anchor_idx_path, task.name), layout.candidate_users, task)
-    for uid, _ in sharers:
+    run = sharer_run(cfg.inputs, cfg.shards, cfg.anchor_idx_path, cfg.recent_k)
+    anchor_dir = resolve_sharer_lora_dir(cfg.anchor_path or run.dirs["sharer_loras"])
+    out_root = Path(cfg.output_dir or run.dirs["sharer_gates"])
+    for uid, _ in run.sharers:
         if not is_complete_adapter(user_dir(anchor_dir, uid)):
             fail(f"no sharer LoRA for user {uid!r} in {user_dir(anchor_dir, uid)} (run train_anchor_PEFT.py)")
-    profiles = profiles_if_needed(layout, task)
-    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.candidate_users, cfg.recent_k)
-                for i, (uid, u) in enumerate(sharers)}
-    num_shards, shard_id = cfg.shards.resolve()
-    base_cfg = cfg.train
-    sources = merged_base_sources(cfg.inputs)
-    engine = lazy(lambda: load_merged_base(cfg.inputs))   # no model load when every sharer is done
+    base_cfg, examples, sources = cfg.train, run.examples, run.sources
 
     def work(uid, user):
-        model, tokenizer, device = engine()
+        model, tokenizer, device = run.engine()
         seed = user_seed(base_cfg.seed, uid)
         peft_model = PeftModel.from_pretrained(model, str(user_dir(anchor_dir, uid)), is_trainable=False)
         try:
@@ -76,7 +64,7 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
         refuse_other_sources(gate_dir, recorded, wanted, "trained")   # unknown or other base/task LoRA: refused
         return True
 
-    run_per_user(sharers, gates_done, work, "sharer gates", out_root / "users_log.jsonl", num_shards, shard_id,
+    run_per_user(run.sharers, gates_done, work, "sharer gates", out_root / "users_log.jsonl", *run.shard,
                  cfg.shards.overwrite)
-    finish_per_user_stage("sharer gates", out_root, [uid for uid, _ in sharers])
+    finish_per_user_stage("sharer gates", out_root, [uid for uid, _ in run.sharers])
     return out_root
