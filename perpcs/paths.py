@@ -42,7 +42,7 @@ EMB_META_FILE = "user_history_emb.json"    # sidecar: what the embeddings were c
 
 
 
-def default_output_dir(task) -> Path:
+def default_selection_dir(task) -> Path:
     """``<repo>/anchor_selection/<task>``, whatever the working directory (stage 3 looks there)."""
     return REPO_ROOT / "anchor_selection" / task.name
 

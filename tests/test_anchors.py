@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from perpcs.paths import EMB_FILE, EMB_META_FILE, INDEX_FILE, default_output_dir
+from perpcs.paths import EMB_FILE, EMB_META_FILE, INDEX_FILE, default_selection_dir
 from perpcs.stages.sharer_selection import (default_encoder_path, embed_texts, embed_users, load_sharer_index,
                                             load_encoder, run_sharer_selection, select_sharers)
 from perpcs.errors import PerpcsError
@@ -237,9 +237,9 @@ def test_no_candidate_passing_min_history_is_an_error(tmp_path):
         run_sharer_selection("movie_tagging", cand, tmp_path / "out", k=2, strategy="most_active")
 
 
-def test_default_output_dir_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+def test_default_selection_dir_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert default_output_dir(MOVIE) == REPO / "anchor_selection" / "movie_tagging"
+    assert default_selection_dir(MOVIE) == REPO / "anchor_selection" / "movie_tagging"
 
 
 GOOD_INDEX = {"task": "movie_tagging", "strategy": "cluster", "k": 2, "seed": 0, "candidate_path": "c.json",

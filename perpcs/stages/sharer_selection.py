@@ -28,7 +28,7 @@ from perpcs.data.prompts import HISTORY_WORDS, history_string
 from perpcs.data.tasks import Task, get_task
 from perpcs.errors import fail
 from perpcs.models.provenance import file_sha256
-from perpcs.paths import EMB_FILE, EMB_META_FILE, INDEX_FILE, REPO_ROOT, default_output_dir
+from perpcs.paths import EMB_FILE, EMB_META_FILE, INDEX_FILE, REPO_ROOT, default_selection_dir
 
 STRATEGIES = ("cluster", "most_active", "random")
 KMEANS_N_INIT = 10          # k-means restarts; the best of 10 (by inertia) is kept
@@ -350,7 +350,7 @@ def run_sharer_selection(task_name: str, candidate_path=None, output_dir=None, k
     """
     task = get_task(task_name)
     candidate_path = Path(candidate_path or default_candidate_path(task)).resolve()
-    output_dir = Path(output_dir or default_output_dir(task)).resolve()
+    output_dir = Path(output_dir or default_selection_dir(task)).resolve()
     if strategy not in STRATEGIES:
         fail(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     if k < 1 or min_history < 0:

@@ -13,6 +13,7 @@ from perpcs.data.truncation import describe, record_in_summary
 from perpcs.engine.generation import predict_variants, write_variant_files
 from perpcs.engine.training import train
 from perpcs.models.lora import is_complete_adapter, save_peft_adapter
+from perpcs.paths import stage_dirs
 from perpcs.stages.config import TaskLoRAStage
 
 
@@ -42,10 +43,6 @@ def task_lora_examples(task, users: list, profiles: dict, profiles_path) -> list
     return examples
 
 
-def default_output_dir(task_name: str) -> Path:
-    return Path("./output") / task_name / "task-base_LLM"
-
-
 def run(cfg: TaskLoRAStage) -> Path:
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
@@ -56,7 +53,7 @@ def run(cfg: TaskLoRAStage) -> Path:
     inputs, m = cfg.inputs, cfg.inputs.model
     task = get_task(inputs.task_name)
     layout = Layout(inputs.data_dir, task)
-    out_dir = Path(cfg.output_dir or default_output_dir(task.name))
+    out_dir = Path(cfg.output_dir or stage_dirs(task.name)["task_lora"])
     # read and validate every input before the (slow) model load
     test_users = layout.load_split("test", check=True)
     golds = layout.load_golds(test_users)
