@@ -15,7 +15,7 @@ from perpcs.errors import fail
 def _staging_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    os.chmod(staging, 0o777 & ~_umask())   # mkdtemp makes 0700; published dirs follow the umask
+    os.chmod(staging, 0o777 & ~current_umask())   # mkdtemp makes 0700; published dirs follow the umask
     return staging
 
 
@@ -79,7 +79,7 @@ def write_bytes_atomic(path, data: bytes) -> None:
     except OSError as err:
         fail(f"cannot write {path}: {err.strerror or err}")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; published files follow the umask
+        os.fchmod(fd, 0o666 & ~current_umask())   # mkstemp makes 0600; published files follow the umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -93,7 +93,7 @@ def write_bytes_atomic(path, data: bytes) -> None:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from perpcs.atomic import _umask
+from perpcs.atomic import current_umask
 from perpcs.errors import fail
 
 EXPECTED_FORMATS = (
@@ -54,7 +54,7 @@ def _publish_dir(tmp_dir: Path, target: Path) -> Path:
     """Move a finished temp directory into place; if another process got there first, keep theirs."""
     # mkdtemp makes the directory private (0700); a model cache should be shared as the user's umask says,
     # like any file the user writes (a group-shared cache needs 0o775, a private one 0o700).
-    umask = _umask()
+    umask = current_umask()
     dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
     os.chmod(tmp_dir, dir_mode)
     for entry in tmp_dir.iterdir():
