@@ -20,6 +20,11 @@ SHARER_LORAS = f"{SHARERS}/LoRA"
 SHARER_GATES = f"{SHARERS}/gate"
 COMPOSITION = "LoRA-Composition"         # ablation settings write LoRA-Composition-<tag>/ beside it
 OPPU = "OPPU"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INDEX_FILE = "anchor_user_idx.json"          # stage 2's output, under anchor_selection/<task>/
+EMB_FILE = "user_history_emb.npy"            # stage 2's embedding cache beside it
+EMB_META_FILE = "user_history_emb.json"      # sidecar: what the embeddings were computed from
+PUBLISHED_INDEX_NAME = "anchor_user_idx.pt"  # the published stage 2's pickle; ours is anchor_user_idx.json
 
 
 def stage_dirs(task_name: str, root=OUTPUT_ROOT) -> dict:
@@ -31,33 +36,19 @@ def stage_dirs(task_name: str, root=OUTPUT_ROOT) -> dict:
             "oppu": task_root / OPPU}
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-INDEX_FILE = "anchor_user_idx.json"
-EMB_FILE = "user_history_emb.npy"
-EMB_META_FILE = "user_history_emb.json"    # sidecar: what the embeddings were computed from
-
-
-# ---- paths and devices ----------------------------------------------------------------------------
-
-
-
-
 def default_selection_dir(task) -> Path:
     """``<repo>/anchor_selection/<task>``, whatever the working directory (stage 3 looks there)."""
     return REPO_ROOT / "anchor_selection" / task.name
 
 
 def default_dirs(task_name: str) -> dict:
-    """The stages' default outputs (perpcs/paths.py) and stage 2's index."""
+    """The stages' default outputs and stage 2's index."""
     return {**stage_dirs(task_name), "sharer_index": default_sharer_index(task_name)}
 
 
 def default_sharer_index(task_name: str) -> Path:
     """Where stage 2 writes by default (anchored at the repo, as history_anchor.py runs from anywhere)."""
     return REPO_ROOT / "anchor_selection" / task_name / INDEX_FILE
-
-
-PUBLISHED_INDEX_NAME = "anchor_user_idx.pt"   # the published stage 2's pickle; ours is anchor_user_idx.json
 
 
 def resolve_sharer_index(path, task_name: str) -> Path:

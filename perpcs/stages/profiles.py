@@ -3,7 +3,8 @@
 The reference ``profile_prompts`` are used verbatim: the user's last ``k`` history items, each written with the
 task's profile ``retrieval_history`` template (368 words at most), joined by newlines, fill ``profile_prompt``;
 the oldest of them are left out when the prompt would not fit ``--max_seq_len`` minus the new tokens (counted:
-a printed line and ``<output file stem>.summary.json`` beside the profiles). Resumable: users already in the file are skipped, and the file is rewritten atomically after every batch.
+a printed line and ``<output file stem>.summary.json`` beside the profiles). Resumable: users already in the
+file are skipped, and the file is rewritten atomically after every batch.
 """
 from __future__ import annotations
 
