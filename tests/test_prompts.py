@@ -132,6 +132,88 @@ def test_bm25_ties_go_to_the_earlier_document():
     assert bm.top_k("nothing matches", 2) == [0, 1]
 
 
+def _index_bytes(bm) -> int:
+    """Bytes of every numpy array (dense or inside a scipy sparse matrix) an index object holds."""
+    total = 0
+    for value in vars(bm).values():
+        if isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif hasattr(value, "indptr"):   # scipy.sparse csr/csc
+            total += value.data.nbytes + value.indices.nbytes + value.indptr.nbytes
+    return total
+
+
+def test_bm25_index_of_a_2000_item_user_is_sparse():
+    """A LaMP-sized user (2,000 items, ~14,000 distinct words): the index holds memory in proportion to its
+    non-zero counts; a documents x vocabulary float64 matrix would need 2,000 x 14,000 x 8 bytes = 224 MB (and
+    the old index kept two). Scores stay rank_bm25's on a prefix and on the whole history."""
+    import tracemalloc
+
+    rng = random.Random(1)
+    common = [f"c{i}" for i in range(40)]
+    items = [{"id": str(i), "description": " ".join([f"u{i}x{j}" for j in range(7)] + rng.choices(common, k=30)),
+              "tag": rng.choice(["drama", "comedy"])} for i in range(2000)]
+    task = get_task("movie_tagging")
+    tracemalloc.start()
+    try:
+        history = UserHistory(task, items)
+        examples = history_examples(task, items, "likes films")   # item i retrieves among items[:i]
+        bm = history.bm25
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    dense = bm.n_docs * len(bm.vocab) * 8
+    assert len(bm.vocab) > 14000 and dense > 200 * 2**20
+    assert _index_bytes(bm) < dense / 50
+    assert peak < dense / 4            # building every item's examples (two indexes in turn) included
+    assert len(examples) == 2 * 2000 - 1
+    tokens = [s.split(" ") for s in history.strings]
+    query = task.prompts["retrieval_query"].format(**items[1500])
+    for n in (700, 2000):
+        expected = BM25Okapi(tokens[:n]).get_scores(query.split(" "))
+        np.testing.assert_allclose(bm.scores(query, n), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_one_bm25_index_per_user_serves_every_test_variant(tiny_model_dir, monkeypatch):
+    """The 8 test-time variants retrieve from one index per user (built once, not once per variant), in the
+    order variant_examples lists them."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import perpcs.data.prompts as prompts_module
+    import perpcs.engine.generation as generation
+
+    built = []
+
+    class CountingBM25(PrefixBM25):
+        def __init__(self, documents, *args, **kwargs):
+            built.append(tuple(documents))
+            super().__init__(documents, *args, **kwargs)
+
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return ["x"] * len(prompts)
+
+    monkeypatch.setattr(prompts_module, "PrefixBM25", CountingBM25)
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    task = get_task("movie_tagging")
+    users = [{"user_id": f"u{u}", "profile": MOVIES[u:] + MOVIES[:u],
+              "query": [{"id": f"{u}-{q}", "input": RAW_INPUTS["movie_tagging"][0].replace("robot", f"robot {q}")}
+                        for q in range(2)]} for u in range(3)]
+    profiles = {f"u{u}": f"profile {u}" for u in range(3)}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    preds = generation.predict_variants(None, tokenizer, task, users, profiles, torch.device("cpu"), max_new_tokens=4,
+                                        max_seq_len=4096)
+    assert sorted(built) == sorted(tuple(UserHistory(task, u["profile"]).strings) for u in users)
+    assert len(built) == len(users)
+    assert len(preds) == 8 and all(len(rows) == 6 for rows in preds.values())
+    expected = [p for _, k, with_profile in generation.variant_names((1, 2, 4))
+                for _, p in generation.variant_prompts(task, users, k, with_profile, profiles)]
+    assert seen == expected
+
+
 MOVIES = [{"id": str(i), "description": d, "tag": t, "date": 2000 + i} for i, (d, t) in enumerate([
     ("a robot war in deep space", "sci-fi"), ("two friends open a bakery", "comedy"),
     ("a robot falls in love in space", "romance"), ("a detective hunts a killer", "violence")])]

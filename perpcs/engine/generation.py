@@ -102,11 +102,27 @@ def variant_examples(task: Task, users: list, k: int, with_profile: bool, profil
     """(query id, Example) for every query of every user under one variant."""
     rows = []
     for ui, user in enumerate(users):
-        history = UserHistory(task, user["profile"])
-        prof = profile_text(profiles, user, profiles_path, ui) if with_profile else None
-        for q in user["query"]:
-            rows.append((str(q["id"]), query_example(task, q, history, k, prof)))
+        rows.extend(user_variant_examples(task, user, ui, UserHistory(task, user["profile"]), k, with_profile, profiles,
+                                          profiles_path))
     return rows
+
+
+def user_variant_examples(task: Task, user: dict, index: int, history: UserHistory, k: int, with_profile: bool,
+                          profiles: dict | None, profiles_path=None) -> list:
+    """(query id, Example) for every query of one user (#index) under one variant, retrieving from ``history``."""
+    prof = profile_text(profiles, user, profiles_path, index) if with_profile else None
+    return [(str(q["id"]), query_example(task, q, history, k, prof)) for q in user["query"]]
+
+
+def all_variant_examples(task: Task, users: list, variants: list, profiles: dict | None, profiles_path=None) -> list:
+    """(variant stem, query id, Example) for every variant, then every user, then every query (variant_examples'
+    order); one BM25 index per user serves all the variants, and only one user's index is alive at a time."""
+    rows = {stem: [] for stem, _, _ in variants}
+    for ui, user in enumerate(users):
+        history = UserHistory(task, user["profile"])
+        for stem, k, with_profile in variants:
+            rows[stem].extend(user_variant_examples(task, user, ui, history, k, with_profile, profiles, profiles_path))
+    return [(stem, qid, ex) for stem, _, _ in variants for qid, ex in rows[stem]]
 
 
 def variant_prompts(task: Task, users: list, k: int, with_profile: bool, profiles: dict | None,
@@ -142,8 +158,7 @@ def predict_variants(model, tokenizer, task: Task, users: list, profiles: dict |
     (truncation.count_cuts).
     """
     variants = variant_names(k_list)
-    rows = [(stem, qid, ex) for stem, k, with_profile in variants
-            for qid, ex in variant_examples(task, users, k, with_profile, profiles, profiles_path)]
+    rows = all_variant_examples(task, users, variants, profiles, profiles_path)
     new_tokens = max_new_tokens or task.max_gen_len
     max_seq_len = gen_kwargs.get("max_seq_len", DEFAULT_MAX_SEQ_LEN)
     prompts, cuts = fit_prompts(tokenizer, [r[2] for r in rows], max_seq_len, new_tokens,
