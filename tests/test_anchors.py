@@ -175,7 +175,7 @@ def write_candidates(path, n_users=9):
 
 def run_script(*args, cwd=REPO):
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=200)   # under pytest.ini's 240 s guard
 
 
 def test_script_from_repo_root_and_from_anchor_selection(tmp_path):

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def run(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=900)   # one stage; the whole test took 221 s idle (see below)
     assert out.returncode == 0, f"{args[0]} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     return out.stdout
 
@@ -50,6 +50,8 @@ def score_all(pred_dir: Path, root: Path) -> dict:
     return scores
 
 
+# Idle 2-core machine: 221 s (14 s fixture + 207 s test, OMP_NUM_THREADS=1); a busy one passed 600 s.
+@pytest.mark.timeout(1200)
 def test_every_stage_runs_on_the_bundled_model(workdir):
     root = workdir
     profiles = json.loads((root / "data/movie_tagging/profile-id2text.json").read_text())

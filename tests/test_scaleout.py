@@ -24,7 +24,7 @@ def data_dir(tmp_path_factory):
 
 def run(cmd, **env):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
-    out = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=200)   # < 240 s guard
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 

@@ -1,6 +1,7 @@
 """Training loop, answer-only masking, LR schedule, adapter save/load, gates and batched generation."""
 import json
 import math
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -284,6 +285,34 @@ def test_static_kv_cache_generates_the_same_tokens_as_the_dynamic_one(tiny):
 def test_eight_variant_names():
     names = [stem for stem, _, _ in variant_names([1, 2, 4])]
     assert names == ["kNP", "k1", "k2", "k4", "kNP-profile", "k1-profile", "k2-profile", "k4-profile"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_saved_adapter_files_follow_the_umask(tiny, tmp_path, umask):
+    # safetensors' save_file (under peft's save_pretrained) makes its file 0600 whatever the umask
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+    from perpcs.atomic import write_dir_atomic
+    model, _, _ = tiny
+    peft_model = get_peft_model(model, lora_config())
+
+    def nested(staging):   # a sharer-gates-like dir with a sub dir
+        (staging / "sub").mkdir()
+        save_file({"g": torch.zeros(2)}, str(staging / "sub" / "gates.safetensors"))
+
+    old = os.umask(umask)
+    try:
+        outs = [save_peft_adapter(peft_model, tmp_path / "adapter", extra_json={"source.json": {"a": 1}}),
+                write_dir_atomic(tmp_path / "gates", nested)]
+    finally:
+        os.umask(old)
+    for out in outs:
+        paths = [out, *out.rglob("*")]
+        assert len(paths) >= 3
+        modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in paths}
+        want = {str(p.relative_to(tmp_path)): (0o777 if p.is_dir() else 0o666) & ~umask for p in paths}
+        assert modes == want
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_load_adapter_weights_restores_a_saved_adapter(tiny, tmp_path):
