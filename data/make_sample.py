@@ -23,8 +23,10 @@ def main(argv=None):
     p.add_argument("--n_history", type=int, default=30, help="history items of each user")
     p.add_argument("--n_queries", type=int, default=4, help="questions per user; the last one goes to dev")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_groups", type=int, default=4, help="latent user groups, each with its own habits (2-6)")
     args = p.parse_args(argv)
-    files = write_sample(args.task_name, args.out_dir, args.n_users, args.n_history, args.n_queries, args.seed)
+    files = write_sample(args.task_name, args.out_dir, args.n_users, args.n_history, args.n_queries, args.seed,
+                         args.n_groups)
     counts = ", ".join(f"{name} ({len(obj) if isinstance(obj, list) else len(obj.get('golds', obj))})"
                        for name, obj in files.items() if name != "sample_info.json")
     print(f"wrote {args.n_users} users x {args.n_queries} questions ({args.n_history} history items each) "

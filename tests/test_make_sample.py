@@ -6,7 +6,7 @@ from datetime import date
 
 import pytest
 
-from perpcs.data.sample import N_GROUPS, generate, style_of, write_sample
+from perpcs.data.sample import MAX_GROUPS, N_GROUPS, generate, style_of, write_sample
 from perpcs.data.tasks import TASKS, get_task
 
 MAIN_FIELD = {"citation": "title", "movie_tagging": "description", "news_categorize": "text",
@@ -148,7 +148,17 @@ def test_history_beats_group_blind_answer(task_name):
 
 def test_similar_users_share_habits():
     """Users of one group mostly give the same answer per family, and groups differ: sharers' habits transfer."""
-    files = generate("movie_tagging", n_users=24, n_history=24, n_queries=2, seed=5)
+    _check_group_habits(N_GROUPS, generate("movie_tagging", n_users=24, n_history=24, n_queries=2, seed=5))
+
+
+@pytest.mark.parametrize("n_groups", [2, 5, MAX_GROUPS])
+def test_other_numbers_of_groups_have_distinct_habits(n_groups):
+    files = generate("movie_tagging", n_users=6 * n_groups, n_history=24, n_queries=2, seed=7, n_groups=n_groups)
+    assert sorted({u["group"] for u in files["sample_info.json"]["users"]}) == list(range(n_groups))
+    _check_group_habits(n_groups, files)
+
+
+def _check_group_habits(n_groups, files):
     families = files["sample_info.json"]["families"]
     user_habits = []        # (group, {family: the user's most frequent tag})
     for group, questions, _golds in _users(files):
@@ -157,12 +167,12 @@ def test_similar_users_share_habits():
             per_family[families[item["id"]]].append(item["tag"])
         user_habits.append((group, {f: _majority(tags) for f, tags in per_family.items()}))
     consensus = {}
-    for group in range(N_GROUPS):
+    for group in range(n_groups):
         members = [h for g, h in user_habits if g == group]
         consensus[group] = {f: _majority([h[f] for h in members]) for f in members[0]}
     agree = [h[f] == consensus[g][f] for g, h in user_habits for f in h]
     assert sum(agree) / len(agree) >= 0.9
-    assert len({tuple(sorted(c.items())) for c in consensus.values()}) == N_GROUPS
+    assert len({tuple(sorted(c.items())) for c in consensus.values()}) == n_groups
 
 
 def test_citation_history_picks_the_reference():
@@ -218,3 +228,32 @@ def test_group_template_recoverable_from_history(task_name):
     assert hits / n >= 0.9
     assert best_blind <= 0.5
     assert all(len(modes) == 1 for modes in mode_by_group.values())    # the group shares its template
+
+
+@pytest.mark.parametrize("task_name", ["product_rating", "news_categorize", "citation", "news_headline",
+                                       "scholarly_title", "tweet_paraphrase"])
+def test_every_task_tells_six_groups_apart(task_name):
+    """With the most groups, the query golds of a group's users still follow that group's habit alone: the
+    groups' answers to the same kind of query differ (labels per family; templates per group)."""
+    files = generate(task_name, n_users=4 * MAX_GROUPS, n_history=12, n_queries=3, seed=11, n_groups=MAX_GROUPS)
+    habits = files["sample_info.json"]["group_habits"]
+    if "template_per_group" in habits:
+        templates = habits["template_per_group"]
+        assert len(set(templates)) == MAX_GROUPS
+        for group, _questions_, golds in _users(files):
+            assert [style_of(task_name, g) for g in golds] == [group] * len(golds)
+    elif "method_family_per_group" in habits:
+        names = [n for family in habits["method_family_per_group"] for n in family]
+        assert len(habits["method_family_per_group"]) == MAX_GROUPS and len(set(names)) == len(names)
+    else:
+        key = "score_per_group" if task_name == "product_rating" else "pick_per_group"
+        vectors = {tuple(h[key][g] for h in habits.values()) for g in range(MAX_GROUPS)}
+        assert len(vectors) == MAX_GROUPS
+        for h in habits.values():
+            assert set(h[key]) <= set(h["options"])
+
+
+@pytest.mark.parametrize("n_groups", [1, MAX_GROUPS + 1])
+def test_n_groups_out_of_range_is_refused(n_groups):
+    with pytest.raises(Exception, match="--n_groups"):
+        generate("movie_tagging", n_users=8, n_history=4, n_queries=2, n_groups=n_groups)

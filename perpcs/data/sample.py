@@ -1,6 +1,7 @@
 """Synthetic sample data in raw LaMP format, in which personalization is measurable.
 
-Users belong to a few latent groups (``N_GROUPS``) that share habits their history reveals:
+Users belong to a few latent groups (``n_groups``, default ``N_GROUPS`` = 4, at most ``MAX_GROUPS`` = 6) that
+share habits their history reveals:
 - classification tasks: each text is *ambiguous* (it belongs to a "family" whose texts fit 2-4 labels)
   and each group has its own pick per family (which tag, which news category);
 - product_rating: each group maps the same sentiment to its own score (harsh, generous, ...);
@@ -31,7 +32,8 @@ from perpcs.atomic import write_json_atomic
 from perpcs.data.tasks import MOVIE_TAGS, NEWS_CATEGORIES, Task, get_task
 from perpcs.errors import fail
 
-N_GROUPS = 4
+N_GROUPS = 4              # the default; the demo's sample
+MAX_GROUPS = 6            # every habit table below has a pick per group up to this many
 HABIT_RATE = 0.9          # share of history items that follow the group's habit; query golds always do
 YEAR_DATE_TASKS = ("citation", "scholarly_title")   # integer years, as processed LaMP data carries
 
@@ -117,7 +119,7 @@ _NAMES = ["Mara", "Jonah", "Ines", "Theo", "Lena", "Kofi", "Yuki", "Sam", "Rosa"
 
 MOVIE_FAMILIES = (
     Family("future_society", ("dystopia", "sci-fi", "social commentary", "thought-provoking"),
-           ("dystopia", "sci-fi", "social commentary", "sci-fi"),
+           ("dystopia", "sci-fi", "social commentary", "sci-fi", "thought-provoking", "dystopia"),
            ("In {future}, {city} is run by {regime}. {hero}, a {job}, stumbles on {secret} and must choose "
             "between a quiet life and {risk}.",
             "{hero} has spent a whole life inside {city}, where {regime} decides who works, who eats and who "
@@ -135,7 +137,7 @@ MOVIE_FAMILIES = (
             "risk": ["joining an underground resistance", "a dangerous escape past the border drones",
                      "broadcasting the truth to every screen in the city"]}),
     Family("crime_thriller", ("action", "violence", "twist ending"),
-           ("action", "violence", "twist ending", "twist ending"),
+           ("action", "violence", "twist ending", "twist ending", "violence", "action"),
            ("After {heist} goes wrong, {hero}, a {crook}, is hunted through {place} by {enemy}. With every "
             "ally hiding something, the final shootout reveals who really set up the job.",
             "{hero}, a {crook}, agrees to one last job: {heist}. When the crew is ambushed in {place}, a brutal "
@@ -150,7 +152,7 @@ MOVIE_FAMILIES = (
             "enemy": ["a cartel enforcer", "a squad of corrupt federal agents", "the crew that left them for dead",
                       "a ruthless bounty hunter"]}),
     Family("life_story", ("true story", "based on a book", "classic"),
-           ("true story", "based on a book", "true story", "classic"),
+           ("true story", "based on a book", "true story", "classic", "based on a book", "classic"),
            ("The remarkable life of {figure}, who {feat} in {era}. Drawn from {source}, the film follows years "
             "of {obstacle} and one decision that changed a community forever.",
             "{era_cap}: {figure} refuses to give in to {obstacle} and {feat}. This moving drama, adapted from "
@@ -165,7 +167,7 @@ MOVIE_FAMILIES = (
             "obstacle": ["poverty and prejudice", "official indifference", "the doubts of everyone around",
                          "a failing body"]}),
     Family("odd_romance", ("romance", "comedy", "dark comedy"),
-           ("romance", "comedy", "dark comedy", "romance"),
+           ("romance", "comedy", "dark comedy", "romance", "dark comedy", "comedy"),
            ("{person_a_cap} and {person_b} meet at {odd_place} and cannot stand each other. Forced to {forced}, "
             "they slowly discover {common}, until {complication}.",
             "When {person_a} gets stuck with {person_b} at {odd_place}, sparks fly in all the wrong ways. What "
@@ -184,7 +186,7 @@ MOVIE_FAMILIES = (
             "complication": ["an ex shows up with a lawyer", "a body turns up in the trunk",
                              "their families declare war on each other"]}),
     Family("mind_game", ("psychology", "twist ending", "thought-provoking"),
-           ("psychology", "thought-provoking", "psychology", "twist ending"),
+           ("psychology", "thought-provoking", "psychology", "twist ending", "twist ending", "thought-provoking"),
            ("{hero}, a {mind_job}, takes on a patient who claims {claim}. As the sessions go on, {hero} begins "
             "to doubt {doubt}, and the line between memory and imagination starts to dissolve.",
             "Haunted by a case that went wrong, {hero}, a {mind_job}, agrees to help a patient who claims "
@@ -196,7 +198,7 @@ MOVIE_FAMILIES = (
             "doubt": ["every memory of the past", "the identity of the patient", "whether any of the sessions "
                       "took place"]}),
     Family("enchanted_quest", ("fantasy", "based on a book", "classic"),
-           ("fantasy", "fantasy", "classic", "based on a book"),
+           ("fantasy", "fantasy", "classic", "based on a book", "based on a book", "classic"),
            ("A young {quest_hero} leaves {home} to {goal}, guided by {guide}. Along the way the small company "
             "faces {danger} in this sweeping adventure adapted from {fsource}.",
             "Long ago, in a land of {land}, a {quest_hero} sets out to {goal}. With {guide} at their side, they "
@@ -216,7 +218,7 @@ MOVIE_FAMILIES = (
 
 NEWS_FAMILIES = (
     Family("school_meals", ("education", "parents", "healthy living", "food & drink"),
-           ("education", "parents", "healthy living", "parents"),
+           ("education", "parents", "healthy living", "parents", "food & drink", "healthy living"),
            ("{district_cap} will {meal_change} starting this fall. {supporter_cap} say the plan {benefit}, but "
             "{critic} worry about {worry}. Families can share feedback at a public meeting next month.",
             "Lunch trays are changing in {district}: officials plan to {meal_change}. {supporter_cap} argue it "
@@ -231,7 +233,7 @@ NEWS_FAMILIES = (
             "critic": ["some parents", "cafeteria staff", "budget officials"],
             "worry": ["rising costs per meal", "picky eaters going hungry", "food waste piling up"]}),
     Family("chef_venture", ("food & drink", "entertainment", "business"),
-           ("food & drink", "entertainment", "business", "entertainment"),
+           ("food & drink", "entertainment", "business", "entertainment", "business", "food & drink"),
            ("Celebrity chef {chef}, best known for {show}, is opening {venue} in {city}. The {cuisine} menu "
             "{menu_detail}, and backers expect {money}.",
             "{chef} rose to fame on {show}; now the chef is betting on {venue} in {city}. Reservations for the "
@@ -247,7 +249,7 @@ NEWS_FAMILIES = (
             "money": ["the brand to be worth $50 million within three years", "a nationwide franchise deal",
                       "a public share offering next spring"]}),
     Family("museum_budget", ("culture & arts", "politics", "business"),
-           ("culture & arts", "politics", "culture & arts", "business"),
+           ("culture & arts", "politics", "culture & arts", "business", "politics", "business"),
            ("The {museum} faces a {cut} budget cut after {body} voted {vote}. Curators warn that {loss}, while "
             "{sponsor} has offered to cover part of the gap in exchange for naming rights.",
             "A fight over funding has reached the {museum}: {body} wants to {plan}, and the director says "
@@ -263,7 +265,7 @@ NEWS_FAMILIES = (
             "plan": ["move the money to road repairs", "sell part of the collection",
                      "charge admission for the first time"]}),
     Family("women_sports", ("sports", "women", "business"),
-           ("sports", "women", "women", "business"),
+           ("sports", "women", "women", "business", "sports", "business"),
            ("The {team} {achievement}, yet players still earn {pay_gap}. {player}, the team's captain, says "
             "{quote}, and {brand} announced a new sponsorship deal this week.",
             "Fresh off a season in which it {achievement}, the {team} is pushing for {demand}. Captain {player} "
@@ -281,7 +283,7 @@ NEWS_FAMILIES = (
             "demand": ["equal prize money", "a bigger share of broadcast revenue",
                        "a new collective bargaining agreement"]}),
     Family("travel_apps", ("travel", "science & technology", "business"),
-           ("travel", "science & technology", "business", "travel"),
+           ("travel", "science & technology", "business", "travel", "science & technology", "business"),
            ("A new app from {startup} promises to {promise} for travelers heading to {destination}. The company, "
             "which just raised {funding}, uses {tech} to {how}.",
             "Planning a trip to {destination}? {startup_cap} says its {tech}-powered app can {promise}. "
@@ -295,7 +297,7 @@ NEWS_FAMILIES = (
             "how": ["predict crowds at popular sites", "adjust bookings when flights are delayed",
                     "match visitors with local guides"]}),
     Family("online_scams", ("crime", "parents", "science & technology"),
-           ("crime", "crime", "parents", "science & technology"),
+           ("crime", "crime", "parents", "science & technology", "parents", "science & technology"),
            ("Police in {town} are warning families about {scam} targeting teenagers on {platform}. {victims_cap}, "
             "and investigators say the scammers {method}. Experts urge parents to {advice}.",
             "A wave of {scam} on {platform} has hit {town}, where {victims}. The scammers {method}, according "
@@ -333,10 +335,10 @@ _FAMILY_BY_NAME = {f.name: f for f in MOVIE_FAMILIES + NEWS_FAMILIES}
 # ----------------------------------------------------------------------------------------------------------
 # Product rating: one sentiment, a group-specific score
 
-RATING_HABITS = {            # sentiment -> (plausible scores, score per group: harsh, generous, extreme, steady)
-    "negative": (("1", "2", "3"), ("1", "3", "1", "2")),
-    "mixed": (("2", "3", "4"), ("2", "4", "3", "3")),
-    "positive": (("3", "4", "5"), ("4", "5", "5", "4")),
+RATING_HABITS = {            # sentiment -> (plausible scores, score per group: harsh, generous, extreme, steady, low, centre)
+    "negative": (("1", "2", "3"), ("1", "3", "1", "2", "2", "3")),
+    "mixed": (("2", "3", "4"), ("2", "4", "3", "3", "2", "4")),
+    "positive": (("3", "4", "5"), ("4", "5", "5", "4", "5", "3")),
 }
 PRODUCTS = [
     ("pair of wireless headphones", ["battery life", "sound", "ear cushions", "charging case"]),
@@ -398,6 +400,14 @@ CITATION_METHODS = (     # per group: (name in titles, phrase in abstracts)
      ("Convex Optimization", "a convex optimization formulation"),
      ("Kernel Methods", "kernel methods with a learned feature map"),
      ("Sparse Linear Models", "a sparse linear model with L1 regularization")),
+    (("Reinforcement Learning", "a policy learned by reinforcement learning"),
+     ("Bandit Algorithms", "a contextual bandit with an exploration bonus"),
+     ("Monte Carlo Tree Search", "Monte Carlo tree search over candidate actions"),
+     ("Policy Gradients", "a policy gradient method with a learned baseline")),
+    (("Evolutionary Algorithms", "an evolutionary search over candidate solutions"),
+     ("Genetic Programming", "genetic programming with typed operators"),
+     ("Particle Swarm Optimization", "particle swarm optimization of the parameters"),
+     ("Simulated Annealing", "simulated annealing with an adaptive schedule")),
 )
 CITATION_TOPICS = ["image segmentation", "machine translation", "speech recognition", "recommender systems",
                    "document clustering", "protein structure prediction", "anomaly detection",
@@ -426,7 +436,7 @@ def _paper_title(rng, method: str, topic: str) -> str:
 # Generation tasks: one template per group
 
 HEADLINE_STYLES = ("Why {subject} Matters", "Is {subject} Worth It?", "{subject}, Explained",
-                   "The Truth About {subject}")
+                   "The Truth About {subject}", "{subject}: What Comes Next", "Inside {subject}")
 HEADLINE_SUBJECTS = ["the four-day work week", "the new bike lane network", "congestion pricing",
                      "the downtown stadium plan", "lab-grown meat", "the proposed transit tax",
                      "the rooftop solar plan for schools", "the e-scooter program", "a later school start time",
@@ -453,7 +463,8 @@ ARTICLE_BANK = {
 }
 
 TITLE_STYLES = ("Towards {subject} with {method}", "{method} for {subject}", "{subject} via {method}",
-                "Can {method} Improve {subject}?")
+                "Can {method} Improve {subject}?",
+                "Rethinking {subject}: A {method} Approach", "On {method} and {subject}")
 TITLE_SUBJECTS = ["robust image segmentation", "low-resource machine translation", "fair recommendation",
                   "long-horizon traffic forecasting", "few-shot anomaly detection", "streaming speech recognition",
                   "interpretable credit scoring", "molecular property prediction", "code summarization",
@@ -475,7 +486,8 @@ ABSTRACT_BANK = {
 }
 
 TWEET_STYLES = ("just {event}, feeling {feeling} #{tag} #dailylife", "{event_cap}!!! So {feeling} right now :)",
-                "Today I {event}. I must admit that I feel rather {feeling}.", "omg {event} lol... kinda {feeling} ngl")
+                "Today I {event}. I must admit that I feel rather {feeling}.", "omg {event} lol... kinda {feeling} ngl",
+                "{feeling_cap} because I {event}. #{tag}", "Big day: {event}. Feeling {feeling}!")
 TWEET_NEUTRAL = ("I {event} and I feel {feeling}.", "Today I {event}, and now I am feeling {feeling}.",
                  "I {event}. I feel {feeling} about it.")
 TWEET_EVENTS = [("finished my first half marathon", "running"), ("burned the pancakes again", "breakfast"),
@@ -514,9 +526,9 @@ def style_of(task_name: str, text: str):
     return matches[0] if len(matches) == 1 else None
 
 
-def _styled(rng, styles, group: int) -> int:
-    """The group's template index, or (1 - HABIT_RATE of the time) another one."""
-    return int(_habit(rng, [str(i) for i in range(len(styles))], str(group)))
+def _styled(rng, user) -> int:
+    """The group's template index, or (1 - HABIT_RATE of the time) another group's."""
+    return int(_habit(rng, [str(i) for i in range(user.n_groups)], str(user.group)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -527,6 +539,7 @@ class SampleUser:
     index: int
     group: int
     topics: tuple = ()        # research topics (citation, scholarly_title)
+    n_groups: int = N_GROUPS  # the sample's groups: "another group's habit" is drawn among these
 
 
 def _history_item(task: Task, rng: random.Random, user: SampleUser, family: str | None):
@@ -541,20 +554,20 @@ def _history_item(task: Task, rng: random.Random, user: SampleUser, family: str 
         options, picks = RATING_HABITS[family]
         return {"text": _review(rng, family), "score": _habit(rng, options, picks[user.group])}, family
     if name == "citation":
-        group = int(_habit(rng, [str(g) for g in range(N_GROUPS)], str(user.group)))
+        group = int(_habit(rng, [str(g) for g in range(user.n_groups)], str(user.group)))
         method, phrase = rng.choice(CITATION_METHODS[group])
         topic = rng.choice(user.topics)
         abstract = fill(rng, PAPER_ABSTRACT, PAPER_BANK, topic=topic, phrase=phrase)
         return {"title": _paper_title(rng, method, topic), "abstract": abstract}, None
     if name == "news_headline":
         subject = rng.choice(HEADLINE_SUBJECTS)
-        title = title_case(HEADLINE_STYLES[_styled(rng, HEADLINE_STYLES, user.group)].format(subject=subject))
+        title = title_case(HEADLINE_STYLES[_styled(rng, user)].format(subject=subject))
         return {"text": fill(rng, rng.choice(ARTICLE_TEMPLATES), ARTICLE_BANK, subject=subject), "title": title}, None
     if name == "scholarly_title":
-        abstract, title = _paper(rng, user, _styled(rng, TITLE_STYLES, user.group))
+        abstract, title = _paper(rng, user, _styled(rng, user))
         return {"abstract": abstract, "title": title}, None
     if name == "tweet_paraphrase":
-        _neutral, tweet = _tweet(rng, _styled(rng, TWEET_STYLES, user.group))
+        _neutral, tweet = _tweet(rng, _styled(rng, user))
         return {"text": tweet}, None
     raise AssertionError(name)
 
@@ -585,7 +598,7 @@ def _query_item(task: Task, rng: random.Random, user: SampleUser, family: str | 
 def _citation_query(rng, user: SampleUser):
     """Two references on the user's topic; the one using the user's group's methods is the gold."""
     topic = rng.choice(user.topics)
-    other = rng.choice([g for g in range(N_GROUPS) if g != user.group])
+    other = rng.choice([g for g in range(user.n_groups) if g != user.group])
     own_title = _paper_title(rng, rng.choice(CITATION_METHODS[user.group])[0], topic)
     other_title = _paper_title(rng, rng.choice(CITATION_METHODS[other])[0], topic)
     own_first = rng.random() < 0.5
@@ -620,16 +633,16 @@ def _families(task: Task):
     return None
 
 
-def group_habits(task: Task) -> dict:
-    """What each group does, for sample_info.json."""
+def group_habits(task: Task, n_groups: int = N_GROUPS) -> dict:
+    """What each of the sample's groups does, for sample_info.json."""
     if task.name in ("movie_tagging", "news_categorize"):
         families = MOVIE_FAMILIES if task.name == "movie_tagging" else NEWS_FAMILIES
-        return {f.name: {"options": list(f.options), "pick_per_group": list(f.picks)} for f in families}
+        return {f.name: {"options": list(f.options), "pick_per_group": list(f.picks[:n_groups])} for f in families}
     if task.name == "product_rating":
-        return {s: {"options": list(o), "score_per_group": list(p)} for s, (o, p) in RATING_HABITS.items()}
+        return {s: {"options": list(o), "score_per_group": list(p[:n_groups])} for s, (o, p) in RATING_HABITS.items()}
     if task.name == "citation":
-        return {"method_family_per_group": [[name for name, _ in methods] for methods in CITATION_METHODS]}
-    return {"template_per_group": list(GENERATION_STYLES[task.name])}
+        return {"method_family_per_group": [[name for name, _ in methods] for methods in CITATION_METHODS[:n_groups]]}
+    return {"template_per_group": list(GENERATION_STYLES[task.name][:n_groups])}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -653,8 +666,9 @@ def _dates(rng: random.Random, n: int, years: bool) -> list:
 class _SampleBuilder:
     """Collects users' history and questions, with ids unique across the sample."""
 
-    def __init__(self, task: Task, rng: random.Random, n_history: int, n_queries: int):
+    def __init__(self, task: Task, rng: random.Random, n_history: int, n_queries: int, n_groups: int = N_GROUPS):
         self.task, self.rng, self.n_history, self.n_queries = task, rng, n_history, n_queries
+        self.n_groups = n_groups
         self.digit = task.lamp_id.split("_")[1][0]        # LaMP ids start with the task's digit
         self.families = _families(task)
         self.questions = {"train": [], "dev": []}
@@ -668,7 +682,7 @@ class _SampleBuilder:
     def add_user(self, index: int, group: int) -> None:
         task, rng = self.task, self.rng
         topics = tuple(rng.sample(CITATION_TOPICS if task.name == "citation" else TITLE_SUBJECTS, 3))
-        user = SampleUser(index, group, topics)
+        user = SampleUser(index, group, topics, self.n_groups)
         history = []     # (fields, family) in time order
         dates = _dates(rng, self.n_history, task.name in YEAR_DATE_TASKS)
         for family, when in zip(self._family_sequence(self.n_history), dates):
@@ -695,7 +709,7 @@ class _SampleBuilder:
                                 **({"topics": list(topics)} if task.name in YEAR_DATE_TASKS else {})})
 
     def files(self, info: dict) -> dict:
-        files = {"sample_info.json": {**info, "group_habits": group_habits(self.task), "users": self.info_users,
+        files = {"sample_info.json": {**info, "group_habits": group_habits(self.task, self.n_groups), "users": self.info_users,
                                       "families": self.item_families}}
         for split in ("train", "dev"):
             order = list(range(len(self.questions[split])))
@@ -707,7 +721,8 @@ class _SampleBuilder:
         return files
 
 
-def generate(task_name: str, n_users: int = 60, n_history: int = 30, n_queries: int = 4, seed: int = 0) -> dict:
+def generate(task_name: str, n_users: int = 60, n_history: int = 30, n_queries: int = 4, seed: int = 0,
+             n_groups: int = N_GROUPS) -> dict:
     """The sample's files as objects: {file name: JSON object} (train/dev questions and outputs, sample_info)."""
     task = get_task(task_name)
     if n_users < 1 or n_queries < 1:
@@ -715,21 +730,24 @@ def generate(task_name: str, n_users: int = 60, n_history: int = 30, n_queries: 
     if n_history < n_queries:
         fail(f"--n_history ({n_history}) must be at least --n_queries ({n_queries}): query j sees the first "
              f"n_history - n_queries + 1 + j history items, so the first query needs at least one")
+    if not 2 <= n_groups <= MAX_GROUPS:
+        fail(f"--n_groups ({n_groups}) must be between 2 and {MAX_GROUPS}: the habit tables of perpcs/data/sample.py "
+             f"have a pick for {MAX_GROUPS} groups, and a habit needs another group to deviate to")
     rng = random.Random(seed)
-    groups = [i % N_GROUPS for i in range(n_users)]    # balanced groups, in random order
+    groups = [i % n_groups for i in range(n_users)]    # balanced groups, in random order
     rng.shuffle(groups)
-    builder = _SampleBuilder(task, rng, n_history, n_queries)
+    builder = _SampleBuilder(task, rng, n_history, n_queries, n_groups)
     for index, group in enumerate(groups):
         builder.add_user(index, group)
     return builder.files({"task": task.name, "lamp_id": task.lamp_id, "seed": seed, "n_users": n_users,
-                          "n_history": n_history, "n_queries": n_queries, "n_groups": N_GROUPS,
+                          "n_history": n_history, "n_queries": n_queries, "n_groups": n_groups,
                           "habit_rate": HABIT_RATE})
 
 
 def write_sample(task_name: str, out_dir, n_users: int = 60, n_history: int = 30, n_queries: int = 4,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, n_groups: int = N_GROUPS) -> dict:
     """Generate the sample and write its files under ``out_dir``; returns the generated objects."""
-    files = generate(task_name, n_users, n_history, n_queries, seed)
+    files = generate(task_name, n_users, n_history, n_queries, seed, n_groups)
     for name, obj in files.items():
         write_json_atomic(Path(out_dir) / name, obj)
     return files
