@@ -177,6 +177,16 @@ def format_routing(r: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ heatmap
 
+def weight_grid(recipe: dict, sharers: list) -> list:
+    """[sharer][piece] weight (0 where the piece does not use the sharer), pieces in the recipe's order."""
+    row = {s: i for i, s in enumerate(sharers)}
+    grid = [[0.0] * len(recipe["pieces"]) for _ in sharers]
+    for j, entries in enumerate(recipe["pieces"].values()):
+        for uid, weight in entries:
+            grid[row[str(uid)]][j] += float(weight)
+    return grid
+
+
 def plot_heatmap(path, info: dict, recipe: dict, groups: dict | None = None) -> Path:
     """PNG: sharers (rows) x pieces (columns, in the recipe's layer order), colour = the sharer's weight."""
     import matplotlib
@@ -185,11 +195,7 @@ def plot_heatmap(path, info: dict, recipe: dict, groups: dict | None = None) -> 
     import numpy as np
 
     pieces, sharers = list(recipe["pieces"]), info["sharers"]
-    row = {s: i for i, s in enumerate(sharers)}
-    grid = np.zeros((len(sharers), len(pieces)))
-    for j, piece in enumerate(pieces):
-        for uid, weight in recipe["pieces"][piece]:
-            grid[row[str(uid)], j] += float(weight)
+    grid = np.array(weight_grid(recipe, sharers))
     fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, 0.12 * len(pieces) + 3)), 1.0 + 0.35 * len(sharers)))
     im = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(sharers)))
@@ -202,8 +208,8 @@ def plot_heatmap(path, info: dict, recipe: dict, groups: dict | None = None) -> 
     ax.set_xticks([j for j, _ in ticks[::step]])
     ax.set_xticklabels([str(la) for _, la in ticks[::step]], fontsize=8)
     ax.set_xlabel("pieces, by layer (each layer: its LoRA modules in order)")
-    ax.set_title(f"user {info['user_id']}: weight of each sharer in each piece ({info['distinct']} sharers used, "
-                 f"entropy {info['entropy_bits']:.2f} bits)", fontsize=9)
+    ax.set_title(f"user {_label(info['user_id'], groups)}: weight of each sharer in each piece "
+                 f"({info['distinct']} sharers used, entropy {info['entropy_bits']:.2f} bits)", fontsize=9)
     fig.colorbar(im, ax=ax, label="weight", fraction=0.03)
     fig.tight_layout()
     path = Path(path)
