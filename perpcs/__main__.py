@@ -3,6 +3,7 @@
 show-prompts  print the exact prompts the model gets for the first n queries of a split
 materialize   rebuild a user's peft adapter from its recipe and the sharer LoRAs
 report        the results table of one task (task LoRA, OPPU, Per-Pcs) from output/<task>/
+explain       what Per-Pcs recipes say: weight per sharer, per layer and module, heatmaps, entropy, routing
 """
 from __future__ import annotations
 
@@ -44,11 +45,25 @@ def materialize_cmd(args) -> None:
 def report_cmd(args) -> None:
     from perpcs.atomic import write_bytes_atomic
     from perpcs.evaluation.report import results_table
-    table = results_table(args.task_name, args.data_dir, args.output_root)
+    table = results_table(args.task_name, args.data_dir, args.output_root, groups_file=args.groups_file)
     print(table)
     if args.output_file:
         write_bytes_atomic(args.output_file, table.encode("utf-8"))
         print(f"saved to {args.output_file}")
+
+
+def explain_cmd(args) -> None:
+    from pathlib import Path
+
+    from perpcs.evaluation.explain import explain, load_recipes
+    from perpcs.paths import COMPOSITION, OUTPUT_ROOT
+    if not (args.recipe or args.recipes_dir or args.task_name):
+        fail("explain needs --recipe FILE, --recipes_dir DIR or --task_name (for output/<task>/LoRA-Composition)")
+    recipes_dir = args.recipes_dir or (None if args.recipe else OUTPUT_ROOT / args.task_name / COMPOSITION / "recipes")
+    out = args.output_dir or Path(args.recipe or recipes_dir).resolve().parent / (
+        "explain" if not args.recipe else f"explain_{Path(args.recipe).stem}")
+    print(explain(load_recipes(args.recipe, recipes_dir), out, args.groups_file))
+    print(f"saved explain.md, explain.json and one heatmap per user to {out}")
 
 
 def main(argv=None) -> None:
@@ -73,7 +88,20 @@ def main(argv=None) -> None:
     rp.add_argument("--data_dir", default="data")
     rp.add_argument("--output_root", default=None, help="default output/<task>")
     rp.add_argument("--output_file", default=None)
+    rp.add_argument("--groups_file", default=None, help="the sample's latent groups (data/make_sample.py "
+                    "--groups_file): adds the routing share of Per-Pcs's recipes under the table")
     rp.set_defaults(func=report_cmd)
+    ep = sub.add_parser("explain", allow_abbrev=False, help="what Per-Pcs recipes say (sharer weights, heatmaps)")
+    src = ep.add_mutually_exclusive_group()
+    src.add_argument("--recipe", default=None, help="one recipe file (<stage 5 output>/recipes/user_<id>.json)")
+    src.add_argument("--recipes_dir", default=None, help="every recipe of a run (default with --task_name: "
+                     "output/<task>/LoRA-Composition/recipes)")
+    ep.add_argument("--task_name", default=None)
+    ep.add_argument("--groups_file", default=None, help="the sample's latent groups (data/make_sample.py "
+                    "--groups_file): adds how much weight goes to sharers of the user's own group")
+    ep.add_argument("--output_dir", default=None, help="where explain.md, explain.json and the heatmaps go "
+                    "(default: explain/ beside the recipes dir)")
+    ep.set_defaults(func=explain_cmd)
     args = p.parse_args(argv)
     args.func(args)
 

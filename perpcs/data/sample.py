@@ -744,6 +744,19 @@ def generate(task_name: str, n_users: int = 60, n_history: int = 30, n_queries: 
                           "habit_rate": HABIT_RATE})
 
 
+GROUPS_FORMAT = "perpcs-sample-groups/1"
+
+
+def sample_groups(info: dict) -> dict:
+    """The latent group of every user, keyed by the user id prepare_lamp gives it ("u" + the id of the user's
+    question with the shortest profile, i.e. its first question): the truth routing is checked against.
+
+    A side file for diagnostics only; no stage reads it."""
+    return {"format": GROUPS_FORMAT, "task": info["task"], "seed": info["seed"], "n_groups": info["n_groups"],
+            "keyed_by": "prepare_lamp user id: 'u' + the id of the user's first question",
+            "users": {f"u{u['question_ids'][0]}": u["group"] for u in info["users"]}}
+
+
 def write_sample(task_name: str, out_dir, n_users: int = 60, n_history: int = 30, n_queries: int = 4,
                  seed: int = 0, n_groups: int = N_GROUPS) -> dict:
     """Generate the sample and write its files under ``out_dir``; returns the generated objects."""

@@ -20,8 +20,9 @@ def _per_user_seconds(log_path: Path, key: str) -> float | None:
     return sum(last.values()) / len(last) if last else None
 
 
-def results_table(task_name: str, data_dir="data", output_root=None) -> str:
-    """Markdown table of every method x variant found under output/<task>/."""
+def results_table(task_name: str, data_dir="data", output_root=None, groups_file=None) -> str:
+    """Markdown table of every method x variant found under output/<task>/ (with groups_file, the sample's latent
+    groups: the routing share of Per-Pcs's recipes under it)."""
     task = get_task(task_name)
     root = Path(output_root or Path("output") / task.name)
     if (root / task.name).is_dir() and not (root / TASK_LORA).is_dir():
@@ -65,4 +66,8 @@ def results_table(task_name: str, data_dir="data", output_root=None) -> str:
               "file, payload plus bookkeeping (settings, batches, seed). seconds / user: OPPU's training of the "
               "user's LoRA vs Per-Pcs's assembly (no gradient step); prediction time is the same for both. "
               "-: not measured (no run, or a summary.json of an older version: run stage 5 again)."]
+    if groups_file:
+        from perpcs.evaluation.explain import routing_lines
+        routed = routing_lines(root / COMPOSITION / "recipes", groups_file)
+        lines += [""] + routed if routed else []
     return "\n".join(lines) + "\n"
