@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     sp = sub.add_parser("show-prompts", allow_abbrev=False, help="print the prompts of the first n queries")
     sp.add_argument("--task_name", required=True)
     sp.add_argument("--data_dir", default="data")
-    sp.add_argument("--split", default="test", choices=["test", "base", "candidate", "reserve"])
+    sp.add_argument("--split", default="test", choices=["test", "base", "candidate", "reserve", "leaderboard"])
     sp.add_argument("--n", type=int, default=3)
     sp.add_argument("--k", type=int, default=1, help="BM25 history items (0 = none)")
     sp.add_argument("--profile", action="store_true", help="prepend the user's profile text")
