@@ -20,6 +20,7 @@ def parse_args(argv=None):
     cli.add_lora_args(p, targets=["q_proj", "v_proj"])
     cli.add_train_args(p, lr=1e-4, weight_decay=0.01, batch_size=16, epochs=2, max_seq_len=3000)
     cli.add_generation_args(p)
+    cli.add_test_split_arg(p)
     cli.add_shard_args(p)
     p.add_argument("--lora_ckpt", default=None, help="task LoRA of stage 1; default ./output/<task>/task-base_LLM")
     p.add_argument("--output_dir", default=None, help="default ./output/<task>/OPPU")
@@ -47,7 +48,7 @@ def main(argv=None):
     args = parse_args(argv)
     return train_oppu(OPPUStage(
         inputs=cli.stage_inputs(args), lora=cli.lora_settings(args), train=cli.train_config(args),
-        generation=cli.generation_config(args), shards=cli.shard_config(args), output_dir=args.output_dir))
+        generation=cli.generation_config(args), shards=cli.shard_config(args), output_dir=args.output_dir, test_split=args.test_split))
 
 
 if __name__ == "__main__":

@@ -136,6 +136,12 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="static: preallocated KV cache with a compiled decoding step on CUDA (same outputs)")
 
 
+def add_test_split_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--test_split", default="test", choices=["test", "leaderboard"],
+                   help="the users to predict: test (data/<task>/test_100, with golds) or leaderboard (LaMP's test "
+                        "questions, data/<task>/leaderboard; outputs under <output_dir>/leaderboard/)")
+
+
 def add_shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_shards", type=int, default=None, help="default: $WORLD_SIZE or 1")
     p.add_argument("--shard_id", type=int, default=None, help="default: $RANK or 0")

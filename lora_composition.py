@@ -22,6 +22,7 @@ def parse_args(argv=None):
     cli.add_data_args(p)
     cli.add_model_args(p)
     cli.add_generation_args(p)
+    cli.add_test_split_arg(p)
     cli.add_shard_args(p)
     p.add_argument("--lora_ckpt", default=None, help="task LoRA of stage 1; default ./output/<task>/task-base_LLM")
     p.add_argument("--anchor_dir", default=None,
@@ -73,7 +74,7 @@ def main(argv=None):
         inputs=cli.stage_inputs(args), compose=settings, generation=cli.generation_config(args),
         shards=cli.shard_config(args), anchor_dir=args.anchor_dir, gate_dir=args.gate_dir,
         anchor_idx_path=args.anchor_idx_path, output_dir=args.output_dir, max_seq_len=args.max_seq_len,
-        save_adapters=args.save_adapters))
+        save_adapters=args.save_adapters, test_split=args.test_split))
 
 
 if __name__ == "__main__":

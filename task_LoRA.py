@@ -19,6 +19,7 @@ def parse_args(argv=None):
     cli.add_lora_args(p)
     cli.add_train_args(p, lr=1e-4, weight_decay=0.01, batch_size=6, epochs=3, max_seq_len=3000)
     cli.add_generation_args(p)
+    cli.add_test_split_arg(p)
     p.add_argument("--output_dir", default=None, help="default ./output/<task>/task-base_LLM")
     p.add_argument("--lora_ckpt", default=None, help="with --infer: the task LoRA dir (or .../lora_ckpt.pt)")
     p.add_argument("--infer", action=argparse.BooleanOptionalAction, default=False,
@@ -34,7 +35,7 @@ def main(argv=None):
     args = parse_args(argv)
     return run(TaskLoRAStage(inputs=cli.stage_inputs(args), lora=cli.lora_settings(args), train=cli.train_config(args),
                              generation=cli.generation_config(args), output_dir=args.output_dir, infer=args.infer,
-                             overwrite=args.overwrite))
+                             overwrite=args.overwrite, test_split=args.test_split))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-"""Convert raw LaMP files (train/dev questions + outputs) into the data layout of SPEC section 3.
+"""Convert a LaMP task folder as downloaded into the data layout of SPEC section 3.
 
-Writes <out_dir>/<task>/user_base_LLM.json, user_anchor_candidate.json, user_reserve_10_percent.json,
-test_100/user_test_100.json and test_100/golds.json. The grouping of questions into users, the choice of
-test users and the citation mapping are described in perpcs/prepare.py. Example:
+The folder holds train/ dev/ test/ subfolders (LaMP's layout, user- or time-based) or the same files flat:
+train_questions.json + train_outputs.json, dev_*, test_questions.json. Train and dev questions become our users:
+<out_dir>/<task>/user_base_LLM.json, user_anchor_candidate.json, user_reserve_10_percent.json,
+test_100/user_test_100.json and test_100/golds.json. LaMP's test questions (no outputs) become the separate
+leaderboard split, <out_dir>/<task>/leaderboard/user_leaderboard.json (see `python -m perpcs leaderboard`).
+The grouping of questions into users, the choice of test users and the citation mapping are described in
+perpcs/data/prepare.py. Examples:
+    python data/prepare_lamp.py --task_name LaMP_2M --lamp_dir LaMP/LaMP_2 --n_test 100
     python data/prepare_lamp.py --task_name movie_tagging --lamp_dir data/raw/movie_tagging --n_test 10
 """
 import argparse
@@ -18,9 +23,10 @@ from perpcs.data.prepare import prepare_lamp  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task_name", required=True, help="citation, movie_tagging, news_categorize, product_rating, "
-                   "news_headline, scholarly_title, tweet_paraphrase (or the LaMP id)")
-    p.add_argument("--lamp_dir", required=True, help="holds train_questions.json / train_outputs.json "
-                   "(and optionally dev_questions.json / dev_outputs.json)")
+                   "news_headline, scholarly_title, tweet_paraphrase (or the LaMP id: LaMP_1 ... LaMP_7, LaMP_2M, LaMP_2N; LaMP_2 is "
+                   "detected from the questions' prompt)")
+    p.add_argument("--lamp_dir", required=True, help="the task's LaMP folder: train/ dev/ test/ subfolders or flat "
+                   "train_questions.json / train_outputs.json (dev_*, test_questions.json optional)")
     p.add_argument("--out_dir", default="data", help="the layout goes to <out_dir>/<task>/")
     p.add_argument("--n_test", type=int, default=100, help="test users: those with the longest history")
     p.add_argument("--seed", type=int, default=0, help="shuffles the non-test users before the split")

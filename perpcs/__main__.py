@@ -4,10 +4,12 @@ show-prompts  print the exact prompts the model gets for the first n queries of 
 materialize   rebuild a user's peft adapter from its recipe and the sharer LoRAs
 report        the results table of one task (task LoRA, OPPU, Per-Pcs) from output/<task>/
 explain       what Per-Pcs recipes say: weight per sharer, per layer and module, heatmaps, entropy, routing
+leaderboard   predictions for LaMP's test questions in the leaderboard's format (runs the stage if needed)
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from perpcs.errors import fail, run_cli
 
@@ -66,6 +68,45 @@ def explain_cmd(args) -> None:
     print(f"saved explain.md, explain.json and one heatmap per user to {out}")
 
 
+def leaderboard_cmd(args) -> None:
+    import subprocess
+    import sys
+
+    from perpcs.data.layout import Layout
+    from perpcs.data.tasks import get_task
+    from perpcs.evaluation.leaderboard import (METHODS, default_output_file, predictions_file, stage_dir,
+                                               write_leaderboard_file)
+    from perpcs.paths import REPO_ROOT
+    task = get_task(args.task_name)
+    layout = Layout(args.data_dir, task)
+    output_root = Path(args.output_root or Path("output") / task.name)
+    stage_args = list(args.stage_args)
+    if stage_args[:1] == ["--"]:
+        stage_args = stage_args[1:]
+    for flag in ("--output_dir", "--test_split", "--task_name", "--data_dir"):
+        if any(a == flag or a.startswith(flag + "=") for a in stage_args):
+            fail(f"{flag} is set by `python -m perpcs leaderboard` itself (from --output_root, --task_name, "
+                 f"--data_dir); leave it out of the flags after --")
+    preds = predictions_file(output_root, args.method, args.variant)
+    if not layout.leaderboard_users.is_file():
+        fail(f"{layout.leaderboard_users} not found: run data/prepare_lamp.py --task_name {task.name} on the LaMP "
+             f"folder that holds test_questions.json (or its test/ subfolder)")
+    if not preds.is_file() or args.rerun:
+        script = REPO_ROOT / METHODS[args.method][1]
+        command = [sys.executable, str(script), "--task_name", task.name, "--data_dir", str(args.data_dir),
+                   "--output_dir", str(stage_dir(output_root, args.method)), "--test_split", "leaderboard",
+                   *stage_args]
+        print("running: " + " ".join(command), flush=True)
+        if subprocess.run(command).returncode != 0:
+            fail(f"{script.name} --test_split leaderboard failed (its message is above)")
+        if not preds.is_file():
+            fail(f"{script.name} wrote no {preds} (other shards still running? a --k_list without this variant?)")
+    out = Path(args.output_file or default_output_file(output_root, args.method, args.variant, task))
+    board = write_leaderboard_file(layout, preds, out)
+    print(f"{len(board['golds'])} predictions of {args.method} ({args.variant}) for LaMP's test questions, task "
+          f"{board['task']} -> {out}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m perpcs", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +114,7 @@ def main(argv=None) -> None:
     sp = sub.add_parser("show-prompts", allow_abbrev=False, help="print the prompts of the first n queries")
     sp.add_argument("--task_name", required=True)
     sp.add_argument("--data_dir", default="data")
-    sp.add_argument("--split", default="test", choices=["test", "base", "candidate", "reserve"])
+    sp.add_argument("--split", default="test", choices=["test", "base", "candidate", "reserve", "leaderboard"])
     sp.add_argument("--n", type=int, default=3)
     sp.add_argument("--k", type=int, default=1, help="BM25 history items (0 = none)")
     sp.add_argument("--profile", action="store_true", help="prepend the user's profile text")
@@ -102,6 +143,26 @@ def main(argv=None) -> None:
     ep.add_argument("--output_dir", default=None, help="where explain.md, explain.json and the heatmaps go "
                     "(default: explain/ beside the recipes dir)")
     ep.set_defaults(func=explain_cmd)
+    lp = sub.add_parser("leaderboard", allow_abbrev=False,
+                        help="LaMP leaderboard file of one task and method (LaMP's test questions)",
+                        description="Write the predictions of one method for LaMP's test questions (the "
+                                    "leaderboard split of data/<task>/) as LaMP's leaderboard takes them: "
+                                    "{\"task\": \"LaMP_n\", \"golds\": [{\"id\", \"output\"}]}. If the "
+                                    "method's stage has not predicted them yet, it is run with --test_split "
+                                    "leaderboard and the flags after --.")
+    lp.add_argument("--task_name", required=True)
+    lp.add_argument("--method", required=True, choices=["per-pcs", "oppu", "task-lora"])
+    lp.add_argument("--variant", default="k1-profile",
+                    choices=["kNP", "kNP-profile", "k1", "k1-profile", "k2", "k2-profile", "k4", "k4-profile"],
+                    help="which prediction file of the stage (BM25 k, with/without the profile text)")
+    lp.add_argument("--data_dir", default="data")
+    lp.add_argument("--output_root", default=None, help="the stages' outputs; default output/<task>")
+    lp.add_argument("--output_file", default=None,
+                    help="default <output_root>/leaderboard/<method>-<variant>/LaMP_<n>.json")
+    lp.add_argument("--rerun", action="store_true", help="run the stage again even if its predictions exist")
+    lp.add_argument("stage_args", nargs=argparse.REMAINDER,
+                    help="after --: flags for the stage script (e.g. --llama_model_path, --lora_ckpt, --anchor_dir)")
+    lp.set_defaults(func=leaderboard_cmd)
     args = p.parse_args(argv)
     args.func(args)
 

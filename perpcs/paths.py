@@ -81,3 +81,9 @@ def resolve_sharer_lora_dir(path) -> Path:
             if (path / sub).is_dir():
                 return path / sub
     return path
+
+
+def split_output_dir(out_dir, test_split: str) -> Path:
+    """Where a stage writes its predictions (and recipes, logs, summary) for ``test_split``: the stage's output dir
+    for the test users, its ``leaderboard/`` subfolder for LaMP's test questions (nothing collides)."""
+    return Path(out_dir) / "leaderboard" if test_split == "leaderboard" else Path(out_dir)

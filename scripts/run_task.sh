@@ -5,8 +5,8 @@
 #   PY=.venv/bin/python LLAMA=/models/Llama-2-7b LAMP_DIR=/data/LaMP/movie_tagging scripts/run_task.sh movie_tagging
 #   DRY_RUN=1 scripts/run_task.sh movie_tagging      # print every command, run nothing
 #
-# Variables: PY (the project's .venv/bin/python when it exists, else python), LLAMA (./llama_download/Llama-2-7b), DEVICE (cuda), LAMP_DIR (raw LaMP files of the
-# task, needed only while data/<task>/ does not exist), PROFILE_MODEL (the model writing the PAG profiles;
+# Variables: PY (the project's .venv/bin/python when it exists, else python), LLAMA (./llama_download/Llama-2-7b), DEVICE (cuda), LAMP_DIR (the task's LaMP folder as
+# downloaded: train/ dev/ test/ subfolders or flat files; needed only while data/<task>/ does not exist), PROFILE_MODEL (the model writing the PAG profiles;
 # default $LLAMA), ENCODER (step 2's history encoder: a Hugging Face id or a local directory; default the paper's
 # microsoft/deberta-v3-large, read from the Hugging Face cache, downloaded into it when the hub can be reached).
 # Each command is printed ("+ ...") before it runs, so it can be copied and run by hand. Re-running continues
@@ -56,8 +56,8 @@ if [ -n "$LAMP_DIR" ] && [ -z "$DRY_RUN" ] && [ -e "data/$TASK/test_100/user_tes
 fi
 if ! done_already "data/$TASK/test_100/user_test_100.json" "data"; then
   if [ -z "$LAMP_DIR" ] && [ -z "$DRY_RUN" ]; then
-    echo "error: data/$TASK/ does not exist; set LAMP_DIR to the directory holding the task's LaMP" \
-         "train_questions.json / train_outputs.json (and dev_*)" >&2
+    echo "error: data/$TASK/ does not exist; set LAMP_DIR to the task's LaMP folder as downloaded (the one" \
+         "holding train/ dev/ test/, or train_questions.json / train_outputs.json / dev_* directly)" >&2
     exit 2
   fi
   run "$PY" data/prepare_lamp.py --task_name "$TASK" --lamp_dir "${LAMP_DIR:-LaMP/$TASK}" --out_dir data

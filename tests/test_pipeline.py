@@ -443,3 +443,59 @@ def test_oppu_predicts_with_the_users_own_lora(pipe, tmp_path, capsys, monkeypat
     assert not torch.allclose(seen["used"], seen["off"], atol=1e-4)
     expected = _reference_logits(pipe, out_dir / "adapters" / f"user_{seen['uid']}", seen["tokenizer"])
     torch.testing.assert_close(seen["used"], expected, **CLOSE)
+
+
+# ------------------------------------------------------------------------------------------- LaMP leaderboard
+
+def _without(argv: list, *flags) -> list:
+    """A stage's flag list without the given flags (and their values): the leaderboard command sets those."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def _leaderboard_data(pipe, tmp_path):
+    """The pipeline's data with a leaderboard split: its test users, their queries without golds."""
+    data = tmp_path / "data"
+    shutil.copytree(pipe.data, data)
+    layout = Layout(data, MOVIE)
+    users = json.loads(layout.test_users.read_text())
+    for u in users:
+        u["query"] = [{"id": q["id"], "input": q["input"]} for q in u["query"]]
+    layout.leaderboard_users.parent.mkdir(parents=True)
+    layout.leaderboard_users.write_text(json.dumps(users))
+    return layout
+
+
+def test_leaderboard_users_are_assembled_like_target_users_and_oppu_trained_like_them(pipe, tmp_path, capsys):
+    """--test_split leaderboard: stage 5 assembles the leaderboard users as it does the test users (same recipes and
+    predictions for the same users), under <output_dir>/leaderboard/, leaving the test-split outputs alone; the
+    leaderboard command writes LaMP's file for Per-Pcs and (running OPPU.py itself) for OPPU."""
+    from perpcs.__main__ import main as perpcs_main
+    layout = _leaderboard_data(pipe, tmp_path)
+    out_root = tmp_path / "output"
+    comp = out_root / "LoRA-Composition"
+    shutil.copytree(pipe.composition, comp)
+    before = file_digests(comp)
+    run(lora_composition.main, pipe.compose_args(comp) + ["--data_dir", str(layout.data_dir), "--test_split",
+                                                          "leaderboard"], capsys)
+    assert file_digests(comp, "*.json") == {k: v for k, v in before.items() if "/" not in k and k.endswith(".json")}
+    for sub in ("recipes", "user_predictions", "predictions"):
+        assert file_digests(comp / "leaderboard" / sub) == file_digests(pipe.composition / sub)
+        assert file_digests(comp / sub) == file_digests(pipe.composition / sub)          # untouched
+    assert (comp / "leaderboard" / "summary.json").is_file()
+    ids = [q["id"] for u in layout.load_split("leaderboard") for q in u["query"]]
+    for method, variant in (("per-pcs", "k1"), ("oppu", "kNP-profile")):
+        stage = _without(pipe.oppu_args(tmp_path / "unused"), "--task_name", "--data_dir", "--output_dir")
+        run(perpcs_main, ["leaderboard", "--task_name", TASK, "--method", method, "--variant", variant,
+                          "--data_dir", str(layout.data_dir), "--output_root", str(out_root), "--", *stage], capsys)
+        board = json.loads((out_root / "leaderboard" / f"{method}-{variant}" / "LaMP_2.json").read_text())
+        assert board["task"] == "LaMP_2" and [e["id"] for e in board["golds"]] == ids
+    assert not (out_root / "OPPU" / "predictions").exists()           # OPPU ran on the leaderboard split only
+    assert (out_root / "OPPU" / "leaderboard" / "adapters").is_dir()

@@ -214,6 +214,11 @@ class Layout:
         return self.root / "test_100" / "user_test_100.json"
 
     @property
+    def leaderboard_users(self) -> Path:
+        """LaMP's test questions grouped into users (no golds): what a leaderboard submission predicts."""
+        return self.root / "leaderboard" / "user_leaderboard.json"
+
+    @property
     def reserve_users(self) -> Path:
         return self.root / "user_reserve_10_percent.json"
 
@@ -227,7 +232,7 @@ class Layout:
 
     def split_path(self, split: str) -> Path:
         return {"base": self.base_users, "candidate": self.candidate_users, "test": self.test_users,
-                "reserve": self.reserve_users}[split]
+                "reserve": self.reserve_users, "leaderboard": self.leaderboard_users}[split]
 
     def load_split(self, split: str, need_gold: bool = False, check: bool = False) -> list:
         """A split's users; ``check`` also parses every query (for stages that build query prompts)."""
@@ -235,6 +240,19 @@ class Layout:
         if check:
             check_queries(users, self.split_path(split), self.task)
         return users
+
+    def load_targets(self, split: str = "test") -> tuple:
+        """(users, golds or None) of the users a stage predicts: ``test`` (with golds) or ``leaderboard`` (LaMP's
+        test questions: none; the only split whose queries may lack a gold)."""
+        if split == "test":
+            users = self.load_split("test", check=True)
+            return users, self.load_golds(users)
+        if split != "leaderboard":
+            fail(f"--test_split must be 'test' or 'leaderboard', got {split!r}")
+        if not self.leaderboard_users.is_file():
+            fail(f"{self.leaderboard_users} not found: run data/prepare_lamp.py --task_name {self.task.name} on the "
+                 f"LaMP folder that holds test_questions.json (or its test/ subfolder)")
+        return self.load_split("leaderboard", check=True), None
 
     def load_profiles(self) -> dict:
         return load_profiles(self.profiles)
@@ -250,8 +268,8 @@ class Layout:
         return golds_from_users(users, self.task)
 
 
-def all_splits_users(layout: Layout, splits=("base", "candidate", "test", "reserve")) -> list:
-    """Users of every split that exists (profile generation reads them all)."""
+def all_splits_users(layout: Layout, splits=("base", "candidate", "test", "reserve", "leaderboard")) -> list:
+    """Users of every split that exists (profile generation reads them all, the leaderboard's too)."""
     users = []
     for split in splits:
         path = layout.split_path(split)

@@ -23,6 +23,13 @@ The authors never published this step (SPEC section 10); the choices made here:
 - Test users: the ``n_test`` users with the longest history (ties: smaller user_id first). The rest
   is shuffled with ``random.Random(seed)`` and cut at the cumulative fractions base, candidate,
   reserve (rounded half up); users beyond the fractions' sum are left out.
+- Input: a LaMP task folder as downloaded: flat (``train_questions.json`` ... in one folder) or LaMP's layout
+  with ``train/``, ``dev/``, ``test/`` subfolders holding the same names (user- and time-based releases alike).
+  Pointed at one split subfolder (its parent holds the others) it stops and names the parent, so dev is never
+  dropped silently. ``LaMP_2`` (both versions carry that name) is resolved from the questions' prompt.
+- Leaderboard: LaMP's test questions (``test_questions.json``, no outputs) are grouped into users the same way,
+  among themselves only, and written as the separate ``leaderboard`` split (queries without gold); they never
+  join the train/dev users.
 - Citation: raw LaMP-1 history items carry ``title`` and ``abstract``; the published prompts read
   ``title`` and ``citation``. ``citation`` is set from ``citation_field`` (default the abstract)
   unless an item already has one; the original fields are kept.
@@ -40,10 +47,11 @@ from pathlib import Path
 
 from perpcs.atomic import write_json_atomic
 from perpcs.data.layout import Layout, read_json, validate_users
-from perpcs.data.tasks import Task, get_task
+from perpcs.data.tasks import AMBIGUOUS_LAMP_2, Task, get_task, is_ambiguous_lamp_2
 from perpcs.errors import PerpcsError, fail
 
 SPLIT_FILES = ("train", "dev")
+LEADERBOARD_FILE = "test"      # LaMP's test questions: no outputs are published
 _ISO_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 # The history field that holds what a query's input holds (its "document"), per task.
 DOCUMENT_FIELD = {"citation": "title", "movie_tagging": "description", "news_categorize": "text",
@@ -56,7 +64,7 @@ MAX_POSTINGS = 1000
 class Question:
     id: str
     input: str
-    gold: str
+    gold: str | None        # None: a LaMP test question (leaderboard split)
     profile: tuple          # the raw history items, as given
     source: str             # the questions file it came from, for messages
     document: str = ""      # the question's own document (whitespace-normalized), see DOCUMENT_FIELD
@@ -93,15 +101,41 @@ def item_document(item: dict, task: Task) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Reading
 
+def split_folder(lamp_dir, split: str) -> Path | None:
+    """The folder holding ``<split>_questions.json``: the task folder itself (flat) or its ``<split>/`` subfolder
+    (LaMP's download layout); None when neither has it. Both having it is an error (which one is meant?)."""
+    lamp_dir = Path(lamp_dir)
+    name = f"{split}_questions.json"
+    found = [d for d in (lamp_dir, lamp_dir / split) if (d / name).is_file()]
+    if len(found) > 1:
+        fail(f"{lamp_dir}: both {found[0] / name} and {found[1] / name} exist; keep one of them")
+    return found[0] if found else None
+
+
+def check_task_folder(lamp_dir) -> None:
+    """Pointed at one split subfolder of LaMP's layout (``LaMP_2/train``), the other splits would be silently
+    left out: stop and name the folder to pass instead."""
+    lamp_dir = Path(lamp_dir).resolve()
+    splits = SPLIT_FILES + (LEADERBOARD_FILE,)
+    if lamp_dir.name in splits:
+        siblings = [s for s in splits if s != lamp_dir.name and (lamp_dir.parent / s).is_dir()]
+        if siblings:
+            fail(f"{lamp_dir} is the {lamp_dir.name}/ split folder of a LaMP download (its parent also holds "
+                 f"{', '.join(s + '/' for s in siblings)}); pass the parent, --lamp_dir {lamp_dir.parent}, so that "
+                 f"train and dev both become users (and test the leaderboard split)")
+
+
 def read_questions(lamp_dir, task: Task) -> list:
     """All questions of train and dev (whichever exist) with their golds and parsed own documents."""
     lamp_dir = Path(lamp_dir)
+    check_task_folder(lamp_dir)
     questions, seen = [], {}
     found = False
     for split in SPLIT_FILES:
-        qpath, opath = lamp_dir / f"{split}_questions.json", lamp_dir / f"{split}_outputs.json"
-        if not qpath.is_file():
+        folder = split_folder(lamp_dir, split)
+        if folder is None:
             continue
+        qpath, opath = folder / f"{split}_questions.json", folder / f"{split}_outputs.json"
         found = True
         if not opath.is_file():
             fail(f"{qpath} has no outputs file beside it: expected {opath}")
@@ -113,8 +147,43 @@ def read_questions(lamp_dir, task: Task) -> list:
             questions.append(question)
     if not found:
         fail(f"no LaMP questions in {lamp_dir}: expected train_questions.json and/or dev_questions.json "
-             f"(with train_outputs.json / dev_outputs.json)")
+             f"(with train_outputs.json / dev_outputs.json), in that folder or in its train/ and dev/ subfolders")
     return questions
+
+
+def read_leaderboard_questions(lamp_dir, task: Task, other: list) -> list:
+    """LaMP's test questions (no golds), or [] when the folder has none; their ids must differ from ``other``'s
+    (users are named after a question id, and profile texts are keyed by user)."""
+    folder = split_folder(lamp_dir, LEADERBOARD_FILE)
+    if folder is None:
+        return []
+    qpath = folder / f"{LEADERBOARD_FILE}_questions.json"
+    sources = {q.id: q.source for q in other}
+    questions = _read_question_file(qpath, None, task)
+    for question in questions:
+        if question.id in sources:
+            fail(f"question id {question.id!r} appears in both {sources[question.id]} and {question.source}")
+    return questions
+
+
+def detect_lamp_2(lamp_dir) -> Task:
+    """``LaMP_2`` is movie tagging or news categorization: the questions' prompt (the task's query marker) says."""
+    lamp_dir = Path(lamp_dir)
+    check_task_folder(lamp_dir)
+    inputs = []
+    for split in SPLIT_FILES + (LEADERBOARD_FILE,):
+        folder = split_folder(lamp_dir, split)
+        if folder is not None:
+            raw = read_json(folder / f"{split}_questions.json", "LaMP questions file")
+            inputs += [q["input"] for q in raw if isinstance(q, dict) and isinstance(q.get("input"), str)]
+    tasks = [get_task(name) for name in AMBIGUOUS_LAMP_2]
+    matching = [t for t in tasks if inputs and all(t.marker in text for text in inputs)]
+    if len(matching) != 1:
+        fail(f"--task_name LaMP_2 is movie tagging or news categorization, and the questions in {lamp_dir} do not "
+             f"tell which (expected every input to hold {tasks[0].marker!r} or every one {tasks[1].marker!r}); "
+             f"pass --task_name LaMP_2M (movie_tagging) or --task_name LaMP_2N (news_categorize)")
+    print(f"--task_name LaMP_2: the questions' prompt is {matching[0].name}'s ({matching[0].lamp_id})")
+    return matching[0]
 
 
 def _read_golds(path: Path, task: Task) -> dict:
@@ -150,13 +219,14 @@ def _read_question_file(path: Path, golds: dict, task: Task) -> list:
         for k, item in enumerate(q["profile"]):
             if not isinstance(item, dict) or "id" not in item:
                 fail(f"{path}: question {qid!r}: profile item #{k} needs an 'id'")
-        if qid not in golds:
+        if golds is not None and qid not in golds:
             fail(f"{path}: question {qid!r} has no output in {path.name.replace('_questions', '_outputs')}")
         try:
             document = normalize(task.parse_query(q["input"], qid)[0])
         except PerpcsError as err:
             fail(f"{path}: {err}")
-        questions.append(Question(qid, q["input"], golds[qid], tuple(q["profile"]), path.name, document))
+        gold = golds[qid] if golds is not None else None
+        questions.append(Question(qid, q["input"], gold, tuple(q["profile"]), path.name, document))
     return questions
 
 
@@ -222,7 +292,8 @@ def build_user(questions: list, task: Task, citation_field: str = "abstract") ->
     kept = [(item, q) for item, q in items if item_document(item, task) not in own]
     profile = [_project_item(item, q, task, citation_field) for item, q in kept]
     user = {"user_id": f"u{questions[0].id}", "profile": sort_by_time(profile),
-            "query": [{"id": q.id, "input": q.input, "gold": q.gold} for q in questions]}
+            "query": [{"id": q.id, "input": q.input, **({} if q.gold is None else {"gold": q.gold})}
+                      for q in questions]}
     return user, len(items) - len(kept)
 
 
@@ -289,14 +360,17 @@ def prepare_lamp(task_name: str, lamp_dir, out_dir="data", n_test: int = 100, se
                  base_frac: float = 0.5, candidate_frac: float = 0.4, reserve_frac: float = 0.1,
                  citation_field: str = "abstract", verbose: bool = True) -> dict:
     """Convert one task's raw LaMP files; returns the summary (and prints it when ``verbose``)."""
-    task = get_task(task_name)
+    task = detect_lamp_2(lamp_dir) if is_ambiguous_lamp_2(task_name) else get_task(task_name)
     if citation_field not in ("abstract", "title"):
         fail(f"--citation_field must be 'abstract' or 'title', got {citation_field!r}")
     questions = read_questions(lamp_dir, task)
+    board_questions = read_leaderboard_questions(lamp_dir, task, questions)
     grouping = group_questions(questions)
     built = [build_user(qs, task, citation_field) for qs in grouping.users]
     users = [user for user, _ in built]
     removed = sum(n for _, n in built)
+    # the test questions: grouped among themselves only, never mixed into the users above
+    board = [build_user(qs, task, citation_field)[0] for qs in group_questions(board_questions).users]
     splits = split_users(users, n_test, base_frac, candidate_frac, reserve_frac, seed)
     layout = Layout(Path(out_dir), task)
     for split in ("base", "candidate", "test", "reserve"):
@@ -305,7 +379,13 @@ def prepare_lamp(task_name: str, lamp_dir, out_dir="data", n_test: int = 100, se
         write_json_atomic(path, splits[split])
     golds = [{"id": q["id"], "output": q["gold"]} for user in splits["test"] for q in user["query"]]
     write_json_atomic(layout.golds, {"task": task.lamp_id, "golds": golds})
+    if board_questions:
+        validate_users(board, layout.leaderboard_users, task)
+        write_json_atomic(layout.leaderboard_users, board)
     summary = _summary(task, lamp_dir, questions, grouping, splits, layout, removed)
+    if board_questions:
+        summary["leaderboard"] = {"path": str(layout.leaderboard_users), "questions": len(board_questions),
+                                  "users": len(board)}
     if verbose:
         print(format_summary(summary))
     return summary
@@ -346,4 +426,8 @@ def format_summary(summary: dict) -> str:
                      f"  {info['path']}")
         if info["users"] == 0:
             lines.append(f"  warning: the {split} split is empty")
+    if "leaderboard" in summary:
+        board = summary["leaderboard"]
+        lines.append(f"  leaderboard {board['users']:>3} users {board['questions']:>6} queries  (LaMP's test questions, "
+                     f"no golds)  {board['path']}")
     return "\n".join(lines)

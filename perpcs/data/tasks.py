@@ -100,10 +100,31 @@ TASKS = {
 BY_LAMP_ID = {t.lamp_id: t for t in TASKS.values()}
 
 
+AMBIGUOUS_LAMP_2 = ("movie_tagging", "news_categorize")   # LaMP's own files call both "LaMP_2"
+
+
+def _lamp_key(name: str) -> str:
+    """LaMP_2M, lamp_2m, LaMP-2M, lamp2m -> "lamp2m": the spellings of a LaMP id people use."""
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+def is_ambiguous_lamp_2(name: str) -> bool:
+    return _lamp_key(name) == "lamp2"
+
+
 def get_task(name: str) -> Task:
-    """Accepts the project name (movie_tagging) or the LaMP id (LaMP_2M)."""
+    """Accepts the project name (movie_tagging) or the LaMP id (LaMP_2M; also lamp_2m, LaMP-2M)."""
     if name in TASKS:
         return TASKS[name]
     if name in BY_LAMP_ID:
         return BY_LAMP_ID[name]
+    key = _lamp_key(name)
+    for task in TASKS.values():
+        if key == _lamp_key(task.lamp_id):
+            return task
+    if key == "lamp2":
+        fail(f"task {name!r} is ambiguous: LaMP_2 is movie tagging (LaMP_2M, movie_tagging) or news "
+             f"categorization (LaMP_2N, news_categorize); pass one of those")
+    if key == "lamp6":
+        fail(f"task {name!r} (LaMP-6, email subject generation) is not public and not supported here")
     fail(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or LaMP ids {', '.join(BY_LAMP_ID)})")

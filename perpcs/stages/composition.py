@@ -18,7 +18,7 @@ from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
 from perpcs.method.recipes import make_recipe, recipe_weights, write_recipe
 from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.models.provenance import file_sha256, refuse_other_sources
-from perpcs.paths import default_dirs, resolve_sharer_index, resolve_sharer_lora_dir
+from perpcs.paths import default_dirs, resolve_sharer_index, resolve_sharer_lora_dir, split_output_dir
 from perpcs.stages.base import (check_existing_predictions, combine_user_predictions, last_per_user, lazy,
                                 load_merged_base, load_sharers, merged_base_sources, predict_one_user,
                                 profiles_if_needed, refuse_other_settings, run_per_user, user_examples,
@@ -62,10 +62,9 @@ def compose(cfg: CompositionStage) -> Path:
     task = get_task(cfg.inputs.task_name)
     layout = Layout(cfg.inputs.data_dir, task)
     dirs = default_dirs(task.name)
-    out_root = Path(cfg.output_dir or dirs["composition"])
+    out_root = split_output_dir(cfg.output_dir or dirs["composition"], cfg.test_split)
     settings, overwrite = cfg.compose, cfg.shards.overwrite
-    test_users = layout.load_split("test", check=True)
-    layout.load_golds(test_users)
+    test_users, _ = layout.load_targets(cfg.test_split)
     all_profiles = layout.load_profiles()
     sharers = load_sharers(resolve_sharer_index(cfg.anchor_idx_path, task.name), layout.candidate_users, task)
     settings.check(len(sharers))
@@ -75,7 +74,8 @@ def compose(cfg: CompositionStage) -> Path:
                      gate_dir)
     profiles = profiles_if_needed(layout, task)
     users = [(user_id(u), u) for u in test_users]
-    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users, settings.recent_k)
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.split_path(cfg.test_split),
+                                   settings.recent_k)
                 for i, (uid, u) in enumerate(users)}
     num_shards, shard_id = cfg.shards.resolve()
     inputs = composition_inputs(cfg.inputs, cfg.max_seq_len, pool, gate_dir)

@@ -93,6 +93,7 @@ class TaskLoRAStage:
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     output_dir: str | Path | None = None
+    test_split: str = "test"         # "leaderboard": LaMP's test questions, outputs under <output_dir>/leaderboard
     infer: bool = False               # predict only, with inputs.lora_ckpt
     overwrite: bool = False           # train again even if the adapter exists
 
@@ -131,6 +132,7 @@ class CompositionStage:
     gate_dir: str | Path | None = None
     anchor_idx_path: str | Path | None = None
     output_dir: str | Path | None = None
+    test_split: str = "test"         # "leaderboard": LaMP's test questions, outputs under <output_dir>/leaderboard
     max_seq_len: int = 3500          # tokens of an assembly example (and of a prompt, via generation)
     save_adapters: bool = False
 
@@ -144,6 +146,7 @@ class OPPUStage:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     output_dir: str | Path | None = None
+    test_split: str = "test"         # "leaderboard": LaMP's test questions, outputs under <output_dir>/leaderboard
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from perpcs.data.truncation import finish_per_user_stage
 from perpcs.engine.training import train, user_seed
 from perpcs.models.lora import load_adapter_weights, save_peft_adapter
 from perpcs.models.provenance import SOURCE_FILE
-from perpcs.paths import default_dirs
+from perpcs.paths import default_dirs, split_output_dir
 from perpcs.stages.base import (adapter_done, check_existing_predictions, combine_user_predictions, fresh_lora, lazy,
                                 load_merged_base, merged_base_sources, predict_one_user, run_per_user, user_examples,
                                 user_predictions_path, user_record)
@@ -23,12 +23,12 @@ def train_oppu(cfg: OPPUStage) -> Path:
     """The OPPU baseline: a LoRA per test user on that user's own history only, then its predictions."""
     task = get_task(cfg.inputs.task_name)
     layout = Layout(cfg.inputs.data_dir, task)
-    out_root = Path(cfg.output_dir or default_dirs(task.name)["oppu"])
-    test_users = layout.load_split("test", check=True)
-    layout.load_golds(test_users)
+    out_root = split_output_dir(cfg.output_dir or default_dirs(task.name)["oppu"], cfg.test_split)
+    test_users, _ = layout.load_targets(cfg.test_split)
     profiles = layout.load_profiles()
     users = [(user_id(u), u) for u in test_users]
-    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.test_users)
+    examples = {uid: user_examples(task, u, profiles, layout.profiles, i,
+                                   layout.split_path(cfg.test_split))
                 for i, (uid, u) in enumerate(users)}
     num_shards, shard_id = cfg.shards.resolve()
     base_cfg = cfg.train

@@ -13,7 +13,7 @@ from perpcs.data.truncation import describe, record_in_summary
 from perpcs.engine.generation import predict_variants, write_variant_files
 from perpcs.engine.training import train
 from perpcs.models.lora import is_complete_adapter, save_peft_adapter
-from perpcs.paths import stage_dirs
+from perpcs.paths import split_output_dir, stage_dirs
 from perpcs.stages.config import TaskLoRAStage
 
 
@@ -55,8 +55,7 @@ def run(cfg: TaskLoRAStage) -> Path:
     layout = Layout(inputs.data_dir, task)
     out_dir = Path(cfg.output_dir or stage_dirs(task.name)["task_lora"])
     # read and validate every input before the (slow) model load
-    test_users = layout.load_split("test", check=True)
-    golds = layout.load_golds(test_users)
+    test_users, golds = layout.load_targets(cfg.test_split)
     profiles = layout.load_profiles()
     base_users = None if cfg.infer else layout.load_split("base", need_gold=True, check=True)
 
@@ -86,15 +85,16 @@ def run(cfg: TaskLoRAStage) -> Path:
         return out_dir
     model = model.merge_and_unload()   # faster generation; the adapter on disk is unchanged
 
-    pred_dir = out_dir / "predictions"
+    pred_root = split_output_dir(out_dir, cfg.test_split)
+    pred_dir = pred_root / "predictions"
     shortened = {}
     gen = cfg.generation
     preds = predict_variants(model, tokenizer, task, test_users, profiles, device, k_list=gen.k_list,
                              max_new_tokens=gen.max_gen_len, profiles_path=layout.profiles, shortened=shortened,
                              show_progress=True, **gen.kwargs())
     write_variant_files(pred_dir, task, preds)
-    where = record_in_summary(out_dir, {"prompts": shortened})
+    where = record_in_summary(pred_root, {"prompts": shortened})
     print(describe("task LoRA predictions", shortened, "prompts") + f" -> {where}")
-    n_golds = len(golds["golds"])
-    print(f"predictions for {n_golds} test queries in {pred_dir}")
+    n_queries = sum(len(u["query"]) for u in test_users)
+    print(f"predictions for {n_queries} {cfg.test_split} queries in {pred_dir}")
     return out_dir
