@@ -55,8 +55,6 @@ def report_cmd(args) -> None:
 
 
 def explain_cmd(args) -> None:
-    from pathlib import Path
-
     from perpcs.evaluation.explain import explain, load_recipes
     from perpcs.paths import COMPOSITION, OUTPUT_ROOT
     if not (args.recipe or args.recipes_dir or args.task_name):
