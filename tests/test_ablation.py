@@ -306,7 +306,10 @@ def test_partial_sweep_plots_what_exists_and_names_what_is_missing(config):
         return fake(argv)
 
     results = run_ablation(config, {"k": [10, 20]}, runner=runner, max_users=10)
+    for name in ("costs", "k"):   # kept for a look at the figures: pytest --basetemp=DIR
+        assert (config.ablation_root / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
     assert not (config.composition_dir(config.base) / "summary.json").exists()     # the base setting never ran
+    assert "Per-Pcs (sharer ids + weights) [k10]" in results["costs"]["storage_bytes"]
     costs_plot = json.loads((config.ablation_root / "costs.plotted.json").read_text())
     assert [panel["ylabel"] for panel in costs_plot["panels"]] == ["storage (KB)", "time (minutes)"]
     storage, seconds = (panel["lines"] for panel in costs_plot["panels"])

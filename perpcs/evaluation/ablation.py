@@ -19,8 +19,10 @@ A step whose outputs exist is skipped, so an interrupted sweep continues where i
 After the runs, every composition dir is scored, metric-vs-setting plots are drawn (one PNG per sweep), and
 storage and time against the number of target users are drawn for Per-Pcs and OPPU from
 ``LoRA-Composition/summary.json``, ``OPPU/adapters/`` and ``OPPU/users_log.jsonl`` (storage as perpcs.storage
-defines it; a method whose figures are missing gets no curve, and the plot and results.json say so). All
-numbers go to ``output/<task>/ablation/results.json``.
+defines it; a method whose figures are missing gets no curve, and the plot and results.json say so; when the base
+setting did not run, Per-Pcs is drawn from the swept settings that did, labelled with their tag). A sweep point
+without results keeps its place, marked "no results". Every plot has a ``<name>.plotted.json`` beside it: the
+lines it draws and what it names as missing. All numbers go to ``output/<task>/ablation/results.json``.
 """
 from __future__ import annotations
 
@@ -598,7 +600,7 @@ def plot_costs(task: Task, curves: dict, path: Path) -> Path:
     title = f"{task.name}: cost of personalizing n users"
     if curves.get("drawn_from_swept_settings"):
         title += "\n(the base setting has no Per-Pcs figures: Per-Pcs drawn from the swept settings in [ ])"
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.06 if "\n" in title else 0.98)   # two lines: above the panel titles
     _note_missing(fig, curves.get("missing") or [])
     try:
         return _save_png(fig, path, curves.get("missing") or [])
