@@ -11,7 +11,9 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=output/$TASK
 COMMON=(--task_name "$TASK" --device cpu --cpu_bf16)
 TRAIN=(--no-grad_ckpt --max_seq_len 512)
-GEN=(--k_list 1 --temperature 0 --max_gen_len 8)
+# New tokens per answer: the task's own length (perpcs/data/tasks.py: 10 for a movie tag, 40 for a headline, ...;
+# generation stops at the end-of-answer token, so labels cost no more); MAX_GEN_LEN=n sets one for every task.
+GEN=(--k_list 1 --temperature 0 ${MAX_GEN_LEN:+--max_gen_len "$MAX_GEN_LEN"})
 start=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
