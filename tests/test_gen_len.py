@@ -64,11 +64,16 @@ def test_demo_max_gen_len_sets_one_length_for_every_stage(tmp_path):
         assert parse_with_script(REPO / script, argv).max_gen_len == 12
 
 
-def test_run_task_leaves_the_length_to_the_task(tmp_path):
+def test_run_task_leaves_the_length_to_the_task_unless_max_gen_len_says(tmp_path):
     result, commands = run_task_commands(tmp_path)
     assert result.returncode == 0, result.stderr
     stages = [argv for _, argv in commands if argv[1] in PREDICTING]
     assert len(stages) == 3 and not any("--max_gen_len" in argv for argv in stages)
+    _, commands = run_task_commands(tmp_path, {"MAX_GEN_LEN": "30"})
+    stages = [argv for _, argv in commands if argv[1] in PREDICTING]
+    assert len(stages) == 3
+    for argv in stages:
+        assert parse_with_script(REPO / argv[1], argv[2:]).max_gen_len == 30
 
 
 def test_ablation_passes_no_length_of_its_own(tmp_path):

@@ -517,9 +517,8 @@ def figure_record(fig, missing: list = ()) -> dict:
         marks = [number(x) for line in ax.get_lines() if line.get_label() == "_missing" for x in line.get_xdata()]
         panels.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "lines": lines,
                        "missing_marks": marks})
-    suptitle = fig._suptitle.get_text() if fig._suptitle else ""
-    return {"title": suptitle, "panels": panels, "missing": list(missing),
-            "notes": [t.get_text() for t in fig.texts if t is not fig._suptitle]}
+    return {"title": fig.get_suptitle(), "panels": panels, "missing": list(missing),
+            "notes": [t.get_text() for t in fig.texts if t is not fig._suptitle]}   # fig.texts holds the suptitle
 
 
 def _note_missing(fig, missing: list) -> None:
