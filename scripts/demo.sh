@@ -11,15 +11,17 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=output/$TASK
 COMMON=(--task_name "$TASK" --device cpu --cpu_bf16)
 TRAIN=(--no-grad_ckpt --max_seq_len 512)
-GROUPS=output/lamp_raw/$TASK/groups.json   # the sample's latent groups: for explain and the routing share only
-GEN=(--k_list 1 --temperature 0 --max_gen_len 8)
+GROUPS_FILE=data/sample_groups/$TASK.json   # the sample's latent groups, beside data/<task>/ (no stage reads it): explain, routing share
+# New tokens per answer: the task's own length (perpcs/data/tasks.py: 10 for a movie tag, 40 for a headline, ...;
+# generation stops at the end-of-answer token, so labels cost no more); MAX_GEN_LEN=n sets one for every task.
+GEN=(--k_list 1 --temperature 0 ${MAX_GEN_LEN:+--max_gen_len "$MAX_GEN_LEN"})
 start=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
 step "0. sample data (LaMP format) and the project layout"
 if [ ! -f "data/$TASK/test_100/golds.json" ]; then
   $PY data/make_sample.py --task_name "$TASK" --out_dir "output/lamp_raw/$TASK" --n_users 40 --n_history 16 --n_queries 4 \
-    --groups_file "$GROUPS"
+    --groups_file "$GROUPS_FILE"
   $PY data/prepare_lamp.py --task_name "$TASK" --lamp_dir "output/lamp_raw/$TASK" --out_dir data --n_test 4
 fi
 
@@ -45,7 +47,7 @@ step "OPPU baseline (one LoRA per target user)"
 $PY OPPU.py "${COMMON[@]}" "${TRAIN[@]}" "${GEN[@]}" --epochs 3 --max_step 20 --batch_size 4 --lr 5e-3
 
 step "6. evaluation"
-ROUTING=(); [ -f "$GROUPS" ] && ROUTING=(--groups_file "$GROUPS")
+ROUTING=(); [ -f "$GROUPS_FILE" ] && ROUTING=(--groups_file "$GROUPS_FILE")
 $PY -m perpcs report --task_name "$TASK" --output_file "$OUT/results.md" ${ROUTING[@]+"${ROUTING[@]}"}
 $PY -m perpcs explain --task_name "$TASK" ${ROUTING[@]+"${ROUTING[@]}"} > "$OUT/explain.txt"
 echo "explain: $OUT/LoRA-Composition/explain/ (explain.md, one heatmap per user)"

@@ -8,7 +8,8 @@
 # Variables: PY (the project's .venv/bin/python when it exists, else python), LLAMA (./llama_download/Llama-2-7b), DEVICE (cuda), LAMP_DIR (the task's LaMP folder as
 # downloaded: train/ dev/ test/ subfolders or flat files; needed only while data/<task>/ does not exist), PROFILE_MODEL (the model writing the PAG profiles;
 # default $LLAMA), ENCODER (step 2's history encoder: a Hugging Face id or a local directory; default the paper's
-# microsoft/deberta-v3-large, read from the Hugging Face cache, downloaded into it when the hub can be reached).
+# microsoft/deberta-v3-large, read from the Hugging Face cache, downloaded into it when the hub can be reached),
+# MAX_GEN_LEN (new tokens per answer for every predicting step; default each task's own, perpcs/data/tasks.py).
 # Each command is printed ("+ ...") before it runs, so it can be copied and run by hand. Re-running continues
 # where it stopped: a step whose final output exists is skipped, and the per-user steps (profiles, sharer
 # LoRAs, gates, composition, OPPU) skip the users already done without loading the model when none is left.
@@ -29,6 +30,7 @@ DEVICE=${DEVICE:-cuda}
 LAMP_DIR=${LAMP_DIR:-}
 PROFILE_MODEL=${PROFILE_MODEL:-$LLAMA}
 DRY_RUN=${DRY_RUN:-}
+GEN=(${MAX_GEN_LEN:+--max_gen_len "$MAX_GEN_LEN"})   # empty: the task's own length
 case "$PY" in /*) ;; */*) PY="$PWD/$PY" ;; esac   # a relative interpreter path must survive the cd of step 2
 OUT=./output/$TASK
 LORA_CKPT=$OUT/task-base_LLM/lora_ckpt.pt
@@ -68,7 +70,7 @@ run "$PY" data/gen_profile.py --task_name "$TASK" --model_path "$PROFILE_MODEL" 
 
 step "1. task LoRA, then the non-personalized / RAG / PAG predictions"
 if ! done_already "$OUT/task-base_LLM/predictions/k4-profile.json" "step 1"; then
-  run "$PY" task_LoRA.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE"
+  run "$PY" task_LoRA.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" ${GEN[@]+"${GEN[@]}"}
 fi
 
 step "2. sharer selection (k-means over history embeddings)"
@@ -88,10 +90,11 @@ run "$PY" train_anchor_gate.py --task_name "$TASK" --llama_model_path "$LLAMA" -
 step "5. Per-Pcs: assemble each target user's LoRA, then predict (resumes per user; refuses old settings)"
 run "$PY" lora_composition.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" \
   --output_dir "$OUT/LoRA-Composition" --lora_ckpt "$LORA_CKPT" --gate_dir "$OUT/Anchor_PEFT/gate" \
-  --anchor_dir "$OUT/Anchor_PEFT/LoRA" --topk 3 --recent_k 2000 --share_ratio 1 --agg_temperature 1
+  --anchor_dir "$OUT/Anchor_PEFT/LoRA" --topk 3 --recent_k 2000 --share_ratio 1 --agg_temperature 1 ${GEN[@]+"${GEN[@]}"}
 
 step "OPPU baseline: one LoRA trained per target user (resumes per user)"
-run "$PY" OPPU.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" --lora_ckpt "$LORA_CKPT"
+run "$PY" OPPU.py --task_name "$TASK" --llama_model_path "$LLAMA" --device "$DEVICE" --lora_ckpt "$LORA_CKPT" \
+  ${GEN[@]+"${GEN[@]}"}
 
 step "6. metrics of every prediction file, then the results table of all tasks"
 for method in task-base_LLM OPPU LoRA-Composition; do

@@ -288,6 +288,54 @@ def test_costs_come_from_the_base_setting_of_the_run(config):
     assert results["costs"]["storage_bytes"]["Per-Pcs (sharer ids + weights)"][-1] == 10 * 400.0
 
 
+def test_partial_sweep_plots_what_exists_and_names_what_is_missing(config):
+    """A k sweep without the base setting (k 50): costs.png draws Per-Pcs from the swept run that exists (k 10)
+    beside OPPU and names the base setting's curves as missing; the k plot keeps the k 20 point that has no
+    results, marked and named. Checked on what the figures really draw (<plot>.plotted.json), not on pixels."""
+    root = config.task_root
+    write(root / "OPPU/adapters/user_u1/adapter_model.safetensors", "x" * 900)
+    write(root / "OPPU/adapters/user_u1/adapter_config.json", "x" * 100)
+    write(root / "OPPU/users_log.jsonl", json.dumps({"user_id": "u1", "train_seconds": 30.0}) + "\n")
+    calls = []
+    fake = fake_runner(config, calls)
+
+    def runner(argv):   # stage 5 of k 20 leaves nothing behind (say, it was stopped and not rerun yet)
+        if Path(argv[1]).name == "lora_composition.py" and flags(argv)["--output_dir"].endswith("-k20"):
+            calls.append(argv)
+            return 0
+        return fake(argv)
+
+    results = run_ablation(config, {"k": [10, 20]}, runner=runner, max_users=10)
+    for name in ("costs", "k"):   # kept for a look at the figures: pytest --basetemp=DIR
+        assert (config.ablation_root / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert not (config.composition_dir(config.base) / "summary.json").exists()     # the base setting never ran
+    assert "Per-Pcs (sharer ids + weights) [k10]" in results["costs"]["storage_bytes"]
+    costs_plot = json.loads((config.ablation_root / "costs.plotted.json").read_text())
+    assert [panel["ylabel"] for panel in costs_plot["panels"]] == ["storage (KB)", "time (minutes)"]
+    storage, seconds = (panel["lines"] for panel in costs_plot["panels"])
+    assert storage["Per-Pcs (sharer ids + weights) [k10]"][-1] == [10.0, 10 * 400.0 / 1024]
+    assert storage["Per-Pcs + sharer LoRAs [k10]"][-1] == [10.0, (200000.0 + 10 * 400.0) / 1024]
+    assert storage["OPPU (one LoRA per user)"][-1] == [10.0, 10 * 1000.0 / 1024]
+    assert seconds["Per-Pcs (assembly) [k10]"][0] == [1.0, 2.0 / 60]
+    assert set(seconds) == {"Per-Pcs (assembly) [k10]", "OPPU (training)"}   # no sharer logs: no '+ training'
+    base_dir = config.composition_dir(config.base)
+    named = {m.split(":")[0]: m for m in costs_plot["missing"]}
+    assert f"no {base_dir / 'summary.json'}" in named["Per-Pcs (sharer ids + weights)"]
+    assert "drawn instead for the swept setting k10" in named["Per-Pcs (sharer ids + weights)"]
+    assert "Per-Pcs + sharer training" in named
+    assert any("not drawn: Per-Pcs (sharer ids + weights)" in note for note in costs_plot["notes"])
+    assert "swept settings" in costs_plot["title"]
+    assert results["costs"]["missing"] == costs_plot["missing"]
+    k_plot = json.loads((config.ablation_root / "k.plotted.json").read_text())
+    panel = k_plot["panels"][0]
+    assert panel["lines"]["kNP"] == [[10.0, 0.75], [20.0, None]]     # the k 20 point is a gap, not dropped ...
+    assert panel["missing_marks"] == [20.0]                           # ... and marked
+    assert len(k_plot["missing"]) == 1 and k_plot["missing"][0].startswith("number of sharers 20: no ")
+    assert "-k20" in k_plot["missing"][0]
+    assert results["sweeps"]["k"][1]["missing"] == f"no {config.composition_dir(Setting(k=20)) / 'predictions'}"
+    assert "missing" not in results["sweeps"]["k"][0]
+
+
 def test_per_user_costs_and_curves_from_fake_logs(tmp_path):
     root = tmp_path / "movie_tagging"
     write(root / "LoRA-Composition/summary.json", {"mean": {"payload_bytes": 700.0, "recipe_bytes": 3000.0,

@@ -19,8 +19,10 @@ A step whose outputs exist is skipped, so an interrupted sweep continues where i
 After the runs, every composition dir is scored, metric-vs-setting plots are drawn (one PNG per sweep), and
 storage and time against the number of target users are drawn for Per-Pcs and OPPU from
 ``LoRA-Composition/summary.json``, ``OPPU/adapters/`` and ``OPPU/users_log.jsonl`` (storage as perpcs.storage
-defines it; a method whose figures are missing gets no curve, and the plot and results.json say so). All
-numbers go to ``output/<task>/ablation/results.json``.
+defines it; a method whose figures are missing gets no curve, and the plot and results.json say so; when the base
+setting did not run, Per-Pcs is drawn from the swept settings that did, labelled with their tag). A sweep point
+without results keeps its place, marked "no results". Every plot has a ``<name>.plotted.json`` beside it: the
+lines it draws and what it names as missing. All numbers go to ``output/<task>/ablation/results.json``.
 """
 from __future__ import annotations
 
@@ -362,8 +364,11 @@ def evaluate_points(config: AblationConfig, points: list) -> dict:
         if pred_dir.is_dir():
             golds = golds or Layout(config.data_dir, config.task).load_golds()
             scores = score_prediction_dir(pred_dir, golds, config.task)
-        results.setdefault(sweep, []).append({"value": value, "setting": asdict(setting),
-                                              "run_dir": str(config.composition_dir(setting)), "scores": scores})
+        point = {"value": value, "setting": asdict(setting), "run_dir": str(config.composition_dir(setting)),
+                 "scores": scores}
+        if not scores:   # the plot marks the point as missing, with this reason
+            point["missing"] = f"no predictions in {pred_dir}" if pred_dir.is_dir() else f"no {pred_dir}"
+        results.setdefault(sweep, []).append(point)
     return results
 
 
@@ -410,6 +415,18 @@ def per_user_costs(task_root: Path, composition_dir: Path | None = None) -> dict
     return costs
 
 
+def swept_costs(config: AblationConfig, points: list) -> dict:
+    """{setting tag: per_user_costs} of every swept setting other than the base whose stage 5 left a summary
+    (cost_curves draws from them what the base setting cannot)."""
+    base_dir = config.composition_dir(config.base)
+    out = {}
+    for _, _, setting in points:
+        run_dir = config.composition_dir(setting)
+        if run_dir != base_dir and (run_dir / "summary.json").is_file():
+            out.setdefault(run_dir.name.removeprefix(f"{COMPOSITION}-"), per_user_costs(config.task_root, run_dir))
+    return out
+
+
 def user_grid(max_users: int, points: int = 10) -> list:
     step = max(1, max_users // points)
     return sorted({1, max_users, *range(step, max_users + 1, step)})
@@ -425,26 +442,47 @@ TIME_CURVES = {"Per-Pcs (assembly)": ("assembly_seconds", None),
                "OPPU (training)": ("oppu_train_seconds", None)}
 
 
-def cost_curves(costs: dict, users: list) -> dict:
+def cost_curves(costs: dict, users: list, fallback: dict | None = None) -> dict:
     """Storage (bytes) and time (seconds) for n target users: linear in n, at each method's per-user cost;
     the Per-Pcs '+ sharers' curves add the one-off sharer LoRAs (storage) and their training (time). A curve
-    whose figures were not measured is left out and named under "missing" with the reason."""
+    whose figures were not measured is left out and named under "missing" with the reason.
+
+    ``fallback``: {setting tag: per_user_costs of that setting}, the swept settings that did run; a Per-Pcs curve
+    the base setting cannot draw is drawn from each of them instead, labelled '<curve> [<tag>]', so a partial
+    sweep without the base setting still shows Per-Pcs (and says that the base setting is missing)."""
     reasons = costs.get("missing") or {}
     missing = []
+    substitutes = {}
+
+    def absent_keys(figures: dict, per_user, fixed) -> list:
+        return [key for key in (per_user, fixed) if key is not None and figures.get(key) is None]
 
     def curves(spec: dict) -> dict:
         out = {}
         for label, (per_user, fixed) in spec.items():
-            absent = [key for key in (per_user, fixed) if key is not None and costs.get(key) is None]
-            if absent:
-                missing.append(f"{label}: " + "; ".join(reasons.get(k, f"no {k}") for k in absent))
-            else:
+            absent = absent_keys(costs, per_user, fixed)
+            if not absent:
                 out[label] = [(costs[fixed] if fixed else 0.0) + n * costs[per_user] for n in users]
+                continue
+            drawn = []
+            for tag, other in ((fallback or {}).items() if label.startswith("Per-Pcs") else ()):
+                if not absent_keys(other, per_user, fixed):
+                    out[f"{label} [{tag}]"] = [(other[fixed] if fixed else 0.0) + n * other[per_user] for n in users]
+                    drawn.append(tag)
+            instead = f" (drawn instead for the swept setting{'s' * (len(drawn) > 1)} {', '.join(drawn)})" \
+                if drawn else ""
+            missing.append(f"{label}: " + "; ".join(dict.fromkeys(reasons.get(k, f"no {k}") for k in absent)) + instead)
+            if drawn:
+                substitutes[label] = drawn
         return out
 
     storage, seconds = curves(STORAGE_CURVES), curves(TIME_CURVES)
-    return {"users": list(users), "per_user": costs, "storage_bytes": storage, "seconds": seconds,
-            "missing": missing}
+    out = {"users": list(users), "per_user": costs, "storage_bytes": storage, "seconds": seconds,
+           "missing": missing}
+    if substitutes:
+        out["drawn_from_swept_settings"] = substitutes
+        out["per_user_swept"] = {tag: fallback[tag] for tag in sorted({t for ts in substitutes.values() for t in ts})}
+    return out
 
 
 # ---- plots ------------------------------------------------------------------------------------------
@@ -456,11 +494,38 @@ def _pyplot():
     return plt
 
 
-def _save_png(fig, path: Path) -> Path:
+def _save_png(fig, path: Path, missing: list = ()) -> Path:
+    """The PNG, and beside it ``<name>.plotted.json``: what the figure really draws (read back from its axes) and
+    what it names as missing, so a reader (or a test) can check a plot without looking at pixels."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     write_bytes_atomic(path, buffer.getvalue())
+    write_json_atomic(Path(path).with_suffix(".plotted.json"), figure_record(fig, missing))
     return Path(path)
+
+
+def figure_record(fig, missing: list = ()) -> dict:
+    """{title, panels: [{title, lines: {label: [[x, y], ...]}, missing_marks: [x]}], missing, notes} of a figure."""
+    def number(v):
+        v = float(v)
+        return None if v != v else v     # NaN (a gap in a line) as null
+
+    panels = []
+    for ax in fig.axes:
+        lines = {line.get_label(): [[number(x), number(y)] for x, y in zip(*line.get_data())]
+                 for line in ax.get_lines() if not line.get_label().startswith("_")}
+        marks = [number(x) for line in ax.get_lines() if line.get_label() == "_missing" for x in line.get_xdata()]
+        panels.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "lines": lines,
+                       "missing_marks": marks})
+    return {"title": fig.get_suptitle(), "panels": panels, "missing": list(missing),
+            "notes": [t.get_text() for t in fig.texts if t is not fig._suptitle]}   # fig.texts holds the suptitle
+
+
+def _note_missing(fig, missing: list) -> None:
+    """Say under the figure what is not drawn, rather than leave the reader to guess."""
+    if missing:
+        note = "\n".join(textwrap.fill(f"not drawn: {m}", 150) for m in missing)
+        fig.text(0.01, -0.02, note, fontsize="x-small", va="top")
 
 
 def plot_sweep(task: Task, sweep: str, points: list, path: Path) -> Path:
@@ -471,11 +536,22 @@ def plot_sweep(task: Task, sweep: str, points: list, path: Path) -> Path:
     xs = values if numeric else list(range(len(values)))
     variants = sorted({v for p in points for v in p["scores"]}, key=variant_order)
     metrics = TASK_METRICS[task.metric]
+    missing = [f"{SWEEP_TITLES[sweep].split(' (')[0]} {p['value']}: {p.get('missing') or 'no scores'}"
+               for p in points if not p["scores"]]
+    missing += [f"{variant} at {p['value']}: no {variant}.json in {p.get('run_dir', 'the run')}/predictions"
+                for variant in variants for p in points if p["scores"] and variant not in p["scores"]]
+    empty_xs = [x for x, p in zip(xs, points) if not p["scores"]]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for variant in variants:
             ys = [p["scores"].get(variant, {}).get(metric, float("nan")) for p in points]
             ax.plot(xs, ys, marker="o", label=variant)
+        if empty_xs:    # a setting without results keeps its tick, crossed out at the bottom of the panel
+            ax.plot(empty_xs, [0] * len(empty_xs), "x", color="red", markersize=10, clip_on=False,
+                    transform=ax.get_xaxis_transform(), label="_missing")
+            for x in empty_xs:
+                ax.annotate("no results", (x, 0.02), xycoords=("data", "axes fraction"), ha="center",
+                            fontsize="x-small", color="red")
         name, higher = METRIC_NAMES[metric]
         ax.set_title(f"{task.lamp_id.replace('_', '-')} {name} ({'higher' if higher else 'lower'} is better)")
         ax.set_xlabel(SWEEP_TITLES[sweep])
@@ -485,8 +561,9 @@ def plot_sweep(task: Task, sweep: str, points: list, path: Path) -> Path:
     if variants:
         axes[0][-1].legend(title="variant", fontsize="small")
     fig.suptitle(f"Per-Pcs on {task.name}: {SWEEP_TITLES[sweep]}")
+    _note_missing(fig, missing)
     try:
-        return _save_png(fig, path)
+        return _save_png(fig, path, missing)
     finally:
         plt.close(fig)
 
@@ -519,12 +596,13 @@ def plot_costs(task: Task, curves: dict, path: Path) -> Path:
             ax.legend(fontsize="small")
     left.set_title("storage")
     right.set_title("time")
-    fig.suptitle(f"{task.name}: cost of personalizing n users")
-    if curves.get("missing"):   # say what is not drawn rather than leave the reader to guess
-        note = "\n".join(textwrap.fill(f"not drawn: {m}", 150) for m in curves["missing"])
-        fig.text(0.01, -0.02, note, fontsize="x-small", va="top")
+    title = f"{task.name}: cost of personalizing n users"
+    if curves.get("drawn_from_swept_settings"):
+        title += "\n(the base setting has no Per-Pcs figures: Per-Pcs drawn from the swept settings in [ ])"
+    fig.suptitle(title, y=1.06 if "\n" in title else 0.98)   # two lines: above the panel titles
+    _note_missing(fig, curves.get("missing") or [])
     try:
-        return _save_png(fig, path)
+        return _save_png(fig, path, curves.get("missing") or [])
     finally:
         plt.close(fig)
 
@@ -562,7 +640,8 @@ def run_ablation(config: AblationConfig, sweeps: dict, dry_run: bool = False, ma
     run_steps(steps, dry_run, runner)
     if dry_run:
         return None
-    costs = cost_curves(per_user_costs(config.task_root, config.composition_dir(config.base)), user_grid(max_users))
+    costs = cost_curves(per_user_costs(config.task_root, config.composition_dir(config.base)), user_grid(max_users),
+                        swept_costs(config, points))
     results = merge_results(config.ablation_root / "results.json", config.task,
                             evaluate_points(config, points), costs)
     results["plots"] = [str(p) for p in plot_results(config.task, results, config.ablation_root)]
