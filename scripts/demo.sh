@@ -47,6 +47,7 @@ step "OPPU baseline (one LoRA per target user)"
 $PY OPPU.py "${COMMON[@]}" "${TRAIN[@]}" "${GEN[@]}" --epochs 3 --max_step 20 --batch_size 4 --lr 5e-3
 
 step "6. evaluation"
+mkdir -p "$OUT"
 ROUTING=(); [ -f "$GROUPS_FILE" ] && ROUTING=(--groups_file "$GROUPS_FILE")
 $PY -m perpcs report --task_name "$TASK" --output_file "$OUT/results.md" ${ROUTING[@]+"${ROUTING[@]}"}
 $PY -m perpcs explain --task_name "$TASK" ${ROUTING[@]+"${ROUTING[@]}"} > "$OUT/explain.txt"
