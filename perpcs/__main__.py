@@ -3,6 +3,7 @@
 show-prompts  print the exact prompts the model gets for the first n queries of a split
 materialize   rebuild a user's peft adapter from its recipe and the sharer LoRAs
 report        the results table of one task (task LoRA, OPPU, Per-Pcs) from output/<task>/
+export        base + task LoRA merged, and every sharer / Per-Pcs / OPPU adapter on it, as one servable folder
 """
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ def report_cmd(args) -> None:
         print(f"saved to {args.output_file}")
 
 
+def export_cmd(args) -> None:
+    from perpcs.stages.export import export_task
+    export_task(args.task_name, args.output_dir, args.output_root, args.llama_model_path)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m perpcs", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +80,14 @@ def main(argv=None) -> None:
     rp.add_argument("--output_root", default=None, help="default output/<task>")
     rp.add_argument("--output_file", default=None)
     rp.set_defaults(func=report_cmd)
+    ep = sub.add_parser("export", allow_abbrev=False, help="a servable folder: merged base and every adapter on it")
+    ep.add_argument("--task_name", required=True)
+    ep.add_argument("--output_dir", required=True, help="a new (or empty) directory")
+    ep.add_argument("--output_root", default=None, help="the stages' outputs; default output/<task>")
+    ep.add_argument("--llama_model_path", default=None,
+                    help="the base model the outputs were made from; default: the bundled SmolLM2 or the path the "
+                         "task LoRA names, whichever the outputs' records match")
+    ep.set_defaults(func=export_cmd)
     args = p.parse_args(argv)
     args.func(args)
 
