@@ -158,3 +158,17 @@ def test_refuses_a_non_empty_output_dir(pipe, outputs, tmp_path, capsys):
     err = cli_error(export_main, ["--task_name", TASK, "--output_dir", tmp_path / "d", "--output_root", outputs,
                                   "--llama_model_path", pipe.model], capsys)
     assert "not empty" in err and (tmp_path / "d" / "keep.txt").read_text() == "mine"
+
+
+def test_finds_the_base_model_or_refuses_another(pipe, outputs, tmp_path, capsys):
+    """Without --llama_model_path the base is the one the outputs' records name; another one is refused."""
+    from perpcs.errors import run_cli
+    run_cli(lambda: export_main(["--task_name", TASK, "--output_dir", tmp_path / "found", "--output_root", outputs]))
+    assert json.loads((tmp_path / "found" / "export.json").read_text())["base_model_path"] == str(pipe.model)
+    other = tmp_path / "other_model"
+    shutil.copytree(pipe.model, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5 + config["rms_norm_eps"]}))
+    err = cli_error(export_main, ["--task_name", TASK, "--output_dir", tmp_path / "d", "--output_root", outputs,
+                                  "--llama_model_path", other], capsys)
+    assert "source.json" in err and "another base model" in err and not (tmp_path / "d").exists()

@@ -53,24 +53,26 @@ def export_sources(output_root: Path) -> dict:
 
 
 def find_base_model(model_path, task_lora: Path, found: dict):
-    """The base model the outputs were made from: ``model_path`` if given, else the bundled SmolLM2 or the path
-    the task LoRA's adapter_config.json names, whichever has the fingerprint the outputs record."""
+    """The base model the outputs were made from: ``model_path`` if given, else the path the task LoRA's
+    adapter_config.json names or the bundled SmolLM2, whichever has the fingerprint the outputs record."""
     if model_path is not None:
         return model_path
     recorded = next((src["base_model"] for rows in found.values() for *_, src in rows
                      if isinstance(src, dict) and "base_model" in src), None)
     named = json.loads((task_lora / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
-    candidates = ["smollm2"] + ([named] if named and Path(str(named)).expanduser().is_dir() else [])
+    local = named if named and Path(str(named)).expanduser().is_dir() else None
     if recorded is None:   # nothing beyond stage 1: the task LoRA's own record of its base is all there is
-        if len(candidates) == 2:
-            return named
+        if local:
+            return local
         fail(f"{task_lora / ADAPTER_CONFIG} names the base model {named!r}, which is not on this machine, and no "
              f"later stage recorded one: pass --llama_model_path")
-    for candidate in candidates:
+    # the path the task LoRA names first (no conversion), then the bundled model
+    for candidate in ([local] if local else []) + ["smollm2"]:
         if base_model_fingerprint(candidate) == recorded:
             return candidate
     fail(f"the outputs under {task_lora.parent} were made from a base model other than "
-         f"{' or '.join(map(str, candidates))} (fingerprint {recorded[:12]}...): pass --llama_model_path")
+         f"{' and '.join(map(str, filter(None, [local, 'the bundled smollm2'])))} (fingerprint {recorded[:12]}...): "
+         f"pass --llama_model_path")
 
 
 def check_sources(found: dict, wanted: dict, gate_dir: Path) -> None:
@@ -146,7 +148,7 @@ def export_task(task_name: str, output_dir, output_root=None, model_path=None) -
         model.save_pretrained(staging / BASE_DIR, safe_serialization=True)
         AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(staging / BASE_DIR)
         del model
-        manifest = {"task": task.name, "base": BASE_REF, "base_model": str(model_path), **wanted,
+        manifest = {"task": task.name, "base": BASE_REF, "base_model_path": str(model_path), "output_root": str(root), **wanted,
                     "adapters": {kind: {} for kind in KINDS}}
         for kind, rows in found.items():
             for uid, src, record, _ in rows:
@@ -158,7 +160,7 @@ def export_task(task_name: str, output_dir, output_root=None, model_path=None) -
                     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
                         shutil.copyfile(src / name, out / name)
                 point_at_base(out / ADAPTER_CONFIG)
-                manifest["adapters"][kind][uid] = {"from": str(record), "r": _rank(out)}
+                manifest["adapters"][kind][uid] = {"from": record.relative_to(root).as_posix(), "r": _rank(out)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         ranks.extend(a["r"] for kind in manifest["adapters"].values() for a in kind.values())
 
