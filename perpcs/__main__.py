@@ -85,8 +85,8 @@ def main(argv=None) -> None:
     ep.add_argument("--output_dir", required=True, help="a new (or empty) directory")
     ep.add_argument("--output_root", default=None, help="the stages' outputs; default output/<task>")
     ep.add_argument("--llama_model_path", default=None,
-                    help="the base model the outputs were made from; default: the bundled SmolLM2 or the path the "
-                         "task LoRA names, whichever the outputs' records match")
+                    help="the base model the outputs were made from; default: the path the task LoRA names or the "
+                         "bundled SmolLM2, whichever the outputs' records match")
     ep.set_defaults(func=export_cmd)
     args = p.parse_args(argv)
     args.func(args)

@@ -180,7 +180,7 @@ def test_finds_the_base_model_or_refuses_another(pipe, outputs, tmp_path, capsys
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)   # hang guard: idle 2-core machine, see the note on the measured time in the commit
+@pytest.mark.timeout(1200)   # hang guard: 100 s measured on a 2-core machine shared with other jobs
 def test_bundled_model_export_gives_the_stages_predictions(smollm2_dir, tmp_path, monkeypatch):
     """On SmolLM2 (where the task LoRA changes answers): stages 1-5 and OPPU with tiny settings, export without
     --llama_model_path (found from the records), then AutoPeftModel from the export gives each stage's predictions."""
