@@ -221,3 +221,14 @@ def test_bundled_model_export_gives_the_stages_predictions(smollm2_dir, tmp_path
                                   out / "OPPU/user_predictions" / f"user_{uid}.json", base=smollm2_dir)
                 for uid in p.test_ids()]
     assert any(expected != got for expected, got in unmerged)
+
+
+def test_refuses_a_recipe_whose_sharers_changed_after_its_gates(pipe, outputs, tmp_path, capsys):
+    """A recipe weighs the sharer LoRAs as they were at stage 4: a sharer trained again since is caught."""
+    root = tmp_path / "out"
+    shutil.copytree(outputs, root)
+    source = root / "Anchor_PEFT" / "gate" / f"user_{pipe.sharer_ids()[0]}" / "source.json"
+    source.write_text(json.dumps({**json.loads(source.read_text()), "adapter_sha256": "0" * 64}))
+    err = cli_error(export_main, ["--task_name", TASK, "--output_dir", tmp_path / "d", "--output_root", root,
+                                  "--llama_model_path", pipe.model], capsys)
+    assert "recipes/user_" in err and "trained again" in err and not (tmp_path / "d").exists()
