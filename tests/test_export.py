@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_fixture import TASK, cli_error, pipe, run_stage  # noqa: F401 - pipe is a fixture
+from pipeline_fixture import TASK, cli_error, pipe  # noqa: F401 - pipe is a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
