@@ -5,6 +5,7 @@ materialize   rebuild a user's peft adapter from its recipe and the sharer LoRAs
 report        the results table of one task (task LoRA, OPPU, Per-Pcs) from output/<task>/
 explain       what Per-Pcs recipes say: weight per sharer, per layer and module, heatmaps, entropy, routing
 leaderboard   predictions for LaMP's test questions in the leaderboard's format (runs the stage if needed)
+export        base + task LoRA merged, and every sharer / Per-Pcs / OPPU adapter on it, as one servable folder
 """
 from __future__ import annotations
 
@@ -105,6 +106,11 @@ def leaderboard_cmd(args) -> None:
           f"{board['task']} -> {out}")
 
 
+def export_cmd(args) -> None:
+    from perpcs.stages.export import export_task
+    export_task(args.task_name, args.output_dir, args.output_root, args.llama_model_path)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m perpcs", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +167,14 @@ def main(argv=None) -> None:
     lp.add_argument("stage_args", nargs=argparse.REMAINDER,
                     help="after --: flags for the stage script (e.g. --llama_model_path, --lora_ckpt, --anchor_dir)")
     lp.set_defaults(func=leaderboard_cmd)
+    xp = sub.add_parser("export", allow_abbrev=False, help="a servable folder: merged base and every adapter on it")
+    xp.add_argument("--task_name", required=True)
+    xp.add_argument("--output_dir", required=True, help="a new (or empty) directory")
+    xp.add_argument("--output_root", default=None, help="the stages' outputs; default output/<task>")
+    xp.add_argument("--llama_model_path", default=None,
+                    help="the base model the outputs were made from; default: the path the task LoRA names or the "
+                         "bundled SmolLM2, whichever the outputs' records match")
+    xp.set_defaults(func=export_cmd)
     args = p.parse_args(argv)
     args.func(args)
 
