@@ -1,0 +1,110 @@
+"""The held-out-seed study: its plan (never the demo's seed, each sample apart, base rows first, shared stage runs
+once) and its scoring (gap closed, mean and spread over seeds) on a prepared sample with hand-made predictions."""
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from perpcs.data.layout import Layout
+from perpcs.data.prepare import prepare_lamp
+from perpcs.data.sample import write_sample
+from perpcs.data.tasks import get_task
+from perpcs.errors import PerpcsError
+from perpcs.evaluation.study import (SampleDirs, Sample, StudyConfig, StudySetting, check_config, collect,
+                                     gap_closed, parse_sweeps, plan)
+
+
+def _config(tmp_path, **kw):
+    base = dict(tasks=["movie_tagging"], seeds=[1, 2], n_groups=[3, 5], root=tmp_path / "study",
+                sweeps={"k": [8], "topk": [2]}, sweep_groups=[5], python="python")
+    return StudyConfig(**{**base, **kw})
+
+
+def test_the_demo_seed_is_refused(tmp_path):
+    with pytest.raises(PerpcsError, match="demo"):
+        check_config(_config(tmp_path, seeds=[0, 1]))
+    with pytest.raises(PerpcsError, match="unknown sweep"):
+        check_config(_config(tmp_path, sweeps={"lr": [1]}))
+    with pytest.raises(PerpcsError, match="NAME=V1,V2"):
+        parse_sweeps(["k"])
+    assert parse_sweeps(["k=2,8", "topk=3"]) == {"k": [2, 8], "topk": [3]}
+
+
+def test_plan_keeps_samples_apart_and_runs_base_rows_first(tmp_path):
+    cfg = _config(tmp_path)
+    (phase1, base), (phase2, sweeps) = plan(cfg)
+    assert (phase1, phase2) == ("base setting", "sweeps")
+    assert set(base) == {Sample("movie_tagging", s, g) for s in (1, 2) for g in (3, 5)}
+    for sample, steps in base.items():
+        root = str(SampleDirs(cfg.root, sample).root)
+        # every path a step names is inside the sample's own folder (no two samples share data or outputs)
+        for step in steps:
+            paths = [a for a in step.argv if "/" in a and not a.endswith(".py")]
+            assert paths and all(a.startswith(root) for a in paths), step.argv
+        make_sample = steps[0].argv
+        assert make_sample[make_sample.index("--seed") + 1] == str(sample.seed)
+        assert make_sample[make_sample.index("--n_groups") + 1] == str(sample.n_groups)
+        names = [s.name for s in steps]
+        assert names[:5] == ["sample", "prepare", "profiles", "task LoRA", "OPPU"]
+        assert [n for n in names if n.startswith("control")] == ["control uniform", "control swapped",
+                                                                 "control peft_merge"]
+    # sweeps only on the 5-group samples; the top-k point reuses the base's stages 2-4 (not run twice)
+    assert all(not steps for s, steps in sweeps.items() if s.n_groups == 3)
+    for s, steps in sweeps.items():
+        if s.n_groups == 5:
+            assert [st.name for st in steps] == ["sharers k=8", "sharer LoRAs (20 steps)", "gates (8 steps)",
+                                                 "Per-Pcs k8-s20-g8-top1-r16", "Per-Pcs k4-s20-g8-top2-r16"]
+            topk = steps[-1].argv
+            assert topk[topk.index("--topk") + 1] == "2"
+
+
+def test_gap_closed():
+    assert gap_closed(0.6, 0.2, 1.0, higher=True) == pytest.approx(0.5)
+    assert gap_closed(0.2, 0.2, 1.0, higher=True) == 0
+    assert gap_closed(1.0, 1.5, 0.5, higher=False) == pytest.approx(0.5)     # MAE: lower is better
+    assert gap_closed(2.0, 1.5, 0.5, higher=False) == pytest.approx(-0.5)
+    assert gap_closed(0.5, 0.8, 0.8, higher=True) is None                    # no gap to close
+    assert gap_closed(None, 0.8, 0.9, higher=True) is None
+
+
+def _write_predictions(out_dir: Path, golds: dict, task, n_right: int) -> None:
+    """kNP and k1 files whose first n_right answers (by sorted id) are right, the others a wrong label."""
+    ids = sorted(golds)
+    wrong = {g: next(label for label in task.labels if label != g) for g in set(golds.values())}
+    preds = [{"id": i, "output": golds[i] if n < n_right else wrong[golds[i]]} for n, i in enumerate(ids)]
+    for variant in ("kNP", "k1"):
+        path = out_dir / "predictions" / f"{variant}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"task": task.lamp_id, "golds": preds}))
+
+
+def test_scores_gap_and_spread_over_seeds(tmp_path):
+    """Two prepared samples (real sample data, no model): predictions with a known number of right answers give
+    the accuracies, the gap closed and the mean and sd over seeds the study reports."""
+    task = get_task("movie_tagging")
+    cfg = _config(tmp_path, n_groups=[5], sweeps={}, controls=("uniform",))
+    right = {1: (0, 8, 4, 2), 2: (4, 8, 8, 4)}     # seed -> task LoRA, OPPU, Per-Pcs, uniform control
+    for seed, (t, o, p, u) in right.items():
+        d = SampleDirs(cfg.root, Sample("movie_tagging", seed, 5))
+        write_sample("movie_tagging", d.raw, n_users=12, n_history=6, n_queries=2, seed=seed, n_groups=5)
+        prepare_lamp("movie_tagging", d.raw, d.data, 4, 0, 0.5, 0.4, 0.1, "abstract")
+        golds = {g["id"]: g["output"] for g in Layout(d.data, task).load_golds()["golds"]}
+        assert len(golds) == 8
+        _write_predictions(d.task_lora, golds, task, t)
+        _write_predictions(d.oppu, golds, task, o)
+        _write_predictions(d.composition(cfg.base), golds, task, p)
+        _write_predictions(d.composition(cfg.base, "uniform"), golds, task, u)
+    summary = collect(cfg)
+    rows = {r["seed"]: r for r in summary["rows"]}
+    assert rows[1]["kNP"]["Per-Pcs"] == 0.5 and rows[1]["kNP"]["gap_closed"] == pytest.approx(0.5)
+    assert rows[2]["kNP"]["Per-Pcs"] == 1.0 and rows[2]["kNP"]["gap_closed"] == pytest.approx(1.0)
+    assert rows[1]["kNP"]["control uniform"] == 0.25
+    (agg,) = summary["aggregate"]
+    assert agg["seeds"] == [1, 2]
+    assert agg["kNP"]["gap_closed"]["mean"] == pytest.approx(0.75)
+    assert agg["kNP"]["gap_closed"]["sd"] == pytest.approx(statistics.stdev([0.5, 1.0]))
+    assert agg["kNP"]["task LoRA"]["mean"] == pytest.approx(0.25)
+    table = (cfg.root / "study.md").read_text()
+    assert "75% ± 35%" in table and "the demo's seed 0 is not one" in table
+    assert (cfg.root / "study.png").stat().st_size > 0
