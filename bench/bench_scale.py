@@ -235,23 +235,18 @@ def child_stage5(args) -> dict:
             return out
         return real(users_, is_done, sampled_work, *a, **kw)
 
-    real_examples = composition.user_examples
-
-    def sampled_user_examples(*a, **kw):   # compose builds every test user's examples before the first user
-        if not samples:
-            samples.append({"when": "before the examples", "rss_mb": rss_mb()})
-        return real_examples(*a, **kw)
-
     composition.run_per_user = sampled_run_per_user
-    composition.user_examples = sampled_user_examples
     argv = pipe.compose_args(root / "compose") + ["--max_gen_len", "2"]
+    if args.recent_k:
+        argv += ["--recent_k", str(args.recent_k)]
+    samples.append({"when": "before stage 5", "rss_mb": rss_mb()})
     t0 = time.perf_counter()
     with redirect_stdout(io.StringIO()):
         lora_composition.main(argv)
     after = [x["rss_mb"] for x in samples if x["when"].startswith("after user")]
     at = {x["when"]: x["rss_mb"] for x in samples}
-    return {"seconds": time.perf_counter() - t0, "samples": samples, "rss_before_examples_mb":
-            at.get("before the examples"), "rss_before_first_user_mb": at["before the first user"],
+    return {"seconds": time.perf_counter() - t0, "samples": samples, "rss_before_stage_mb":
+            at["before stage 5"], "rss_before_first_user_mb": at["before the first user"],
             "rss_after_first_mb": after[0], "rss_after_last_mb": after[-1], "users": len(after)}
 
 
@@ -290,10 +285,12 @@ def child_main(args) -> None:
 def sizes(args) -> dict:
     if args.quick:
         return {"questions": 400, "per_user": 8, "history_median": 20, "user_sizes": [50, 200],
-                "variant_users": 5, "variant_history": 100, "stage5_users": 3, "stage5_history": 10}
+                "variant_users": 5, "variant_history": 100, "stage5_users": 3, "stage5_history": 10,
+                "stage5_recent_k": 0}
     return {"questions": args.questions, "per_user": args.per_user, "history_median": args.history_median,
             "user_sizes": args.user_sizes, "variant_users": args.variant_users, "variant_history": args.variant_history,
-            "stage5_users": args.stage5_users, "stage5_history": args.stage5_history}
+            "stage5_users": args.stage5_users, "stage5_history": args.stage5_history,
+            "stage5_recent_k": args.stage5_recent_k}
 
 
 def main(argv=None) -> dict:
@@ -308,6 +305,8 @@ def main(argv=None) -> dict:
     p.add_argument("--variant_history", type=int, default=500)
     p.add_argument("--stage5_users", type=int, default=20)
     p.add_argument("--stage5_history", type=int, default=1000)
+    p.add_argument("--stage5_recent_k", type=int, default=100,
+                   help="stage 5's --recent_k: the examples of the last k items (0: stage 5's default, 2000)")
     p.add_argument("--vocab", type=int, default=50000, help="distinct words the texts are drawn from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the report here")
@@ -316,7 +315,7 @@ def main(argv=None) -> dict:
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     for name in ("raw", "work"):
         p.add_argument(f"--{name}", help=argparse.SUPPRESS)
-    for name in ("n", "history", "queries"):
+    for name in ("n", "history", "queries", "recent_k"):
         p.add_argument(f"--{name}", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -356,9 +355,10 @@ def main(argv=None) -> dict:
                 f"peak RSS {res['peak_rss_mb']:.0f} MiB (base {res['base_rss_mb']:.0f})")
         if "stage5" in parts:
             res = run_child("stage5", n=size["stage5_users"], history=size["stage5_history"], queries=2,
+                            recent_k=size["stage5_recent_k"],
                             work=work / "stage5", **common)
             report["parts"]["stage5"] = res
-            log(f"stage5: RSS before the examples {res['rss_before_examples_mb']:.0f} MiB, before user 1 "
+            log(f"stage5: RSS before stage 5 {res['rss_before_stage_mb']:.0f} MiB, before user 1 "
                 f"{res['rss_before_first_user_mb']:.0f} MiB, after user 1 {res['rss_after_first_mb']:.0f} MiB, after user "
                 f"{res['users']} "
                 f"{res['rss_after_last_mb']:.0f} MiB, peak {res['peak_rss_mb']:.0f} MiB, {res['seconds']:.0f} s")
