@@ -114,3 +114,37 @@ def test_padding_bench_runs_on_sample_data(tmp_path):
         assert row["examples"] > 0 and row["min"] <= row["median"] <= row["max"]
         assert 1.0 <= row["grouped"] <= row["random"]
     assert json.loads((tmp_path / "pad.json").read_text())["tasks"] == report["tasks"]
+
+
+def test_scale_bench_quick_measures_every_part(tmp_path):
+    """bench/bench_scale.py --quick: every part runs in its own process and reports its time and peak RSS; the
+    generated raw data goes through prepare_lamp into the users it was made of, and stage 5's RSS is sampled after
+    every test user."""
+    out = tmp_path / "scale.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_scale.py"), "--quick", "--json", str(out),
+                           "--work_dir", str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)   # ~10 s idle
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    report = json.loads(out.read_text())
+    parts, size = report["parts"], report["sizes"]
+    prep = parts["prepare"]
+    assert prep["questions"] == size["questions"] and prep["users"] == prep["questions"] // size["per_user"]
+    assert (tmp_path / "work" / "raw" / "train_questions.json").is_file()
+    for n in size["user_sizes"]:
+        user = parts["user"][str(n)]
+        assert user["items"] == n and user["examples"] == 2 * n - 1   # every item, and again with history after 1
+        assert user["distinct_words"] > n                                # a vocabulary, not a handful of templates
+    assert parts["variants"]["rows"] == size["variant_users"] * 4 * 8   # 4 queries per user, 8 variants
+    stage5 = parts["stage5"]
+    assert stage5["users"] == size["stage5_users"]
+    assert [s["when"] for s in stage5["samples"]][-1] == f"after user {size['stage5_users']}"
+    for row in [prep, *parts["user"].values(), parts["variants"], stage5]:
+        assert row["seconds"] >= 0 and row["peak_rss_mb"] > 10
+    assert "stage5: user 1/" in done.stdout   # long steps show progress
+
+
+def test_scale_bench_rejects_unknown_parts():
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_scale.py"), "--quick", "--only", "user,fly"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "fly" in done.stderr

@@ -499,3 +499,49 @@ def test_leaderboard_users_are_assembled_like_target_users_and_oppu_trained_like
         assert board["task"] == "LaMP_2" and [e["id"] for e in board["golds"]] == ids
     assert not (out_root / "OPPU" / "predictions").exists()           # OPPU ran on the leaderboard split only
     assert (out_root / "OPPU" / "leaderboard" / "adapters").is_dir()
+
+
+def _record_turns(monkeypatch, module) -> list:
+    """Events ("examples" | "predict", user id) of a per-user stage, in the order they happen."""
+    events = []
+    real_examples, real_predict = module.user_examples, module.predict_one_user
+
+    def examples(task, user, *a, **kw):
+        events.append(("examples", user_id(user)))
+        return real_examples(task, user, *a, **kw)
+
+    def predict(model, tokenizer, task, user, *a, **kw):
+        events.append(("predict", user_id(user)))
+        return real_predict(model, tokenizer, task, user, *a, **kw)
+
+    monkeypatch.setattr(module, "user_examples", examples)
+    monkeypatch.setattr(module, "predict_one_user", predict)
+    return events
+
+
+def test_stage5_builds_a_users_examples_in_its_turn_only(pipe, tmp_path, capsys, monkeypatch):
+    """Every test user's examples held from the start to the end of stage 5 grow with the users (~750 MB for 100
+    LaMP-sized users): each user's are built in its turn, and not at all when its recipe is already there; the
+    outputs stay the same."""
+    import perpcs.stages.composition as composition
+    events = _record_turns(monkeypatch, composition)
+    out_dir = tmp_path / "composition"
+    run(lora_composition.main, pipe.compose_args(out_dir), capsys)
+    uids = pipe.test_ids()
+    assert events == [(what, uid) for uid in uids for what in ("examples", "predict")]
+    assert file_digests(out_dir / "recipes") == file_digests(pipe.composition / "recipes")
+    assert file_digests(out_dir / "predictions") == file_digests(pipe.composition / "predictions")
+
+    # killed after the recipe, before the predictions: resumed from the recipe, no examples built
+    (out_dir / "user_predictions" / f"user_{uids[1]}.json").unlink()
+    events.clear()
+    run(lora_composition.main, pipe.compose_args(out_dir), capsys)
+    assert events == [("predict", uids[1])]
+    assert file_digests(out_dir / "predictions") == file_digests(pipe.composition / "predictions")
+
+
+def test_oppu_builds_a_users_examples_in_its_turn(pipe, tmp_path, capsys, monkeypatch):
+    import perpcs.stages.oppu as oppu
+    events = _record_turns(monkeypatch, oppu)
+    run(OPPU.main, pipe.oppu_args(tmp_path / "OPPU"), capsys)
+    assert events == [(what, uid) for uid in pipe.test_ids() for what in ("examples", "predict")]

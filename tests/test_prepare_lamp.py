@@ -311,3 +311,48 @@ def test_make_sample_then_prepare_end_to_end(tmp_path, task_name):
                 task.parse_query(q["input"], q["id"])
     assert len(layout.load_golds()["golds"]) == 3 * 3
     assert f" {removed} query documents removed" in prep.stdout
+
+
+def test_questions_file_is_streamed_in_chunks_as_json_reads_it(tmp_path):
+    """The questions file is decoded element by element from chunks (LaMP-3's is GBs): any chunk size, numbers
+    and strings cut at a chunk's end, whitespace and nesting give what json.load gives; malformed files fail with
+    read_json's message."""
+    import random
+
+    from perpcs.data.prepare import _question_list, _stream_json_list
+    rng = random.Random(0)
+    path = tmp_path / "q.json"
+    for trial in range(60):
+        data = [{"id": str(i), "input": "w\u00e9 \"q\"\n" * rng.randint(0, 9), "profile": [{"id": 7, "x": -1.5e-7}]}
+                for i in range(rng.randint(0, 5))] + [rng.choice([123456, -2.5e10, "s", None, True, [], {}])]
+        path.write_text(" \n" * (trial % 2) + json.dumps(data, indent=trial % 3 or None, ensure_ascii=trial % 2 == 0)
+                        + "\n" * (trial % 2), encoding="utf-8")
+        for chunk in (1, 2, 3, 5, 1 << 20):
+            assert list(_stream_json_list(path, chunk)) == data, (trial, chunk)
+    for text, message in (("[1, 2", "malformed JSON at line 1, column 6"), ("[1 2]", "malformed JSON"),
+                          ("[1]]", "malformed JSON"), ("", "malformed JSON"),
+                          ('{"id": 1}', "expected a JSON list of questions")):
+        path.write_text(text)
+        with pytest.raises(PerpcsError, match=message):
+            list(_question_list(path))
+
+
+def test_an_items_copies_in_several_profiles_share_their_values(tmp_path):
+    """LaMP repeats a user's items in every question's profile (another id each time): the values are kept once,
+    which bounds prepare's memory on LaMP-sized files; ids stay each copy's own."""
+    from perpcs.data.prepare import read_questions
+    prompt = "without further explanation. review: "
+    long_text = " ".join(f"word{i}" for i in range(200))
+    questions = [{"id": str(q), "input": prompt + f"query {q}",
+                  "profile": [{"id": f"{q}{k}", "text": f"{long_text} {k}", "score": "4"} for k in range(3 + q)]}
+                 for q in range(3)]
+    (tmp_path / "train_questions.json").write_text(json.dumps(questions))
+    (tmp_path / "train_outputs.json").write_text(json.dumps(
+        {"task": "LaMP_3", "golds": [{"id": str(q), "output": "5"} for q in range(3)]}))
+    read = read_questions(tmp_path, get_task("product_rating"))
+    first, last = read[0].profile, read[2].profile
+    assert [it["id"] for it in last] == [f"2{k}" for k in range(5)]
+    for k in range(3):
+        assert last[k] == {"id": f"2{k}", "text": f"{long_text} {k}", "score": "4"}
+        assert last[k]["text"] is first[k]["text"]      # one string for all copies
+        assert read[2].item_keys[k] is read[0].item_keys[k]

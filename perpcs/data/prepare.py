@@ -202,12 +202,98 @@ def _read_golds(path: Path, task: Task) -> dict:
     return golds
 
 
-def _read_question_file(path: Path, golds: dict, task: Task) -> list:
+def _stream_json_list(path: Path, chunk: int = 1 << 24):
+    """The elements of a JSON list file, decoded one at a time from chunks: the file's text is never held whole
+    (LaMP-3's questions file is GBs). None when the file does not start as a list; malformed JSON raises
+    json.JSONDecodeError (the caller re-reads it with read_json for the message)."""
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        buf, pos, eof = "", 0, False
+
+        def at_next() -> bool:   # skip whitespace, reading on; False at the end of the file
+            nonlocal buf, pos, eof
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\n\r":
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return pos < len(buf)
+                more = f.read(chunk)
+                eof = not more
+                buf, pos = buf[pos:] + more, 0
+
+        if not at_next() or buf[pos] != "[":
+            yield None
+            return
+        pos += 1
+        first = True
+        while True:
+            if not at_next():
+                raise json.JSONDecodeError("unterminated list", buf, pos)
+            if buf[pos] == "]":
+                pos += 1
+                if at_next():
+                    raise json.JSONDecodeError("extra data", buf, pos)
+                return
+            if not first:
+                if buf[pos] != ",":
+                    raise json.JSONDecodeError("expected ','", buf, pos)
+                pos += 1
+                at_next()
+            while True:
+                try:
+                    value, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError:
+                    if eof:
+                        raise
+                    more = f.read(chunk)   # the element goes on in the next chunk
+                    eof = not more
+                    buf, pos = buf[pos:] + more, 0
+                    continue
+                after = end
+                while after < len(buf) and buf[after] in " \t\n\r":
+                    after += 1
+                # a number cut by the chunk decodes as a shorter one: unless ',' or ']' follows, decode it again
+                if not eof and (after == len(buf) or buf[after] not in ",]"):
+                    more = f.read(chunk)
+                    eof = not more
+                    buf, pos = buf[pos:] + more, 0
+                    continue
+                break
+            pos, first = end, False
+            yield value
+
+
+def _question_list(path: Path):
+    """The questions file's list, streamed (see _stream_json_list); anything unexpected is read again whole by
+    read_json, so errors read as before."""
+    n = 0
+    try:
+        items = _stream_json_list(path)
+        first = next(items)
+        if first is not None:
+            n = 1
+            yield first
+            for value in items:
+                n += 1
+                yield value
+            return
+    except StopIteration:   # an empty list
+        return
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
     raw = read_json(path, "LaMP questions file")
     if not isinstance(raw, list):
         fail(f"{path}: expected a JSON list of questions {{\"id\", \"input\", \"profile\"}}")
+    yield from raw[n:]   # only if the stream refused valid JSON
+
+
+def _read_question_file(path: Path, golds: dict, task: Task) -> list:
+    if not path.is_file():
+        read_json(path, "LaMP questions file")   # its message
     questions = []
-    for i, q in enumerate(raw):
+    # LaMP repeats a user's items in every question's profile: one copy of each item's values (all but the id)
+    canon = {}
+    for i, q in enumerate(_question_list(path)):
         if not isinstance(q, dict):
             fail(f"{path}: question #{i} is not an object")
         for key in ("id", "input", "profile"):
@@ -226,8 +312,25 @@ def _read_question_file(path: Path, golds: dict, task: Task) -> list:
         except PerpcsError as err:
             fail(f"{path}: {err}")
         gold = golds[qid] if golds is not None else None
-        questions.append(Question(qid, q["input"], gold, tuple(q["profile"]), path.name, document))
+        question = Question(qid, q["input"], gold, tuple(q["profile"]), path.name, document)
+        object.__setattr__(question, "item_keys", tuple(_share_values(item, key, canon)
+                                                         for item, key in zip(question.profile, question.item_keys)))
+        questions.append(question)
     return questions
+
+
+def _share_values(item: dict, key: bytes, canon: dict) -> bytes:
+    """Point the item's values (all but the id, equal by item_key) at the first copy's; returns the first copy's
+    key object."""
+    first = canon.get(key)
+    if first is None:
+        canon[key] = (key, item)
+        return key
+    first_key, first_item = first
+    for name in item:
+        if name != "id":
+            item[name] = first_item[name]
+    return first_key
 
 
 # ----------------------------------------------------------------------------------------------------------

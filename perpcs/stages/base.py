@@ -168,6 +168,16 @@ def user_examples(task, user, profiles, profiles_path, index, users_path, recent
     return examples
 
 
+def check_histories(task, users: list, profiles, profiles_path, users_path) -> None:
+    """What user_examples would refuse, for every user up front, without building the examples: the stages build a
+    user's examples in its turn (all of them at once would hold every test user's examples for the whole run)."""
+    for index, user in enumerate(users):
+        if task.uses_profile_in_history_training:
+            profile_text(profiles, user, profiles_path, index)
+        if not user["profile"]:
+            fail(f"{users_path}: user #{index} (user_id {user_id(user)!r}): empty history, nothing to train on")
+
+
 def fresh_lora(model, lora: LoraSettings, seed: int):
     """A new peft LoRA on the shared (base + task) model, its A init seeded per user."""
     from peft import get_peft_model

@@ -19,8 +19,8 @@ from perpcs.method.recipes import make_recipe, recipe_weights, write_recipe
 from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.models.provenance import file_sha256, refuse_other_sources
 from perpcs.paths import default_dirs, resolve_sharer_index, resolve_sharer_lora_dir, split_output_dir
-from perpcs.stages.base import (check_existing_predictions, combine_user_predictions, last_per_user, lazy,
-                                load_merged_base, load_sharers, merged_base_sources, predict_one_user,
+from perpcs.stages.base import (check_existing_predictions, check_histories, combine_user_predictions, last_per_user,
+                                lazy, load_merged_base, load_sharers, merged_base_sources, predict_one_user,
                                 profiles_if_needed, refuse_other_settings, run_per_user, user_examples,
                                 user_predictions_path)
 from perpcs.stages.config import CompositionStage, StageInputs
@@ -74,9 +74,9 @@ def compose(cfg: CompositionStage) -> Path:
                      gate_dir)
     profiles = profiles_if_needed(layout, task)
     users = [(user_id(u), u) for u in test_users]
-    examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.split_path(cfg.test_split),
-                                   settings.recent_k)
-                for i, (uid, u) in enumerate(users)}
+    users_file = layout.split_path(cfg.test_split)
+    check_histories(task, test_users, profiles, layout.profiles, users_file)
+    index = {uid: i for i, (uid, _) in enumerate(users)}
     num_shards, shard_id = cfg.shards.resolve()
     inputs = composition_inputs(cfg.inputs, cfg.max_seq_len, pool, gate_dir)
     check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, inputs, overwrite)
@@ -103,7 +103,10 @@ def compose(cfg: CompositionStage) -> Path:
             recipe = read_json(path, "recipe")
             weights = recipe_weights(recipe, pool, path)
         else:
-            tokenized = [tokenize_example(tokenizer, ex, cfg.max_seq_len) for ex in examples[uid]]
+            examples = user_examples(task, user, profiles, layout.profiles, index[uid], users_file,
+                                     settings.recent_k)   # in its turn: one user's examples alive at a time
+            tokenized = [tokenize_example(tokenizer, ex, cfg.max_seq_len) for ex in examples]
+            del examples
             assembly_cuts = count_cuts([t.cut for t in tokenized], cfg.max_seq_len)
             with peft_model.disable_adapter():   # assembly sees base + task model and the composer's pieces only
                 weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}",

@@ -13,8 +13,9 @@ from perpcs.engine.training import train, user_seed
 from perpcs.models.lora import load_adapter_weights, save_peft_adapter
 from perpcs.models.provenance import SOURCE_FILE
 from perpcs.paths import default_dirs, split_output_dir
-from perpcs.stages.base import (adapter_done, check_existing_predictions, combine_user_predictions, fresh_lora, lazy,
-                                load_merged_base, merged_base_sources, predict_one_user, run_per_user, user_examples,
+from perpcs.stages.base import (adapter_done, check_existing_predictions, check_histories, combine_user_predictions,
+                                fresh_lora, lazy, load_merged_base, merged_base_sources, predict_one_user, run_per_user,
+                                user_examples,
                                 user_predictions_path, user_record)
 from perpcs.stages.config import OPPUStage
 
@@ -27,9 +28,9 @@ def train_oppu(cfg: OPPUStage) -> Path:
     test_users, _ = layout.load_targets(cfg.test_split)
     profiles = layout.load_profiles()
     users = [(user_id(u), u) for u in test_users]
-    examples = {uid: user_examples(task, u, profiles, layout.profiles, i,
-                                   layout.split_path(cfg.test_split))
-                for i, (uid, u) in enumerate(users)}
+    users_file = layout.split_path(cfg.test_split)
+    check_histories(task, test_users, profiles, layout.profiles, users_file)
+    index = {uid: i for i, (uid, _) in enumerate(users)}
     num_shards, shard_id = cfg.shards.resolve()
     base_cfg = cfg.train
     check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task),
@@ -39,6 +40,7 @@ def train_oppu(cfg: OPPUStage) -> Path:
 
     def work(uid, user):
         model, tokenizer, device = engine()
+        examples = user_examples(task, user, profiles, layout.profiles, index[uid], users_file)   # in its turn
         seed = user_seed(base_cfg.seed, uid)
         adapter_dir = out_root / "adapters" / f"user_{uid}"
         peft_model = fresh_lora(model, cfg.lora, seed)
@@ -48,7 +50,7 @@ def train_oppu(cfg: OPPUStage) -> Path:
                 load_adapter_weights(peft_model, adapter_dir)
                 stats = {"tokens": 0, "last_loss": None, "seconds": 0.0}
             else:
-                stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
+                stats = train(peft_model, tokenizer, examples, replace(base_cfg, seed=seed), device,
                               desc=f"OPPU {uid}", log_path=out_root / "train_log.jsonl")
                 save_peft_adapter(peft_model, adapter_dir, {SOURCE_FILE: sources})
             shortened = {}
@@ -57,7 +59,7 @@ def train_oppu(cfg: OPPUStage) -> Path:
             write_json_atomic(user_predictions_path(out_root, uid), preds)
         finally:
             peft_model.unload()
-        return user_record(uid, examples[uid], stats, shortened)
+        return user_record(uid, examples, stats, shortened)
 
     run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
                  out_root / "users_log.jsonl", num_shards, shard_id, cfg.shards.overwrite)
