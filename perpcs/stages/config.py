@@ -95,6 +95,7 @@ class TaskLoRAStage:
     output_dir: str | Path | None = None
     infer: bool = False               # predict only, with inputs.lora_ckpt
     overwrite: bool = False           # train again even if the adapter exists
+    base_only: bool = False           # no LoRA: the base model's predictions only (output/<task>/base_LLM)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class CompositionStage:
     output_dir: str | Path | None = None
     max_seq_len: int = 3500          # tokens of an assembly example (and of a prompt, via generation)
     save_adapters: bool = False
+    control: str | None = None       # a user-blind control (perpcs.method.controls): uniform, swapped, peft_merge
 
 
 @dataclass(frozen=True)
