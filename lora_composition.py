@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_flags as cli  # noqa: E402
+from perpcs.paths import CONTROLS  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
 
@@ -58,6 +59,11 @@ def parse_args(argv=None):
                         "variable number of pieces, --topk ignored); with --sample, draw from it")
     p.add_argument("--save_adapters", action=argparse.BooleanOptionalAction, default=False,
                    help="also write each user's assembled peft adapter")
+    p.add_argument("--control", default=None, choices=list(CONTROLS),
+                   help="a user-blind control instead of Per-Pcs, from the same sharers and gates: uniform (every "
+                        "sharer 1/n in every piece), swapped (each user assembled from another test user's history, "
+                        "a derangement seeded by --seed), peft_merge (peft's add_weighted_adapter, linear, 1/n); "
+                        "default output ./output/<task>/LoRA-Composition-control-<name>")
     return cli.parse(p, argv)
 
 
@@ -74,7 +80,7 @@ def main(argv=None):
         inputs=cli.stage_inputs(args), compose=settings, generation=cli.generation_config(args),
         shards=cli.shard_config(args), anchor_dir=args.anchor_dir, gate_dir=args.gate_dir,
         anchor_idx_path=args.anchor_idx_path, output_dir=args.output_dir, max_seq_len=args.max_seq_len,
-        save_adapters=args.save_adapters, test_split=args.test_split))
+        save_adapters=args.save_adapters, test_split=args.test_split, control=args.control))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ def parse_args(argv=None):
                    help="skip training; load the task LoRA and predict")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="train again even if the adapter exists (predictions are always made again)")
+    p.add_argument("--base_only", action=argparse.BooleanOptionalAction, default=False,
+                   help="no task LoRA: predict the test users with the plain base model (a reference row of the "
+                        "results table); default output ./output/<task>/base_LLM")
     return cli.parse(p, argv)
 
 
@@ -35,7 +38,7 @@ def main(argv=None):
     args = parse_args(argv)
     return run(TaskLoRAStage(inputs=cli.stage_inputs(args), lora=cli.lora_settings(args), train=cli.train_config(args),
                              generation=cli.generation_config(args), output_dir=args.output_dir, infer=args.infer,
-                             overwrite=args.overwrite, test_split=args.test_split))
+                             overwrite=args.overwrite, test_split=args.test_split, base_only=args.base_only))
 
 
 if __name__ == "__main__":

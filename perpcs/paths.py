@@ -4,6 +4,8 @@
     output/<task>/Anchor_PEFT/LoRA/       stage 3: user_<id>/ one LoRA per sharer
     output/<task>/Anchor_PEFT/gate/       stage 4: user_<id>/ gates per sharer
     output/<task>/LoRA-Composition/       stage 5: recipes, predictions, summary
+    output/<task>/LoRA-Composition-control-<name>/   stage 5 --control <name>: a user-blind control
+    output/<task>/base_LLM/               stage 1 --base_only: predictions of the base model without any LoRA
     output/<task>/OPPU/                   the OPPU baseline
     anchor_selection/<task>/              stage 2: anchor_user_idx.json (anchored at the repository)
 """
@@ -20,6 +22,12 @@ SHARER_LORAS = f"{SHARERS}/LoRA"
 SHARER_GATES = f"{SHARERS}/gate"
 COMPOSITION = "LoRA-Composition"         # ablation settings write LoRA-Composition-<tag>/ beside it
 OPPU = "OPPU"
+BASE_ONLY = "base_LLM"                   # stage 1 --base_only: the base model's predictions, no LoRA
+CONTROLS = ("uniform", "swapped", "peft_merge")   # stage 5 --control: user-blind controls (README, "The demo")
+
+
+def control_dir_name(control: str) -> str:
+    return f"{COMPOSITION}-control-{control}"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INDEX_FILE = "anchor_user_idx.json"          # stage 2's output, under anchor_selection/<task>/
 EMB_FILE = "user_history_emb.npy"            # stage 2's embedding cache beside it
@@ -29,9 +37,9 @@ PUBLISHED_INDEX_NAME = "anchor_user_idx.pt"  # the published stage 2's pickle; o
 
 def stage_dirs(task_name: str, root=OUTPUT_ROOT) -> dict:
     """The default output directory of every stage of one task (keys: task_lora, sharer_loras, sharer_gates,
-    composition, oppu)."""
+    composition, oppu, base_only)."""
     task_root = Path(root) / task_name
-    return {"task_lora": task_root / TASK_LORA, "sharer_loras": task_root / SHARER_LORAS,
+    return {"base_only": task_root / BASE_ONLY, "task_lora": task_root / TASK_LORA, "sharer_loras": task_root / SHARER_LORAS,
             "sharer_gates": task_root / SHARER_GATES, "composition": task_root / COMPOSITION,
             "oppu": task_root / OPPU}
 

@@ -46,6 +46,14 @@ $PY lora_composition.py "${COMMON[@]}" "${GEN[@]}" --max_seq_len 512 --topk 1 --
 step "OPPU baseline (one LoRA per target user)"
 $PY OPPU.py "${COMMON[@]}" "${TRAIN[@]}" "${GEN[@]}" --epochs 3 --max_step 20 --batch_size 4 --lr 5e-3
 
+step "controls: user-blind rows from the same sharers and gates (uniform mix, swapped history, peft merge)"
+for control in uniform swapped peft_merge; do
+  $PY lora_composition.py "${COMMON[@]}" "${GEN[@]}" --max_seq_len 512 --topk 1 --recent_k 16 --control "$control"
+done
+
+step "base model without any LoRA (where every method starts)"
+$PY task_LoRA.py "${COMMON[@]}" "${GEN[@]}" --max_seq_len 512 --base_only
+
 step "6. evaluation"
 mkdir -p "$OUT"
 ROUTING=(); [ -f "$GROUPS_FILE" ] && ROUTING=(--groups_file "$GROUPS_FILE")

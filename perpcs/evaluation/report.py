@@ -8,9 +8,13 @@ from perpcs.data.tasks import get_task
 from perpcs.errors import fail
 from perpcs.evaluation.metrics import evaluate_task
 from perpcs.method.storage import format_bytes, mean_adapter_bytes
-from perpcs.paths import COMPOSITION, OPPU, TASK_LORA
+from perpcs.paths import BASE_ONLY, COMPOSITION, OPPU, TASK_LORA, control_dir_name
 from perpcs.stages.base import last_per_user
 
+# user-blind controls of stage 5 (--control): Per-Pcs personalizes where it beats all three
+CONTROL_LABELS = [("uniform", "control: uniform mix (user-blind)"),
+                  ("swapped", "control: swapped history (another user's)"),
+                  ("peft_merge", "control: peft merge (add_weighted_adapter, linear)")]
 VARIANTS = [("kNP", "no retrieval"), ("k1", "BM25 k=1"), ("k1-profile", "BM25 k=1 + profile")]
 
 
@@ -32,12 +36,20 @@ def results_table(task_name: str, data_dir="data", output_root=None, groups_file
     mean = (read_json(summary_path, "composition summary").get("mean") or {}) if summary_path.is_file() else {}
     # (method, predictions dir, storage / user, recipe file / user, seconds / user); None: not measured
     methods = [
+        ("base model (no LoRA)", root / BASE_ONLY / "predictions", 0, None, None),
         ("task LoRA (non-personalized)", root / TASK_LORA / "predictions", 0, None, None),
         ("OPPU", root / OPPU / "predictions", mean_adapter_bytes(root / OPPU / "adapters")[0], None,
          _per_user_seconds(root / OPPU / "users_log.jsonl", "train_seconds")),
         ("Per-Pcs", root / COMPOSITION / "predictions", mean.get("payload_bytes"), mean.get("recipe_bytes"),
          mean.get("assembly_seconds")),
     ]
+    for control, label in CONTROL_LABELS:   # rows only for the controls that were run
+        cdir = root / control_dir_name(control)
+        csum = read_json(cdir / "summary.json", "control summary") if (cdir / "summary.json").is_file() else {}
+        cmean = csum.get("mean") or {}
+        storage = 0 if control == "peft_merge" else cmean.get("payload_bytes")   # one adapter shared by all users
+        methods.append((label, cdir / "predictions", storage, cmean.get("recipe_bytes"),
+                        cmean.get("assembly_seconds")))
     metric_names = None
     rows = []
     for method, pred_dir, storage, recipe_file, seconds in methods:
@@ -66,6 +78,13 @@ def results_table(task_name: str, data_dir="data", output_root=None, groups_file
               "file, payload plus bookkeeping (settings, batches, seed). seconds / user: OPPU's training of the "
               "user's LoRA vs Per-Pcs's assembly (no gradient step); prediction time is the same for both. "
               "-: not measured (no run, or a summary.json of an older version: run stage 5 again)."]
+    if any(r[0].startswith("control: ") for r in rows) or any(r[0] == "base model (no LoRA)" for r in rows):
+        lines += ["", "base model (no LoRA): the base model alone, where every method starts. control rows are "
+                  "user-blind, from the same sharers (and gates) as Per-Pcs: uniform mix, every sharer 1/n in every "
+                  "piece, the same LoRA for all users; swapped history, each user's LoRA assembled by Per-Pcs from "
+                  "another test user's history; peft merge, peft's add_weighted_adapter of the sharer LoRAs "
+                  "(linear, weights 1/n: n times the uniform mix's update), one LoRA for all users. Per-Pcs "
+                  "personalizes where it beats all three."]
     if groups_file:
         from perpcs.evaluation.explain import routing_lines
         routed = routing_lines(root / COMPOSITION / "recipes", groups_file)

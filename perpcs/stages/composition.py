@@ -6,19 +6,20 @@ import hashlib
 import time
 from pathlib import Path
 
-from perpcs.atomic import write_json_atomic
+from perpcs.atomic import write_dir_atomic, write_json_atomic
 from perpcs.data.layout import Layout, read_json, user_id
 from perpcs.data.tasks import get_task
 from perpcs.data.truncation import count_cuts, log_totals, report_stage, user_entry
 from perpcs.engine.training import tokenize_example, user_seed
 from perpcs.errors import fail
 from perpcs.method.composition import Composer, ComposeSettings, assemble_user, composer_removed, install_composer
+from perpcs.method.controls import MERGED_ADAPTER, derangement, peft_merged_model, uniform_weights
 from perpcs.method.gates import GATES_FILE
 from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
 from perpcs.method.recipes import make_recipe, recipe_weights, write_recipe
 from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.models.provenance import file_sha256, refuse_other_sources
-from perpcs.paths import default_dirs, resolve_sharer_index, resolve_sharer_lora_dir, split_output_dir
+from perpcs.paths import control_dir_name, default_dirs, resolve_sharer_index, resolve_sharer_lora_dir, split_output_dir
 from perpcs.stages.base import (check_existing_predictions, check_histories, combine_user_predictions, last_per_user,
                                 lazy, load_merged_base, load_sharers, merged_base_sources, predict_one_user,
                                 profiles_if_needed, refuse_other_settings, run_per_user, user_examples,
@@ -31,7 +32,7 @@ def recipe_path(root, uid: str) -> Path:
 
 
 def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, sharer_ids: list,
-                           inputs: dict, overwrite: bool) -> None:
+                           inputs: dict, overwrite: bool, control: str | None = None) -> None:
     """A rerun resumes finished users only if they were assembled with the same settings, sharers and inputs
     (base model, task LoRA, gates, --max_seq_len): otherwise a sweep (say --topk 1 after --topk 3) into the same
     output dir would report the old recipes as the new run's."""
@@ -42,6 +43,11 @@ def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings
         path = recipe_path(out_root, uid)
         if path.is_file():
             recipe = read_json(path, "recipe")
+            if recipe.get("control") != control:   # Per-Pcs recipes have none
+                fail(f"{path} was made " + (f"by --control {recipe['control']}" if recipe.get("control") else
+                                            "by Per-Pcs (no --control)") + ", not by this run's "
+                     + (f"--control {control}" if control else "Per-Pcs") + "; pass another --output_dir, or "
+                     "--overwrite to redo every user")
             if [str(s) for s in recipe.get("sharers", [])] != list(sharer_ids):
                 fail(f"{path} was assembled from another sharer selection ({len(recipe.get('sharers', []))} "
                      f"sharers, not the {len(sharer_ids)} of this run's anchor index); pass another --output_dir, "
@@ -62,7 +68,9 @@ def compose(cfg: CompositionStage) -> Path:
     task = get_task(cfg.inputs.task_name)
     layout = Layout(cfg.inputs.data_dir, task)
     dirs = default_dirs(task.name)
-    out_root = split_output_dir(cfg.output_dir or dirs["composition"], cfg.test_split)
+    control = cfg.control
+    out_root = split_output_dir(cfg.output_dir or (dirs["composition"].with_name(control_dir_name(control))
+                                                   if control else dirs["composition"]), cfg.test_split)
     settings, overwrite = cfg.compose, cfg.shards.overwrite
     test_users, _ = layout.load_targets(cfg.test_split)
     all_profiles = layout.load_profiles()
@@ -77,9 +85,16 @@ def compose(cfg: CompositionStage) -> Path:
     users_file = layout.split_path(cfg.test_split)
     check_histories(task, test_users, profiles, layout.profiles, users_file)
     index = {uid: i for i, (uid, _) in enumerate(users)}
+    user_by_id = dict(users)
     num_shards, shard_id = cfg.shards.resolve()
     inputs = composition_inputs(cfg.inputs, cfg.max_seq_len, pool, gate_dir)
-    check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, inputs, overwrite)
+    if control is not None:
+        print(f"control: {control} (user-blind; the same sharers and gates as Per-Pcs) -> {out_root}")
+    if control == "peft_merge":
+        return merge_control(cfg, task, layout, test_users, users, all_profiles, pool, inputs, out_root)
+    # --control swapped: user -> the user whose history assembles its LoRA (all test users, whatever the shard)
+    history_of = derangement([uid for uid, _ in users], settings.seed) if control == "swapped" else {}
+    check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, inputs, overwrite, control)
     check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task), overwrite)
 
     @lazy
@@ -94,7 +109,8 @@ def compose(cfg: CompositionStage) -> Path:
 
     def work(uid, user):
         model, peft_model, tokenizer, device, composer, pad_id = engine()
-        seed = user_seed(settings.seed, uid)
+        source = history_of.get(uid, uid)   # swapped: the partner's history and seed, so its Per-Pcs recipe
+        seed = user_seed(settings.seed, source)
         path = recipe_path(out_root, uid)
         t0 = time.perf_counter()
         timing = {}   # kept in users_log.jsonl, not in the recipe, so recipes are byte-reproducible
@@ -102,9 +118,14 @@ def compose(cfg: CompositionStage) -> Path:
         if path.is_file() and not overwrite:   # killed after the recipe, before the predictions
             recipe = read_json(path, "recipe")
             weights = recipe_weights(recipe, pool, path)
+        elif control == "uniform":   # no assembly: no forward, no history
+            weights = uniform_weights(pool)
+            recipe = make_recipe(pool, weights, settings, uid, task.name, [], {"control": control, "inputs": inputs})
+            write_recipe(recipe, path)
         else:
-            examples = user_examples(task, user, profiles, layout.profiles, index[uid], users_file,
-                                     settings.recent_k)   # in its turn: one user's examples alive at a time
+            # in its turn: one user's examples alive at a time (swapped: the partner's history)
+            examples = user_examples(task, user_by_id[source], profiles, layout.profiles, index[source], users_file,
+                                     settings.recent_k)
             tokenized = [tokenize_example(tokenizer, ex, cfg.max_seq_len) for ex in examples]
             del examples
             assembly_cuts = count_cuts([t.cut for t in tokenized], cfg.max_seq_len)
@@ -112,8 +133,9 @@ def compose(cfg: CompositionStage) -> Path:
                 weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}",
                                                  cpu_bf16=cfg.inputs.model.cpu_bf16)
             seconds = time.perf_counter() - t0
+            extra = {"control": control, "history_of": source} if control else {}
             recipe = make_recipe(pool, weights, settings, uid, task.name, batches,
-                                 {"seed_user": seed, "examples": len(tokenized), "inputs": inputs})
+                                 {"seed_user": seed, "examples": len(tokenized), "inputs": inputs, **extra})
             write_recipe(recipe, path)
             timing["assembly_seconds"] = round(seconds, 4)
         if cfg.save_adapters:
@@ -132,6 +154,46 @@ def compose(cfg: CompositionStage) -> Path:
     report_stage("composition", log_totals(out_root / "users_log.jsonl", [uid for uid, _ in users]))
     if combine_user_predictions(out_root, task, test_users):
         write_summary(out_root, pool, [uid for uid, _ in users])
+    return out_root
+
+
+def merge_control(cfg: CompositionStage, task, layout, test_users, users, all_profiles, pool: PiecePool,
+                  inputs: dict, out_root: Path) -> Path:
+    """--control peft_merge: one adapter, peft's add_weighted_adapter of the sharer adapters (perpcs.method.controls),
+    written once to <output>/adapter/, then every test user's predictions with it (no recipes: no user enters it)."""
+    overwrite = cfg.shards.overwrite
+    uids = [uid for uid, _ in users]
+    check_existing_predictions(out_root, uids, cfg.generation.recorded(task), overwrite)
+    source_path = out_root / "merge_inputs.json"   # what the adapter and predictions were made from
+    wanted = {**inputs, "sharers": pool.sharer_ids}
+    if source_path.is_file() and not overwrite:
+        refuse_other_sources(source_path, read_json(source_path, "merge inputs"), wanted, "merged")
+
+    @lazy
+    def engine():
+        model, tokenizer, device = load_merged_base(cfg.inputs)
+        peft_model = peft_merged_model(model, pool)
+        peft_model.to(device)
+        write_dir_atomic(out_root / "adapter", lambda staging: peft_model.save_pretrained(
+            str(staging), selected_adapters=[MERGED_ADAPTER]))
+        write_json_atomic(source_path, wanted)
+        return peft_model, tokenizer, device
+
+    def work(uid, user):
+        peft_model, tokenizer, device = engine()
+        shortened = {}
+        preds = predict_one_user(peft_model, tokenizer, task, user, all_profiles, layout.profiles, device,
+                                 cfg.generation, shortened)
+        write_json_atomic(user_predictions_path(out_root, uid), preds)
+        return {"truncated": user_entry(uid, None, shortened)}
+
+    run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "composition",
+                 out_root / "users_log.jsonl", *cfg.shards.resolve(), overwrite)
+    if combine_user_predictions(out_root, task, test_users):
+        size = adapter_bytes(out_root / "adapter")
+        write_json_atomic(out_root / "summary.json", {"control": "peft_merge", "n_users": len(uids),
+                                                      "n_sharers": len(pool), "adapter_bytes": size})
+        print(f"summary: one merged adapter for all users ({format_bytes(size)}) -> {out_root / 'summary.json'}")
     return out_root
 
 

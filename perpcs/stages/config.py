@@ -96,6 +96,7 @@ class TaskLoRAStage:
     test_split: str = "test"         # "leaderboard": LaMP's test questions, outputs under <output_dir>/leaderboard
     infer: bool = False               # predict only, with inputs.lora_ckpt
     overwrite: bool = False           # train again even if the adapter exists
+    base_only: bool = False           # no LoRA: the base model's predictions only (output/<task>/base_LLM)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class CompositionStage:
     test_split: str = "test"         # "leaderboard": LaMP's test questions, outputs under <output_dir>/leaderboard
     max_seq_len: int = 3500          # tokens of an assembly example (and of a prompt, via generation)
     save_adapters: bool = False
+    control: str | None = None       # a user-blind control (perpcs.method.controls): uniform, swapped, peft_merge
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from perpcs.data.tasks import get_task
 from perpcs.data.truncation import describe, record_in_summary
 from perpcs.engine.generation import predict_variants, write_variant_files
 from perpcs.engine.training import train
+from perpcs.errors import fail
 from perpcs.models.lora import is_complete_adapter, save_peft_adapter
 from perpcs.paths import split_output_dir, stage_dirs
 from perpcs.stages.config import TaskLoRAStage
@@ -53,15 +54,19 @@ def run(cfg: TaskLoRAStage) -> Path:
     inputs, m = cfg.inputs, cfg.inputs.model
     task = get_task(inputs.task_name)
     layout = Layout(inputs.data_dir, task)
-    out_dir = Path(cfg.output_dir or stage_dirs(task.name)["task_lora"])
+    out_dir = Path(cfg.output_dir or stage_dirs(task.name)["base_only" if cfg.base_only else "task_lora"])
+    if cfg.base_only and cfg.infer:
+        fail("--base_only predicts without any LoRA; --infer loads the task LoRA: pass one of them")
     # read and validate every input before the (slow) model load
     test_users, golds = layout.load_targets(cfg.test_split)
     profiles = layout.load_profiles()
-    base_users = None if cfg.infer else layout.load_split("base", need_gold=True, check=True)
+    base_users = None if cfg.infer or cfg.base_only else layout.load_split("base", need_gold=True, check=True)
 
     rank, world = init_data_parallel(m.device)
     model, tokenizer, device = load_base_model(m.llama_model_path, m.tokenizer_path, m.device, cpu_bf16=m.cpu_bf16)
-    if cfg.infer or (is_complete_adapter(out_dir) and not cfg.overwrite):
+    if cfg.base_only:
+        print("no LoRA (--base_only): the base model's predictions")
+    elif cfg.infer or (is_complete_adapter(out_dir) and not cfg.overwrite):
         adapter_dir = resolve_lora_ckpt(inputs.lora_ckpt) if inputs.lora_ckpt else resolve_lora_ckpt(out_dir)
         print(f"loading the task LoRA from {adapter_dir}" + ("" if cfg.infer else " (already trained)"))
         model = PeftModel.from_pretrained(model, str(adapter_dir))
@@ -83,7 +88,8 @@ def run(cfg: TaskLoRAStage) -> Path:
         record_in_summary(out_dir, {"examples": stats["truncated"]})
     if rank != 0:
         return out_dir
-    model = model.merge_and_unload()   # faster generation; the adapter on disk is unchanged
+    if not cfg.base_only:
+        model = model.merge_and_unload()   # faster generation; the adapter on disk is unchanged
 
     pred_root = split_output_dir(out_dir, cfg.test_split)
     pred_dir = pred_root / "predictions"
@@ -94,7 +100,8 @@ def run(cfg: TaskLoRAStage) -> Path:
                              show_progress=True, **gen.kwargs())
     write_variant_files(pred_dir, task, preds)
     where = record_in_summary(pred_root, {"prompts": shortened})
-    print(describe("task LoRA predictions", shortened, "prompts") + f" -> {where}")
+    what = "base model predictions" if cfg.base_only else "task LoRA predictions"
+    print(describe(what, shortened, "prompts") + f" -> {where}")
     n_queries = sum(len(u["query"]) for u in test_users)
     print(f"predictions for {n_queries} {cfg.test_split} queries in {pred_dir}")
     return out_dir

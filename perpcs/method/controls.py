@@ -1,0 +1,69 @@
+"""User-blind controls of stage 5 (`lora_composition.py --control`): the same sharers, pieces and prediction code
+as Per-Pcs, only other weights, so that Per-Pcs personalizes where it beats them.
+
+    uniform     every piece the plain average of all sharers' pieces: weight 1/n for each of the n sharers, A and
+                B mixed as Per-Pcs mixes them (sum_s w_s A_s, sum_s w_s B_s); the same adapter for every user
+    swapped     user u's LoRA assembled (the gated Per-Pcs assembly) from the history of another target user,
+                its partner in a seeded derangement of the test users (derangement below)
+    peft_merge  the sharer adapters merged by peft's add_weighted_adapter, weights 1/n, combination_type "linear",
+                as peft users build it (peft_merged_model); the same adapter for every user
+
+peft's "linear" rule (peft 0.21, tuners/lora/model.py, _generalized_task_arithmetic_weighted_adapter): with c the
+sharers' scaling (lora_alpha / r), A' = sum_s sqrt(w_s c) A_s and B' = sum_s sqrt(w_s c) B_s, and the new adapter
+gets lora_alpha = r (scaling 1). With w_s = 1/n: A' = sqrt(c n) mean(A), B' = sqrt(c n) mean(B), so its update
+B'A' = n * c * mean(B) mean(A) is exactly n times the uniform mix's update c * mean(B) mean(A).
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from perpcs.errors import fail
+from perpcs.method.pieces import PiecePool
+
+PEFT_COMBINATION = "linear"
+MERGED_ADAPTER = "default"   # peft saves the adapter named "default" at the top of the output dir
+
+
+def uniform_weights(pool: PiecePool) -> dict:
+    """{piece: (S,) weights 1/S}: every sharer equally in every piece."""
+    n = len(pool)
+    return {piece: torch.full((n,), 1.0 / n, dtype=torch.float64) for piece in pool.pieces}
+
+
+def derangement(uids: list, seed: int) -> dict:
+    """{user: partner whose history assembles the user's LoRA}, no user its own partner.
+
+    Sattolo's shuffle (a uniformly drawn single-cycle permutation, always a derangement) of the users in test-file
+    order, drawn from random.Random(seed) with seed the stage's --seed: the same pairs on every run, shard and
+    device."""
+    uids = [str(u) for u in uids]
+    if len(set(uids)) != len(uids):
+        fail("--control swapped: the test users' ids are not distinct")
+    if len(uids) < 2:
+        fail(f"--control swapped needs at least 2 test users to swap histories (there are {len(uids)})")
+    perm = list(range(len(uids)))
+    rnd = random.Random(seed)
+    for i in range(len(perm) - 1, 0, -1):
+        j = rnd.randrange(i)   # j < i: Sattolo (j <= i would be Fisher-Yates, with fixed points)
+        perm[i], perm[j] = perm[j], perm[i]
+    return {uids[i]: uids[perm[i]] for i in range(len(uids))}
+
+
+def peft_merged_model(model, pool: PiecePool):
+    """``model`` (base + task model) as a PeftModel holding every sharer adapter of the pool, loaded from its dir,
+    and their add_weighted_adapter merge (weights 1/n, PEFT_COMBINATION) as the active adapter MERGED_ADAPTER."""
+    from peft import PeftModel
+    names = [f"sharer_{uid}" for uid in pool.sharer_ids]
+    dirs = [pool.anchor_dir / f"user_{uid}" for uid in pool.sharer_ids]
+    peft_model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0])
+    for name, path in zip(names[1:], dirs[1:]):
+        peft_model.load_adapter(str(path), adapter_name=name)
+    n = len(names)
+    peft_model.add_weighted_adapter(names, [1.0 / n] * n, MERGED_ADAPTER, combination_type=PEFT_COMBINATION)
+    peft_model.set_adapter(MERGED_ADAPTER)
+    for name in names:   # only the merge predicts
+        peft_model.delete_adapter(name)
+    peft_model.eval()
+    return peft_model
