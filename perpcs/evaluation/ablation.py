@@ -39,10 +39,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from perpcs.atomic import write_bytes_atomic, write_json_atomic
+from perpcs.atomic import write_json_atomic
 from perpcs.data.layout import Layout, read_json
 from perpcs.data.tasks import Task
 from perpcs.errors import fail
+from perpcs.evaluation.figures import pyplot, save_png
 from perpcs.evaluation.results import METRIC_NAMES, TASK_METRICS, score_prediction_dir, variant_order
 from perpcs.method.gates import GATES_FILE
 from perpcs.method.storage import mean_adapter_bytes
@@ -487,19 +488,10 @@ def cost_curves(costs: dict, users: list, fallback: dict | None = None) -> dict:
 
 # ---- plots ------------------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")    # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _save_png(fig, path: Path, missing: list = ()) -> Path:
     """The PNG, and beside it ``<name>.plotted.json``: what the figure really draws (read back from its axes) and
     what it names as missing, so a reader (or a test) can check a plot without looking at pixels."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    write_bytes_atomic(path, buffer.getvalue())
+    save_png(fig, path, 120, bbox_inches="tight")
     write_json_atomic(Path(path).with_suffix(".plotted.json"), figure_record(fig, missing))
     return Path(path)
 
@@ -530,7 +522,7 @@ def _note_missing(fig, missing: list) -> None:
 
 def plot_sweep(task: Task, sweep: str, points: list, path: Path) -> Path:
     """One panel per metric, one line per test-time variant, metric against the swept setting."""
-    plt = _pyplot()
+    plt = pyplot()
     values = [p["value"] for p in points]
     numeric = all(isinstance(v, (int, float)) for v in values)
     xs = values if numeric else list(range(len(values)))
@@ -580,7 +572,7 @@ def _unit(curves: dict, units: list) -> tuple:
 
 def plot_costs(task: Task, curves: dict, path: Path) -> Path:
     """Storage and time for n target users, Per-Pcs against OPPU."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, units, what in ((left, "storage_bytes", STORAGE_UNITS, "storage"),
                                  (right, "seconds", TIME_UNITS, "time")):

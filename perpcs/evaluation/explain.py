@@ -15,6 +15,7 @@ from perpcs.atomic import write_bytes_atomic, write_json_atomic
 from perpcs.data.layout import read_json
 from perpcs.data.sample import GROUPS_FORMAT
 from perpcs.errors import fail
+from perpcs.evaluation.figures import pyplot, save_png
 from perpcs.method.recipes import RECIPE_FORMAT
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -189,10 +190,8 @@ def weight_grid(recipe: dict, sharers: list) -> list:
 
 def plot_heatmap(path, info: dict, recipe: dict, groups: dict | None = None) -> Path:
     """PNG: sharers (rows) x pieces (columns, in the recipe's layer order), colour = the sharer's weight."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    plt = pyplot()
 
     pieces, sharers = list(recipe["pieces"]), info["sharers"]
     grid = np.array(weight_grid(recipe, sharers))
@@ -212,11 +211,10 @@ def plot_heatmap(path, info: dict, recipe: dict, groups: dict | None = None) -> 
                  f"({info['distinct']} sharers used, entropy {info['entropy_bits']:.2f} bits)", fontsize=9)
     fig.colorbar(im, ax=ax, label="weight", fraction=0.03)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    try:
+        return save_png(fig, path, 100)
+    finally:
+        plt.close(fig)
 
 
 def explain(recipes: list, output_dir=None, groups_file=None) -> str:

@@ -34,6 +34,7 @@ from perpcs.atomic import write_bytes_atomic, write_json_atomic
 from perpcs.data.layout import Layout, read_json
 from perpcs.data.tasks import get_task
 from perpcs.errors import fail
+from perpcs.evaluation.figures import pyplot, save_png
 from perpcs.evaluation.metrics import evaluate_task
 from perpcs.paths import REPO_ROOT
 
@@ -386,9 +387,7 @@ def plot_study(agg: list, cfg: StudyConfig, path: Path) -> Path | None:
     """Gap closed (no retrieval) per setting, mean and sd over seeds, one panel per task; a line per group count."""
     if not agg:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     tasks = [t for t in cfg.tasks if any(a["task"] == t for a in agg)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -410,11 +409,10 @@ def plot_study(agg: list, cfg: StudyConfig, path: Path) -> Path | None:
                      f"dashed: the target, half the gap)", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return save_png(fig, path, 110)
+    finally:
+        plt.close(fig)
 
 
 def collect(cfg: StudyConfig) -> dict:
