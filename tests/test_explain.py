@@ -10,7 +10,7 @@ import pytest
 import lora_composition
 from perpcs.data.prepare import prepare_lamp
 from perpcs.data.sample import generate, sample_groups, write_sample
-from perpcs.evaluation.explain import explain_recipe, load_recipes, routing, weight_grid
+from perpcs.evaluation.explain import agreement, explain, explain_recipe, load_recipes, routing, weight_grid
 from perpcs.method.recipes import RECIPE_FORMAT
 from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
 from pipeline_fixture import ROOT, TASK, file_digests
@@ -91,6 +91,25 @@ def test_explain_command_writes_text_json_and_a_heatmap_per_user(tmp_path, capsy
 
 
 # ------------------------------------------------------------------------------------------------- routing
+
+def test_agreement_counts_pieces_with_the_same_dominant_sharer():
+    pieces = [f"model.layers.{la}.self_attn.{m}" for la in range(2) for m in ("q_proj", "v_proj")]   # 4 pieces
+    # a: x dominant in every piece; b: x in pieces 0-1, y in 2-3 (piece 1 is a tie 0.5/0.5: the pool's first, x)
+    a = recipe("a", ["x", "y"], {p: [["x", 0.7], ["y", 0.3]] for p in pieces})
+    b = recipe("b", ["x", "y"], {pieces[0]: [["x", 1.0]], pieces[1]: [["y", 0.5], ["x", 0.5]],
+                                 pieces[2]: [["y", 0.9], ["x", 0.1]], pieces[3]: [["y", 1.0]]})
+    c = recipe("c", ["x", "y"], {p: [["y", 1.0]] for p in pieces})
+    agree = agreement([("a", a), ("b", b), ("c", c)])
+    by_pair = {tuple(p["users"]): p for p in agree["pairs"]}
+    assert by_pair[("a", "b")]["same"] == pytest.approx(0.5)
+    assert by_pair[("a", "b")]["chance"] == pytest.approx(1.0 * 0.5)     # f_a(x)=1, f_b(x)=0.5
+    assert by_pair[("a", "c")]["same"] == 0 and by_pair[("a", "c")]["chance"] == 0
+    assert by_pair[("b", "c")]["same"] == pytest.approx(0.5) and by_pair[("b", "c")]["chance"] == pytest.approx(0.5)
+    assert agree["mean_same"] == pytest.approx(1 / 3) and agree["min_same"] == 0 and agree["max_same"] == 0.5
+    assert agreement([("a", a)]) is None
+    text = explain([("a", a), ("b", b)])
+    assert "| a, b | 4 | 50.0% | 50.0% |" in text
+
 
 def test_routing_share_on_a_hand_made_recipe(tmp_path):
     groups = {"a": 0, "b": 1, "c": 0, "d": 2, "t1": 0, "t2": 1}
@@ -175,5 +194,7 @@ def test_no_stage_reads_the_groups_file(pipe, tmp_path, capsys):
     out = run(perpcs_main, ["report", "--task_name", TASK, "--data_dir", str(pipe.data), "--output_root",
                             str(pipe.root), "--groups_file", str(gfile)], capsys)
     assert f"routing (Per-Pcs): on average {r['mean_share']:.1%}" in out
+    agree = agreement(recipes)
+    assert len(recipes) > 1 and f"the same dominant sharer in {agree['mean_same']:.0%} of the pieces" in out
     assert "routing" not in run(perpcs_main, ["report", "--task_name", TASK, "--data_dir", str(pipe.data),
                                               "--output_root", str(pipe.root)], capsys)

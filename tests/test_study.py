@@ -11,6 +11,7 @@ from perpcs.data.prepare import prepare_lamp
 from perpcs.data.sample import write_sample
 from perpcs.data.tasks import get_task
 from perpcs.errors import PerpcsError
+from perpcs.method.recipes import RECIPE_FORMAT
 from perpcs.evaluation.study import (SampleDirs, Sample, StudyConfig, StudySetting, check_config, collect,
                                      gap_closed, parse_sweeps, plan)
 
@@ -95,8 +96,17 @@ def test_scores_gap_and_spread_over_seeds(tmp_path):
         _write_predictions(d.oppu, golds, task, o)
         _write_predictions(d.composition(cfg.base), golds, task, p)
         _write_predictions(d.composition(cfg.base, "uniform"), golds, task, u)
+    # two recipes of seed 1 that agree on 3 of their 4 pieces' dominant sharer
+    recipes = SampleDirs(cfg.root, Sample("movie_tagging", 1, 5)).composition(cfg.base) / "recipes"
+    recipes.mkdir(parents=True)
+    pieces = [f"model.layers.{la}.self_attn.{m}" for la in range(2) for m in ("q_proj", "v_proj")]
+    for uid, tops in (("a", "xxxy"), ("b", "xxxx")):
+        (recipes / f"user_{uid}.json").write_text(json.dumps({
+            "format": RECIPE_FORMAT, "user_id": uid, "task": "movie_tagging", "sharers": ["x", "y"],
+            "pieces": {p: [[top, 1.0]] for p, top in zip(pieces, tops)}}))
     summary = collect(cfg)
     rows = {r["seed"]: r for r in summary["rows"]}
+    assert rows[1]["same_sharer"]["same"] == pytest.approx(0.75) and "same_sharer" not in rows[2]
     assert rows[1]["kNP"]["Per-Pcs"] == 0.5 and rows[1]["kNP"]["gap_closed"] == pytest.approx(0.5)
     assert rows[2]["kNP"]["Per-Pcs"] == 1.0 and rows[2]["kNP"]["gap_closed"] == pytest.approx(1.0)
     assert rows[1]["kNP"]["control uniform"] == 0.25
@@ -106,5 +116,6 @@ def test_scores_gap_and_spread_over_seeds(tmp_path):
     assert agg["kNP"]["gap_closed"]["sd"] == pytest.approx(statistics.stdev([0.5, 1.0]))
     assert agg["kNP"]["task LoRA"]["mean"] == pytest.approx(0.25)
     table = (cfg.root / "study.md").read_text()
+    assert "75% ± 0% (" in table      # same top sharer: seed 1 only
     assert "75% ± 35%" in table and "the demo's seed 0 is not one" in table
     assert (cfg.root / "study.png").stat().st_size > 0

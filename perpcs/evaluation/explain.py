@@ -114,12 +114,50 @@ def routing_lines(recipes_dir, groups_file) -> list:
     rdir = Path(recipes_dir)
     if not rdir.is_dir() or not any(rdir.glob("user_*.json")):
         return []
-    r = routing(load_recipes(recipes_dir=rdir), read_groups(groups_file), groups_file)
+    recipes = load_recipes(recipes_dir=rdir)
+    r = routing(recipes, read_groups(groups_file), groups_file)
+    a = agreement(recipes)
+    same = (["", f"Do users get different sharers? Two target users have the same dominant sharer in {a['mean_same']:.0%} "
+             f"of the pieces on average ({a['min_same']:.0%}-{a['max_same']:.0%} over {len(a['pairs'])} pairs; "
+             f"chance {a['mean_chance']:.0%}): near 100% the gates pick by piece, not by user."] if a else [])
     return [f"routing (Per-Pcs): on average {r['mean_share']:.1%} of a target user's recipe weight is on sharers "
             f"of the user's own latent group (groups from {groups_file}; no stage reads it); a user-blind mix "
             f"(every sharer equally) gives {r['mean_blind']:.1%} with this pool, 1/{r['n_groups']} = "
             f"{r['balanced_blind']:.1%} for balanced groups. Per user: "
-            + ", ".join(f"{u} {v['share']:.0%}" for u, v in r["users"].items()) + "."]
+            + ", ".join(f"{u} {v['share']:.0%}" for u, v in r["users"].items()) + "."] + same
+
+
+def dominant_sharers(recipe: dict) -> dict:
+    """{piece: the sharer with the largest weight in it} (ties: the earlier sharer of the recipe's pool)."""
+    order = {str(s): i for i, s in enumerate(recipe.get("sharers", []))}
+    return {piece: min(entries, key=lambda e: (-float(e[1]), order.get(str(e[0]), len(order))))[0]
+            for piece, entries in recipe["pieces"].items() if entries}
+
+
+def agreement(recipes: list) -> dict | None:
+    """Does the routing depend on the user? For every pair of target users, the share of their common pieces
+    whose dominant sharer is the same, next to chance: what the pair would share if each user kept how often
+    it makes each sharer dominant but placed those pieces independently of the other user
+    (sum over sharers of f_a(s) * f_b(s)). 100% = every user gets the same sharer in every piece (routing
+    decided by the piece alone). None for fewer than two recipes."""
+    tops = [(str(rec.get("user_id")), dominant_sharers(rec)) for _, rec in recipes]
+    pairs = []
+    for i in range(len(tops)):
+        for j in range(i + 1, len(tops)):
+            (ua, a), (ub, b) = tops[i], tops[j]
+            common = [p for p in a if p in b]
+            if not common:
+                continue
+            fa = {s: sum(1 for p in common if a[p] == s) / len(common) for s in set(a[p] for p in common)}
+            fb = {s: sum(1 for p in common if b[p] == s) / len(common) for s in set(b[p] for p in common)}
+            pairs.append({"users": [ua, ub], "pieces": len(common),
+                          "same": sum(1 for p in common if a[p] == b[p]) / len(common),
+                          "chance": sum(f * fb.get(s, 0.0) for s, f in fa.items())})
+    if not pairs:
+        return None
+    return {"pairs": pairs, "mean_same": sum(p["same"] for p in pairs) / len(pairs),
+            "min_same": min(p["same"] for p in pairs), "max_same": max(p["same"] for p in pairs),
+            "mean_chance": sum(p["chance"] for p in pairs) / len(pairs)}
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -158,6 +196,18 @@ def format_recipe(path, info: dict, groups: dict | None = None) -> str:
             top = max(cell, key=lambda s: (cell[s], -info["sharers"].index(s)))
             cells.append(f"{top} {cell[top] / sum(cell.values()):.0%}")
         lines.append(f"| {'-' if la is None else la} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_agreement(a: dict) -> str:
+    lines = ["## do users get different sharers?", "",
+             "For each pair of target users: the share of pieces whose dominant sharer (largest weight) is the "
+             "same for both, and chance (each user's own mix of dominant sharers, placed independently of the "
+             "other's). Near 100% the gates pick by piece, not by user: every user gets about the same LoRA.", "",
+             "| users | pieces | same dominant sharer | chance |", "|---|---|---|---|"]
+    for p in a["pairs"]:
+        lines.append(f"| {p['users'][0]}, {p['users'][1]} | {p['pieces']} | {p['same']:.1%} | {p['chance']:.1%} |")
+    lines += [f"| mean over {len(a['pairs'])} pairs | | {a['mean_same']:.1%} | {a['mean_chance']:.1%} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +274,9 @@ def explain(recipes: list, output_dir=None, groups_file=None) -> str:
     infos = [(path, rec, explain_recipe(rec)) for path, rec in recipes]
     parts = [f"# What the Per-Pcs recipes say ({len(infos)} target user{'s' if len(infos) != 1 else ''})", ""]
     parts += [format_recipe(path, info, groups) for path, _, info in infos]
+    agree = agreement(recipes)
+    if agree:
+        parts.append(format_agreement(agree))
     r = routing(recipes, groups, groups_file) if groups else None
     if r:
         parts.append(format_routing(r))
@@ -236,5 +289,5 @@ def explain(recipes: list, output_dir=None, groups_file=None) -> str:
         write_json_atomic(out / "explain.json", {
             "users": [{k: v for k, v in info.items() if k != "cells"}
                       | {"cells": [[la, mod, cell] for (la, mod), cell in info["cells"].items()]}
-                      for _, _, info in infos], "routing": r})
+                      for _, _, info in infos], "agreement": agree, "routing": r})
     return text

@@ -285,7 +285,7 @@ def gap_closed(per_pcs, task_lora, oppu, higher: bool):
 
 def score_sample(cfg: StudyConfig, sample: Sample) -> list:
     """One row per setting of the sample (none if the sample's baselines are missing)."""
-    from perpcs.evaluation.explain import load_recipes, read_groups, routing
+    from perpcs.evaluation.explain import agreement, load_recipes, read_groups, routing
     task = get_task(sample.task)
     d = SampleDirs(cfg.root, sample)
     if not Layout(d.data, task).golds.is_file():
@@ -309,9 +309,15 @@ def score_sample(cfg: StudyConfig, sample: Sample) -> list:
                 for control in cfg.controls:
                     row[v][f"control {control}"] = _score(golds, d.composition(setting, control), v, task)
         recipes_dir = comp / "recipes"
-        if d.groups.is_file() and recipes_dir.is_dir():
-            r = routing(load_recipes(recipes_dir=recipes_dir), read_groups(d.groups), d.groups)
-            row["routing"] = {"share": r["mean_share"], "blind": r["mean_blind"], "balanced": r["balanced_blind"]}
+        if recipes_dir.is_dir() and any(recipes_dir.glob("user_*.json")):
+            recipes = load_recipes(recipes_dir=recipes_dir)
+            agree = agreement(recipes)
+            if agree:
+                row["same_sharer"] = {"same": agree["mean_same"], "chance": agree["mean_chance"]}
+            if d.groups.is_file():
+                r = routing(recipes, read_groups(d.groups), d.groups)
+                row["routing"] = {"share": r["mean_share"], "blind": r["mean_blind"],
+                                  "balanced": r["balanced_blind"]}
         rows.append(row)
     return rows
 
@@ -338,6 +344,7 @@ def aggregate(rows: list) -> list:
             names = sorted({k for r in rs for k in r[v]})
             agg[v] = {name: _spread([r[v].get(name) for r in rs]) for name in names}
         agg["routing"] = {k: _spread([r.get("routing", {}).get(k) for r in rs]) for k in ("share", "blind")}
+        agg["same_sharer"] = {k: _spread([r.get("same_sharer", {}).get(k) for r in rs]) for k in ("same", "chance")}
         out.append(agg)
     return out
 
@@ -357,7 +364,9 @@ def study_table(agg: list, cfg: StudyConfig) -> str:
              f"history items, {SAMPLE_SIZE['n_test']} test users x {SAMPLE_SIZE['n_queries']} queries; mean ± sd over "
              f"seeds. No retrieval (kNP). gap closed: the share of the task LoRA -> OPPU gap Per-Pcs closes. "
              f"routing: recipe weight on sharers of the user's own group (user-blind mix of the same pool in "
-             f"brackets).", ""]
+             f"brackets). same top sharer: the share of pieces where two target users' recipes have the same "
+             f"dominant sharer, mean over pairs of users (chance, each user's mix placed independently, in "
+             f"brackets); near 100% the routing depends on the piece, not on the user.", ""]
     for task in cfg.tasks:
         rows = [a for a in agg if a["task"] == task]
         if not rows:
@@ -365,8 +374,9 @@ def study_table(agg: list, cfg: StudyConfig) -> str:
         metric = rows[0]["metric"] + (" ↑" if rows[0]["higher_is_better"] else " ↓")
         lines += [f"## {task} ({metric})", "",
                   "| groups | setting (k, sharer steps, gate steps, top-k, recent_k) | task LoRA | OPPU | Per-Pcs | "
-                  "gap closed | routing | uniform | swapped | peft merge | BM25 k=1: Per-Pcs / task LoRA |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "gap closed | routing | same top sharer | uniform | swapped | peft merge | "
+                  "BM25 k=1: Per-Pcs / task LoRA |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for a in rows:
             s = a["setting"]
             k = a["kNP"]
@@ -374,10 +384,13 @@ def study_table(agg: list, cfg: StudyConfig) -> str:
                      + (" (base)" if a["base"] else ""))
             routing = ("-" if a["routing"]["share"]["mean"] is None else
                        f"{_fmt(a['routing']['share'], True)} ({a['routing']['blind']['mean']:.0%})")
+            same = a.get("same_sharer", {})
+            same = ("-" if not same or same["same"]["mean"] is None else
+                    f"{_fmt(same['same'], True)} ({same['chance']['mean']:.0%})")
             ctrl = [(_fmt(k[f"control {c}"]) if f"control {c}" in k else "") for c in CONTROLS]
             r1 = a["k1"]
             lines.append(f"| {a['n_groups']} | {label} | {_fmt(k['task LoRA'])} | {_fmt(k['OPPU'])} | "
-                         f"{_fmt(k['Per-Pcs'])} | {_fmt(k['gap_closed'], True)} | {routing} | {' | '.join(ctrl)} | "
+                         f"{_fmt(k['Per-Pcs'])} | {_fmt(k['gap_closed'], True)} | {routing} | {same} | {' | '.join(ctrl)} | "
                          f"{_fmt(r1['Per-Pcs'])} / {_fmt(r1['task LoRA'])} |")
         lines.append("")
     return "\n".join(lines) + "\n"
