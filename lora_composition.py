@@ -59,6 +59,10 @@ def parse_args(argv=None):
                         "variable number of pieces, --topk ignored); with --sample, draw from it")
     p.add_argument("--save_adapters", action=argparse.BooleanOptionalAction, default=False,
                    help="also write each user's assembled peft adapter")
+    p.add_argument("--save_scores", action=argparse.BooleanOptionalAction, default=False,
+                   help="also write every sharer's gate score for every piece (mean over the user's batches) to "
+                        "gate_scores/user_<id>.json: what the choices were made from; python -m perpcs explain "
+                        "reads them (Per-Pcs and --control swapped: the other controls score nothing)")
     p.add_argument("--control", default=None, choices=list(CONTROLS),
                    help="a user-blind control instead of Per-Pcs, from the same sharers and gates: uniform (every "
                         "sharer 1/n in every piece), swapped (each user assembled from another test user's history, "
@@ -80,7 +84,7 @@ def main(argv=None):
         inputs=cli.stage_inputs(args), compose=settings, generation=cli.generation_config(args),
         shards=cli.shard_config(args), anchor_dir=args.anchor_dir, gate_dir=args.gate_dir,
         anchor_idx_path=args.anchor_idx_path, output_dir=args.output_dir, max_seq_len=args.max_seq_len,
-        save_adapters=args.save_adapters, test_split=args.test_split, control=args.control))
+        save_adapters=args.save_adapters, save_scores=args.save_scores, test_split=args.test_split, control=args.control))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,12 @@ def explain_cmd(args) -> None:
     recipes_dir = args.recipes_dir or (None if args.recipe else OUTPUT_ROOT / args.task_name / COMPOSITION / "recipes")
     out = args.output_dir or Path(args.recipe or recipes_dir).resolve().parent / (
         "explain" if not args.recipe else f"explain_{Path(args.recipe).stem}")
-    print(explain(load_recipes(args.recipe, recipes_dir), out, args.groups_file))
+    rdir = Path(args.recipe).parent if args.recipe else Path(recipes_dir)
+    scores_dir = args.scores_dir or rdir.parent / "gate_scores"   # where stage 5 --save_scores writes them
+    if args.scores_dir and not Path(args.scores_dir).is_dir():
+        fail(f"--scores_dir {args.scores_dir}: no such directory")
+    print(explain(load_recipes(args.recipe, recipes_dir), out, args.groups_file,
+                  scores_dir if Path(scores_dir).is_dir() else None))
     print(f"saved explain.md, explain.json and one heatmap per user to {out}")
 
 
@@ -146,6 +151,9 @@ def main(argv=None) -> None:
                     "--groups_file): adds how much weight goes to sharers of the user's own group")
     ep.add_argument("--output_dir", default=None, help="where explain.md, explain.json and the heatmaps go "
                     "(default: explain/ beside the recipes dir)")
+    ep.add_argument("--scores_dir", default=None, help="the gate scores behind the recipes (lora_composition.py "
+                    "--save_scores; default: gate_scores/ beside the recipes dir, when it exists): adds where the "
+                    "choices come from (a per-sharer offset or the user)")
     ep.set_defaults(func=explain_cmd)
     lp = sub.add_parser("leaderboard", allow_abbrev=False,
                         help="LaMP leaderboard file of one task and method (LaMP's test questions)",

@@ -92,7 +92,8 @@ def reference_choice(pool, scores, mode, k, T=1.0, Ts=1.0, top_p=None, sample_to
 
 
 def reference_assembly(model, pool_dir, batches, tokenized, pad_id, topk, share_ratio, seed, temperature=1.0,
-                       mode=1, sample_temperature=1.0, top_p=None, sample_topk=None, chosen_log=None):
+                       mode=1, sample_temperature=1.0, top_p=None, sample_topk=None, chosen_log=None,
+                       scores_log=None):
     """SPEC 7 written out with Python loops and forward hooks on a plain model. Draws come from a generator seeded
     with the user's seed, used in forward order (batch by batch, piece by piece)."""
     adapters = {uid: load_file(str(pool_dir / "anchor" / f"user_{uid}" / "adapter_model.safetensors"))
@@ -126,6 +127,8 @@ def reference_assembly(model, pool_dir, batches, tokenized, pad_id, topk, share_
                                       sample_topk, generator)
             if chosen_log is not None:
                 chosen_log.append((pools[piece], scores, chosen))
+            if scores_log is not None:
+                scores_log.setdefault(piece, []).append(scores)
             w = softmax_list([scores[s] / temperature for s in chosen])
             key = f"base_model.model.{piece}"
             a = sum(wi * adapters[SHARER_IDS[s]][f"{key}.lora_A.weight"] for wi, s in zip(w, chosen))
@@ -176,12 +179,18 @@ def test_assembly_matches_the_loop_reference(tiny_model_dir, sharer_pool, topk, 
     assembled = pool.build(weights)
 
     reference_model, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
-    chosen = []
+    chosen, scores_log = [], {}
     expected = reference_assembly(reference_model, sharer_pool, batches, tokenized, tokenizer.pad_token_id,
                                   topk, share_ratio, seed=7, temperature=temperature, mode=mode,
                                   sample_temperature=settings.sample_temperature, top_p=settings.sample_top_p,
-                                  sample_topk=settings.sample_topk, chosen_log=chosen)
+                                  sample_topk=settings.sample_topk, chosen_log=chosen, scores_log=scores_log)
     assert set(expected) == set(assembled)
+    # --save_scores: every sharer's score (share-ratio pools or not), the mean over the two batches
+    final_scores = composer.final_scores()
+    for piece, per_batch in scores_log.items():
+        assert len(per_batch) == 2
+        torch.testing.assert_close(final_scores[piece], torch.tensor(per_batch, dtype=torch.float64).mean(0),
+                                   rtol=1e-5, atol=1e-6)
     for piece, (a_ref, b_ref) in expected.items():
         a, b = assembled[piece]
         assert max_rel_err(a, a_ref) < 1e-6, piece

@@ -10,7 +10,8 @@ import pytest
 import lora_composition
 from perpcs.data.prepare import prepare_lamp
 from perpcs.data.sample import generate, sample_groups, write_sample
-from perpcs.evaluation.explain import agreement, explain, explain_recipe, load_recipes, routing, weight_grid
+from perpcs.evaluation.explain import (agreement, explain, explain_recipe, load_recipes, read_groups, routing,
+                                      weight_grid)
 from perpcs.method.recipes import RECIPE_FORMAT
 from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
 from pipeline_fixture import ROOT, TASK, file_digests
@@ -119,7 +120,6 @@ def test_routing_share_on_a_hand_made_recipe(tmp_path):
                                       "model.layers.1.self_attn.q_proj": [["c", 0.25], ["d", 0.75]]})
     r2 = recipe("t2", list("abcd"), {"model.layers.0.self_attn.q_proj": [["b", 1.0]],
                                       "model.layers.0.self_attn.v_proj": [["b", 0.6], ["a", 0.4]]})
-    from perpcs.evaluation.explain import read_groups
     r = routing([("r1", r1), ("r2", r2)], read_groups(path))
     # t1 (group 0): a 0.5 + c 0.25 of 3; pool: a, c of 4 sharers in group 0. t2 (group 1): b 1.6 of 2; b of 4
     assert r["users"]["t1"] == {"group": 0, "share": pytest.approx(0.25), "blind": pytest.approx(0.5)}
@@ -170,7 +170,8 @@ def test_make_sample_groups_file_flag(tmp_path):
 
 def test_no_stage_reads_the_groups_file(pipe, tmp_path, capsys):
     """Stage 5 with the groups file in the data dir (where stages look) gives the fixture's outputs, made without
-    one; then explain and the report show the routing share of those recipes."""
+    one (and with --save_scores, which adds gate_scores/ and changes nothing else); then explain and the report
+    show the routing share of those recipes, and explain where the choices come from."""
     from perpcs.__main__ import main as perpcs_main
     side = sample_groups(json.loads((pipe.root / "raw" / "sample_info.json").read_text()))
     data = tmp_path / "data"
@@ -178,11 +179,29 @@ def test_no_stage_reads_the_groups_file(pipe, tmp_path, capsys):
     for where in (data / "sample_groups.json", data / TASK / "sample_groups.json", data / TASK / "groups.json"):
         where.write_text(json.dumps(side))
     out_dir = tmp_path / "composition"
-    args = pipe.compose_args(out_dir) + ["--save_adapters"]
+    args = pipe.compose_args(out_dir) + ["--save_adapters", "--save_scores"]
     args[args.index("--data_dir") + 1] = str(data)
     run(lora_composition.main, args, capsys)
     for sub in ("recipes", "predictions"):
         assert file_digests(out_dir / sub) == file_digests(pipe.composition / sub)
+    # the scores are what the recipes were chosen from: one batch, --topk 2 -> the two best, softmax weights
+    one_batch = 0
+    for uid in pipe.test_ids():
+        scores = json.loads((out_dir / "gate_scores" / f"user_{uid}.json").read_text())
+        rec = json.loads((out_dir / "recipes" / f"user_{uid}.json").read_text())
+        assert scores["sharers"] == rec["sharers"] and list(scores["scores"]) == list(rec["pieces"])
+        assert scores["batches"] == len(rec["batches"])
+        if scores["batches"] != 1:
+            continue
+        one_batch += 1
+        for piece, entries in rec["pieces"].items():
+            s = dict(zip(rec["sharers"], scores["scores"][piece]))
+            best = sorted(rec["sharers"], key=lambda x: -s[x])[:2]
+            assert {e[0] for e in entries} == set(best), piece
+            z = sum(math.exp(s[x]) for x in best)
+            for sharer, weight in entries:
+                assert weight == pytest.approx(math.exp(s[sharer]) / z, rel=1e-5)
+    assert one_batch > 0
 
     gfile = data / TASK / "groups.json"
     recipes = load_recipes(recipes_dir=pipe.composition / "recipes")
@@ -191,6 +210,14 @@ def test_no_stage_reads_the_groups_file(pipe, tmp_path, capsys):
     out = run(perpcs_main, ["explain", "--recipes_dir", str(pipe.composition / "recipes"), "--groups_file",
                             str(gfile), "--output_dir", str(tmp_path / "explain")], capsys)
     assert f"| mean over {len(recipes)} users | | {r['mean_share']:.1%} | {r['mean_blind']:.1%} |" in out
+    assert "where the choices come from" not in out        # the fixture's run saved no scores
+    out = run(perpcs_main, ["explain", "--recipes_dir", str(out_dir / "recipes"), "--groups_file", str(gfile),
+                            "--output_dir", str(tmp_path / "explain2")], capsys)   # finds gate_scores/ beside
+    from perpcs.evaluation.gate_scores import decompose, load_gate_scores
+    d = decompose(load_gate_scores(out_dir / "gate_scores"), read_groups(gfile))
+    assert d and "same top sharer" in out and f"{d['ranked_by']['scores']['same_top']:.1%}" in out
+    assert json.loads((tmp_path / "explain2" / "explain.json").read_text())["gate_scores"]["ratio"] == \
+        pytest.approx(d["ratio"])
     out = run(perpcs_main, ["report", "--task_name", TASK, "--data_dir", str(pipe.data), "--output_root",
                             str(pipe.root), "--groups_file", str(gfile)], capsys)
     assert f"routing (Per-Pcs): on average {r['mean_share']:.1%}" in out

@@ -117,6 +117,7 @@ class Composer:
         self.score_mask = None            # (batch, T) positions whose next token is an answer token
         self._positions = None            # (rows, cols, weight of each position) of score_mask, once a batch
         self.weight_sum: dict = {}
+        self.score_sum: dict = {}         # every sharer's score per piece, summed over batches (diagnostics)
         self.allowed: dict = {}
         self.generator = torch.Generator()
         self.n_batches = 0
@@ -127,6 +128,7 @@ class Composer:
         S = len(self.pool)
         device = self.pool.A[self.pool.pieces[0]].device
         self.weight_sum = {p: torch.zeros(S, dtype=torch.float64, device=device) for p in self.pool.pieces}
+        self.score_sum = {p: torch.zeros(S, dtype=torch.float64, device=device) for p in self.pool.pieces}
         self.n_batches = 0
         rnd = random.Random(seed)
         size = int(self.settings.share_ratio * S)
@@ -147,6 +149,11 @@ class Composer:
 
     def final_weights(self) -> dict:
         return {p: (w / max(self.n_batches, 1)).cpu() for p, w in self.weight_sum.items()}
+
+    def final_scores(self) -> dict:
+        """{piece: every sharer's gate score, mean over the user's batches} (the whole pool, also sharers a
+        share-ratio pool left out): what the choices were made from, for perpcs.evaluation.gate_scores."""
+        return {p: (s / max(self.n_batches, 1)).cpu() for p, s in self.score_sum.items()}
 
     # --- inside the forward ---------------------------------------------------------------------------
     def piece_for(self, piece: str, x: torch.Tensor):
@@ -201,6 +208,7 @@ class Composer:
 
     def _assemble_fp32(self, piece: str, x: torch.Tensor):
         scores = self.scores(piece, x)
+        self.score_sum[piece] += scores.double()
         chosen = self.choose(piece, scores)
         w = torch.softmax(scores[chosen] / self.settings.agg_temperature, dim=0)
         self.weight_sum[piece].index_add_(0, chosen, w.double())

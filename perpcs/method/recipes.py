@@ -15,6 +15,7 @@ from perpcs.method.pieces import PiecePool
 from perpcs.paths import resolve_sharer_lora_dir
 
 RECIPE_FORMAT = "perpcs-recipe/1"
+GATE_SCORES_FORMAT = "perpcs-gate-scores/1"
 
 
 def make_recipe(pool: PiecePool, weights: dict, settings: ComposeSettings, user: str, task: str,
@@ -28,6 +29,14 @@ def make_recipe(pool: PiecePool, weights: dict, settings: ComposeSettings, user:
             "lora": {k: pool.config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora",
                                                     "base_model_name_or_path")},
             "sharers": pool.sharer_ids, "batches": batches, "pieces": pieces, **(extra or {})}
+
+
+def gate_scores_record(pool: PiecePool, scores: dict, user: str, task: str, extra: dict | None = None) -> dict:
+    """A user's gate scores (lora_composition.py --save_scores): for every piece, every sharer's score (mean
+    over the user's batches), in the pool's sharer order. Not needed to rebuild the LoRA; it shows why the
+    recipe chose what it chose (python -m perpcs explain)."""
+    return {"format": GATE_SCORES_FORMAT, "user_id": user, "task": task, "sharers": pool.sharer_ids,
+            "scores": {piece: [float(v) for v in scores[piece]] for piece in pool.pieces}, **(extra or {})}
 
 
 def recipe_weights(recipe: dict, pool: PiecePool, path="recipe") -> dict:

@@ -16,7 +16,7 @@ from perpcs.method.composition import Composer, ComposeSettings, assemble_user, 
 from perpcs.method.controls import MERGED_ADAPTER, derangement, peft_merged_model, uniform_weights
 from perpcs.method.gates import GATES_FILE
 from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
-from perpcs.method.recipes import make_recipe, recipe_weights, write_recipe
+from perpcs.method.recipes import gate_scores_record, make_recipe, recipe_weights, write_recipe
 from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.models.provenance import file_sha256, refuse_other_sources
 from perpcs.paths import control_dir_name, default_dirs, resolve_sharer_index, resolve_sharer_lora_dir, split_output_dir
@@ -29,6 +29,10 @@ from perpcs.stages.config import CompositionStage, StageInputs
 
 def recipe_path(root, uid: str) -> Path:
     return Path(root) / "recipes" / f"user_{uid}.json"
+
+
+def gate_scores_path(root, uid: str) -> Path:
+    return Path(root) / "gate_scores" / f"user_{uid}.json"
 
 
 def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, sharer_ids: list,
@@ -96,6 +100,10 @@ def compose(cfg: CompositionStage) -> Path:
     history_of = derangement([uid for uid, _ in users], settings.seed) if control == "swapped" else {}
     check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, inputs, overwrite, control)
     check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task), overwrite)
+    save_scores = cfg.save_scores and control != "uniform"   # the uniform mix runs no forward: nothing scored
+
+    def scores_missing(uid):   # a finished user is assembled again (deterministically) for its scores
+        return save_scores and not gate_scores_path(out_root, uid).is_file()
 
     @lazy
     def engine():   # loaded at the first user to do: a rerun with every user done loads no model
@@ -115,7 +123,7 @@ def compose(cfg: CompositionStage) -> Path:
         t0 = time.perf_counter()
         timing = {}   # kept in users_log.jsonl, not in the recipe, so recipes are byte-reproducible
         assembly_cuts = None
-        if path.is_file() and not overwrite:   # killed after the recipe, before the predictions
+        if path.is_file() and not overwrite and not scores_missing(uid):   # killed before the predictions
             recipe = read_json(path, "recipe")
             weights = recipe_weights(recipe, pool, path)
         elif control == "uniform":   # no assembly: no forward, no history
@@ -134,6 +142,11 @@ def compose(cfg: CompositionStage) -> Path:
                                                  cpu_bf16=cfg.inputs.model.cpu_bf16)
             seconds = time.perf_counter() - t0
             extra = {"control": control, "history_of": source} if control else {}
+            if save_scores:
+                write_json_atomic(gate_scores_path(out_root, uid), gate_scores_record(
+                    pool, composer.final_scores(), uid, task.name, {"batches": len(batches), **extra}))
+            else:   # scores of an earlier assembly would no longer match this recipe
+                gate_scores_path(out_root, uid).unlink(missing_ok=True)
             recipe = make_recipe(pool, weights, settings, uid, task.name, batches,
                                  {"seed_user": seed, "examples": len(tokenized), "inputs": inputs, **extra})
             write_recipe(recipe, path)
@@ -149,7 +162,7 @@ def compose(cfg: CompositionStage) -> Path:
         return {**timing, "truncated": user_entry(uid, assembly_cuts, shortened)}
 
     run_per_user(users, lambda uid: recipe_path(out_root, uid).is_file()
-                 and user_predictions_path(out_root, uid).is_file(),
+                 and user_predictions_path(out_root, uid).is_file() and not scores_missing(uid),
                  work, "composition", out_root / "users_log.jsonl", num_shards, shard_id, overwrite)
     report_stage("composition", log_totals(out_root / "users_log.jsonl", [uid for uid, _ in users]))
     if combine_user_predictions(out_root, task, test_users):

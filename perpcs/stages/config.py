@@ -136,6 +136,7 @@ class CompositionStage:
     test_split: str = "test"         # "leaderboard": LaMP's test questions, outputs under <output_dir>/leaderboard
     max_seq_len: int = 3500          # tokens of an assembly example (and of a prompt, via generation)
     save_adapters: bool = False
+    save_scores: bool = False        # every sharer's gate score per piece and user (gate_scores/user_<id>.json)
     control: str | None = None       # a user-blind control (perpcs.method.controls): uniform, swapped, peft_merge
 
 
