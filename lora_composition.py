@@ -84,7 +84,8 @@ def main(argv=None):
         inputs=cli.stage_inputs(args), compose=settings, generation=cli.generation_config(args),
         shards=cli.shard_config(args), anchor_dir=args.anchor_dir, gate_dir=args.gate_dir,
         anchor_idx_path=args.anchor_idx_path, output_dir=args.output_dir, max_seq_len=args.max_seq_len,
-        save_adapters=args.save_adapters, save_scores=args.save_scores, test_split=args.test_split, control=args.control))
+        save_adapters=args.save_adapters, save_scores=args.save_scores, test_split=args.test_split,
+        control=args.control))
 
 
 if __name__ == "__main__":

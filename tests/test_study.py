@@ -11,7 +11,7 @@ from perpcs.data.prepare import prepare_lamp
 from perpcs.data.sample import write_sample
 from perpcs.data.tasks import get_task
 from perpcs.errors import PerpcsError
-from perpcs.method.recipes import RECIPE_FORMAT
+from perpcs.method.recipes import GATE_SCORES_FORMAT, RECIPE_FORMAT
 from perpcs.evaluation.study import (SampleDirs, Sample, StudyConfig, StudySetting, check_config, collect,
                                      gap_closed, parse_sweeps, plan)
 
@@ -58,6 +58,9 @@ def test_plan_keeps_samples_apart_and_runs_base_rows_first(tmp_path):
                                                  "Per-Pcs k8-s20-g8-top1-r16", "Per-Pcs k4-s20-g8-top2-r16"]
             topk = steps[-1].argv
             assert topk[topk.index("--topk") + 1] == "2"
+    # Per-Pcs runs keep their gate scores (the study's "user / offset" columns); the controls need none
+    for st in [st for steps in base.values() for st in steps]:
+        assert ("--save_scores" in st.argv) == st.name.startswith("Per-Pcs"), st.name
 
 
 def test_gap_closed():
@@ -104,9 +107,19 @@ def test_scores_gap_and_spread_over_seeds(tmp_path):
         (recipes / f"user_{uid}.json").write_text(json.dumps({
             "format": RECIPE_FORMAT, "user_id": uid, "task": "movie_tagging", "sharers": ["x", "y"],
             "pieces": {p: [[top, 1.0]] for p, top in zip(pieces, tops)}}))
+    # their gate scores: one piece, offset (+1, -1) for sharers (x, y), user parts (+0.25, -0.25) for a, the
+    # opposite for b: user / offset = 0.25; both rank x first, by the user part a -> x, b -> y
+    scores = recipes.parent / "gate_scores"
+    scores.mkdir()
+    for uid, part in (("a", 0.25), ("b", -0.25)):
+        (scores / f"user_{uid}.json").write_text(json.dumps({
+            "format": GATE_SCORES_FORMAT, "user_id": uid, "sharers": ["x", "y"],
+            "scores": {pieces[0]: [1.0 + part, -1.0 - part]}}))
     summary = collect(cfg)
     rows = {r["seed"]: r for r in summary["rows"]}
     assert rows[1]["same_sharer"]["same"] == pytest.approx(0.75) and "same_sharer" not in rows[2]
+    assert rows[1]["gate_scores"]["ratio"] == pytest.approx(0.25) and "gate_scores" not in rows[2]
+    assert rows[1]["gate_scores"]["same_by_user"] == 0.0 and rows[1]["gate_scores"]["own_by_score"] is None
     assert rows[1]["kNP"]["Per-Pcs"] == 0.5 and rows[1]["kNP"]["gap_closed"] == pytest.approx(0.5)
     assert rows[2]["kNP"]["Per-Pcs"] == 1.0 and rows[2]["kNP"]["gap_closed"] == pytest.approx(1.0)
     assert rows[1]["kNP"]["control uniform"] == 0.25
@@ -117,5 +130,6 @@ def test_scores_gap_and_spread_over_seeds(tmp_path):
     assert agg["kNP"]["task LoRA"]["mean"] == pytest.approx(0.25)
     table = (cfg.root / "study.md").read_text()
     assert "75% ± 0% (" in table      # same top sharer: seed 1 only
+    assert "| 0.25 ± 0.00 | - |" in table   # gate scores: user / offset; own group: no groups file here
     assert "75% ± 35%" in table and "the demo's seed 0 is not one" in table
     assert (cfg.root / "study.png").stat().st_size > 0

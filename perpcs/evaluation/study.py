@@ -183,7 +183,7 @@ def setting_steps(cfg: StudyConfig, d: SampleDirs, s: StudySetting, controls=())
                                                "--max_step", str(s.gate_steps), "--lr", "5e-3", "--batch_size", "4",
                                                "--recent_k", "16", "--anchor_path", str(d.sharer_loras(s)),
                                                "--output_dir", str(d.gates(s))], None),
-        Step(f"Per-Pcs {s.tag()}", [*compose, "--output_dir", str(d.composition(s))],
+        Step(f"Per-Pcs {s.tag()}", [*compose, "--save_scores", "--output_dir", str(d.composition(s))],
              d.composition(s) / "predictions" / "kNP.json"),
     ]
     for control in controls:
@@ -286,6 +286,7 @@ def gap_closed(per_pcs, task_lora, oppu, higher: bool):
 def score_sample(cfg: StudyConfig, sample: Sample) -> list:
     """One row per setting of the sample (none if the sample's baselines are missing)."""
     from perpcs.evaluation.explain import agreement, load_recipes, read_groups, routing
+    from perpcs.evaluation.gate_scores import decompose, load_gate_scores
     task = get_task(sample.task)
     d = SampleDirs(cfg.root, sample)
     if not Layout(d.data, task).golds.is_file():
@@ -314,10 +315,20 @@ def score_sample(cfg: StudyConfig, sample: Sample) -> list:
             agree = agreement(recipes)
             if agree:
                 row["same_sharer"] = {"same": agree["mean_same"], "chance": agree["mean_chance"]}
-            if d.groups.is_file():
-                r = routing(recipes, read_groups(d.groups), d.groups)
+            groups = read_groups(d.groups) if d.groups.is_file() else None
+            if groups:
+                r = routing(recipes, groups, d.groups)
                 row["routing"] = {"share": r["mean_share"], "blind": r["mean_blind"],
                                   "balanced": r["balanced_blind"]}
+            if (comp / "gate_scores").is_dir():   # --save_scores: where the choices come from
+                split = decompose(load_gate_scores(comp / "gate_scores", {str(rec.get("user_id"))
+                                                                          for _, rec in recipes}), groups)
+                if split:
+                    by_score, by_user = split["ranked_by"]["scores"], split["ranked_by"]["user-relative"]
+                    row["gate_scores"] = {"ratio": split["ratio"], "same_by_user": by_user["same_top"],
+                                          "own_by_score": by_score.get("own_group_top"),
+                                          "own_by_user": by_user.get("own_group_top"),
+                                          "own_blind": split.get("own_group_blind")}
         rows.append(row)
     return rows
 
@@ -345,6 +356,8 @@ def aggregate(rows: list) -> list:
             agg[v] = {name: _spread([r[v].get(name) for r in rs]) for name in names}
         agg["routing"] = {k: _spread([r.get("routing", {}).get(k) for r in rs]) for k in ("share", "blind")}
         agg["same_sharer"] = {k: _spread([r.get("same_sharer", {}).get(k) for r in rs]) for k in ("same", "chance")}
+        agg["gate_scores"] = {k: _spread([r.get("gate_scores", {}).get(k) for r in rs])
+                              for k in ("ratio", "same_by_user", "own_by_score", "own_by_user", "own_blind")}
         out.append(agg)
     return out
 
@@ -366,7 +379,11 @@ def study_table(agg: list, cfg: StudyConfig) -> str:
              f"routing: recipe weight on sharers of the user's own group (user-blind mix of the same pool in "
              f"brackets). same top sharer: the share of pieces where two target users' recipes have the same "
              f"dominant sharer, mean over pairs of users (chance, each user's mix placed independently, in "
-             f"brackets); near 100% the routing depends on the piece, not on the user.", ""]
+             f"brackets); near 100% the routing depends on the piece, not on the user. gate scores (with "
+             f"lora_composition.py --save_scores): user / offset, the spread of the user x sharer part of the "
+             f"scores over the spread of the per-sharer offset (the same for every user); own-group top-1, how "
+             f"often a user's top sharer is of its own group, ranked by the scores / by the user part alone "
+             f"(a user-blind pick in brackets).", ""]
     for task in cfg.tasks:
         rows = [a for a in agg if a["task"] == task]
         if not rows:
@@ -374,9 +391,9 @@ def study_table(agg: list, cfg: StudyConfig) -> str:
         metric = rows[0]["metric"] + (" ↑" if rows[0]["higher_is_better"] else " ↓")
         lines += [f"## {task} ({metric})", "",
                   "| groups | setting (k, sharer steps, gate steps, top-k, recent_k) | task LoRA | OPPU | Per-Pcs | "
-                  "gap closed | routing | same top sharer | uniform | swapped | peft merge | "
-                  "BM25 k=1: Per-Pcs / task LoRA |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "gap closed | routing | same top sharer | gate scores: user / offset | own-group top-1: scores / "
+                  "user part | uniform | swapped | peft merge | BM25 k=1: Per-Pcs / task LoRA |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for a in rows:
             s = a["setting"]
             k = a["kNP"]
@@ -387,10 +404,16 @@ def study_table(agg: list, cfg: StudyConfig) -> str:
             same = a.get("same_sharer", {})
             same = ("-" if not same or same["same"]["mean"] is None else
                     f"{_fmt(same['same'], True)} ({same['chance']['mean']:.0%})")
+            gs = a.get("gate_scores", {})
+            ratio = "-" if not gs or gs["ratio"]["mean"] is None else _fmt(gs["ratio"])
+            own = ("-" if not gs or gs["own_by_score"]["mean"] is None else
+                   f"{gs['own_by_score']['mean']:.0%} / {gs['own_by_user']['mean']:.0%} "
+                   f"({gs['own_blind']['mean']:.0%})")
             ctrl = [(_fmt(k[f"control {c}"]) if f"control {c}" in k else "") for c in CONTROLS]
             r1 = a["k1"]
             lines.append(f"| {a['n_groups']} | {label} | {_fmt(k['task LoRA'])} | {_fmt(k['OPPU'])} | "
-                         f"{_fmt(k['Per-Pcs'])} | {_fmt(k['gap_closed'], True)} | {routing} | {same} | {' | '.join(ctrl)} | "
+                         f"{_fmt(k['Per-Pcs'])} | {_fmt(k['gap_closed'], True)} | {routing} | {same} | {ratio} | "
+                         f"{own} | {' | '.join(ctrl)} | "
                          f"{_fmt(r1['Per-Pcs'])} / {_fmt(r1['task LoRA'])} |")
         lines.append("")
     return "\n".join(lines) + "\n"
