@@ -58,6 +58,10 @@ def test_plan_keeps_samples_apart_and_runs_base_rows_first(tmp_path):
                                                  "Per-Pcs k8-s20-g8-top1-r16", "Per-Pcs k4-s20-g8-top2-r16"]
             topk = steps[-1].argv
             assert topk[topk.index("--topk") + 1] == "2"
+            # a restart skips finished stages 3 and 4: they are done when their summary.json is there
+            lora, gates = steps[1], steps[2]
+            assert lora.done == Path(lora.argv[lora.argv.index("--output_dir") + 1]) / "summary.json"
+            assert gates.done == Path(gates.argv[gates.argv.index("--output_dir") + 1]) / "summary.json"
     # Per-Pcs runs keep their gate scores (the study's "user / offset" columns); the controls need none
     for st in [st for steps in base.values() for st in steps]:
         assert ("--save_scores" in st.argv) == st.name.startswith("Per-Pcs"), st.name

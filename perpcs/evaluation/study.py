@@ -163,6 +163,11 @@ def sample_steps(cfg: StudyConfig, d: SampleDirs) -> list:
     ]
 
 
+# stages 3 and 4 write summary.json when every sharer is done (perpcs.data.truncation.finish_per_user_stage):
+# a restarted study skips them instead of starting a process to find nothing to do
+DONE = "summary.json"
+
+
 def setting_steps(cfg: StudyConfig, d: SampleDirs, s: StudySetting, controls=()) -> list:
     task, py = d.sample.task, cfg.python
     data = ["--task_name", task, "--data_dir", str(d.data)]
@@ -178,11 +183,11 @@ def setting_steps(cfg: StudyConfig, d: SampleDirs, s: StudySetting, controls=())
         Step(f"sharer LoRAs ({s.sharer_steps} steps)", [py, "train_anchor_PEFT.py", *shared, *COMMON, *TRAIN,
                                                          "--max_step", str(s.sharer_steps), "--lr", "5e-3",
                                                          "--batch_size", "4", "--output_dir",
-                                                         str(d.sharer_loras(s))], None),
+                                                         str(d.sharer_loras(s))], d.sharer_loras(s) / DONE),
         Step(f"gates ({s.gate_steps} steps)", [py, "train_anchor_gate.py", *shared, *COMMON, *TRAIN,
                                                "--max_step", str(s.gate_steps), "--lr", "5e-3", "--batch_size", "4",
                                                "--recent_k", "16", "--anchor_path", str(d.sharer_loras(s)),
-                                               "--output_dir", str(d.gates(s))], None),
+                                               "--output_dir", str(d.gates(s))], d.gates(s) / DONE),
         Step(f"Per-Pcs {s.tag()}", [*compose, "--save_scores", "--output_dir", str(d.composition(s))],
              d.composition(s) / "predictions" / "kNP.json"),
     ]
