@@ -57,14 +57,14 @@ def report_cmd(args) -> None:
 
 def explain_cmd(args) -> None:
     from perpcs.evaluation.explain import explain, load_recipes
-    from perpcs.paths import COMPOSITION, OUTPUT_ROOT
+    from perpcs.paths import COMPOSITION, GATE_SCORES_DIR, OUTPUT_ROOT
     if not (args.recipe or args.recipes_dir or args.task_name):
         fail("explain needs --recipe FILE, --recipes_dir DIR or --task_name (for output/<task>/LoRA-Composition)")
     recipes_dir = args.recipes_dir or (None if args.recipe else OUTPUT_ROOT / args.task_name / COMPOSITION / "recipes")
     out = args.output_dir or Path(args.recipe or recipes_dir).resolve().parent / (
         "explain" if not args.recipe else f"explain_{Path(args.recipe).stem}")
     rdir = Path(args.recipe).parent if args.recipe else Path(recipes_dir)
-    scores_dir = args.scores_dir or rdir.parent / "gate_scores"   # where stage 5 --save_scores writes them
+    scores_dir = args.scores_dir or rdir.parent / GATE_SCORES_DIR   # where stage 5 --save_scores writes them
     if args.scores_dir and not Path(args.scores_dir).is_dir():
         fail(f"--scores_dir {args.scores_dir}: no such directory")
     print(explain(load_recipes(args.recipe, recipes_dir), out, args.groups_file,

@@ -33,6 +33,7 @@ INDEX_FILE = "anchor_user_idx.json"          # stage 2's output, under anchor_se
 EMB_FILE = "user_history_emb.npy"            # stage 2's embedding cache beside it
 EMB_META_FILE = "user_history_emb.json"      # sidecar: what the embeddings were computed from
 PUBLISHED_INDEX_NAME = "anchor_user_idx.pt"  # the published stage 2's pickle; ours is anchor_user_idx.json
+GATE_SCORES_DIR = "gate_scores"              # stage 5 --save_scores: beside recipes/, read by explain and the study
 
 
 def stage_dirs(task_name: str, root=OUTPUT_ROOT) -> dict:

@@ -63,6 +63,12 @@ def test_score_files_are_read_filtered_and_checked(tmp_path):
     (tmp_path / "user_d.json").write_text(json.dumps(other))
     with pytest.raises(PerpcsError, match="user_d.json: other sharers or pieces"):
         load_gate_scores(tmp_path)
+    alone = tmp_path / "alone"      # a single file is checked too: one score per sharer at every piece
+    alone.mkdir()
+    short = dict(records()[0][1], scores={"p1": [1.0, 2.0]})
+    (alone / "user_a.json").write_text(json.dumps(short))
+    with pytest.raises(PerpcsError, match="user_a.json: piece p1 has 2 scores for 3 sharers"):
+        load_gate_scores(alone)
     (tmp_path / "user_d.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(PerpcsError, match="user_d.json: not a gate scores file"):
         load_gate_scores(tmp_path)

@@ -35,11 +35,11 @@ def load_gate_scores(scores_dir, users=None) -> list:
                  f"lora_composition.py --save_scores)")
         if users is None or str(rec.get("user_id")) in users:
             out.append((path, rec))
-    for path, rec in out[1:]:
+    for path, rec in out:   # every record, the first one too: as many scores per piece as sharers
         first_path, first = out[0]
         if rec.get("sharers") != first.get("sharers") or list(rec["scores"]) != list(first["scores"]):
             fail(f"{path}: other sharers or pieces than {first_path} (score files of two runs in one dir?)")
-        bad = [p for p, v in rec["scores"].items() if len(v) != len(rec["sharers"])]
+        bad = [p for p, v in rec["scores"].items() if len(v) != len(rec.get("sharers") or [])]
         if bad:
             fail(f"{path}: piece {bad[0]} has {len(rec['scores'][bad[0]])} scores for {len(rec['sharers'])} sharers")
     return out

@@ -36,7 +36,7 @@ from perpcs.data.tasks import get_task
 from perpcs.errors import fail
 from perpcs.evaluation.figures import pyplot, save_png
 from perpcs.evaluation.metrics import evaluate_task
-from perpcs.paths import REPO_ROOT
+from perpcs.paths import GATE_SCORES_DIR, REPO_ROOT
 
 DEMO_SEED = 0      # the seed of scripts/demo.sh's sample: never part of the study
 CONTROLS = ("uniform", "swapped", "peft_merge")
@@ -325,9 +325,9 @@ def score_sample(cfg: StudyConfig, sample: Sample) -> list:
                 r = routing(recipes, groups, d.groups)
                 row["routing"] = {"share": r["mean_share"], "blind": r["mean_blind"],
                                   "balanced": r["balanced_blind"]}
-            if (comp / "gate_scores").is_dir():   # --save_scores: where the choices come from
-                split = decompose(load_gate_scores(comp / "gate_scores", {str(rec.get("user_id"))
-                                                                          for _, rec in recipes}), groups)
+            if (comp / GATE_SCORES_DIR).is_dir():   # --save_scores: where the choices come from
+                split = decompose(load_gate_scores(comp / GATE_SCORES_DIR, {str(rec.get("user_id"))
+                                                                            for _, rec in recipes}), groups)
                 if split:
                     by_score, by_user = split["ranked_by"]["scores"], split["ranked_by"]["user-relative"]
                     row["gate_scores"] = {"ratio": split["ratio"], "same_by_user": by_user["same_top"],

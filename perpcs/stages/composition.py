@@ -19,7 +19,8 @@ from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
 from perpcs.method.recipes import gate_scores_record, make_recipe, recipe_weights, write_recipe
 from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.models.provenance import file_sha256, refuse_other_sources
-from perpcs.paths import control_dir_name, default_dirs, resolve_sharer_index, resolve_sharer_lora_dir, split_output_dir
+from perpcs.paths import (GATE_SCORES_DIR, control_dir_name, default_dirs, resolve_sharer_index,
+                          resolve_sharer_lora_dir, split_output_dir)
 from perpcs.stages.base import (check_existing_predictions, check_histories, combine_user_predictions, last_per_user,
                                 lazy, load_merged_base, load_sharers, merged_base_sources, predict_one_user,
                                 profiles_if_needed, refuse_other_settings, run_per_user, user_examples,
@@ -32,7 +33,7 @@ def recipe_path(root, uid: str) -> Path:
 
 
 def gate_scores_path(root, uid: str) -> Path:
-    return Path(root) / "gate_scores" / f"user_{uid}.json"
+    return Path(root) / GATE_SCORES_DIR / f"user_{uid}.json"
 
 
 def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, sharer_ids: list,
