@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
 from perpcs.engine.training import TrainConfig
 from perpcs.stages.config import LORA_TARGETS, GenerationConfig, LoraSettings, ModelConfig, ShardConfig, StageInputs
+from perpcs.stages.manifest import set_command
 
 # Flags of the published parsers that change nothing here: accepted (with a note) so that the authors' commands
 # and scripts built on them run as written instead of stopping at an argparse error.
@@ -40,8 +42,11 @@ def _no_op_dest(flag: str) -> str:
 
 
 def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse, then say in one line per given no-op flag that it changes nothing here, and drop it."""
+    """Parse, then say in one line per given no-op flag that it changes nothing here, and drop it. The command is
+    recorded for the run manifest (perpcs.stages.manifest): the calling script's path and these flags."""
     args = p.parse_args(argv)
+    script = sys._getframe(1).f_code.co_filename   # the stage script whose parse_args called this
+    set_command(script, sys.argv[1:] if argv is None else list(argv))
     for flag, why in PUBLISHED_NO_OPS.items():
         dest = _no_op_dest(flag)
         if getattr(args, dest, None) is not None:

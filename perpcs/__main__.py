@@ -81,6 +81,7 @@ def leaderboard_cmd(args) -> None:
     from perpcs.evaluation.leaderboard import (METHODS, default_output_file, predictions_file, stage_dir,
                                                write_leaderboard_file)
     from perpcs.paths import REPO_ROOT
+    from perpcs.stages.manifest import MANIFEST_FILE
     task = get_task(args.task_name)
     layout = Layout(args.data_dir, task)
     output_root = Path(args.output_root or Path("output") / task.name)
@@ -95,20 +96,63 @@ def leaderboard_cmd(args) -> None:
     if not layout.leaderboard_users.is_file():
         fail(f"{layout.leaderboard_users} not found: run data/prepare_lamp.py --task_name {task.name} on the LaMP "
              f"folder that holds test_questions.json (or its test/ subfolder)")
+    test_run = None if args.standalone else test_run_manifest(stage_dir(output_root, args.method), args.method)
     if not preds.is_file() or args.rerun:
         script = REPO_ROOT / METHODS[args.method][1]
-        command = [sys.executable, str(script), "--task_name", task.name, "--data_dir", str(args.data_dir),
-                   "--output_dir", str(stage_dir(output_root, args.method)), "--test_split", "leaderboard",
+        inherited = inherited_flags(test_run, args.method) if test_run else []
+        command = [sys.executable, str(script), *inherited, "--task_name", task.name,
+                   "--data_dir", str(Path(args.data_dir).resolve()),
+                   "--output_dir", str(stage_dir(output_root, args.method).resolve()), "--test_split", "leaderboard",
                    *stage_args]
-        print("running: " + " ".join(command), flush=True)
-        if subprocess.run(command).returncode != 0:
+        cwd = test_run["recorded"].get("cwd") if test_run else None
+        print(("running (--standalone: the flags after -- and the stage's defaults): " if test_run is None else
+               f"running (the test run's flags, from its {MANIFEST_FILE}, in {cwd}): ") + " ".join(command), flush=True)
+        if subprocess.run(command, cwd=cwd).returncode != 0:
             fail(f"{script.name} --test_split leaderboard failed (its message is above)")
         if not preds.is_file():
             fail(f"{script.name} wrote no {preds} (other shards still running? a --k_list without this variant?)")
+    if test_run is not None:
+        refuse_mixed_runs(stage_dir(output_root, args.method), test_run)
     out = Path(args.output_file or default_output_file(output_root, args.method, args.variant, task))
     board = write_leaderboard_file(layout, preds, out)
     print(f"{len(board['golds'])} predictions of {args.method} ({args.variant}) for LaMP's test questions, task "
           f"{board['task']} -> {out}")
+
+
+def test_run_manifest(stage_root: Path, method: str) -> dict:
+    """The manifest of the stage's run on the test users: the leaderboard run inherits its settings and inputs."""
+    from perpcs.stages.manifest import MANIFEST_FILE, read_manifest
+    manifest = read_manifest(stage_root / MANIFEST_FILE)
+    if manifest is None:
+        fail(f"{stage_root / MANIFEST_FILE} not found: the leaderboard predictions are made with the settings and "
+             f"inputs of the {method} run on the test users, which it records; run that stage on the test split "
+             f"first (outputs of an older version have no manifest: run it again with --overwrite)")
+    return manifest
+
+
+def inherited_flags(test_run: dict, method: str) -> list:
+    """The test run's own flags (its script path dropped), made safe to repeat: never --overwrite (stage 1 would
+    train the task LoRA again under every other output), one process (the leaderboard run is not sharded)."""
+    flags = list(test_run["recorded"]["command"][1:]) + ["--no-overwrite"]
+    if method != "task-lora":
+        flags += ["--num_shards", "1", "--shard_id", "0"]
+    return flags
+
+
+def refuse_mixed_runs(stage_root: Path, test_run: dict) -> None:
+    """The leaderboard predictions must come from the test run's settings, inputs and numerics (other users)."""
+    from perpcs.paths import split_output_dir
+    from perpcs.stages.manifest import MANIFEST_FILE, describe_differences, differences, read_manifest
+    path = split_output_dir(stage_root, "leaderboard") / MANIFEST_FILE
+    board = read_manifest(path)
+    if board is None:
+        fail(f"{path} not found: the leaderboard predictions record nothing of what made them; pass --rerun")
+    keys = ("stage", "settings", "inputs", "numerics")
+    diffs = differences({k: test_run.get(k) for k in keys}, {k: board.get(k) for k in keys})
+    if diffs:
+        fail(f"{path}: the leaderboard predictions were made otherwise than the test run's in {stage_root} "
+             f"({describe_differences(diffs)}); they would not describe the same method: pass --rerun without the "
+             f"flags that differ (after --), or run the test users again with those settings")
 
 
 def export_cmd(args) -> None:
@@ -161,7 +205,9 @@ def main(argv=None) -> None:
                                     "leaderboard split of data/<task>/) as LaMP's leaderboard takes them: "
                                     "{\"task\": \"LaMP_n\", \"golds\": [{\"id\", \"output\"}]}. If the "
                                     "method's stage has not predicted them yet, it is run with --test_split "
-                                    "leaderboard and the flags after --.")
+                                    "leaderboard, the flags of its run on the test users (from that run's "
+                                    "manifest) and the flags after --; leaderboard predictions made with other "
+                                    "settings or inputs than the test run's are refused.")
     lp.add_argument("--task_name", required=True)
     lp.add_argument("--method", required=True, choices=["per-pcs", "oppu", "task-lora"])
     lp.add_argument("--variant", default="k1-profile",
@@ -172,6 +218,10 @@ def main(argv=None) -> None:
     lp.add_argument("--output_file", default=None,
                     help="default <output_root>/leaderboard/<method>-<variant>/LaMP_<n>.json")
     lp.add_argument("--rerun", action="store_true", help="run the stage again even if its predictions exist")
+    lp.add_argument("--standalone", action="store_true",
+                    help="no run on the test users to inherit from: run the stage with the flags after -- and its "
+                         "defaults (by default the stage runs with the test run's flags, recorded in its "
+                         "run_manifest.json, and predictions made otherwise are refused)")
     lp.add_argument("stage_args", nargs=argparse.REMAINDER,
                     help="after --: flags for the stage script (e.g. --llama_model_path, --lora_ckpt, --anchor_dir)")
     lp.set_defaults(func=leaderboard_cmd)

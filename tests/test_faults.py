@@ -234,13 +234,30 @@ def test_non_finite_loss_names_user_and_step_and_writes_nothing_for_that_user(pi
     out_dir = tmp_path / "anchor_PEFT"
     first, diverging, last = pipe.sharer_ids()
     shutil.copytree(pipe.anchor_peft / f"user_{first}", out_dir / f"user_{first}")     # finished earlier
+    adopt(out_dir / f"user_{first}", pipe.sharer_args(out_dir) + ["--lr", "1e30"])   # by this very command
     err = cli_error(train_anchor_PEFT.main, pipe.sharer_args(out_dir) + ["--lr", "1e30"], capsys)
     assert f"sharer {diverging}: non-finite loss" in err and "at step 2" in err
     assert sorted(p.name for p in out_dir.iterdir() if p.name.startswith("user_")) == [f"user_{first}"]
     assert hidden_leftovers(out_dir) == []
     assert log_users(out_dir / "users_log.jsonl") == []
-    assert adapter_digests(out_dir) == {k: v for k, v in adapter_digests(pipe.anchor_peft).items()
-                                        if k.startswith(f"user_{first}/")}
+    assert {k: v for k, v in adapter_digests(out_dir).items() if not k.endswith("source.json")} == \
+        {k: v for k, v in adapter_digests(pipe.anchor_peft).items()
+         if k.startswith(f"user_{first}/") and not k.endswith("source.json")}
+
+
+def adopt(adapter_dir: Path, argv: list) -> None:
+    """Make a copied sharer LoRA look finished by the stage-3 command ``argv`` (its source.json records the digest
+    of the run's settings: a LoRA trained with other settings is refused, not resumed)."""
+    from dataclasses import asdict
+
+    import cli_flags as cli
+    from perpcs.stages.base import as_json, lora_record
+    from perpcs.stages.manifest import canonical_sha256
+    args = train_anchor_PEFT.parse_args([str(a) for a in argv])
+    settings = {"lora": lora_record(cli.lora_settings(args)), "train": asdict(cli.train_config(args))}
+    source = adapter_dir / "source.json"
+    source.write_text(json.dumps({**json.loads(source.read_text()),
+                                  "settings_sha256": canonical_sha256(as_json(settings))}))
 
 
 # =========================================================================================== bad input
@@ -493,8 +510,12 @@ def test_rerun_with_other_composition_settings_refuses_to_reuse_old_recipes(pipe
     shutil.copytree(pipe.composition, out_dir)
     before = adapter_digests(out_dir)
     err = cli_error(lora_composition.main, pipe.compose_args(out_dir) + ["--topk", "1"], capsys)
-    assert "topk 2 -> 1" in err and "--overwrite" in err and "recipes" in err
+    assert "settings.compose.topk 2 -> 1" in err and "--overwrite" in err and "run_manifest.json" in err
     assert adapter_digests(out_dir) == before                                 # nothing touched
+    (out_dir / "run_manifest.json").unlink()      # per-user outputs without their folder's record: checked one by one
+    err = cli_error(lora_composition.main, pipe.compose_args(out_dir) + ["--topk", "1"], capsys)
+    assert "topk 2 -> 1" in err and "--overwrite" in err and "recipes" in err
+    assert adapter_digests(out_dir) == before
 
 
 @pytest.mark.parametrize("flags", [["--k_list", "1", "2", "2"], ["--k_list", "0", "1"], ["--temperature", "-1"]])
@@ -540,6 +561,9 @@ def test_rerun_with_other_generation_settings_refuses_old_predictions(pipe, tmp_
     out_dir = tmp_path / "composition"
     shutil.copytree(pipe.composition, out_dir)
     err = cli_error(lora_composition.main, pipe.compose_args(out_dir) + ["--max_gen_len", "6"], capsys)
+    assert "settings.generation.max_gen_len 4 -> 6" in err and "--overwrite" in err
+    (out_dir / "run_manifest.json").unlink()      # per-user outputs without their folder's record: checked one by one
+    err = cli_error(lora_composition.main, pipe.compose_args(out_dir) + ["--max_gen_len", "6"], capsys)
     assert "max_gen_len 4 -> 6" in err and "user_predictions" in err and "--overwrite" in err
 
 
@@ -582,9 +606,10 @@ def test_a_read_only_output_dir_is_named_and_nothing_is_lost(pipe, tmp_path, cap
     assert adapter_digests(out_dir) == before
 
 
-def test_gates_of_a_retrained_sharer_lora_are_trained_again(pipe, tmp_path, capsys):
-    """Stage 3 rerun with --overwrite (other flags) changes a sharer's LoRA: its old gates no longer count as
-    done; the other sharers' gates are kept."""
+def test_gates_of_a_retrained_sharer_lora_are_refused_until_overwrite(pipe, tmp_path, capsys):
+    """Stage 3 rerun with --overwrite (other flags) changes a sharer's LoRA: stage 4 on the old gates' folder is
+    refused naming that sharer (nothing silently redone); --overwrite trains every gate again, the unchanged
+    sharers' to the same bytes."""
     peft_dir, gate_dir = tmp_path / "anchor_PEFT", tmp_path / "sharer_gates"
     shutil.copytree(pipe.anchor_peft, peft_dir)
     shutil.copytree(pipe.anchor_gate, gate_dir)
@@ -593,8 +618,10 @@ def test_gates_of_a_retrained_sharer_lora_are_trained_again(pipe, tmp_path, caps
     save_file({k: v * 2 for k, v in load_file(str(weights_file)).items()}, str(weights_file),
               metadata={"format": "pt"})
     before = {uid: (gate_dir / f"user_{uid}" / "gates.safetensors").read_bytes() for uid in pipe.sharer_ids()}
-    out = run(train_anchor_gate.main, pipe.gate_args(gate_dir, anchor_path=peft_dir), capsys)
-    assert "2 already done, 1 to do" in out
+    err = cli_error(train_anchor_gate.main, pipe.gate_args(gate_dir, anchor_path=peft_dir), capsys)
+    assert f"inputs.sharer_adapters.{changed}" in err and "--overwrite" in err
+    out = run(train_anchor_gate.main, pipe.gate_args(gate_dir, anchor_path=peft_dir) + ["--overwrite"], capsys)
+    assert "0 already done, 3 to do" in out
     after = {uid: (gate_dir / f"user_{uid}" / "gates.safetensors").read_bytes() for uid in pipe.sharer_ids()}
     assert after[changed] != before[changed] and all(after[u] == before[u] for u in others)
     assert "0 to do" in run(train_anchor_gate.main, pipe.gate_args(gate_dir, anchor_path=peft_dir), capsys)
@@ -606,6 +633,9 @@ def test_rerun_with_another_sharer_selection_refuses_old_recipes(pipe, tmp_path,
     index = json.loads(pipe.anchor_idx.read_text())
     index.update(indices=index["indices"][:2], user_ids=index["user_ids"][:2])
     (tmp_path / "idx.json").write_text(json.dumps(index))
-    err = cli_error(lora_composition.main, pipe.compose_args(out_dir) + ["--anchor_idx_path", str(tmp_path / "idx.json"),
-                                                                          "--topk", "2"], capsys)
+    argv = pipe.compose_args(out_dir) + ["--anchor_idx_path", str(tmp_path / "idx.json"), "--topk", "2"]
+    err = cli_error(lora_composition.main, argv, capsys)
+    assert "inputs.sharers" in err and "--overwrite" in err
+    (out_dir / "run_manifest.json").unlink()      # per-user outputs without their folder's record: checked one by one
+    err = cli_error(lora_composition.main, argv, capsys)
     assert "another sharer selection" in err and "--overwrite" in err

@@ -23,7 +23,8 @@ from perpcs.errors import fail
 from perpcs.models.lora import is_complete_adapter
 from perpcs.models.provenance import SOURCE_FILE, read_source, refuse_other_sources, training_sources
 from perpcs.paths import default_dirs, resolve_sharer_index
-from perpcs.stages.config import GenerationConfig, LoraSettings, ShardConfig, StageInputs
+from perpcs.stages.config import GenerationConfig, LoraSettings, ModelConfig, ShardConfig, StageInputs
+from perpcs.stages.manifest import RunManifest, environment, numerics, user_data_sha256
 
 
 def lazy(make: Callable) -> Callable:
@@ -105,6 +106,33 @@ def load_sharers(anchor_idx_path, candidate_path, task) -> list:
     return [(str(uid), candidates[idx]) for idx, uid in zip(index["indices"], index["user_ids"])]
 
 
+def as_json(obj):
+    """The value as it reads back from JSON (tuples become lists), so a recorded value compares equal to its source."""
+    return json.loads(json.dumps(obj))
+
+
+def stage_manifest(stage: str, settings: dict, data: dict, inputs: dict, model: ModelConfig) -> RunManifest:
+    """A stage's run manifest (perpcs.stages.manifest) on the device and dtype the model config resolves to."""
+    return RunManifest(stage, as_json(settings), as_json(data), as_json(inputs),
+                       numerics(model.device, model.cpu_bf16), environment(model.device))
+
+
+def made_from(manifest: RunManifest, uid: str, **extra) -> dict:
+    """What one user's output records it was made from: the run's settings (digest), this user's data, the inputs
+    shared by every user (base model, task LoRA) and ``extra`` (a sharer's own adapter, a recipe)."""
+    shared = {k: v for k, v in manifest.inputs.items() if k in ("base_model", "task_lora_sha256")}
+    return {**shared, "settings_sha256": manifest.settings_sha256, "user_data_sha256": manifest.data[uid], **extra}
+
+
+def lora_record(lora: LoraSettings) -> dict:
+    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": list(lora.target_modules)}
+
+
+def users_data(task, users: list, profiles, queries: bool) -> dict:
+    """{user id: digest of what the stage reads of that user} (perpcs.stages.manifest.user_data_sha256)."""
+    return {uid: user_data_sha256(u, profiles.get(uid) if profiles is not None else None, queries) for uid, u in users}
+
+
 @dataclass
 class SharerRun:
     """The set-up stages 3 and 4 share: the sharers (stage 2's index into the candidates), their examples, this
@@ -117,6 +145,7 @@ class SharerRun:
     shard: tuple           # (num_shards, shard_id)
     sources: dict          # digests of the base model and task LoRA (provenance)
     engine: Callable       # -> (model, tokenizer, device); no model load when every sharer is done
+    data: dict             # user id -> digest of the sharer's history (and profile text where examples use it)
 
 
 def sharer_run(inputs: StageInputs, shards: ShardConfig, anchor_idx_path, recent_k: int | None = None) -> SharerRun:
@@ -127,7 +156,8 @@ def sharer_run(inputs: StageInputs, shards: ShardConfig, anchor_idx_path, recent
     examples = {uid: user_examples(task, u, profiles, layout.profiles, i, layout.candidate_users, recent_k)
                 for i, (uid, u) in enumerate(sharers)}
     return SharerRun(task, layout, default_dirs(task.name), sharers, examples, shards.resolve(),
-                     merged_base_sources(inputs), lazy(lambda: load_merged_base(inputs)))
+                     merged_base_sources(inputs), lazy(lambda: load_merged_base(inputs)),
+                     users_data(task, sharers, profiles, queries=False))
 
 
 def task_lora_dir(inputs: StageInputs) -> Path:
@@ -204,12 +234,13 @@ def user_predictions_path(root, uid: str) -> Path:
 
 
 def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, device, gen: GenerationConfig,
-                     shortened: dict | None = None) -> dict:
-    """A user's predictions of every variant, with the generation settings that made them (the resume unit)."""
+                     shortened: dict | None = None, made_from: dict | None = None) -> dict:
+    """A user's predictions of every variant, with the generation settings and the inputs that made them (the
+    resume unit)."""
     preds = predict_variants(model, tokenizer, task, [user], profiles, device, k_list=gen.k_list,
                              max_new_tokens=gen.max_gen_len, profiles_path=profiles_path, shortened=shortened,
                              **gen.kwargs())
-    return {"settings": gen.recorded(task),
+    return {"settings": gen.recorded(task), **({"made_from": made_from} if made_from is not None else {}),
             "predictions": {stem: [list(r) for r in rows] for stem, rows in preds.items()}}
 
 
@@ -221,8 +252,10 @@ def read_user_predictions(path) -> tuple:
     return None, data
 
 
-def check_existing_predictions(root, uids: list, settings: dict, overwrite: bool) -> None:
-    """Refuse to resume over per-user predictions made with other generation settings (see recipes)."""
+def check_existing_predictions(root, uids: list, settings: dict, overwrite: bool,
+                               made_from: Callable | None = None) -> None:
+    """Refuse to resume over per-user predictions made with other generation settings or from other inputs
+    (``made_from(uid)``: what this run's prediction of the user is made from)."""
     if overwrite:
         return
     for uid in uids:
@@ -233,6 +266,9 @@ def check_existing_predictions(root, uids: list, settings: dict, overwrite: bool
                 fail(f"{path} records no generation settings (made by an older version): it cannot be counted as "
                      f"this run's; pass --overwrite to predict every user again, or another --output_dir")
             refuse_other_settings(path, had, settings, "predicted")
+            if made_from is not None:
+                refuse_other_sources(path, read_json(path, "per-user predictions").get("made_from"), made_from(uid),
+                                     "predicted")
 
 
 def combine_user_predictions(root, task, users: list) -> bool:

@@ -2,9 +2,9 @@
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
+from typing import Callable
 
 from perpcs.atomic import write_dir_atomic, write_json_atomic
 from perpcs.data.layout import Layout, read_json, user_id
@@ -18,14 +18,15 @@ from perpcs.method.gates import GATES_FILE
 from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
 from perpcs.method.recipes import gate_scores_record, make_recipe, recipe_weights, write_recipe
 from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
-from perpcs.models.provenance import file_sha256, refuse_other_sources
+from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, file_sha256, read_source, refuse_other_sources
 from perpcs.paths import (GATE_SCORES_DIR, control_dir_name, default_dirs, resolve_sharer_index,
                           resolve_sharer_lora_dir, split_output_dir)
 from perpcs.stages.base import (check_existing_predictions, check_histories, combine_user_predictions, last_per_user,
-                                lazy, load_merged_base, load_sharers, merged_base_sources, predict_one_user,
-                                profiles_if_needed, refuse_other_settings, run_per_user, user_examples,
-                                user_predictions_path)
+                                lazy, load_merged_base, load_sharers, made_from, merged_base_sources,
+                                predict_one_user, profiles_if_needed, refuse_other_settings, run_per_user,
+                                stage_manifest, user_examples, user_predictions_path, users_data)
 from perpcs.stages.config import CompositionStage, StageInputs
+from perpcs.stages.manifest import canonical_sha256, open_run, user_data_sha256
 
 
 def recipe_path(root, uid: str) -> Path:
@@ -37,9 +38,9 @@ def gate_scores_path(root, uid: str) -> Path:
 
 
 def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, sharer_ids: list,
-                           inputs: dict, overwrite: bool, control: str | None = None) -> None:
+                           inputs: Callable, overwrite: bool, control: str | None = None) -> None:
     """A rerun resumes finished users only if they were assembled with the same settings, sharers and inputs
-    (base model, task LoRA, gates, --max_seq_len): otherwise a sweep (say --topk 1 after --topk 3) into the same
+    (``inputs(uid)``: base model, task LoRA, sharer LoRAs, gates, --max_seq_len, the user's history): otherwise a sweep (say --topk 1 after --topk 3) into the same
     output dir would report the old recipes as the new run's."""
     if overwrite:
         return
@@ -58,15 +59,42 @@ def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings
                      f"sharers, not the {len(sharer_ids)} of this run's anchor index); pass another --output_dir, "
                      f"or --overwrite to redo every user")
             refuse_other_settings(path, recipe.get("settings", {}), wanted, "assembled")
-            refuse_other_sources(path, recipe.get("inputs"), inputs, "assembled")
+            refuse_other_sources(path, recipe.get("inputs"), inputs(uid), "assembled")
 
 
-def composition_inputs(inputs: StageInputs, max_seq_len: int, pool: PiecePool, gate_dir: Path) -> dict:
-    """What a recipe is made from besides its settings: recorded in it and compared on resume."""
-    gates = hashlib.sha256()
-    for uid in pool.sharer_ids:   # pool order: the order the recipe's sharers are listed in
-        gates.update(file_sha256(gate_dir / f"user_{uid}" / GATES_FILE).encode())
-    return {**merged_base_sources(inputs), "gates_sha256": gates.hexdigest(), "max_seq_len": max_seq_len}
+def composition_inputs(inputs: StageInputs, pool: PiecePool, gate_dir: Path) -> dict:
+    """What every recipe is made from besides its settings and its user's history: the base model, the task LoRA,
+    and each sharer's LoRA and gates (in pool order). Gates trained on another sharer LoRA than the one in
+    --anchor_dir are refused here: mixing them would describe neither."""
+    sources = merged_base_sources(inputs)
+    adapters, gates = {}, {}
+    for uid in pool.sharer_ids:
+        adapters[uid] = adapter_sha256(pool.anchor_dir / f"user_{uid}")
+        gate_path = gate_dir / f"user_{uid}"
+        gates[uid] = file_sha256(gate_path / GATES_FILE)
+        recorded = read_source(gate_path / SOURCE_FILE) or {}
+        if "adapter_sha256" not in recorded or any(k not in recorded for k in sources):
+            fail(f"{gate_path / SOURCE_FILE}: no record of the sharer LoRA, base model and task LoRA the gates of "
+                 f"sharer {uid} were trained on (made by an older version?); train them again: "
+                 f"train_anchor_gate.py --overwrite --output_dir {gate_dir}")
+        changed = [k for k in sources if recorded[k] != sources[k]]
+        if changed:
+            fail(f"{gate_path / SOURCE_FILE}: the gates of sharer {uid} were trained on another "
+                 f"{' and '.join(k.replace('_sha256', '').replace('_', ' ') for k in changed)} than this run's; "
+                 f"pass the --llama_model_path / --lora_ckpt they were trained on, or train them again "
+                 f"(train_anchor_gate.py --overwrite)")
+        if recorded["adapter_sha256"] != adapters[uid]:
+            fail(f"{gate_path / SOURCE_FILE}: the gates of sharer {uid} were trained on another LoRA than "
+                 f"{pool.anchor_dir / f'user_{uid}'} (adapter {str(recorded.get('adapter_sha256'))[:12]}... there, "
+                 f"{adapters[uid][:12]}... now): the sharer LoRAs changed after the gates; run train_anchor_gate.py "
+                 f"--overwrite on them, or pass the --anchor_dir the gates were trained on")
+    return {**sources, "sharers": list(pool.sharer_ids), "sharer_adapters": adapters, "gates": gates}
+
+
+def recipe_inputs(shared: dict, max_seq_len: int, user_data: str) -> dict:
+    """A recipe's record of what it mixed: the sharer LoRAs and gates, the user's history, the example length."""
+    return {**{k: v for k, v in shared.items() if k != "sharers"}, "max_seq_len": max_seq_len,
+            "history_sha256": user_data}
 
 
 def compose(cfg: CompositionStage) -> Path:
@@ -89,18 +117,44 @@ def compose(cfg: CompositionStage) -> Path:
     users = [(user_id(u), u) for u in test_users]
     users_file = layout.split_path(cfg.test_split)
     check_histories(task, test_users, profiles, layout.profiles, users_file)
-    index = {uid: i for i, (uid, _) in enumerate(users)}
-    user_by_id = dict(users)
     num_shards, shard_id = cfg.shards.resolve()
-    inputs = composition_inputs(cfg.inputs, cfg.max_seq_len, pool, gate_dir)
+    shared = composition_inputs(cfg.inputs, pool, gate_dir)
+    manifest = stage_manifest("composition", {"compose": vars(settings), "control": control,
+                                              "max_seq_len": cfg.max_seq_len,
+                                              "generation": cfg.generation.recorded(task)},
+                              users_data(task, users, all_profiles, queries=True), shared, cfg.inputs.model)
+    # predictions: made from the user's recipe, so from everything the run mixes
+    predicted_from = lambda uid: made_from(manifest, uid, inputs_sha256=canonical_sha256(shared))  # noqa: E731
     if control is not None:
         print(f"control: {control} (user-blind; the same sharers and gates as Per-Pcs) -> {out_root}")
-    if control == "peft_merge":
-        return merge_control(cfg, task, layout, test_users, users, all_profiles, pool, inputs, out_root)
+    with open_run(out_root, manifest, num_shards, shard_id, overwrite):
+        if control == "peft_merge":
+            return merge_control(cfg, task, layout, test_users, users, all_profiles, pool, shared, out_root,
+                                 predicted_from)
+        return compose_users(cfg, task, layout, test_users, users, all_profiles, profiles, pool, manifest, shared,
+                             out_root, predicted_from)
+
+
+def compose_users(cfg: CompositionStage, task, layout, test_users, users, all_profiles, profiles, pool: PiecePool,
+                  manifest, shared: dict, out_root: Path, predicted_from: Callable) -> Path:
+    """Per-Pcs (and the swapped / uniform controls): each user's recipe, then its predictions, resumably."""
+    settings, overwrite, control = cfg.compose, cfg.shards.overwrite, cfg.control
+    num_shards, shard_id = cfg.shards.resolve()
+    users_file = layout.split_path(cfg.test_split)
+    index = {uid: i for i, (uid, _) in enumerate(users)}
+    user_by_id = dict(users)
     # --control swapped: user -> the user whose history assembles its LoRA (all test users, whatever the shard)
     history_of = derangement([uid for uid, _ in users], settings.seed) if control == "swapped" else {}
+
+    histories = {uid: user_data_sha256(u, profiles.get(uid) if profiles is not None else None, queries=False)
+                 for uid, u in users}   # a recipe is made from the history alone (and the profile text, where used)
+
+    def inputs(uid):   # what this user's recipe is made from (swapped: the partner's history)
+        return recipe_inputs(shared, cfg.max_seq_len, histories[history_of.get(uid, uid)])
+
     check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, inputs, overwrite, control)
-    check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task), overwrite)
+    check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task), overwrite,
+                               predicted_from)
     save_scores = cfg.save_scores and control != "uniform"   # the uniform mix runs no forward: nothing scored
 
     def scores_missing(uid):   # a finished user is assembled again (deterministically) for its scores
@@ -129,7 +183,7 @@ def compose(cfg: CompositionStage) -> Path:
             weights = recipe_weights(recipe, pool, path)
         elif control == "uniform":   # no assembly: no forward, no history
             weights = uniform_weights(pool)
-            recipe = make_recipe(pool, weights, settings, uid, task.name, [], {"control": control, "inputs": inputs})
+            recipe = make_recipe(pool, weights, settings, uid, task.name, [], {"control": control, "inputs": inputs(uid)})
             write_recipe(recipe, path)
         else:
             # in its turn: one user's examples alive at a time (swapped: the partner's history)
@@ -149,7 +203,7 @@ def compose(cfg: CompositionStage) -> Path:
             else:   # scores of an earlier assembly would no longer match this recipe
                 gate_scores_path(out_root, uid).unlink(missing_ok=True)
             recipe = make_recipe(pool, weights, settings, uid, task.name, batches,
-                                 {"seed_user": seed, "examples": len(tokenized), "inputs": inputs, **extra})
+                                 {"seed_user": seed, "examples": len(tokenized), "inputs": inputs(uid), **extra})
             write_recipe(recipe, path)
             timing["assembly_seconds"] = round(seconds, 4)
         if cfg.save_adapters:
@@ -158,7 +212,7 @@ def compose(cfg: CompositionStage) -> Path:
         with composer_removed(model):   # predicted as OPPU is: peft's LoRA layers on base + task model
             load_composed(peft_model, pool, weights)
             preds = predict_one_user(peft_model, tokenizer, task, user, all_profiles, layout.profiles, device,
-                                     cfg.generation, shortened)
+                                     cfg.generation, shortened, predicted_from(uid))
         write_json_atomic(user_predictions_path(out_root, uid), preds)
         return {**timing, "truncated": user_entry(uid, assembly_cuts, shortened)}
 
@@ -172,14 +226,14 @@ def compose(cfg: CompositionStage) -> Path:
 
 
 def merge_control(cfg: CompositionStage, task, layout, test_users, users, all_profiles, pool: PiecePool,
-                  inputs: dict, out_root: Path) -> Path:
+                  shared: dict, out_root: Path, predicted_from: Callable) -> Path:
     """--control peft_merge: one adapter, peft's add_weighted_adapter of the sharer adapters (perpcs.method.controls),
     written once to <output>/adapter/, then every test user's predictions with it (no recipes: no user enters it)."""
     overwrite = cfg.shards.overwrite
     uids = [uid for uid, _ in users]
-    check_existing_predictions(out_root, uids, cfg.generation.recorded(task), overwrite)
+    check_existing_predictions(out_root, uids, cfg.generation.recorded(task), overwrite, predicted_from)
     source_path = out_root / "merge_inputs.json"   # what the adapter and predictions were made from
-    wanted = {**inputs, "sharers": pool.sharer_ids}
+    wanted = shared
     if source_path.is_file() and not overwrite:
         refuse_other_sources(source_path, read_json(source_path, "merge inputs"), wanted, "merged")
 
@@ -197,7 +251,7 @@ def merge_control(cfg: CompositionStage, task, layout, test_users, users, all_pr
         peft_model, tokenizer, device = engine()
         shortened = {}
         preds = predict_one_user(peft_model, tokenizer, task, user, all_profiles, layout.profiles, device,
-                                 cfg.generation, shortened)
+                                 cfg.generation, shortened, predicted_from(uid))
         write_json_atomic(user_predictions_path(out_root, uid), preds)
         return {"truncated": user_entry(uid, None, shortened)}
 

@@ -93,28 +93,31 @@ def check_sources(found: dict, wanted: dict, gate_dir: Path) -> None:
 
 
 def _check_recipes_fit_sharers(found: dict, gate_dir: Path) -> None:
-    """A recipe weighs the sharer LoRAs it was assembled from: refuse it if they were trained again since
-    (its gates digest no longer matches, or the gates were trained on other sharer LoRAs)."""
-    import hashlib
-
+    """A recipe weighs the sharer LoRAs it was assembled from: refuse it if they were trained again since (the
+    recipe records each sharer adapter's and gates' digest) or if their gates were trained on other LoRAs."""
     from perpcs.models.provenance import adapter_sha256, file_sha256
     sharer_dirs = {uid: d for uid, d, *_ in found["sharers"]}
     for uid, path, _, inputs in found["per-pcs"]:
         sharers = [str(s) for s in read_json(path, "recipe").get("sharers", [])]
-        gates = hashlib.sha256()
+        mixed = inputs.get("sharer_adapters") if isinstance(inputs, dict) else None
+        if not isinstance(mixed, dict) or not isinstance(inputs.get("gates"), dict):
+            fail(f"{path} records no digests of the sharer LoRAs and gates it mixed (made by an older version?): "
+                 f"redo stage 5")
         for sid in sharers:
             gate_file = gate_dir / f"user_{sid}" / "gates.safetensors"
             if not gate_file.is_file() or sid not in sharer_dirs:
                 fail(f"{path} uses sharer {sid}, whose {'LoRA' if sid not in sharer_dirs else 'gates'} "
                      f"{'is' if sid not in sharer_dirs else 'are'} missing under {gate_dir.parent}")
-            gates.update(file_sha256(gate_file).encode())
+            if mixed.get(sid) != adapter_sha256(sharer_dirs[sid]):
+                fail(f"{path}: sharer {sid}'s LoRA was trained again after this recipe was assembled "
+                     f"({sharer_dirs[sid]}); it no longer describes the adapter it was assembled as: redo stages 4 "
+                     f"and 5")
             gate_source = read_source(gate_file.parent / SOURCE_FILE) or {}
             if gate_source.get("adapter_sha256") != adapter_sha256(sharer_dirs[sid]):
                 fail(f"{path}: sharer {sid}'s LoRA was trained again after its gates ({gate_file.parent / SOURCE_FILE}"
                      f"); this recipe no longer describes the adapter it was assembled as: redo stages 4 and 5")
-        if inputs.get("gates_sha256") != gates.hexdigest():
-            fail(f"{path} was assembled with other gates than those under {gate_dir}: its sharer LoRAs may have "
-                 f"changed since; redo stage 5")
+            if inputs["gates"].get(sid) != file_sha256(gate_file):
+                fail(f"{path} was assembled with other gates than {gate_file}: redo stage 5")
 
 
 def export_task(task_name: str, output_dir, output_root=None, model_path=None) -> Path:

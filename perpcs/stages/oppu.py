@@ -2,7 +2,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from perpcs.atomic import write_json_atomic
@@ -14,10 +14,11 @@ from perpcs.models.lora import load_adapter_weights, save_peft_adapter
 from perpcs.models.provenance import SOURCE_FILE
 from perpcs.paths import default_dirs, split_output_dir
 from perpcs.stages.base import (adapter_done, check_existing_predictions, check_histories, combine_user_predictions,
-                                fresh_lora, lazy, load_merged_base, merged_base_sources, predict_one_user, run_per_user,
-                                user_examples,
-                                user_predictions_path, user_record)
+                                fresh_lora, lazy, load_merged_base, lora_record, made_from, merged_base_sources,
+                                predict_one_user, run_per_user, stage_manifest, user_examples, user_predictions_path,
+                                user_record, users_data)
 from perpcs.stages.config import OPPUStage
+from perpcs.stages.manifest import open_run
 
 
 def train_oppu(cfg: OPPUStage) -> Path:
@@ -33,9 +34,10 @@ def train_oppu(cfg: OPPUStage) -> Path:
     index = {uid: i for i, (uid, _) in enumerate(users)}
     num_shards, shard_id = cfg.shards.resolve()
     base_cfg = cfg.train
-    check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task),
-                               cfg.shards.overwrite)
     sources = merged_base_sources(cfg.inputs)
+    manifest = stage_manifest("oppu", {"lora": lora_record(cfg.lora), "train": asdict(cfg.train),
+                                       "generation": cfg.generation.recorded(task)},
+                              users_data(task, users, profiles, queries=True), sources, cfg.inputs.model)
     engine = lazy(lambda: load_merged_base(cfg.inputs))   # no model load when every user is done
 
     def work(uid, user):
@@ -46,23 +48,26 @@ def train_oppu(cfg: OPPUStage) -> Path:
         peft_model = fresh_lora(model, cfg.lora, seed)
         try:
             # killed after saving, before predicting: reuse the adapter if it was made from the same inputs
-            if not cfg.shards.overwrite and adapter_done(adapter_dir, sources, "trained"):
+            if not cfg.shards.overwrite and adapter_done(adapter_dir, made_from(manifest, uid), "trained"):
                 load_adapter_weights(peft_model, adapter_dir)
                 stats = {"tokens": 0, "last_loss": None, "seconds": 0.0}
             else:
                 stats = train(peft_model, tokenizer, examples, replace(base_cfg, seed=seed), device,
                               desc=f"OPPU {uid}", log_path=out_root / "train_log.jsonl")
-                save_peft_adapter(peft_model, adapter_dir, {SOURCE_FILE: sources})
+                save_peft_adapter(peft_model, adapter_dir, {SOURCE_FILE: made_from(manifest, uid)})
             shortened = {}
             preds = predict_one_user(peft_model, tokenizer, task, user, profiles, layout.profiles, device,
-                                     cfg.generation, shortened)
+                                     cfg.generation, shortened, made_from(manifest, uid))
             write_json_atomic(user_predictions_path(out_root, uid), preds)
         finally:
             peft_model.unload()
         return user_record(uid, examples, stats, shortened)
 
-    run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
-                 out_root / "users_log.jsonl", num_shards, shard_id, cfg.shards.overwrite)
-    finish_per_user_stage("OPPU", out_root, [uid for uid, _ in users])
-    combine_user_predictions(out_root, task, test_users)
+    with open_run(out_root, manifest, num_shards, shard_id, cfg.shards.overwrite):
+        check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task),
+                                   cfg.shards.overwrite, lambda uid: made_from(manifest, uid))
+        run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
+                     out_root / "users_log.jsonl", num_shards, shard_id, cfg.shards.overwrite)
+        finish_per_user_stage("OPPU", out_root, [uid for uid, _ in users])
+        combine_user_predictions(out_root, task, test_users)
     return out_root

@@ -2,7 +2,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from perpcs.atomic import write_dir_atomic, write_json_atomic
@@ -13,8 +13,9 @@ from perpcs.method.gates import GATES_FILE, install_gates, remove_gates, save_ga
 from perpcs.models.lora import is_complete_adapter
 from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, read_source, refuse_other_sources
 from perpcs.paths import resolve_sharer_lora_dir
-from perpcs.stages.base import run_per_user, sharer_run, user_dir, user_record
+from perpcs.stages.base import made_from, run_per_user, sharer_run, stage_manifest, user_dir, user_record
 from perpcs.stages.config import SharerGateStage
+from perpcs.stages.manifest import open_run
 
 
 def train_sharer_gates(cfg: SharerGateStage) -> Path:
@@ -28,7 +29,14 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
     for uid, _ in run.sharers:
         if not is_complete_adapter(user_dir(anchor_dir, uid)):
             fail(f"no sharer LoRA for user {uid!r} in {user_dir(anchor_dir, uid)} (run train_anchor_PEFT.py)")
-    base_cfg, examples, sources = cfg.train, run.examples, run.sources
+    base_cfg, examples = cfg.train, run.examples
+    adapters = {uid: adapter_sha256(user_dir(anchor_dir, uid)) for uid, _ in run.sharers}
+    manifest = stage_manifest("sharer_gates", {"train": asdict(cfg.train), "recent_k": cfg.recent_k}, run.data,
+                              {**run.sources, "sharers": list(adapters), "sharer_adapters": adapters},
+                              cfg.inputs.model)
+
+    def source(uid) -> dict:   # what one sharer's gates are made from: its own LoRA among them
+        return made_from(manifest, uid, adapter_sha256=adapters[uid])
 
     def work(uid, user):
         model, tokenizer, device = run.engine()
@@ -38,11 +46,10 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
             gates = install_gates(peft_model)
             stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                           desc=f"gates {uid}", log_path=out_root / "train_log.jsonl")
-            source = {**sources, "adapter_sha256": adapter_sha256(user_dir(anchor_dir, uid))}
 
             def write(d: Path) -> None:
                 save_gates(gates, d / GATES_FILE)
-                write_json_atomic(d / SOURCE_FILE, source)
+                write_json_atomic(d / SOURCE_FILE, source(uid))
 
             write_dir_atomic(user_dir(out_root, uid), write)
             remove_gates(peft_model)
@@ -51,20 +58,16 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
         return user_record(uid, examples[uid], stats)
 
     def gates_done(uid) -> bool:
-        """Gates exist and were trained on the sharer LoRA that is there now (stage 3 may have retrained it: then
-        they are trained again), on this run's base model and task LoRA (else refused)."""
+        """Gates exist and were trained on the sharer LoRA that is there now, with this run's settings, data, base
+        model and task LoRA (else refused: stage 3 retrained the LoRA -> --overwrite trains every gate again)."""
         gate_dir = user_dir(out_root, uid)
         if not (gate_dir / GATES_FILE).is_file():
             return False
-        recorded = read_source(gate_dir / SOURCE_FILE)
-        wanted = {**sources, "adapter_sha256": adapter_sha256(user_dir(anchor_dir, uid))}
-        if recorded is not None and recorded.get("adapter_sha256") not in (None, wanted["adapter_sha256"]):
-            print(f"gates of sharer {uid}: its LoRA changed since they were trained; training them again")
-            return False
-        refuse_other_sources(gate_dir, recorded, wanted, "trained")   # unknown or other base/task LoRA: refused
+        refuse_other_sources(gate_dir, read_source(gate_dir / SOURCE_FILE), source(uid), "trained")
         return True
 
-    run_per_user(run.sharers, gates_done, work, "sharer gates", out_root / "users_log.jsonl", *run.shard,
-                 cfg.shards.overwrite)
-    finish_per_user_stage("sharer gates", out_root, [uid for uid, _ in run.sharers])
+    with open_run(out_root, manifest, *run.shard, cfg.shards.overwrite):
+        run_per_user(run.sharers, gates_done, work, "sharer gates", out_root / "users_log.jsonl", *run.shard,
+                     cfg.shards.overwrite)
+        finish_per_user_stage("sharer gates", out_root, [uid for uid, _ in run.sharers])
     return out_root

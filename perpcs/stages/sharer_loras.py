@@ -2,22 +2,26 @@
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from perpcs.data.truncation import finish_per_user_stage
 from perpcs.engine.training import train, user_seed
 from perpcs.models.lora import save_peft_adapter
 from perpcs.models.provenance import SOURCE_FILE
-from perpcs.stages.base import adapter_done, fresh_lora, run_per_user, sharer_run, user_dir, user_record
+from perpcs.stages.base import (adapter_done, fresh_lora, lora_record, made_from, run_per_user, sharer_run,
+                                stage_manifest, user_dir, user_record)
 from perpcs.stages.config import SharerLoRAStage
+from perpcs.stages.manifest import open_run
 
 
 def train_sharer_loras(cfg: SharerLoRAStage) -> Path:
     """Stage 3: one LoRA per sharer on its own history."""
     run = sharer_run(cfg.inputs, cfg.shards, cfg.anchor_idx_path)
     out_root = Path(cfg.output_dir or run.dirs["sharer_loras"])
-    base_cfg, examples, sources = cfg.train, run.examples, run.sources
+    base_cfg, examples = cfg.train, run.examples
+    manifest = stage_manifest("sharer_loras", {"lora": lora_record(cfg.lora), "train": asdict(cfg.train)}, run.data,
+                              {**run.sources, "sharers": [uid for uid, _ in run.sharers]}, cfg.inputs.model)
 
     def work(uid, user):
         model, tokenizer, device = run.engine()
@@ -26,12 +30,14 @@ def train_sharer_loras(cfg: SharerLoRAStage) -> Path:
         try:
             stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                           desc=f"sharer {uid}", log_path=out_root / "train_log.jsonl")
-            save_peft_adapter(peft_model, user_dir(out_root, uid), {SOURCE_FILE: sources})
+            save_peft_adapter(peft_model, user_dir(out_root, uid), {SOURCE_FILE: made_from(manifest, uid)})
         finally:
             peft_model.unload()
         return user_record(uid, examples[uid], stats)
 
-    run_per_user(run.sharers, lambda uid: adapter_done(user_dir(out_root, uid), sources, "trained"), work,
-                 "sharer LoRAs", out_root / "users_log.jsonl", *run.shard, cfg.shards.overwrite)
-    finish_per_user_stage("sharer LoRAs", out_root, [uid for uid, _ in run.sharers])
+    with open_run(out_root, manifest, *run.shard, cfg.shards.overwrite):
+        run_per_user(run.sharers, lambda uid: adapter_done(user_dir(out_root, uid), made_from(manifest, uid),
+                                                           "trained"),
+                     work, "sharer LoRAs", out_root / "users_log.jsonl", *run.shard, cfg.shards.overwrite)
+        finish_per_user_stage("sharer LoRAs", out_root, [uid for uid, _ in run.sharers])
     return out_root

@@ -1,7 +1,10 @@
 """Stage 1: the task LoRA on the base LLM, and the non-personalized / RAG / PAG baseline predictions."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -44,12 +47,22 @@ def task_lora_examples(task, users: list, profiles: dict, profiles_path) -> list
     return examples
 
 
-def run(cfg: TaskLoRAStage) -> Path:
-    from peft import PeftModel, get_peft_model
-    from transformers import set_seed
+def training_source(cfg: TaskLoRAStage, base_users: list, profiles: dict) -> dict:
+    """What the task LoRA is made from (its source.json): the base model, the LoRA and training settings, the base
+    users' data (history, queries with golds, profile text). A rerun reuses the adapter only if all match."""
+    from perpcs.models.provenance import base_model_fingerprint
+    from perpcs.stages.manifest import canonical_sha256
+    settings = {"lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                         "target_modules": list(cfg.lora.target_modules)}, "train": asdict(cfg.train)}
+    data = [{"user": u, "profile_text": profiles.get(str(u["user_id"]))} for u in base_users]
+    return {"base_model": base_model_fingerprint(cfg.inputs.model.llama_model_path),
+            "settings_sha256": canonical_sha256(json.loads(json.dumps(settings))),
+            "base_users_sha256": canonical_sha256(data)}
 
-    from perpcs.models.loading import load_base_model
-    from perpcs.models.lora import lora_config, resolve_lora_ckpt
+
+def run(cfg: TaskLoRAStage) -> Path:
+    """Stage 1 under this folder's lock (rank 0 of a data-parallel run: the only one that writes)."""
+    from perpcs.stages.manifest import folder_lock
 
     inputs, m = cfg.inputs, cfg.inputs.model
     task = get_task(inputs.task_name)
@@ -61,12 +74,38 @@ def run(cfg: TaskLoRAStage) -> Path:
     test_users, golds = layout.load_targets(cfg.test_split)
     profiles = layout.load_profiles()
     base_users = None if cfg.infer or cfg.base_only else layout.load_split("base", need_gold=True, check=True)
-
     rank, world = init_data_parallel(m.device)
+    with folder_lock(out_dir) if rank == 0 else contextlib.nullcontext():
+        return train_and_predict(cfg, task, layout, out_dir, test_users, profiles, base_users, rank)
+
+
+def train_and_predict(cfg: TaskLoRAStage, task, layout, out_dir: Path, test_users, profiles, base_users,
+                      rank: int) -> Path:
+    from peft import PeftModel, get_peft_model
+    from transformers import set_seed
+
+    from perpcs.atomic import write_json_atomic
+    from perpcs.models.loading import load_base_model
+    from perpcs.models.lora import lora_config, resolve_lora_ckpt
+    from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, base_model_fingerprint, read_source
+    from perpcs.stages.manifest import MANIFEST_FILE, RunManifest, differences, describe_differences, environment
+    from perpcs.stages.manifest import numerics, user_data_sha256
+
+    inputs, m = cfg.inputs, cfg.inputs.model
+    source = None if cfg.infer or cfg.base_only else training_source(cfg, base_users, profiles)
+    reuse = not cfg.base_only and not cfg.infer and is_complete_adapter(out_dir) and not cfg.overwrite
+    if reuse:   # checked before the model load: a rerun with other settings must not pass the old LoRA off as its own
+        had = read_source(out_dir / SOURCE_FILE)
+        diffs = differences(had, source) if had is not None else None
+        if diffs is None or diffs:
+            fail(f"{out_dir} holds a task LoRA " + (f"made from other inputs or settings ({describe_differences(diffs)})"
+                 if diffs else f"with no record of what it was trained on ({SOURCE_FILE}; made by an older version?)")
+                 + "; pass --overwrite to train it again, --infer to predict with it as it is, or another --output_dir")
     model, tokenizer, device = load_base_model(m.llama_model_path, m.tokenizer_path, m.device, cpu_bf16=m.cpu_bf16)
     if cfg.base_only:
         print("no LoRA (--base_only): the base model's predictions")
-    elif cfg.infer or (is_complete_adapter(out_dir) and not cfg.overwrite):
+        adapter_dir = None
+    elif cfg.infer or reuse:
         adapter_dir = resolve_lora_ckpt(inputs.lora_ckpt) if inputs.lora_ckpt else resolve_lora_ckpt(out_dir)
         print(f"loading the task LoRA from {adapter_dir}" + ("" if cfg.infer else " (already trained)"))
         model = PeftModel.from_pretrained(model, str(adapter_dir))
@@ -81,7 +120,8 @@ def run(cfg: TaskLoRAStage) -> Path:
                       log_path=out_dir / "train_log.jsonl")
         if rank != 0:   # data parallel: rank 0 saves and predicts
             return out_dir
-        save_peft_adapter(model, out_dir)
+        save_peft_adapter(model, out_dir, {SOURCE_FILE: source})
+        adapter_dir = out_dir
         print(f"saved the task LoRA to {out_dir} ({stats['steps']} steps, last loss {stats['last_loss']:.4f}, "
               f"{stats['tokens_per_s']:.0f} tokens/s)")
         print(describe("task LoRA training", stats["truncated"], "examples"))
@@ -93,12 +133,24 @@ def run(cfg: TaskLoRAStage) -> Path:
 
     pred_root = split_output_dir(out_dir, cfg.test_split)
     pred_dir = pred_root / "predictions"
-    shortened = {}
     gen = cfg.generation
+    # The predictions are made again on every run (never resumed); their manifest says what made them. It is
+    # removed first so that a run killed while predicting leaves no record claiming the old files as its own.
+    manifest = RunManifest(
+        "task_lora_predictions",
+        json.loads(json.dumps({"generation": gen.recorded(task), "base_only": cfg.base_only,
+                               "lora_settings_sha256": source["settings_sha256"] if source else None})),
+        {str(u["user_id"]): user_data_sha256(u, profiles.get(str(u["user_id"]))) for u in test_users},
+        {"base_model": base_model_fingerprint(m.llama_model_path),
+         "task_lora_sha256": adapter_sha256(adapter_dir) if adapter_dir is not None else None},
+        numerics(m.device, m.cpu_bf16), environment(m.device))
+    (pred_root / MANIFEST_FILE).unlink(missing_ok=True)
+    shortened = {}
     preds = predict_variants(model, tokenizer, task, test_users, profiles, device, k_list=gen.k_list,
                              max_new_tokens=gen.max_gen_len, profiles_path=layout.profiles, shortened=shortened,
                              show_progress=True, **gen.kwargs())
     write_variant_files(pred_dir, task, preds)
+    write_json_atomic(pred_root / MANIFEST_FILE, manifest.to_json())
     where = record_in_summary(pred_root, {"prompts": shortened})
     what = "base model predictions" if cfg.base_only else "task LoRA predictions"
     print(describe(what, shortened, "prompts") + f" -> {where}")
