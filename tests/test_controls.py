@@ -148,6 +148,9 @@ def test_controls_resume_and_refuse_another_control_in_their_dir(pipe, controls,
     assert file_digests(out / "recipes") == before
     assert len((out / "users_log.jsonl").read_text().splitlines()) == len(pipe.test_ids())   # nobody redone
     msg = cli_error(lora_composition.main, pipe.compose_args(out) + ["--control", "swapped"], capsys)
+    assert 'settings.control "uniform" -> "swapped"' in msg and "--overwrite" in msg
+    (out / "run_manifest.json").unlink()     # without the folder's record, each recipe says which control made it
+    msg = cli_error(lora_composition.main, pipe.compose_args(out) + ["--control", "swapped"], capsys)
     assert "--control uniform" in msg and "--control swapped" in msg
     msg = cli_error(lora_composition.main, pipe.compose_args(out), capsys)
     assert "--control uniform" in msg and "Per-Pcs" in msg

@@ -179,7 +179,7 @@ def test_leaderboard_command_task_lora_on_the_tiny_model(tmp_path, tiny_model_di
     stage = ["--llama_model_path", str(tiny_model_dir), "--device", "cpu", "--max_step", "1", "--max_seq_len",
              "256", "--k_list", "1", "--temperature", "0", "--max_gen_len", "4"]
     main(["leaderboard", "--task_name", "LaMP_2M", "--method", "task-lora", "--variant", "k1-profile",
-          "--data_dir", "data", "--", *stage])
+          "--data_dir", "data", "--standalone", "--", *stage])   # no test run to inherit from
     out = tmp_path / "output" / "movie_tagging" / "leaderboard" / "task-lora-k1-profile" / "LaMP_2.json"
     board = json.loads(out.read_text())
     assert set(board) == {"task", "golds"} and board["task"] == "LaMP_2"
@@ -193,7 +193,7 @@ def test_leaderboard_command_task_lora_on_the_tiny_model(tmp_path, tiny_model_di
     # a second call finds the predictions and only writes the file (no stage run)
     capsys.readouterr()
     main(["leaderboard", "--task_name", "movie_tagging", "--method", "task-lora", "--variant", "kNP",
-          "--output_file", "sub/LaMP_2.json"])
+          "--output_file", "sub/LaMP_2.json", "--standalone"])
     printed = capsys.readouterr().out
     assert "running:" not in printed
     assert {e["id"] for e in json.loads((tmp_path / "sub" / "LaMP_2.json").read_text())["golds"]} == made["board_ids"]

@@ -150,6 +150,9 @@ def test_sharers_of_another_task_lora_or_base_model_are_not_counted_as_done(pipe
     before = adapter_digests(out_dir)
     other_lora = _changed_copy(pipe.task_lora, tmp_path / "other_task_lora")
     err = cli_error(train_anchor_PEFT.main, pipe.sharer_args(out_dir) + ["--lora_ckpt", str(other_lora)], capsys)
+    assert "inputs.task_lora_sha256" in err and "--overwrite" in err           # the folder's run manifest
+    (out_dir / "run_manifest.json").unlink()   # without it, each adapter's own record is checked
+    err = cli_error(train_anchor_PEFT.main, pipe.sharer_args(out_dir) + ["--lora_ckpt", str(other_lora)], capsys)
     assert "another task lora" in err and "--overwrite" in err
     other_model = _other_model(pipe.model, tmp_path / "other_model")
     err = cli_error(train_anchor_PEFT.main, pipe.sharer_args(out_dir) + ["--llama_model_path", str(other_model)],
@@ -169,6 +172,11 @@ def test_gates_without_a_record_or_of_another_base_model_are_refused(pipe, tmp_p
     before = adapter_digests(gate_dir)
     err = cli_error(train_anchor_gate.main, pipe.gate_args(gate_dir) + ["--llama_model_path",
                                                                         str(_other_model(pipe.model, tmp_path / "m"))],
+                    capsys)
+    assert "inputs.base_model" in err                                         # the folder's run manifest
+    (gate_dir / "run_manifest.json").unlink()   # without it, each sharer's gates' own record is checked
+    err = cli_error(train_anchor_gate.main, pipe.gate_args(gate_dir) + ["--llama_model_path",
+                                                                        str(_other_model(pipe.model, tmp_path / "m2"))],
                     capsys)
     assert "another base model" in err
     first = pipe.sharer_ids()[0]
@@ -196,7 +204,15 @@ def test_stage5_rerun_refuses_recipes_made_from_other_inputs(change, pipe, tmp_p
     else:
         args += ["--lora_ckpt", str(_changed_copy(pipe.task_lora, tmp_path / "other_task_lora"))]
     err = cli_error(lora_composition.main, args, capsys)
-    expected = {"max_seq_len": "another max seq len", "gates": "another gates", "task_lora": "another task lora"}
+    if change == "task_lora":   # the gates were trained on the other one: refused before any recipe is read
+        assert "gates of sharer" in err and "another task lora" in err and "--lora_ckpt" in err
+        assert file_digests(out_dir / "recipes") == before
+        return
+    expected = {"max_seq_len": "settings.max_seq_len 256 -> 200", "gates": f"inputs.gates.{pipe.sharer_ids()[0]}"}
+    assert expected[change] in err and "--overwrite" in err                  # the folder's run manifest
+    (out_dir / "run_manifest.json").unlink()   # without it, each recipe's own record is checked
+    err = cli_error(lora_composition.main, args, capsys)
+    expected = {"max_seq_len": "another max seq len", "gates": "another gates"}
     assert expected[change] in err and "recipes" in err and "--overwrite" in err
     assert file_digests(out_dir / "recipes") == before
 

@@ -127,34 +127,41 @@ def compose(cfg: CompositionStage) -> Path:
     predicted_from = lambda uid: made_from(manifest, uid, inputs_sha256=canonical_sha256(shared))  # noqa: E731
     if control is not None:
         print(f"control: {control} (user-blind; the same sharers and gates as Per-Pcs) -> {out_root}")
-    with open_run(out_root, manifest, num_shards, shard_id, overwrite):
+    history_of = derangement([uid for uid, _ in users], settings.seed) if control == "swapped" else {}
+    histories = {uid: user_data_sha256(u, profiles.get(uid) if profiles is not None else None, queries=False)
+                 for uid, u in users}   # a recipe is made from the history alone (and the profile text, where used)
+
+    def recipe_made_from(uid):   # what this user's recipe is made from (swapped: the partner's history)
+        return recipe_inputs(shared, cfg.max_seq_len, histories[history_of.get(uid, uid)])
+
+    def check_outputs():   # recipes and predictions made otherwise are refused, whoever's shard they are
+        uids = [uid for uid, _ in users]
+        if control == "peft_merge":
+            source_path = out_root / "merge_inputs.json"
+            if source_path.is_file():
+                refuse_other_sources(source_path, read_json(source_path, "merge inputs"), shared, "merged")
+        else:
+            check_existing_recipes(out_root, uids, settings, pool.sharer_ids, recipe_made_from, False, control)
+        check_existing_predictions(out_root, uids, cfg.generation.recorded(task), False, predicted_from)
+
+    with open_run(out_root, manifest, num_shards, shard_id, overwrite, check_outputs):
         if control == "peft_merge":
             return merge_control(cfg, task, layout, test_users, users, all_profiles, pool, shared, out_root,
                                  predicted_from)
-        return compose_users(cfg, task, layout, test_users, users, all_profiles, profiles, pool, manifest, shared,
-                             out_root, predicted_from)
+        return compose_users(cfg, task, layout, test_users, users, all_profiles, profiles, pool, recipe_made_from,
+                             predicted_from, history_of, out_root)
 
 
 def compose_users(cfg: CompositionStage, task, layout, test_users, users, all_profiles, profiles, pool: PiecePool,
-                  manifest, shared: dict, out_root: Path, predicted_from: Callable) -> Path:
-    """Per-Pcs (and the swapped / uniform controls): each user's recipe, then its predictions, resumably."""
+                  inputs: Callable, predicted_from: Callable, history_of: dict, out_root: Path) -> Path:
+    """Per-Pcs (and the swapped / uniform controls): each user's recipe, then its predictions, resumably.
+    ``inputs(uid)`` / ``predicted_from(uid)``: what the user's recipe / predictions record they were made from;
+    ``history_of``: swapped's partners."""
     settings, overwrite, control = cfg.compose, cfg.shards.overwrite, cfg.control
     num_shards, shard_id = cfg.shards.resolve()
     users_file = layout.split_path(cfg.test_split)
     index = {uid: i for i, (uid, _) in enumerate(users)}
     user_by_id = dict(users)
-    # --control swapped: user -> the user whose history assembles its LoRA (all test users, whatever the shard)
-    history_of = derangement([uid for uid, _ in users], settings.seed) if control == "swapped" else {}
-
-    histories = {uid: user_data_sha256(u, profiles.get(uid) if profiles is not None else None, queries=False)
-                 for uid, u in users}   # a recipe is made from the history alone (and the profile text, where used)
-
-    def inputs(uid):   # what this user's recipe is made from (swapped: the partner's history)
-        return recipe_inputs(shared, cfg.max_seq_len, histories[history_of.get(uid, uid)])
-
-    check_existing_recipes(out_root, [uid for uid, _ in users], settings, pool.sharer_ids, inputs, overwrite, control)
-    check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task), overwrite,
-                               predicted_from)
     save_scores = cfg.save_scores and control != "uniform"   # the uniform mix runs no forward: nothing scored
 
     def scores_missing(uid):   # a finished user is assembled again (deterministically) for its scores
@@ -229,13 +236,9 @@ def merge_control(cfg: CompositionStage, task, layout, test_users, users, all_pr
                   shared: dict, out_root: Path, predicted_from: Callable) -> Path:
     """--control peft_merge: one adapter, peft's add_weighted_adapter of the sharer adapters (perpcs.method.controls),
     written once to <output>/adapter/, then every test user's predictions with it (no recipes: no user enters it)."""
-    overwrite = cfg.shards.overwrite
     uids = [uid for uid, _ in users]
-    check_existing_predictions(out_root, uids, cfg.generation.recorded(task), overwrite, predicted_from)
-    source_path = out_root / "merge_inputs.json"   # what the adapter and predictions were made from
+    source_path = out_root / "merge_inputs.json"   # what the adapter and predictions were made from (checked)
     wanted = shared
-    if source_path.is_file() and not overwrite:
-        refuse_other_sources(source_path, read_json(source_path, "merge inputs"), wanted, "merged")
 
     @lazy
     def engine():
@@ -256,7 +259,7 @@ def merge_control(cfg: CompositionStage, task, layout, test_users, users, all_pr
         return {"truncated": user_entry(uid, None, shortened)}
 
     run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "composition",
-                 out_root / "users_log.jsonl", *cfg.shards.resolve(), overwrite)
+                 out_root / "users_log.jsonl", *cfg.shards.resolve(), cfg.shards.overwrite)
     if combine_user_predictions(out_root, task, test_users):
         size = adapter_bytes(out_root / "adapter")
         write_json_atomic(out_root / "summary.json", {"control": "peft_merge", "n_users": len(uids),

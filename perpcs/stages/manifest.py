@@ -30,6 +30,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from perpcs.atomic import write_json_atomic
 from perpcs.errors import fail
@@ -150,14 +151,19 @@ def describe_differences(diffs: list, limit: int = 8) -> str:
     return shown + (f" and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
 
-def check_or_write_manifest(out_root, manifest: RunManifest, overwrite: bool) -> None:
-    """Write the folder's manifest, or check this run against it. --overwrite replaces a different one."""
+def check_or_write_manifest(out_root, manifest: RunManifest, overwrite: bool,
+                            check_outputs: Callable | None = None) -> None:
+    """Check this run against the folder's manifest, or write it; --overwrite replaces a different one.
+    ``check_outputs()`` refuses per-user outputs made otherwise; it runs before anything is written, so a refused
+    run leaves no record claiming the folder."""
     path = Path(out_root) / MANIFEST_FILE
     had = read_manifest(path)
     wanted = manifest.compared()
     if had is not None:
         diffs = differences({k: had.get(k) for k in COMPARED}, wanted)
         if not diffs:
+            if check_outputs is not None and not overwrite:
+                check_outputs()
             return
         if not overwrite:
             made = had.get("recorded", {}).get("command")
@@ -165,6 +171,8 @@ def check_or_write_manifest(out_root, manifest: RunManifest, overwrite: bool) ->
                  + (f"; it was made by: {' '.join(made)}" if made else "")
                  + "; pass --overwrite to redo every user with this run's settings, or another --output_dir")
         print(f"--overwrite: {path} described another run ({describe_differences(diffs, 3)}); replaced")
+    elif check_outputs is not None and not overwrite:   # outputs with no folder record: each is checked on its own
+        check_outputs()
     write_json_atomic(path, manifest.to_json())
     again = read_manifest(path)   # a shard started at the same moment with other settings: one of us must stop
     if differences({k: again.get(k) for k in COMPARED}, wanted):
@@ -246,8 +254,10 @@ def folder_lock(out_root, num_shards: int = 1, shard_id: int = 0):
 
 
 @contextmanager
-def open_run(out_root, manifest: RunManifest, num_shards: int, shard_id: int, overwrite: bool):
-    """The start of every stage run on a folder: take the lock, then write or check the manifest."""
+def open_run(out_root, manifest: RunManifest, num_shards: int, shard_id: int, overwrite: bool,
+             check_outputs: Callable | None = None):
+    """The start of every stage run on a folder: take the lock, check the manifest and the outputs there (all
+    users', not only this shard's: they share the folder), then write the manifest."""
     with folder_lock(out_root, num_shards, shard_id) as lock:
-        check_or_write_manifest(out_root, manifest, overwrite)
+        check_or_write_manifest(out_root, manifest, overwrite, check_outputs)
         yield lock

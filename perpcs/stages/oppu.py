@@ -63,9 +63,13 @@ def train_oppu(cfg: OPPUStage) -> Path:
             peft_model.unload()
         return user_record(uid, examples, stats, shortened)
 
-    with open_run(out_root, manifest, num_shards, shard_id, cfg.shards.overwrite):
-        check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task),
-                                   cfg.shards.overwrite, lambda uid: made_from(manifest, uid))
+    def check_outputs():   # predictions, and adapters saved before a kill, made otherwise are refused
+        check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task), False,
+                                   lambda uid: made_from(manifest, uid))
+        for uid, _ in users:
+            adapter_done(out_root / "adapters" / f"user_{uid}", made_from(manifest, uid), "trained")
+
+    with open_run(out_root, manifest, num_shards, shard_id, cfg.shards.overwrite, check_outputs):
         run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
                      out_root / "users_log.jsonl", num_shards, shard_id, cfg.shards.overwrite)
         finish_per_user_stage("OPPU", out_root, [uid for uid, _ in users])

@@ -66,7 +66,8 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
         refuse_other_sources(gate_dir, read_source(gate_dir / SOURCE_FILE), source(uid), "trained")
         return True
 
-    with open_run(out_root, manifest, *run.shard, cfg.shards.overwrite):
+    with open_run(out_root, manifest, *run.shard, cfg.shards.overwrite,
+                  lambda: [gates_done(u) for u, _ in run.sharers]):
         run_per_user(run.sharers, gates_done, work, "sharer gates", out_root / "users_log.jsonl", *run.shard,
                      cfg.shards.overwrite)
         finish_per_user_stage("sharer gates", out_root, [uid for uid, _ in run.sharers])

@@ -35,9 +35,11 @@ def train_sharer_loras(cfg: SharerLoRAStage) -> Path:
             peft_model.unload()
         return user_record(uid, examples[uid], stats)
 
-    with open_run(out_root, manifest, *run.shard, cfg.shards.overwrite):
-        run_per_user(run.sharers, lambda uid: adapter_done(user_dir(out_root, uid), made_from(manifest, uid),
-                                                           "trained"),
-                     work, "sharer LoRAs", out_root / "users_log.jsonl", *run.shard, cfg.shards.overwrite)
+    def done(uid) -> bool:   # a finished adapter made otherwise is refused, not redone
+        return adapter_done(user_dir(out_root, uid), made_from(manifest, uid), "trained")
+
+    with open_run(out_root, manifest, *run.shard, cfg.shards.overwrite, lambda: [done(u) for u, _ in run.sharers]):
+        run_per_user(run.sharers, done, work, "sharer LoRAs", out_root / "users_log.jsonl", *run.shard,
+                     cfg.shards.overwrite)
         finish_per_user_stage("sharer LoRAs", out_root, [uid for uid, _ in run.sharers])
     return out_root
