@@ -49,6 +49,7 @@ from perpcs.atomic import write_json_atomic
 from perpcs.data.layout import Layout, read_json, validate_users
 from perpcs.data.tasks import AMBIGUOUS_LAMP_2, Task, get_task, is_ambiguous_lamp_2
 from perpcs.errors import PerpcsError, fail
+from perpcs.paths import ID_RULE, is_safe_id
 
 SPLIT_FILES = ("train", "dev")
 LEADERBOARD_FILE = "test"      # LaMP's test questions: no outputs are published
@@ -84,6 +85,11 @@ class Grouping:
 
 def normalize(text) -> str:
     return " ".join(str(text).split())
+
+
+def user_id_of(question_id: str) -> str:
+    """The user id named after one of its questions (see the module docstring)."""
+    return f"u{question_id}"
 
 
 def item_key(item: dict) -> bytes:
@@ -300,6 +306,9 @@ def _read_question_file(path: Path, golds: dict, task: Task) -> list:
             if key not in q:
                 fail(f"{path}: question #{i} (id {q.get('id', '?')!r}) is missing field '{key}'")
         qid = str(q["id"])
+        if not is_safe_id(user_id_of(qid)):   # any question may name its user: refuse before anything is written
+            fail(f"{path}: question #{i} (id {q['id']!r}) would name its user {user_id_of(qid)!r}, not a safe id: "
+                 f"{ID_RULE}")
         if not isinstance(q["profile"], list):
             fail(f"{path}: question {qid!r}: 'profile' must be a list of history items")
         for k, item in enumerate(q["profile"]):
@@ -394,7 +403,7 @@ def build_user(questions: list, task: Task, citation_field: str = "abstract") ->
     own = {q.document for q in questions if q.document}
     kept = [(item, q) for item, q in items if item_document(item, task) not in own]
     profile = [_project_item(item, q, task, citation_field) for item, q in kept]
-    user = {"user_id": f"u{questions[0].id}", "profile": sort_by_time(profile),
+    user = {"user_id": user_id_of(questions[0].id), "profile": sort_by_time(profile),
             "query": [{"id": q.id, "input": q.input, **({} if q.gold is None else {"gold": q.gold})}
                       for q in questions]}
     return user, len(items) - len(kept)

@@ -20,7 +20,7 @@ from perpcs.method.recipes import gate_scores_record, make_recipe, recipe_weight
 from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.models.provenance import file_sha256, refuse_other_sources
 from perpcs.paths import (GATE_SCORES_DIR, control_dir_name, default_dirs, resolve_sharer_index,
-                          resolve_sharer_lora_dir, split_output_dir)
+                          resolve_sharer_lora_dir, split_output_dir, user_file_name)
 from perpcs.stages.base import (check_existing_predictions, check_histories, combine_user_predictions, last_per_user,
                                 lazy, load_merged_base, load_sharers, merged_base_sources, predict_one_user,
                                 profiles_if_needed, refuse_other_settings, run_per_user, user_examples,
@@ -29,11 +29,11 @@ from perpcs.stages.config import CompositionStage, StageInputs
 
 
 def recipe_path(root, uid: str) -> Path:
-    return Path(root) / "recipes" / f"user_{uid}.json"
+    return Path(root) / "recipes" / user_file_name(uid, ".json")
 
 
 def gate_scores_path(root, uid: str) -> Path:
-    return Path(root) / GATE_SCORES_DIR / f"user_{uid}.json"
+    return Path(root) / GATE_SCORES_DIR / user_file_name(uid, ".json")
 
 
 def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, sharer_ids: list,
@@ -65,7 +65,7 @@ def composition_inputs(inputs: StageInputs, max_seq_len: int, pool: PiecePool, g
     """What a recipe is made from besides its settings: recorded in it and compared on resume."""
     gates = hashlib.sha256()
     for uid in pool.sharer_ids:   # pool order: the order the recipe's sharers are listed in
-        gates.update(file_sha256(gate_dir / f"user_{uid}" / GATES_FILE).encode())
+        gates.update(file_sha256(gate_dir / user_file_name(uid) / GATES_FILE).encode())
     return {**merged_base_sources(inputs), "gates_sha256": gates.hexdigest(), "max_seq_len": max_seq_len}
 
 
@@ -153,7 +153,7 @@ def compose(cfg: CompositionStage) -> Path:
             write_recipe(recipe, path)
             timing["assembly_seconds"] = round(seconds, 4)
         if cfg.save_adapters:
-            pool.save_adapter(weights, out_root / "adapters" / f"user_{uid}")
+            pool.save_adapter(weights, out_root / "adapters" / user_file_name(uid))
         shortened = {}
         with composer_removed(model):   # predicted as OPPU is: peft's LoRA layers on base + task model
             load_composed(peft_model, pool, weights)
@@ -226,7 +226,7 @@ def write_summary(out_root: Path, pool: PiecePool, uids: list) -> dict:
                          "recipe_bytes": path.stat().st_size, "sharers_per_piece": sum(counts) / max(len(counts), 1)}
     mean = {key: _mean([u[key] for u in per_user.values()])
             for key in ("assembly_seconds", "payload_bytes", "recipe_bytes", "sharers_per_piece")}
-    sharer_bytes = [adapter_bytes(pool.anchor_dir / f"user_{uid}") for uid in pool.sharer_ids]
+    sharer_bytes = [adapter_bytes(pool.anchor_dir / user_file_name(uid)) for uid in pool.sharer_ids]
     pool_bytes = sum(sharer_bytes) if None not in sharer_bytes else None
     summary = {"users": per_user, "mean": mean, "n_users": len(per_user), "n_sharers": len(pool),
                "n_pieces": len(pool.pieces), "truncated": log_totals(out_root / "users_log.jsonl", uids),
