@@ -13,7 +13,8 @@ The authors never published this step (SPEC section 10); the choices made here:
   document found in another profile (different users tag the same movie, review the same product), so a
   user-based user with only two documents stays two users.
 - ``user_id`` = "u" + the id of the user's question with the shortest profile (ties: smaller id): stable when
-  more questions of the same users are added (dev after train).
+  more questions of the same users are added (dev after train). User ids name files, so a question whose
+  "u" + id is not a safe id (perpcs.paths.SAFE_ID) is refused when it is read, before anything is written.
 - A user's profile is the union of its questions' profiles (for prefixes: the longest one) *without the
   user's own query documents* (the article / description / review / abstract / paper title / tweet of a query
   input): in LaMP one question's document is a labelled item of its siblings' profiles, and left there it
