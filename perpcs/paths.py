@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from perpcs.errors import fail
@@ -24,6 +25,31 @@ COMPOSITION = "LoRA-Composition"         # ablation settings write LoRA-Composit
 OPPU = "OPPU"
 BASE_ONLY = "base_LLM"                   # stage 1 --base_only: the base model's predictions, no LoRA
 CONTROLS = ("uniform", "swapped", "peft_merge")   # stage 5 --control: user-blind controls (README, "The demo")
+
+
+# User ids name files and folders (user_<id>/, user_<id>.json): an id is never a path. Real LaMP question ids are
+# digits ("110"), ours "u" + one ("u110"), the sample's digits too; no '/', '\\', space or NUL, and no leading
+# '.' (never '.', '..' or a hidden staging name) nor '-' (never read as a flag).
+SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+ID_RULE = ("an id names files (user_<id>), so it must be 1 to 128 ASCII letters, digits, '_', '.' or '-', "
+           "starting with a letter, digit or '_'")
+
+
+def is_safe_id(uid) -> bool:
+    return isinstance(uid, (str, int)) and not isinstance(uid, bool) and SAFE_ID.fullmatch(str(uid)) is not None
+
+
+def safe_id(uid, what: str = "user id") -> str:
+    """``uid`` as text, or an error naming it and the rule (the last line of defence: data loading checks first,
+    naming the file and the user)."""
+    if not is_safe_id(uid):
+        fail(f"{what} {uid!r} cannot name a file: {ID_RULE}")
+    return str(uid)
+
+
+def user_file_name(uid, suffix: str = "") -> str:
+    """``user_<id><suffix>``: the one way a user id becomes a file or folder name."""
+    return f"user_{safe_id(uid)}{suffix}"
 
 
 def control_dir_name(control: str) -> str:

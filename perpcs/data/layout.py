@@ -11,6 +11,7 @@ from pathlib import Path
 
 from perpcs.data.tasks import Task
 from perpcs.errors import fail
+from perpcs.paths import ID_RULE, is_safe_id
 
 
 def read_json(path, what: str = "file"):
@@ -58,7 +59,7 @@ def validate_users(users, path, task: Task, need_gold: bool = False) -> list:
     """Check a users file's structure and field types; returns the same list (validated, unchanged).
 
     Query ids must be unique within the file (predictions and golds are matched by id), and so must user ids
-    (per-user outputs are named user_<id>).
+    (per-user outputs are named user_<id>), which must also be safe file names (perpcs.paths.SAFE_ID).
     """
     if not isinstance(users, list):
         fail(f"{path}: expected a JSON list of users, got {type(users).__name__}")
@@ -73,6 +74,8 @@ def validate_users(users, path, task: Task, need_gold: bool = False) -> list:
                 fail(f"{where}: missing field '{key}'")
         if not isinstance(user["user_id"], (str, int)) or isinstance(user["user_id"], bool):
             fail(f"{where}: field 'user_id' must be a string or an integer, got {_json_type(user['user_id'])}")
+        if not is_safe_id(user["user_id"]):
+            fail(f"{where}: field 'user_id' is not a safe id: {ID_RULE}")
         if str(user["user_id"]) in seen_users:
             fail(f"{where}: user_id {str(user['user_id'])!r} is also the id of user #{seen_users[str(user['user_id'])]}"
                  f"; user ids must be unique in a users file")

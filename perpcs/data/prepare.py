@@ -13,7 +13,8 @@ The authors never published this step (SPEC section 10); the choices made here:
   document found in another profile (different users tag the same movie, review the same product), so a
   user-based user with only two documents stays two users.
 - ``user_id`` = "u" + the id of the user's question with the shortest profile (ties: smaller id): stable when
-  more questions of the same users are added (dev after train).
+  more questions of the same users are added (dev after train). User ids name files, so a question whose
+  "u" + id is not a safe id (perpcs.paths.SAFE_ID) is refused when it is read, before anything is written.
 - A user's profile is the union of its questions' profiles (for prefixes: the longest one) *without the
   user's own query documents* (the article / description / review / abstract / paper title / tweet of a query
   input): in LaMP one question's document is a labelled item of its siblings' profiles, and left there it
@@ -49,6 +50,7 @@ from perpcs.atomic import write_json_atomic
 from perpcs.data.layout import Layout, read_json, validate_users
 from perpcs.data.tasks import AMBIGUOUS_LAMP_2, Task, get_task, is_ambiguous_lamp_2
 from perpcs.errors import PerpcsError, fail
+from perpcs.paths import ID_RULE, is_safe_id
 
 SPLIT_FILES = ("train", "dev")
 LEADERBOARD_FILE = "test"      # LaMP's test questions: no outputs are published
@@ -84,6 +86,11 @@ class Grouping:
 
 def normalize(text) -> str:
     return " ".join(str(text).split())
+
+
+def user_id_of(question_id: str) -> str:
+    """The user id named after one of its questions (see the module docstring)."""
+    return f"u{question_id}"
 
 
 def item_key(item: dict) -> bytes:
@@ -300,6 +307,9 @@ def _read_question_file(path: Path, golds: dict, task: Task) -> list:
             if key not in q:
                 fail(f"{path}: question #{i} (id {q.get('id', '?')!r}) is missing field '{key}'")
         qid = str(q["id"])
+        if not is_safe_id(user_id_of(qid)):   # any question may name its user: refuse before anything is written
+            fail(f"{path}: question #{i} (id {q['id']!r}) would name its user {user_id_of(qid)!r}, not a safe id: "
+                 f"{ID_RULE}")
         if not isinstance(q["profile"], list):
             fail(f"{path}: question {qid!r}: 'profile' must be a list of history items")
         for k, item in enumerate(q["profile"]):
@@ -394,7 +404,7 @@ def build_user(questions: list, task: Task, citation_field: str = "abstract") ->
     own = {q.document for q in questions if q.document}
     kept = [(item, q) for item, q in items if item_document(item, task) not in own]
     profile = [_project_item(item, q, task, citation_field) for item, q in kept]
-    user = {"user_id": f"u{questions[0].id}", "profile": sort_by_time(profile),
+    user = {"user_id": user_id_of(questions[0].id), "profile": sort_by_time(profile),
             "query": [{"id": q.id, "input": q.input, **({} if q.gold is None else {"gold": q.gold})}
                       for q in questions]}
     return user, len(items) - len(kept)

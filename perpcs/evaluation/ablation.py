@@ -48,7 +48,7 @@ from perpcs.evaluation.results import METRIC_NAMES, TASK_METRICS, score_predicti
 from perpcs.method.gates import GATES_FILE
 from perpcs.method.storage import mean_adapter_bytes
 from perpcs.paths import (COMPOSITION, EMB_FILE, EMB_META_FILE, INDEX_FILE, OPPU, REPO_ROOT, SHARER_GATES, SHARER_LORAS,
-                          TASK_LORA)
+                          TASK_LORA, user_file_name)
 from perpcs.stages.base import last_per_user
 from perpcs.stages.sharer_selection import STRATEGIES
 
@@ -223,7 +223,7 @@ def sharer_ids(index_path: Path, setting: Setting | None = None) -> list | None:
 
 def _all_sharers_have(index_path: Path, root: Path, relative: str) -> bool:
     ids = sharer_ids(index_path)
-    return ids is not None and all((root / f"user_{uid}" / relative).is_file() for uid in ids)
+    return ids is not None and all((root / user_file_name(uid) / relative).is_file() for uid in ids)
 
 
 def _copy_embeddings(source_dir: Path, target_dir: Path) -> str | None:

@@ -17,6 +17,7 @@ from perpcs.data.sample import GROUPS_FORMAT
 from perpcs.errors import fail
 from perpcs.evaluation.figures import pyplot, save_png
 from perpcs.method.recipes import RECIPE_FORMAT
+from perpcs.paths import user_file_name
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -291,8 +292,10 @@ def explain(recipes: list, output_dir=None, groups_file=None, scores_dir=None) -
     text = "\n".join(parts)
     if output_dir:
         out = Path(output_dir)
-        for _, rec, info in infos:
-            plot_heatmap(out / f"heatmap_user_{info['user_id']}.png", info, rec, groups)
+        # every name first: a recipe whose user id is not a safe id stops the report before any file is written
+        heatmaps = [out / f"heatmap_{user_file_name(info['user_id'], '.png')}" for _, _, info in infos]
+        for heatmap, (_, rec, info) in zip(heatmaps, infos):
+            plot_heatmap(heatmap, info, rec, groups)
         write_bytes_atomic(out / "explain.md", text.encode("utf-8"))
         write_json_atomic(out / "explain.json", {
             "users": [{k: v for k, v in info.items() if k != "cells"}

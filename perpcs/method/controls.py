@@ -21,6 +21,7 @@ import torch
 
 from perpcs.errors import fail
 from perpcs.method.pieces import PiecePool
+from perpcs.paths import user_file_name
 
 PEFT_COMBINATION = "linear"
 MERGED_ADAPTER = "default"   # peft saves the adapter named "default" at the top of the output dir
@@ -56,7 +57,7 @@ def peft_merged_model(model, pool: PiecePool):
     and their add_weighted_adapter merge (weights 1/n, PEFT_COMBINATION) as the active adapter MERGED_ADAPTER."""
     from peft import PeftModel
     names = [f"sharer_{uid}" for uid in pool.sharer_ids]
-    dirs = [pool.anchor_dir / f"user_{uid}" for uid in pool.sharer_ids]
+    dirs = [pool.anchor_dir / user_file_name(uid) for uid in pool.sharer_ids]
     peft_model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0])
     for name, path in zip(names[1:], dirs[1:]):
         peft_model.load_adapter(str(path), adapter_name=name)

@@ -15,6 +15,7 @@ from perpcs.atomic import write_dir_atomic
 from perpcs.data.layout import read_json
 from perpcs.errors import fail
 from perpcs.method.gates import GATES_FILE, load_gates
+from perpcs.paths import user_file_name
 
 ADAPTER_PREFIX = "base_model.model."
 
@@ -48,7 +49,7 @@ class PiecePool:
             if set(t) != set(self.pieces):
                 fail(f"sharer {uid!r} has other LoRA modules than sharer {self.sharer_ids[0]!r}")
         self.dtype = next(iter(tensors[0].values()))[0].dtype
-        gates = [load_gates(Path(gate_dir) / f"user_{uid}" / GATES_FILE, self.pieces, f"sharer {uid!r}")
+        gates = [load_gates(Path(gate_dir) / user_file_name(uid) / GATES_FILE, self.pieces, f"sharer {uid!r}")
                  for uid in self.sharer_ids] if gate_dir is not None else None
         self.A, self.B, self.G = {}, {}, {}
         for piece in self.pieces:
@@ -75,7 +76,7 @@ class PiecePool:
         return self
 
     def _adapter_dir(self, uid: str) -> Path:
-        return self.anchor_dir / f"user_{uid}"
+        return self.anchor_dir / user_file_name(uid)
 
     def _read_config(self, uid: str) -> dict:
         path = self._adapter_dir(uid) / "adapter_config.json"

@@ -22,7 +22,7 @@ from perpcs.engine.generation import predict_variants, write_variant_files
 from perpcs.errors import fail
 from perpcs.models.lora import is_complete_adapter
 from perpcs.models.provenance import SOURCE_FILE, read_source, refuse_other_sources, training_sources
-from perpcs.paths import default_dirs, resolve_sharer_index
+from perpcs.paths import default_dirs, resolve_sharer_index, user_file_name
 from perpcs.stages.config import GenerationConfig, LoraSettings, ModelConfig, ShardConfig, StageInputs
 from perpcs.stages.manifest import RunManifest, environment, numerics, user_data_sha256
 
@@ -95,7 +95,7 @@ def run_per_user(users: list, is_done: Callable, work: Callable, desc: str, log_
 
 
 def user_dir(root, uid: str) -> Path:
-    return Path(root) / f"user_{uid}"
+    return Path(root) / user_file_name(uid)
 
 
 def load_sharers(anchor_idx_path, candidate_path, task) -> list:
@@ -230,7 +230,7 @@ def profiles_if_needed(layout, task):
 
 
 def user_predictions_path(root, uid: str) -> Path:
-    return Path(root) / "user_predictions" / f"user_{uid}.json"
+    return Path(root) / "user_predictions" / user_file_name(uid, ".json")
 
 
 def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, device, gen: GenerationConfig,

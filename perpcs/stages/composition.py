@@ -20,7 +20,7 @@ from perpcs.method.recipes import gate_scores_record, make_recipe, recipe_weight
 from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, file_sha256, read_source, refuse_other_sources
 from perpcs.paths import (GATE_SCORES_DIR, control_dir_name, default_dirs, resolve_sharer_index,
-                          resolve_sharer_lora_dir, split_output_dir)
+                          resolve_sharer_lora_dir, split_output_dir, user_file_name)
 from perpcs.stages.base import (check_existing_predictions, check_histories, combine_user_predictions, last_per_user,
                                 lazy, load_merged_base, load_sharers, made_from, merged_base_sources,
                                 predict_one_user, profiles_if_needed, refuse_other_settings, run_per_user,
@@ -30,11 +30,11 @@ from perpcs.stages.manifest import canonical_sha256, open_run, user_data_sha256
 
 
 def recipe_path(root, uid: str) -> Path:
-    return Path(root) / "recipes" / f"user_{uid}.json"
+    return Path(root) / "recipes" / user_file_name(uid, ".json")
 
 
 def gate_scores_path(root, uid: str) -> Path:
-    return Path(root) / GATE_SCORES_DIR / f"user_{uid}.json"
+    return Path(root) / GATE_SCORES_DIR / user_file_name(uid, ".json")
 
 
 def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, sharer_ids: list,
@@ -69,8 +69,8 @@ def composition_inputs(inputs: StageInputs, pool: PiecePool, gate_dir: Path) -> 
     sources = merged_base_sources(inputs)
     adapters, gates = {}, {}
     for uid in pool.sharer_ids:
-        adapters[uid] = adapter_sha256(pool.anchor_dir / f"user_{uid}")
-        gate_path = gate_dir / f"user_{uid}"
+        adapters[uid] = adapter_sha256(pool.anchor_dir / user_file_name(uid))
+        gate_path = gate_dir / user_file_name(uid)
         gates[uid] = file_sha256(gate_path / GATES_FILE)
         recorded = read_source(gate_path / SOURCE_FILE) or {}
         if "adapter_sha256" not in recorded or any(k not in recorded for k in sources):
@@ -85,7 +85,7 @@ def composition_inputs(inputs: StageInputs, pool: PiecePool, gate_dir: Path) -> 
                  f"(train_anchor_gate.py --overwrite)")
         if recorded["adapter_sha256"] != adapters[uid]:
             fail(f"{gate_path / SOURCE_FILE}: the gates of sharer {uid} were trained on another LoRA than "
-                 f"{pool.anchor_dir / f'user_{uid}'} (adapter {str(recorded.get('adapter_sha256'))[:12]}... there, "
+                 f"{pool.anchor_dir / user_file_name(uid)} (adapter {str(recorded.get('adapter_sha256'))[:12]}... there, "
                  f"{adapters[uid][:12]}... now): the sharer LoRAs changed after the gates; run train_anchor_gate.py "
                  f"--overwrite on them, or pass the --anchor_dir the gates were trained on")
     return {**sources, "sharers": list(pool.sharer_ids), "sharer_adapters": adapters, "gates": gates}
@@ -214,7 +214,7 @@ def compose_users(cfg: CompositionStage, task, layout, test_users, users, all_pr
             write_recipe(recipe, path)
             timing["assembly_seconds"] = round(seconds, 4)
         if cfg.save_adapters:
-            pool.save_adapter(weights, out_root / "adapters" / f"user_{uid}")
+            pool.save_adapter(weights, out_root / "adapters" / user_file_name(uid))
         shortened = {}
         with composer_removed(model):   # predicted as OPPU is: peft's LoRA layers on base + task model
             load_composed(peft_model, pool, weights)
@@ -283,7 +283,7 @@ def write_summary(out_root: Path, pool: PiecePool, uids: list) -> dict:
                          "recipe_bytes": path.stat().st_size, "sharers_per_piece": sum(counts) / max(len(counts), 1)}
     mean = {key: _mean([u[key] for u in per_user.values()])
             for key in ("assembly_seconds", "payload_bytes", "recipe_bytes", "sharers_per_piece")}
-    sharer_bytes = [adapter_bytes(pool.anchor_dir / f"user_{uid}") for uid in pool.sharer_ids]
+    sharer_bytes = [adapter_bytes(pool.anchor_dir / user_file_name(uid)) for uid in pool.sharer_ids]
     pool_bytes = sum(sharer_bytes) if None not in sharer_bytes else None
     summary = {"users": per_user, "mean": mean, "n_users": len(per_user), "n_sharers": len(pool),
                "n_pieces": len(pool.pieces), "truncated": log_totals(out_root / "users_log.jsonl", uids),

@@ -24,7 +24,8 @@ from perpcs.data.tasks import get_task
 from perpcs.errors import fail
 from perpcs.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_complete_adapter, resolve_lora_ckpt
 from perpcs.models.provenance import SOURCE_FILE, base_model_fingerprint, read_source, training_sources
-from perpcs.paths import COMPOSITION, OPPU, OUTPUT_ROOT, SHARER_GATES, SHARER_LORAS, TASK_LORA
+from perpcs.paths import (COMPOSITION, OPPU, OUTPUT_ROOT, SHARER_GATES, SHARER_LORAS, TASK_LORA, safe_id,
+                          user_file_name)
 
 BASE_DIR = "base"
 BASE_REF = f"./{BASE_DIR}"        # what every exported adapter_config.json names as its base (relative to D)
@@ -36,19 +37,24 @@ def _user_dirs(root: Path) -> list:
     return sorted(d for d in root.glob("user_*") if d.is_dir()) if root.is_dir() else []
 
 
+def _named_user(path: Path, suffix: str = "") -> str:
+    """The user id in a ``user_<id><suffix>`` name; the export names its own copies after it."""
+    return safe_id(path.name.removeprefix("user_").removesuffix(suffix), f"{path}: user id")
+
+
 def export_sources(output_root: Path) -> dict:
     """{kind: [(user id, what to export, the file recording what it was made from, recorded sources)]}."""
     found = {kind: [] for kind in KINDS}
     for d in _user_dirs(output_root / SHARER_LORAS):
         if is_complete_adapter(d):
-            found["sharers"].append((d.name.removeprefix("user_"), d, d / SOURCE_FILE, read_source(d / SOURCE_FILE)))
+            found["sharers"].append((_named_user(d), d, d / SOURCE_FILE, read_source(d / SOURCE_FILE)))
     recipes = output_root / COMPOSITION / "recipes"
     for path in sorted(recipes.glob("user_*.json")) if recipes.is_dir() else []:
         recipe = read_json(path, "recipe")
-        found["per-pcs"].append((path.stem.removeprefix("user_"), path, path, recipe.get("inputs")))
+        found["per-pcs"].append((_named_user(path, ".json"), path, path, recipe.get("inputs")))
     for d in _user_dirs(output_root / OPPU / "adapters"):
         if is_complete_adapter(d):
-            found["oppu"].append((d.name.removeprefix("user_"), d, d / SOURCE_FILE, read_source(d / SOURCE_FILE)))
+            found["oppu"].append((_named_user(d), d, d / SOURCE_FILE, read_source(d / SOURCE_FILE)))
     return found
 
 
@@ -98,13 +104,13 @@ def _check_recipes_fit_sharers(found: dict, gate_dir: Path) -> None:
     from perpcs.models.provenance import adapter_sha256, file_sha256
     sharer_dirs = {uid: d for uid, d, *_ in found["sharers"]}
     for uid, path, _, inputs in found["per-pcs"]:
-        sharers = [str(s) for s in read_json(path, "recipe").get("sharers", [])]
+        sharers = [safe_id(s, f"{path}: sharer") for s in read_json(path, "recipe").get("sharers", [])]
         mixed = inputs.get("sharer_adapters") if isinstance(inputs, dict) else None
         if not isinstance(mixed, dict) or not isinstance(inputs.get("gates"), dict):
             fail(f"{path} records no digests of the sharer LoRAs and gates it mixed (made by an older version?): "
                  f"redo stage 5")
         for sid in sharers:
-            gate_file = gate_dir / f"user_{sid}" / "gates.safetensors"
+            gate_file = gate_dir / user_file_name(sid) / "gates.safetensors"
             if not gate_file.is_file() or sid not in sharer_dirs:
                 fail(f"{path} uses sharer {sid}, whose {'LoRA' if sid not in sharer_dirs else 'gates'} "
                      f"{'is' if sid not in sharer_dirs else 'are'} missing under {gate_dir.parent}")
@@ -155,7 +161,7 @@ def export_task(task_name: str, output_dir, output_root=None, model_path=None) -
                     "adapters": {kind: {} for kind in KINDS}}
         for kind, rows in found.items():
             for uid, src, record, _ in rows:
-                out = staging / "adapters" / kind / f"user_{uid}"
+                out = staging / "adapters" / kind / user_file_name(uid)
                 if kind == "per-pcs":   # the recipe is the record; its adapter is rebuilt from the sharer LoRAs
                     materialize(src, root / SHARER_LORAS, out)
                 else:

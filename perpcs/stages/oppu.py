@@ -12,7 +12,7 @@ from perpcs.data.truncation import finish_per_user_stage
 from perpcs.engine.training import train, user_seed
 from perpcs.models.lora import load_adapter_weights, save_peft_adapter
 from perpcs.models.provenance import SOURCE_FILE
-from perpcs.paths import default_dirs, split_output_dir
+from perpcs.paths import default_dirs, split_output_dir, user_file_name
 from perpcs.stages.base import (adapter_done, check_existing_predictions, check_histories, combine_user_predictions,
                                 fresh_lora, lazy, load_merged_base, lora_record, made_from, merged_base_sources,
                                 predict_one_user, run_per_user, stage_manifest, user_examples, user_predictions_path,
@@ -44,7 +44,7 @@ def train_oppu(cfg: OPPUStage) -> Path:
         model, tokenizer, device = engine()
         examples = user_examples(task, user, profiles, layout.profiles, index[uid], users_file)   # in its turn
         seed = user_seed(base_cfg.seed, uid)
-        adapter_dir = out_root / "adapters" / f"user_{uid}"
+        adapter_dir = out_root / "adapters" / user_file_name(uid)
         peft_model = fresh_lora(model, cfg.lora, seed)
         try:
             # killed after saving, before predicting: reuse the adapter if it was made from the same inputs
@@ -67,7 +67,7 @@ def train_oppu(cfg: OPPUStage) -> Path:
         check_existing_predictions(out_root, [uid for uid, _ in users], cfg.generation.recorded(task), False,
                                    lambda uid: made_from(manifest, uid))
         for uid, _ in users:
-            adapter_done(out_root / "adapters" / f"user_{uid}", made_from(manifest, uid), "trained")
+            adapter_done(out_root / "adapters" / user_file_name(uid), made_from(manifest, uid), "trained")
 
     with open_run(out_root, manifest, num_shards, shard_id, cfg.shards.overwrite, check_outputs):
         run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",

@@ -28,7 +28,8 @@ from perpcs.data.prompts import HISTORY_WORDS, history_string
 from perpcs.data.tasks import Task, get_task
 from perpcs.errors import fail
 from perpcs.models.provenance import file_sha256
-from perpcs.paths import EMB_FILE, EMB_META_FILE, INDEX_FILE, REPO_ROOT, default_selection_dir
+from perpcs.paths import (EMB_FILE, EMB_META_FILE, ID_RULE, INDEX_FILE, REPO_ROOT, default_selection_dir,
+                          is_safe_id)
 
 STRATEGIES = ("cluster", "most_active", "random")
 KMEANS_N_INIT = 10          # k-means restarts; the best of 10 (by inertia) is kept
@@ -430,6 +431,9 @@ def load_sharer_index(path, users=None) -> dict:
         fail(f"{path}: field 'indices' repeats a candidate")
     if len(ids) != len(indices) or not all(isinstance(u, (str, int)) for u in ids):
         fail(f"{path}: field 'user_ids' must hold one user id per index ({len(indices)}), got {len(ids)}")
+    for position, uid in enumerate(ids):   # stages 3-5 name a folder user_<id> after each
+        if not is_safe_id(uid):
+            fail(f"{path}: user_ids #{position} ({uid!r}) is not a safe id: {ID_RULE}")
     if clusters is not None and (not isinstance(clusters, list) or len(clusters) != len(indices)
                                  or not all(isinstance(c, int) for c in clusters)):
         fail(f"{path}: field 'clusters' must be null or one integer cluster id per index")
