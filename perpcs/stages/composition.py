@@ -23,8 +23,8 @@ from perpcs.paths import (GATE_SCORES_DIR, control_dir_name, default_dirs, resol
                           resolve_sharer_lora_dir, split_output_dir)
 from perpcs.stages.base import (check_existing_predictions, check_histories, combine_user_predictions, last_per_user,
                                 lazy, load_merged_base, load_sharers, merged_base_sources, predict_one_user,
-                                profiles_if_needed, refuse_other_settings, run_per_user, user_examples,
-                                user_predictions_path)
+                                profiles_if_needed, refuse_other_settings, run_per_user, staging_dirs,
+                                user_examples, user_predictions_path)
 from perpcs.stages.config import CompositionStage, StageInputs
 
 
@@ -164,7 +164,8 @@ def compose(cfg: CompositionStage) -> Path:
 
     run_per_user(users, lambda uid: recipe_path(out_root, uid).is_file()
                  and user_predictions_path(out_root, uid).is_file() and not scores_missing(uid),
-                 work, "composition", out_root / "users_log.jsonl", num_shards, shard_id, overwrite)
+                 work, "composition", out_root / "users_log.jsonl", num_shards, shard_id, overwrite,
+                 staging_dirs(out_root))
     report_stage("composition", log_totals(out_root / "users_log.jsonl", [uid for uid, _ in users]))
     if combine_user_predictions(out_root, task, test_users):
         write_summary(out_root, pool, [uid for uid, _ in users])
@@ -202,7 +203,7 @@ def merge_control(cfg: CompositionStage, task, layout, test_users, users, all_pr
         return {"truncated": user_entry(uid, None, shortened)}
 
     run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "composition",
-                 out_root / "users_log.jsonl", *cfg.shards.resolve(), overwrite)
+                 out_root / "users_log.jsonl", *cfg.shards.resolve(), overwrite, staging_dirs(out_root))
     if combine_user_predictions(out_root, task, test_users):
         size = adapter_bytes(out_root / "adapter")
         write_json_atomic(out_root / "summary.json", {"control": "peft_merge", "n_users": len(uids),

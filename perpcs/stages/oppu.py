@@ -15,8 +15,7 @@ from perpcs.models.provenance import SOURCE_FILE
 from perpcs.paths import default_dirs, split_output_dir
 from perpcs.stages.base import (adapter_done, check_existing_predictions, check_histories, combine_user_predictions,
                                 fresh_lora, lazy, load_merged_base, merged_base_sources, predict_one_user, run_per_user,
-                                user_examples,
-                                user_predictions_path, user_record)
+                                staging_dirs, user_examples, user_predictions_path, user_record)
 from perpcs.stages.config import OPPUStage
 
 
@@ -62,7 +61,7 @@ def train_oppu(cfg: OPPUStage) -> Path:
         return user_record(uid, examples, stats, shortened)
 
     run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
-                 out_root / "users_log.jsonl", num_shards, shard_id, cfg.shards.overwrite)
+                 out_root / "users_log.jsonl", num_shards, shard_id, cfg.shards.overwrite, staging_dirs(out_root))
     finish_per_user_stage("OPPU", out_root, [uid for uid, _ in users])
     combine_user_predictions(out_root, task, test_users)
     return out_root

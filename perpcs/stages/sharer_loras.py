@@ -9,7 +9,8 @@ from perpcs.data.truncation import finish_per_user_stage
 from perpcs.engine.training import train, user_seed
 from perpcs.models.lora import save_peft_adapter
 from perpcs.models.provenance import SOURCE_FILE
-from perpcs.stages.base import adapter_done, fresh_lora, run_per_user, sharer_run, user_dir, user_record
+from perpcs.stages.base import (adapter_done, fresh_lora, run_per_user, sharer_run, staging_dirs, user_dir,
+                                user_record)
 from perpcs.stages.config import SharerLoRAStage
 
 
@@ -32,6 +33,6 @@ def train_sharer_loras(cfg: SharerLoRAStage) -> Path:
         return user_record(uid, examples[uid], stats)
 
     run_per_user(run.sharers, lambda uid: adapter_done(user_dir(out_root, uid), sources, "trained"), work,
-                 "sharer LoRAs", out_root / "users_log.jsonl", *run.shard, cfg.shards.overwrite)
+                 "sharer LoRAs", out_root / "users_log.jsonl", *run.shard, cfg.shards.overwrite, staging_dirs(out_root))
     finish_per_user_stage("sharer LoRAs", out_root, [uid for uid, _ in run.sharers])
     return out_root

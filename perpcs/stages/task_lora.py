@@ -13,7 +13,7 @@ from perpcs.data.truncation import describe, record_in_summary
 from perpcs.engine.generation import predict_variants, write_variant_files
 from perpcs.engine.training import train
 from perpcs.errors import fail
-from perpcs.models.lora import is_complete_adapter, save_peft_adapter
+from perpcs.models.lora import check_adapter_files, is_complete_adapter, save_peft_adapter
 from perpcs.paths import split_output_dir, stage_dirs
 from perpcs.stages.config import TaskLoRAStage
 
@@ -62,11 +62,14 @@ def run(cfg: TaskLoRAStage) -> Path:
     profiles = layout.load_profiles()
     base_users = None if cfg.infer or cfg.base_only else layout.load_split("base", need_gold=True, check=True)
 
+    reuse = not cfg.base_only and (cfg.infer or (is_complete_adapter(out_dir) and not cfg.overwrite))
+    if reuse:   # a damaged adapter is named now, not as peft's traceback after the model load
+        check_adapter_files(resolve_lora_ckpt(inputs.lora_ckpt) if inputs.lora_ckpt else resolve_lora_ckpt(out_dir))
     rank, world = init_data_parallel(m.device)
     model, tokenizer, device = load_base_model(m.llama_model_path, m.tokenizer_path, m.device, cpu_bf16=m.cpu_bf16)
     if cfg.base_only:
         print("no LoRA (--base_only): the base model's predictions")
-    elif cfg.infer or (is_complete_adapter(out_dir) and not cfg.overwrite):
+    elif reuse:
         adapter_dir = resolve_lora_ckpt(inputs.lora_ckpt) if inputs.lora_ckpt else resolve_lora_ckpt(out_dir)
         print(f"loading the task LoRA from {adapter_dir}" + ("" if cfg.infer else " (already trained)"))
         model = PeftModel.from_pretrained(model, str(adapter_dir))
