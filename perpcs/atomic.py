@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -103,6 +104,32 @@ def write_bytes_atomic(path, data: bytes) -> None:
         if isinstance(err, OSError):
             fail(f"could not write {path}: {err.strerror or err}; an earlier version of it is intact")
         raise
+
+
+def remove_orphaned_staging(root_dirs, target_names) -> int:
+    """Remove the staging that a killed write left beside its target: ``.<name>.XXXX.tmp`` dirs and files, in
+    ``root_dirs`` (not below them), for the given target names only (e.g. user_7, user_7.json). Sharded runs
+    share folders: a process names only its own users' targets, so it never removes a staging being written by
+    another. Returns how many were removed."""
+    names = sorted(set(target_names))
+    if not names:
+        return 0
+    # the name, then mkdtemp/mkstemp's random part (no dots), then .tmp: user_1 never matches user_12's staging
+    pattern = re.compile(r"\.(%s)\.[^.]+\.tmp" % "|".join(re.escape(n) for n in names))
+    removed = 0
+    for root in root_dirs:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for path in root.iterdir():
+            if not pattern.fullmatch(path.name):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += not path.exists()
+    return removed
 
 
 def current_umask() -> int:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,14 @@ def plant_decoy(stage: str, out: Path, user: str, donor: str) -> None:
         (out.parent / f".{out.name}.killed.tmp").write_text('{"half": "writ')
     else:
         (out / "user_predictions" / f".user_{user}.json.killed.tmp").write_text('{"k1": [["1", "com')
+        if (out / "adapters" / f"user_{donor}").is_dir():   # OPPU, composition --save_adapters
+            shutil.copytree(out / "adapters" / f"user_{donor}", out / "adapters" / f".user_{user}.killed.tmp")
+
+
+def train_rows(out: Path) -> Counter:
+    """Rows per training (desc: one per user) in a stage's train_log.jsonl."""
+    log = out / "train_log.jsonl"
+    return Counter(json.loads(line)["desc"] for line in log.read_text().splitlines()) if log.is_file() else Counter()
 
 
 def done_names(done: list) -> set:
@@ -152,6 +161,9 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(stage, pipe, tmp_path, ca
         assert killed_out.read_bytes() == base_out.read_bytes()
         return
     assert f"{len(done)} already done, {len(todo)} to do" in out
+    assert "unfinished staging left by an interrupted run" in out
+    assert hidden_leftovers(killed_out) == []                      # the decoy and the killed user's staging
+    assert train_rows(killed_out) == train_rows(base_out)          # the killed user's steps once, not twice
     logged_before_kill = [u for u in log_users(killed_out / "users_log.jsonl") if u in done]
     assert log_users(killed_out / "users_log.jsonl") == logged_before_kill + todo    # nobody redone
     assert stamps and all((p.stat().st_ino, p.stat().st_mtime_ns) == st for p, st in stamps.items())

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from perpcs.atomic import write_bytes_atomic
 from perpcs.data.prompts import Example
 from perpcs.data.truncation import count_cuts, fit_example
 from perpcs.errors import fail
@@ -232,6 +233,39 @@ def _checkpointing(model, on: bool) -> None:
         disable()
 
 
+class StepLog:
+    """A training's rows in a train_log.jsonl that the shards of a stage share (they append to one file).
+
+    A training's rows are those with its ``desc`` (one per user and stage, e.g. "OPPU 17"). When it starts, rows an
+    earlier attempt left (a run killed during that user's training, then resumed) are dropped, so the file holds one
+    set of rows per training; rows a kill tore in half go too. The rewrite and every append hold one lock (a file
+    beside the log, ``train_log.jsonl.lock``): another shard's append never lands in a file being replaced."""
+
+    def __init__(self, path, desc: str):
+        from filelock import FileLock
+
+        self.path, self.desc = Path(path), desc
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(str(self.path) + ".lock")
+        with self.lock:
+            if self.path.is_file():
+                lines = self.path.read_text(encoding="utf-8").splitlines()
+                kept = [line for line in lines if self._keep(line)]
+                if len(kept) != len(lines):
+                    write_bytes_atomic(self.path, "".join(line + "\n" for line in kept).encode("utf-8"))
+
+    def _keep(self, line: str) -> bool:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return False   # half a row: a kill during its write
+        return not (isinstance(row, dict) and row.get("desc") == self.desc)
+
+    def write(self, row: dict) -> None:
+        with self.lock, open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.device,
           desc: str = "train", log_path: Path | None = None, show_progress: bool = True) -> dict:
     """Train the parameters of ``model`` that require grad on ``examples``; returns loss/speed stats.
@@ -264,9 +298,7 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed)
     lengths = [len(t.input_ids) for t in tokenized] if cfg.group_by_length else None
-    if log_path and rank == 0:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a", encoding="utf-8") if log_path and rank == 0 else None
+    log = StepLog(log_path, desc) if log_path and rank == 0 else None
     bar = tqdm(total=total_steps, desc=desc, disable=not show_progress, leave=False)
     state = {"step": 0, "micro": 0, "losses": [], "tokens": 0, "running": None}   # tokens: all ranks together
     t0 = time.perf_counter()
@@ -295,9 +327,8 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
         bar.set_postfix(loss=f"{state['running']:.4f}")
         if log:
             elapsed = time.perf_counter() - t0
-            log.write(json.dumps({"desc": desc, "step": state["step"], "loss": step_loss, "lr": lr,
-                                  "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(elapsed, 1e-9)})
-                      + "\n")
+            log.write({"desc": desc, "step": state["step"], "loss": step_loss, "lr": lr,
+                       "tokens": state["tokens"], "tokens_per_s": state["tokens"] / max(elapsed, 1e-9)})
 
     try:
         epoch = 0
@@ -336,8 +367,6 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
             epoch += 1
     finally:
         bar.close()
-        if log:
-            log.close()
         if cfg.grad_ckpt:
             _checkpointing(model, False)
         model.eval()

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from perpcs.errors import fail
+from perpcs.models.lora import read_safetensors
 
 GATES_FILE = "gates.safetensors"
 
@@ -78,13 +79,24 @@ def save_gates(gates: dict, path) -> None:
     save_file(gate_state(gates), str(path), metadata={"format": "perpcs-gates"})
 
 
-def load_gates(path, expected_pieces=None, who: str = "") -> dict:
+def load_gates(path, expected=None, who: str = "") -> dict:
+    """{piece: gate vector} of a gates file. ``expected`` ({piece: input width of its LoRA module}): the gates must
+    be exactly these pieces, each a vector as long as its module's input (d_in of lora_A), else the file is named."""
     path = Path(path)
     if not path.is_file():
         fail(f"gates not found for {who or 'sharer'}: {path} (run train_anchor_gate.py)")
-    gates = load_file(str(path))
-    if expected_pieces is not None:
-        missing = [p for p in expected_pieces if p not in gates]
+    gates = read_safetensors(path, "gates")
+    if expected is not None:
+        missing = [p for p in expected if p not in gates]
         if missing:
-            fail(f"{path}: gates of {who or 'sharer'} miss {len(missing)} pieces, e.g. {missing[:3]}")
+            fail(f"{path}: gates of {who or 'sharer'} miss {len(missing)} pieces, e.g. {missing[:3]} (trained on "
+                 f"another sharer LoRA? run train_anchor_gate.py again)")
+        extra = sorted(p for p in gates if p not in expected)
+        if extra:
+            fail(f"{path}: gates of {who or 'sharer'} for {len(extra)} pieces its LoRA does not have, e.g. "
+                 f"{extra[:3]} (trained on another sharer LoRA? run train_anchor_gate.py again)")
+        for piece, d_in in expected.items():
+            if tuple(gates[piece].shape) != (d_in,):
+                fail(f"{path}: the gate of piece {piece} has shape {tuple(gates[piece].shape)}, its LoRA module's "
+                     f"input is {d_in} wide (trained on another sharer LoRA? run train_anchor_gate.py again)")
     return gates

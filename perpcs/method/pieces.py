@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from perpcs.atomic import write_dir_atomic
 from perpcs.data.layout import read_json
 from perpcs.errors import fail
 from perpcs.method.gates import GATES_FILE, load_gates
 from perpcs.paths import user_file_name
+from perpcs.models.lora import read_safetensors
 
 ADAPTER_PREFIX = "base_model.model."
 
@@ -49,21 +50,21 @@ class PiecePool:
             if set(t) != set(self.pieces):
                 fail(f"sharer {uid!r} has other LoRA modules than sharer {self.sharer_ids[0]!r}")
         self.dtype = next(iter(tensors[0].values()))[0].dtype
-        gates = [load_gates(Path(gate_dir) / user_file_name(uid) / GATES_FILE, self.pieces, f"sharer {uid!r}")
-                 for uid in self.sharer_ids] if gate_dir is not None else None
-        self.A, self.B, self.G = {}, {}, {}
         for piece in self.pieces:
             for uid, t in zip(self.sharer_ids, tensors):
                 if t[piece][0].shape != tensors[0][piece][0].shape or t[piece][1].shape != tensors[0][piece][1].shape:
                     fail(f"sharer {uid!r}: piece {piece} has another shape than sharer {self.sharer_ids[0]!r}")
+        # every gates file read and checked against the LoRA pieces before any stacking (or model load)
+        widths = {piece: tensors[0][piece][0].shape[-1] for piece in self.pieces}   # lora_A is (r, d_in)
+        gates = [load_gates(Path(gate_dir) / f"user_{uid}" / GATES_FILE, widths, f"sharer {uid!r}")
+                 for uid in self.sharer_ids] if gate_dir is not None else None
+        self.A, self.B, self.G = {}, {}, {}
+        for piece in self.pieces:
             self.A[piece] = torch.stack([t[piece][0].float() for t in tensors]).to(device)   # (S, r, d_in)
             self.B[piece] = torch.stack([t[piece][1].float() for t in tensors]).to(device)   # (S, d_out, r)
             if gates is None:
                 continue
-            g = torch.stack([gs[piece].float() for gs in gates])                               # (S, d_in)
-            if g.shape[1] != self.A[piece].shape[2]:
-                fail(f"gates of piece {piece} have size {g.shape[1]}, the LoRA input size is "
-                     f"{self.A[piece].shape[2]}")
+            g = torch.stack([gs[piece].float() for gs in gates])   # (S, d_in): load_gates checked each width
             self.G[piece] = F.layer_norm(g, (g.shape[1],), eps=1e-5).to(device)
 
     def __len__(self) -> int:
@@ -82,14 +83,17 @@ class PiecePool:
         path = self._adapter_dir(uid) / "adapter_config.json"
         if not path.is_file():
             fail(f"no sharer LoRA for user {uid!r}: {path} is missing (run train_anchor_PEFT.py)")
-        return read_json(path, "adapter config")
+        config = read_json(path, "adapter config")
+        if not isinstance(config, dict):
+            fail(f"{path}: expected a JSON object (a peft adapter config)")
+        return config
 
     def _read_adapter(self, uid: str) -> dict:
         """{piece: (A, B)} of one sharer adapter file."""
         path = self._adapter_dir(uid) / "adapter_model.safetensors"
         if not path.is_file():
             fail(f"no sharer LoRA weights for user {uid!r}: {path} is missing")
-        raw = load_file(str(path))
+        raw = read_safetensors(path, "sharer LoRA weights")
         pieces: dict = {}
         for key, tensor in raw.items():
             for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):

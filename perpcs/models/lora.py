@@ -45,7 +45,23 @@ def resolve_lora_ckpt(path) -> Path:
     return adapter_dir
 
 
+def read_safetensors(path, what: str = "safetensors file") -> dict:
+    """{name: tensor} of a safetensors file; a missing, truncated or otherwise unreadable file is a user error
+    naming the file (safetensors raises its own error types, which would end in a traceback)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        fail(f"{path}: {what} not found")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: a damaged file is the user's to fix
+        fail(f"{path}: not a readable safetensors file, truncated or damaged ({err}); delete it to make it again")
+
+
 def adapter_tensor_names(adapter_dir) -> list:
+    """The tensor names of an adapter's weights; reading the header also catches a truncated file (safetensors
+    checks the header's offsets against the file's size)."""
     from safetensors import safe_open
 
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
@@ -55,14 +71,23 @@ def adapter_tensor_names(adapter_dir) -> list:
         with safe_open(str(weights), framework="pt") as f:
             return sorted(f.keys())
     except Exception as err:  # noqa: BLE001 - a corrupt file is the user's problem
-        fail(f"{weights}: not a readable safetensors file ({err})")
+        fail(f"{weights}: not a readable safetensors file, truncated or damaged ({err})")
+
+
+def check_adapter_files(adapter_dir) -> None:
+    """Fail naming the file unless the adapter's config parses as a JSON object and its weights' header reads:
+    stages check every adapter they will load (with peft, whose errors are tracebacks) before writing anything."""
+    config = _adapter_config(adapter_dir)
+    if not isinstance(config, dict):
+        fail(f"{Path(adapter_dir) / ADAPTER_CONFIG}: expected a JSON object")
+    adapter_tensor_names(adapter_dir)
 
 
 def _adapter_config(adapter_dir) -> dict:
     config_file = Path(adapter_dir) / ADAPTER_CONFIG
     try:
         return json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:   # ValueError: malformed JSON or not UTF-8
         fail(f"{config_file}: missing or malformed ({err})")
 
 
@@ -179,12 +204,8 @@ def load_adapter_weights(peft_model, adapter_dir) -> None:
     skips keys it does not know and keeps the fresh init of keys the file lacks, which would half-load an
     adapter saved with other target modules or rank."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    path = Path(adapter_dir) / "adapter_model.safetensors"
-    try:
-        saved = load_file(str(path))
-    except Exception as err:   # safetensors raises its own error types for a corrupt header
-        fail(f"{path}: cannot read the adapter ({err}); delete {adapter_dir} to train it again")
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    saved = read_safetensors(path, "adapter weights")
     expected = get_peft_model_state_dict(peft_model)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     shapes = sorted(k for k in set(saved) & set(expected) if tuple(saved[k].shape) != tuple(expected[k].shape))

@@ -14,6 +14,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from perpcs.atomic import remove_orphaned_staging
 from perpcs.data.layout import Layout, load_users, log_rows, profile_text, read_json, user_id
 from perpcs.data.prompts import history_examples
 from perpcs.data.tasks import get_task
@@ -22,7 +23,7 @@ from perpcs.engine.generation import predict_variants, write_variant_files
 from perpcs.errors import fail
 from perpcs.models.lora import is_complete_adapter
 from perpcs.models.provenance import SOURCE_FILE, read_source, refuse_other_sources, training_sources
-from perpcs.paths import default_dirs, resolve_sharer_index, user_file_name
+from perpcs.paths import GATE_SCORES_DIR, default_dirs, resolve_sharer_index, user_file_name
 from perpcs.stages.config import GenerationConfig, LoraSettings, ModelConfig, ShardConfig, StageInputs
 from perpcs.stages.manifest import RunManifest, environment, numerics, user_data_sha256
 
@@ -64,13 +65,26 @@ def shard_users(users: list, num_shards: int, shard_id: int) -> list:
     return [u for i, u in enumerate(users) if i % num_shards == shard_id]
 
 
+def staging_dirs(out_root) -> list:
+    """Where a per-user stage publishes its users' outputs (user_<id>/ dirs, user_<id>.json files), so where a
+    killed run may have left their staging."""
+    root = Path(out_root)
+    return [root] + [root / sub for sub in ("adapters", "user_predictions", "recipes", GATE_SCORES_DIR)]
+
+
 def run_per_user(users: list, is_done: Callable, work: Callable, desc: str, log_path: Path | None = None,
-                 num_shards: int = 1, shard_id: int = 0, overwrite: bool = False) -> dict:
+                 num_shards: int = 1, shard_id: int = 0, overwrite: bool = False, staging=()) -> dict:
     """Call ``work(uid, user) -> dict`` for each (uid, user) of this shard that is not done yet.
 
     Returns {"done": [...], "skipped": [...]}; each finished user appends a line (time, stats) to log_path.
+    ``staging``: the dirs (staging_dirs) where the staging a kill left of this shard's users is removed first.
     """
     mine = shard_users(users, num_shards, shard_id)
+    # only this shard's users: other shards may be writing theirs into the same folders right now
+    removed = remove_orphaned_staging(staging, [user_file_name(uid, suffix) for uid, _ in mine
+                                                for suffix in ("", ".json")])
+    if removed:
+        print(f"{desc}: removed {removed} unfinished staging left by an interrupted run")
     finished = set() if overwrite else {uid for uid, _ in mine if is_done(uid)}
     todo = [(uid, u) for uid, u in mine if uid not in finished]
     skipped = [uid for uid, _ in mine if uid in finished]

@@ -24,7 +24,7 @@ from perpcs.paths import (GATE_SCORES_DIR, control_dir_name, default_dirs, resol
 from perpcs.stages.base import (check_existing_predictions, check_histories, combine_user_predictions, last_per_user,
                                 lazy, load_merged_base, load_sharers, made_from, merged_base_sources,
                                 predict_one_user, profiles_if_needed, refuse_other_settings, run_per_user,
-                                stage_manifest, user_examples, user_predictions_path, users_data)
+                                stage_manifest, staging_dirs, user_examples, user_predictions_path, users_data)
 from perpcs.stages.config import CompositionStage, StageInputs
 from perpcs.stages.manifest import canonical_sha256, open_run, user_data_sha256
 
@@ -40,7 +40,8 @@ def gate_scores_path(root, uid: str) -> Path:
 def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, sharer_ids: list,
                            inputs: Callable, overwrite: bool, control: str | None = None) -> None:
     """A rerun resumes finished users only if they were assembled with the same settings, sharers and inputs
-    (``inputs(uid)``: base model, task LoRA, sharer LoRAs, gates, --max_seq_len, the user's history): otherwise a sweep (say --topk 1 after --topk 3) into the same
+    (``inputs(uid)``: base model, task LoRA, sharer LoRAs, gates, --max_seq_len, the user's history): otherwise a
+    sweep (say --topk 1 after --topk 3) into the same
     output dir would report the old recipes as the new run's."""
     if overwrite:
         return
@@ -85,7 +86,8 @@ def composition_inputs(inputs: StageInputs, pool: PiecePool, gate_dir: Path) -> 
                  f"(train_anchor_gate.py --overwrite)")
         if recorded["adapter_sha256"] != adapters[uid]:
             fail(f"{gate_path / SOURCE_FILE}: the gates of sharer {uid} were trained on another LoRA than "
-                 f"{pool.anchor_dir / user_file_name(uid)} (adapter {str(recorded.get('adapter_sha256'))[:12]}... there, "
+                 f"{pool.anchor_dir / user_file_name(uid)} (adapter {str(recorded['adapter_sha256'])[:12]}... "
+                 f"there, "
                  f"{adapters[uid][:12]}... now): the sharer LoRAs changed after the gates; run train_anchor_gate.py "
                  f"--overwrite on them, or pass the --anchor_dir the gates were trained on")
     return {**sources, "sharers": list(pool.sharer_ids), "sharer_adapters": adapters, "gates": gates}
@@ -190,7 +192,8 @@ def compose_users(cfg: CompositionStage, task, layout, test_users, users, all_pr
             weights = recipe_weights(recipe, pool, path)
         elif control == "uniform":   # no assembly: no forward, no history
             weights = uniform_weights(pool)
-            recipe = make_recipe(pool, weights, settings, uid, task.name, [], {"control": control, "inputs": inputs(uid)})
+            recipe = make_recipe(pool, weights, settings, uid, task.name, [],
+                                 {"control": control, "inputs": inputs(uid)})
             write_recipe(recipe, path)
         else:
             # in its turn: one user's examples alive at a time (swapped: the partner's history)
@@ -225,7 +228,8 @@ def compose_users(cfg: CompositionStage, task, layout, test_users, users, all_pr
 
     run_per_user(users, lambda uid: recipe_path(out_root, uid).is_file()
                  and user_predictions_path(out_root, uid).is_file() and not scores_missing(uid),
-                 work, "composition", out_root / "users_log.jsonl", num_shards, shard_id, overwrite)
+                 work, "composition", out_root / "users_log.jsonl", num_shards, shard_id, overwrite,
+                 staging_dirs(out_root))
     report_stage("composition", log_totals(out_root / "users_log.jsonl", [uid for uid, _ in users]))
     if combine_user_predictions(out_root, task, test_users):
         write_summary(out_root, pool, [uid for uid, _ in users])
@@ -259,7 +263,7 @@ def merge_control(cfg: CompositionStage, task, layout, test_users, users, all_pr
         return {"truncated": user_entry(uid, None, shortened)}
 
     run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "composition",
-                 out_root / "users_log.jsonl", *cfg.shards.resolve(), cfg.shards.overwrite)
+                 out_root / "users_log.jsonl", *cfg.shards.resolve(), cfg.shards.overwrite, staging_dirs(out_root))
     if combine_user_predictions(out_root, task, test_users):
         size = adapter_bytes(out_root / "adapter")
         write_json_atomic(out_root / "summary.json", {"control": "peft_merge", "n_users": len(uids),

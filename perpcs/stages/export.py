@@ -22,7 +22,8 @@ from perpcs.atomic import write_dir_atomic
 from perpcs.data.layout import read_json
 from perpcs.data.tasks import get_task
 from perpcs.errors import fail
-from perpcs.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_complete_adapter, resolve_lora_ckpt
+from perpcs.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_files, is_complete_adapter,
+                                resolve_lora_ckpt)
 from perpcs.models.provenance import SOURCE_FILE, base_model_fingerprint, read_source, training_sources
 from perpcs.paths import (COMPOSITION, OPPU, OUTPUT_ROOT, SHARER_GATES, SHARER_LORAS, TASK_LORA, safe_id,
                           user_file_name)
@@ -43,17 +44,22 @@ def _named_user(path: Path, suffix: str = "") -> str:
 
 
 def export_sources(output_root: Path) -> dict:
-    """{kind: [(user id, what to export, the file recording what it was made from, recorded sources)]}."""
+    """{kind: [(user id, what to export, the file recording what it was made from, recorded sources)]}; every
+    adapter's files are checked readable here, before the export writes anything."""
     found = {kind: [] for kind in KINDS}
     for d in _user_dirs(output_root / SHARER_LORAS):
         if is_complete_adapter(d):
+            check_adapter_files(d)
             found["sharers"].append((_named_user(d), d, d / SOURCE_FILE, read_source(d / SOURCE_FILE)))
     recipes = output_root / COMPOSITION / "recipes"
     for path in sorted(recipes.glob("user_*.json")) if recipes.is_dir() else []:
         recipe = read_json(path, "recipe")
+        if not isinstance(recipe, dict):
+            fail(f"{path}: expected a JSON object (a Per-Pcs recipe)")
         found["per-pcs"].append((_named_user(path, ".json"), path, path, recipe.get("inputs")))
     for d in _user_dirs(output_root / OPPU / "adapters"):
         if is_complete_adapter(d):
+            check_adapter_files(d)
             found["oppu"].append((_named_user(d), d, d / SOURCE_FILE, read_source(d / SOURCE_FILE)))
     return found
 
@@ -65,7 +71,7 @@ def find_base_model(model_path, task_lora: Path, found: dict):
         return model_path
     recorded = next((src["base_model"] for rows in found.values() for *_, src in rows
                      if isinstance(src, dict) and "base_model" in src), None)
-    named = json.loads((task_lora / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    named = _config(task_lora / ADAPTER_CONFIG).get("base_model_name_or_path")
     local = named if named and Path(str(named)).expanduser().is_dir() else None
     if recorded is None:   # nothing beyond stage 1: the task LoRA's own record of its base is all there is
         if local:
@@ -181,11 +187,18 @@ def export_task(task_name: str, output_dir, output_root=None, model_path=None) -
     return target
 
 
+def _config(config_file: Path) -> dict:
+    config = read_json(config_file, "adapter config")
+    if not isinstance(config, dict):
+        fail(f"{config_file}: expected a JSON object (a peft adapter config)")
+    return config
+
+
 def point_at_base(config_file: Path) -> None:
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = _config(config_file)
     config["base_model_name_or_path"] = BASE_REF
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _rank(adapter_dir: Path) -> int:
-    return int(json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))["r"])
+    return int(_config(adapter_dir / ADAPTER_CONFIG)["r"])

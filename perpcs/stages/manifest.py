@@ -126,8 +126,9 @@ def read_manifest(path) -> dict | None:
         fail(f"{path}: not valid JSON ({err}); it records what this folder's outputs were made from: pass "
              f"--overwrite to redo every user, or another --output_dir")
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        fail(f"{path}: not a run manifest of this version (format {data.get('format') if isinstance(data, dict) else None!r}); "
-             f"pass --overwrite to redo every user, or another --output_dir")
+        found = data.get("format") if isinstance(data, dict) else None
+        fail(f"{path}: not a run manifest of this version (format {found!r}); pass --overwrite to redo every user, or "
+             f"another --output_dir")
     return data
 
 

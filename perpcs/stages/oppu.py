@@ -15,8 +15,8 @@ from perpcs.models.provenance import SOURCE_FILE
 from perpcs.paths import default_dirs, split_output_dir, user_file_name
 from perpcs.stages.base import (adapter_done, check_existing_predictions, check_histories, combine_user_predictions,
                                 fresh_lora, lazy, load_merged_base, lora_record, made_from, merged_base_sources,
-                                predict_one_user, run_per_user, stage_manifest, user_examples, user_predictions_path,
-                                user_record, users_data)
+                                predict_one_user, run_per_user, stage_manifest, staging_dirs, user_examples,
+                                user_predictions_path, user_record, users_data)
 from perpcs.stages.config import OPPUStage
 from perpcs.stages.manifest import open_run
 
@@ -71,7 +71,8 @@ def train_oppu(cfg: OPPUStage) -> Path:
 
     with open_run(out_root, manifest, num_shards, shard_id, cfg.shards.overwrite, check_outputs):
         run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "OPPU users",
-                     out_root / "users_log.jsonl", num_shards, shard_id, cfg.shards.overwrite)
+                     out_root / "users_log.jsonl", num_shards, shard_id, cfg.shards.overwrite,
+                     staging_dirs(out_root))
         finish_per_user_stage("OPPU", out_root, [uid for uid, _ in users])
         combine_user_predictions(out_root, task, test_users)
     return out_root

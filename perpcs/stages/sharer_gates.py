@@ -10,10 +10,11 @@ from perpcs.data.truncation import finish_per_user_stage
 from perpcs.engine.training import train, user_seed
 from perpcs.errors import fail
 from perpcs.method.gates import GATES_FILE, install_gates, remove_gates, save_gates
-from perpcs.models.lora import is_complete_adapter
+from perpcs.models.lora import check_adapter_files, is_complete_adapter
 from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, read_source, refuse_other_sources
 from perpcs.paths import resolve_sharer_lora_dir
-from perpcs.stages.base import made_from, run_per_user, sharer_run, stage_manifest, user_dir, user_record
+from perpcs.stages.base import (made_from, run_per_user, sharer_run, stage_manifest, staging_dirs, user_dir,
+                                user_record)
 from perpcs.stages.config import SharerGateStage
 from perpcs.stages.manifest import open_run
 
@@ -26,9 +27,10 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
     run = sharer_run(cfg.inputs, cfg.shards, cfg.anchor_idx_path, cfg.recent_k)
     anchor_dir = resolve_sharer_lora_dir(cfg.anchor_path or run.dirs["sharer_loras"])
     out_root = Path(cfg.output_dir or run.dirs["sharer_gates"])
-    for uid, _ in run.sharers:
+    for uid, _ in run.sharers:   # every sharer LoRA readable before anything is written
         if not is_complete_adapter(user_dir(anchor_dir, uid)):
             fail(f"no sharer LoRA for user {uid!r} in {user_dir(anchor_dir, uid)} (run train_anchor_PEFT.py)")
+        check_adapter_files(user_dir(anchor_dir, uid))
     base_cfg, examples = cfg.train, run.examples
     adapters = {uid: adapter_sha256(user_dir(anchor_dir, uid)) for uid, _ in run.sharers}
     manifest = stage_manifest("sharer_gates", {"train": asdict(cfg.train), "recent_k": cfg.recent_k}, run.data,
@@ -69,6 +71,6 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
     with open_run(out_root, manifest, *run.shard, cfg.shards.overwrite,
                   lambda: [gates_done(u) for u, _ in run.sharers]):
         run_per_user(run.sharers, gates_done, work, "sharer gates", out_root / "users_log.jsonl", *run.shard,
-                     cfg.shards.overwrite)
+                     cfg.shards.overwrite, staging_dirs(out_root))
         finish_per_user_stage("sharer gates", out_root, [uid for uid, _ in run.sharers])
     return out_root

@@ -10,7 +10,7 @@ from perpcs.engine.training import train, user_seed
 from perpcs.models.lora import save_peft_adapter
 from perpcs.models.provenance import SOURCE_FILE
 from perpcs.stages.base import (adapter_done, fresh_lora, lora_record, made_from, run_per_user, sharer_run,
-                                stage_manifest, user_dir, user_record)
+                                stage_manifest, staging_dirs, user_dir, user_record)
 from perpcs.stages.config import SharerLoRAStage
 from perpcs.stages.manifest import open_run
 
@@ -40,6 +40,6 @@ def train_sharer_loras(cfg: SharerLoRAStage) -> Path:
 
     with open_run(out_root, manifest, *run.shard, cfg.shards.overwrite, lambda: [done(u) for u, _ in run.sharers]):
         run_per_user(run.sharers, done, work, "sharer LoRAs", out_root / "users_log.jsonl", *run.shard,
-                     cfg.shards.overwrite)
+                     cfg.shards.overwrite, staging_dirs(out_root))
         finish_per_user_stage("sharer LoRAs", out_root, [uid for uid, _ in run.sharers])
     return out_root

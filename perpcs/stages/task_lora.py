@@ -16,7 +16,7 @@ from perpcs.data.truncation import describe, record_in_summary
 from perpcs.engine.generation import predict_variants, write_variant_files
 from perpcs.engine.training import train
 from perpcs.errors import fail
-from perpcs.models.lora import is_complete_adapter, save_peft_adapter
+from perpcs.models.lora import check_adapter_files, is_complete_adapter, resolve_lora_ckpt, save_peft_adapter
 from perpcs.paths import split_output_dir, stage_dirs
 from perpcs.stages.config import TaskLoRAStage
 
@@ -74,6 +74,9 @@ def run(cfg: TaskLoRAStage) -> Path:
     test_users, golds = layout.load_targets(cfg.test_split)
     profiles = layout.load_profiles()
     base_users = None if cfg.infer or cfg.base_only else layout.load_split("base", need_gold=True, check=True)
+    loading = not cfg.base_only and (cfg.infer or (is_complete_adapter(out_dir) and not cfg.overwrite))
+    if loading:   # a damaged adapter is named now, not as peft's traceback after the model load
+        check_adapter_files(resolve_lora_ckpt(inputs.lora_ckpt) if inputs.lora_ckpt else resolve_lora_ckpt(out_dir))
     rank, world = init_data_parallel(m.device)
     with folder_lock(out_dir) if rank == 0 else contextlib.nullcontext():
         return train_and_predict(cfg, task, layout, out_dir, test_users, profiles, base_users, rank)
@@ -86,7 +89,7 @@ def train_and_predict(cfg: TaskLoRAStage, task, layout, out_dir: Path, test_user
 
     from perpcs.atomic import write_json_atomic
     from perpcs.models.loading import load_base_model
-    from perpcs.models.lora import lora_config, resolve_lora_ckpt
+    from perpcs.models.lora import lora_config
     from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, base_model_fingerprint, read_source
     from perpcs.stages.manifest import MANIFEST_FILE, RunManifest, differences, describe_differences, environment
     from perpcs.stages.manifest import numerics, user_data_sha256
@@ -98,8 +101,8 @@ def train_and_predict(cfg: TaskLoRAStage, task, layout, out_dir: Path, test_user
         had = read_source(out_dir / SOURCE_FILE)
         diffs = differences(had, source) if had is not None else None
         if diffs is None or diffs:
-            fail(f"{out_dir} holds a task LoRA " + (f"made from other inputs or settings ({describe_differences(diffs)})"
-                 if diffs else f"with no record of what it was trained on ({SOURCE_FILE}; made by an older version?)")
+            fail(f"{out_dir} holds a task LoRA "
+                 + (f"made from other inputs or settings ({describe_differences(diffs)})" if diffs else f"with no record of what it was trained on ({SOURCE_FILE}; made by an older version?)")
                  + "; pass --overwrite to train it again, --infer to predict with it as it is, or another --output_dir")
     model, tokenizer, device = load_base_model(m.llama_model_path, m.tokenizer_path, m.device, cpu_bf16=m.cpu_bf16)
     if cfg.base_only:
