@@ -101,9 +101,10 @@ def train_and_predict(cfg: TaskLoRAStage, task, layout, out_dir: Path, test_user
         had = read_source(out_dir / SOURCE_FILE)
         diffs = differences(had, source) if had is not None else None
         if diffs is None or diffs:
-            fail(f"{out_dir} holds a task LoRA "
-                 + (f"made from other inputs or settings ({describe_differences(diffs)})" if diffs else f"with no record of what it was trained on ({SOURCE_FILE}; made by an older version?)")
-                 + "; pass --overwrite to train it again, --infer to predict with it as it is, or another --output_dir")
+            what = (f"made from other inputs or settings ({describe_differences(diffs)})" if diffs else
+                    f"with no record of what it was trained on ({SOURCE_FILE}; made by an older version?)")
+            fail(f"{out_dir} holds a task LoRA {what}; pass --overwrite to train it again, --infer to predict with it "
+                 f"as it is, or another --output_dir")
     model, tokenizer, device = load_base_model(m.llama_model_path, m.tokenizer_path, m.device, cpu_bf16=m.cpu_bf16)
     if cfg.base_only:
         print("no LoRA (--base_only): the base model's predictions")
