@@ -493,8 +493,10 @@ def test_leaderboard_users_are_assembled_like_target_users_and_oppu_trained_like
     ids = [q["id"] for u in layout.load_split("leaderboard") for q in u["query"]]
     for method, variant in (("per-pcs", "k1"), ("oppu", "kNP-profile")):
         stage = _without(pipe.oppu_args(tmp_path / "unused"), "--task_name", "--data_dir", "--output_dir")
+        alone = ["--standalone"] if method == "oppu" else []   # OPPU has no test run here to take its flags from
         run(perpcs_main, ["leaderboard", "--task_name", TASK, "--method", method, "--variant", variant,
-                          "--data_dir", str(layout.data_dir), "--output_root", str(out_root), "--", *stage], capsys)
+                          "--data_dir", str(layout.data_dir), "--output_root", str(out_root), *alone, "--", *stage],
+            capsys)
         board = json.loads((out_root / "leaderboard" / f"{method}-{variant}" / "LaMP_2.json").read_text())
         assert board["task"] == "LaMP_2" and [e["id"] for e in board["golds"]] == ids
     assert not (out_root / "OPPU" / "predictions").exists()           # OPPU ran on the leaderboard split only
