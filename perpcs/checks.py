@@ -6,6 +6,7 @@ so a bad number stops the run before any model loads instead of turning every we
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from perpcs.errors import fail
@@ -35,12 +36,9 @@ class Range:
         return text + (f" ({self.note})" if self.note else "")
 
     def holds(self, value) -> bool:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):   # numpy's numbers are Real too
             return False
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            return False
+        number = float(value)
         if not math.isfinite(number) or (self.integer and number != int(number)):
             return False
         if self.low is not None and (number <= self.low if self.low_open else number < self.low):
