@@ -12,6 +12,7 @@ import OPPU
 import task_LoRA
 import train_anchor_gate
 import train_anchor_PEFT
+from perpcs.__main__ import main as perpcs_main
 from perpcs.checks import COUNT, DROPOUT, FRACTION, NON_NEGATIVE, POSITIVE, SEED, TEMPERATURE
 from perpcs.errors import PerpcsError
 from pipeline_fixture import TASK, cli_error, load_script
@@ -50,6 +51,8 @@ SCRIPTS = {   # script: (main, its arguments but the flag under test, {flag: ref
                                              "--output_dir", f"{NOWHERE}/out", "--encoder", f"{NOWHERE}/encoder"],
                        {"--k": ["0", "nan"], "--min_history": ["-1"], "--seed": ["-1"], "--batch_size": ["0"],
                         "--max_length": ["0"]}),
+    "perpcs_show_prompts": (perpcs_main, ["show-prompts", "--task_name", TASK, "--data_dir", f"{NOWHERE}/data"],
+                            {"--n": ["0", "nan"], "--k": ["-1"]}),
 }
 REFUSED = [(name, flag, value) for name, (_, _, flags) in SCRIPTS.items() for flag, values in flags.items()
            for value in values]
