@@ -19,6 +19,7 @@ from pipeline_fixture import TASK, cli_error, load_script
 
 gen_profile = load_script("data/gen_profile.py")
 history_anchor = load_script("anchor_selection/history_anchor.py")
+prepare_lamp = load_script("data/prepare_lamp.py")
 eval_task = load_script("eval/eval_task.py")
 
 NOWHERE = "/nonexistent/perpcs-test"
@@ -51,6 +52,10 @@ SCRIPTS = {   # script: (main, its arguments but the flag under test, {flag: ref
                                              "--output_dir", f"{NOWHERE}/out", "--encoder", f"{NOWHERE}/encoder"],
                        {"--k": ["0", "nan"], "--min_history": ["-1"], "--seed": ["-1"], "--batch_size": ["0"],
                         "--max_length": ["0"]}),
+    "prepare_lamp": (prepare_lamp.main, ["--task_name", TASK, "--lamp_dir", f"{NOWHERE}/lamp", "--out_dir",
+                                         f"{NOWHERE}/data"],
+                     {"--base_frac": ["nan", "inf", "-0.1"], "--candidate_frac": ["nan", "1.5"],
+                      "--reserve_frac": ["-inf"], "--n_test": ["-1"]}),
     "perpcs_show_prompts": (perpcs_main, ["show-prompts", "--task_name", TASK, "--data_dir", f"{NOWHERE}/data"],
                             {"--n": ["0", "nan"], "--k": ["-1"]}),
 }
