@@ -38,8 +38,9 @@ class Range:
     def holds(self, value) -> bool:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):   # numpy's numbers are Real too
             return False
-        number = float(value)
-        if not math.isfinite(number) or (self.integer and number != int(number)):
+        # a whole number is compared as it is (float() of a 400-digit int overflows)
+        number = int(value) if isinstance(value, numbers.Integral) else float(value)
+        if isinstance(number, float) and (not math.isfinite(number) or (self.integer and number != int(number))):
             return False
         if self.low is not None and (number <= self.low if self.low_open else number < self.low):
             return False
