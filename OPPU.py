@@ -26,12 +26,10 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default=None, help="default ./output/<task>/OPPU")
     # the OPPU release's spellings: --task_lora is --lora_ckpt; --k K predicts with BM25 top-K (0: none)
     cli.add_alias(p, "--task_lora", dest="lora_ckpt")
-    p.add_argument("--k", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--k", type=cli.number("--k", cli.NON_NEGATIVE_INT), default=None, help=argparse.SUPPRESS)
     p.add_argument("--add_profile", action="store_true", help=argparse.SUPPRESS)
     args = cli.parse(p, argv)
-    if args.k is not None:
-        if args.k < 0:
-            p.error(f"--k: must be 0 (no retrieval) or positive, got {args.k}")
+    if args.k is not None:   # 0: no retrieval
         args.k_list = [args.k] if args.k > 0 else []
         print(f"note: --k {args.k} (the OPPU release's flag) means --k_list {' '.join(map(str, args.k_list))}"
               + (" (no retrieval)" if not args.k_list else ""))

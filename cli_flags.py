@@ -9,7 +9,12 @@ import argparse
 import re
 import sys
 
+from perpcs.checks import (COUNT, DROPOUT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, TEMPERATURE,
+                           Range)
+from perpcs.data.prompts import check_max_seq_len
+from perpcs.data.tasks import get_task
 from perpcs.engine.training import TrainConfig
+from perpcs.errors import fail
 from perpcs.stages.config import LORA_TARGETS, GenerationConfig, LoraSettings, ModelConfig, ShardConfig, StageInputs
 from perpcs.stages.manifest import set_command
 
@@ -53,7 +58,47 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
             print(f"note: {flag} (a flag of the published code) is accepted and changes nothing here: {why}")
         if hasattr(args, dest):
             delattr(args, dest)
+    check_flags(args)
     return args
+
+
+def number(flag: str, rule: Range):
+    """An argparse ``type``: the flag's text as a number in ``rule``'s range (perpcs/checks.py). A bad value
+    raises the library's error, so the script prints ``error: --flag must be ..., got ...`` and exits 2 while
+    parsing, before any model loads (argparse lets errors other than ValueError and TypeError through)."""
+    def convert(text: str):
+        return rule.parse(flag, text)
+    convert.__name__ = "int" if rule.integer else "float"
+    return convert
+
+
+def add_number(p: argparse.ArgumentParser, flag: str, rule: Range, help: str | None = None, **kwargs):
+    """A numeric flag checked by ``rule``; its range ends the --help text."""
+    flags = flag if isinstance(flag, tuple) else (flag,)
+    text = rule.describe()
+    return p.add_argument(*flags, type=number(flags[0], rule), help=f"{help} ({text})" if help else text, **kwargs)
+
+
+def check_flags(args) -> None:
+    """The checks that need several flags, right after parsing: the shard in range, and --max_seq_len long enough
+    for the task's instruction and the new tokens (perpcs/data/prompts.check_max_seq_len)."""
+    num, sid = getattr(args, "num_shards", None), getattr(args, "shard_id", None)
+    if num is not None and sid is not None and sid >= num:
+        fail(f"--shard_id {sid} must be in [0, --num_shards {num})")
+    if getattr(args, "max_seq_len", None) is not None and getattr(args, "task_name", None):
+        check_max_seq_len(get_task(args.task_name), args.max_seq_len, getattr(args, "max_gen_len", None))
+
+
+def check_profile_flags(args) -> None:
+    """data/gen_profile.py: --max_seq_len holds the profile instruction and --max_gen_len new tokens."""
+    task = get_task(args.task_name)
+    check_max_seq_len(task, args.max_seq_len, args.max_gen_len, template=task.profile_prompts["profile_prompt"],
+                      what="the profile instruction")
+
+
+MAX_SEQ_LEN_HELP = ("tokens of a prompt and its new tokens (of an example and its answer in training); at least 1 "
+                    "(BOS) + the words of the task's instruction + --max_gen_len (or the task's answer length), e.g. "
+                    "59 for movie_tagging, 99 for tweet_paraphrase")
 
 
 def add_alias(p: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> None:
@@ -87,56 +132,47 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_lora_args(p: argparse.ArgumentParser, r: int = 8, alpha: float = 8, dropout: float = 0.05,
                   targets=None) -> None:
-    p.add_argument("--lora_r", type=int, default=r)
-    p.add_argument("--lora_alpha", type=float, default=alpha)
-    p.add_argument("--lora_dropout", type=float, default=dropout)
+    add_number(p, "--lora_r", COUNT, default=r)
+    add_number(p, "--lora_alpha", POSITIVE, default=alpha)
+    add_number(p, "--lora_dropout", DROPOUT, default=dropout)
     p.add_argument("--target_modules", nargs="+", default=list(targets or LORA_TARGETS))
 
 
 def add_train_args(p: argparse.ArgumentParser, lr: float, weight_decay: float = 0.01, batch_size: int = 6,
                    epochs: int = 1, max_step: int | None = None, max_seq_len: int = 3000) -> None:
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--weight_decay", type=float, default=weight_decay)
-    p.add_argument("--batch_size", type=int, default=batch_size)
-    p.add_argument("--accum_iter", type=int, default=1, help="gradient accumulation micro-batches per step")
-    p.add_argument("--epochs", type=int, default=epochs,
-                   help="length of the cosine lr schedule in epochs (SPEC 5), and of the run unless --max_step "
-                        "is set")
-    p.add_argument("--max_step", type=int, default=max_step,
-                   help="run exactly this many optimizer steps, repeating epochs as needed; the lr keeps "
-                        "following the cosine over --epochs past its end (it rises again)")
-    p.add_argument("--clip", type=float, default=0.3, help="gradient-norm clip")
-    p.add_argument("--max_seq_len", type=int, default=max_seq_len)
+    add_number(p, "--lr", POSITIVE, default=lr)
+    add_number(p, "--weight_decay", NON_NEGATIVE, default=weight_decay)
+    add_number(p, "--batch_size", COUNT, default=batch_size)
+    add_number(p, "--accum_iter", COUNT, "gradient accumulation micro-batches per step", default=1)
+    add_number(p, "--epochs", COUNT, "length of the cosine lr schedule in epochs (SPEC 5), and of the run unless "
+               "--max_step is set", default=epochs)
+    add_number(p, "--max_step", COUNT, "run exactly this many optimizer steps, repeating epochs as needed; the lr "
+               "keeps following the cosine over --epochs past its end (it rises again)", default=max_step)
+    add_number(p, "--clip", POSITIVE, "gradient-norm clip", default=0.3)
+    add_number(p, "--max_seq_len", COUNT, MAX_SEQ_LEN_HELP, default=max_seq_len)
     p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=True,
                    help="gradient checkpointing (less memory, ~30%% slower)")
     p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch examples of similar length together (less padding)")
-    p.add_argument("--seed", type=int, default=0)
+    add_number(p, "--seed", SEED, default=0)
 
 
 class _DistinctPositive(argparse.Action):
-    """--k_list: each k names a predictions file (k2.json), so a repeated or non-positive k is an error."""
+    """--k_list: each k names a predictions file (k2.json), so a repeated k is an error (its type refuses k < 1)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if len(set(values)) != len(values) or min(values) < 1:
-            parser.error(f"{option_string}: distinct positive integers expected, got {' '.join(map(str, values))}")
+        if len(set(values)) != len(values):
+            fail(f"{option_string} must be distinct, got {' '.join(map(str, values))}")
         setattr(namespace, self.dest, values)
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or positive, got {text}")
-    return value
-
-
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max_gen_len", type=int, default=None, help="new tokens; default per task")
-    p.add_argument("--temperature", type=_non_negative, default=0.1, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--k_list", type=int, nargs="+", default=[1, 2, 4], action=_DistinctPositive,
-                   help="BM25 k of the RAG variants")
-    p.add_argument("--gen_batch_size", type=int, default=16)
+    add_number(p, "--max_gen_len", COUNT, "new tokens; default per task", default=None)
+    add_number(p, "--temperature", TEMPERATURE, default=0.1)
+    add_number(p, "--top_p", FRACTION, default=0.9)
+    add_number(p, "--k_list", COUNT, "BM25 k of the RAG variants, distinct", nargs="+", default=[1, 2, 4],
+               action=_DistinctPositive)
+    add_number(p, "--gen_batch_size", COUNT, default=16)
     p.add_argument("--kv_cache", default="dynamic", choices=["dynamic", "static"],
                    help="static: preallocated KV cache with a compiled decoding step on CUDA (same outputs)")
 
@@ -148,8 +184,8 @@ def add_test_split_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_shard_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num_shards", type=int, default=None, help="default: $WORLD_SIZE or 1")
-    p.add_argument("--shard_id", type=int, default=None, help="default: $RANK or 0")
+    add_number(p, "--num_shards", COUNT, "default: $WORLD_SIZE or 1", default=None)
+    add_number(p, "--shard_id", NON_NEGATIVE_INT, "below --num_shards; default: $RANK or 0", default=None)
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="redo users whose outputs already exist")
 

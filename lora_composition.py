@@ -34,29 +34,30 @@ def parse_args(argv=None):
     p.add_argument("--anchor_idx_path", default=None,
                    help="stage 2 output; default anchor_selection/<task>/anchor_user_idx.json")
     p.add_argument("--output_dir", default=None, help="default ./output/<task>/LoRA-Composition")
-    p.add_argument("--topk", type=int, default=3,
-                   help="pieces mixed per position (ignored with --sample_top_p and no --sample)")
-    p.add_argument("--agg_temperature", type=float, default=1.0,
-                   help="softmax temperature of the mix (and of the draw with --sample --sample_top_p)")
-    p.add_argument("--recent_k", type=int, default=2000, help="history items used to assemble")
-    p.add_argument("--share_ratio", "--shared_ratio", dest="share_ratio", type=float, default=1.0,
-                   help="fraction of sharers each piece position may choose from (seeded random subset)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the history")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_seq_len", type=int, default=3500)
-    p.add_argument("--seed", type=int, default=0)
+    cli.add_number(p, "--topk", cli.COUNT, "pieces mixed per position (ignored with --sample_top_p and no --sample)",
+                   default=3)
+    cli.add_number(p, "--agg_temperature", cli.POSITIVE,
+                   "softmax temperature of the mix (and of the draw with --sample --sample_top_p)", default=1.0)
+    cli.add_number(p, "--recent_k", cli.COUNT, "history items used to assemble", default=2000)
+    cli.add_number(p, ("--share_ratio", "--shared_ratio"), cli.FRACTION, "fraction of sharers each piece position "
+                   "may choose from (seeded random subset)", dest="share_ratio", default=1.0)
+    cli.add_number(p, "--epochs", cli.COUNT, "passes over the history", default=1)
+    cli.add_number(p, "--batch_size", cli.COUNT, default=16)
+    cli.add_number(p, "--max_seq_len", cli.COUNT, cli.MAX_SEQ_LEN_HELP, default=3500)
+    cli.add_number(p, "--seed", cli.SEED, default=0)
     # the four selection modes of the published code (SPEC 7); --sample and --sample_top_p pick the mode
     p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=False,
                    help="draw the --topk pieces at random instead of taking the best: from the --sample_topk best "
                         "(softmax(score / --sample_temperature)), or with --sample_top_p from the nucleus and the "
                         "--topk best (softmax(score / --agg_temperature))")
-    p.add_argument("--sample_topk", type=int, default=10,
-                   help="with --sample and no --sample_top_p: the candidates drawn from (at most the pool)")
-    p.add_argument("--sample_temperature", type=float, default=1.0,
-                   help="temperature of the nucleus' softmax, and of the draw with --sample and no --sample_top_p")
-    p.add_argument("--sample_top_p", type=float, default=None,
-                   help="unset by default; set (0 < p <= 1): without --sample, mix the nucleus of the scores (a "
-                        "variable number of pieces, --topk ignored); with --sample, draw from it")
+    cli.add_number(p, "--sample_topk", cli.COUNT,
+                   "with --sample and no --sample_top_p: the candidates drawn from (at most the pool)", default=10)
+    cli.add_number(p, "--sample_temperature", cli.POSITIVE,
+                   "temperature of the nucleus' softmax, and of the draw with --sample and no --sample_top_p",
+                   default=1.0)
+    cli.add_number(p, "--sample_top_p", cli.FRACTION,
+                   "unset by default; set: without --sample, mix the nucleus of the scores (a variable number of "
+                   "pieces, --topk ignored); with --sample, draw from it", default=None)
     p.add_argument("--save_adapters", action=argparse.BooleanOptionalAction, default=False,
                    help="also write each user's assembled peft adapter")
     p.add_argument("--save_scores", action=argparse.BooleanOptionalAction, default=False,

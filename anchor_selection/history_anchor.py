@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perpcs.stages.sharer_selection import KMEANS_N_INIT, PAPER_ENCODER, STRATEGIES, run_sharer_selection  # noqa: E402
-from cli_flags import device_name  # noqa: E402
+import cli_flags as cli  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
 
@@ -25,20 +25,20 @@ def parse_args(argv=None):
                    help="candidate users file (default: <repo>/data/<task>/user_anchor_candidate.json)")
     p.add_argument("--output_dir", default=None,
                    help="where to write the index and embeddings (default: <repo>/anchor_selection/<task>)")
-    p.add_argument("--k", type=int, default=50, help="number of clusters (cluster) or sharers (others)")
+    cli.add_number(p, "--k", cli.COUNT, "number of clusters (cluster) or sharers (others)", default=50)
     p.add_argument("--strategy", choices=STRATEGIES, default="cluster",
                    help=f"cluster: k-means (n_init={KMEANS_N_INIT}) over history embeddings, most active "
                         "user per cluster; most_active: the k longest histories; random: k seeded draws")
-    p.add_argument("--min_history", type=int, default=10,
-                   help="a sharer needs more than this many history items")
-    p.add_argument("--seed", type=int, default=0, help="k-means random_state / random strategy seed")
+    cli.add_number(p, "--min_history", cli.NON_NEGATIVE_INT, "a sharer needs more than this many history items",
+                   default=10)
+    cli.add_number(p, "--seed", cli.SEED, "k-means random_state / random strategy seed", default=0)
     p.add_argument("--encoder", default=None,
                    help=f"Hugging Face encoder id (the paper's: {PAPER_ENCODER}; read from the local HF cache, "
                         "downloaded into it unless HF_HUB_OFFLINE=1) or a local HF model directory (default: the "
                         "bundled all-MiniLM-L6-v2, offline)")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_length", type=int, default=512, help="tokens per history item")
-    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda or cuda:N")
+    cli.add_number(p, "--batch_size", cli.COUNT, default=32)
+    cli.add_number(p, "--max_length", cli.COUNT, "tokens per history item", default=512)
+    p.add_argument("--device", type=cli.device_name, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--reembed", action="store_true",
                    help="recompute the embeddings even if matching ones are stored in output_dir")
     return p.parse_args(argv)

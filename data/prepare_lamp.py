@@ -16,8 +16,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from perpcs.checks import NON_NEGATIVE_INT, Range  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 from perpcs.data.prepare import prepare_lamp  # noqa: E402
+
+
+SHARE = Range(0, 1)
+
+
+def checked(flag: str, rule: Range):
+    """Checked while parsing, before the LaMP files are read: nan and inf pass no rule (perpcs/checks.py)."""
+    return lambda text: rule.parse(flag, text)
 
 
 def main(argv=None):
@@ -28,11 +37,15 @@ def main(argv=None):
     p.add_argument("--lamp_dir", required=True, help="the task's LaMP folder: train/ dev/ test/ subfolders or flat "
                    "train_questions.json / train_outputs.json (dev_*, test_questions.json optional)")
     p.add_argument("--out_dir", default="data", help="the layout goes to <out_dir>/<task>/")
-    p.add_argument("--n_test", type=int, default=100, help="test users: those with the longest history")
+    p.add_argument("--n_test", type=checked("--n_test", NON_NEGATIVE_INT), default=100,
+                   help="test users: those with the longest history")
     p.add_argument("--seed", type=int, default=0, help="shuffles the non-test users before the split")
-    p.add_argument("--base_frac", type=float, default=0.5, help="share of non-test users for the task LoRA")
-    p.add_argument("--candidate_frac", type=float, default=0.4, help="share of non-test users as sharer candidates")
-    p.add_argument("--reserve_frac", type=float, default=0.1, help="share of non-test users held out")
+    p.add_argument("--base_frac", type=checked("--base_frac", SHARE), default=0.5,
+                   help="share of non-test users for the task LoRA (in [0, 1]; the three shares sum to at most 1)")
+    p.add_argument("--candidate_frac", type=checked("--candidate_frac", SHARE), default=0.4,
+                   help="share of non-test users as sharer candidates")
+    p.add_argument("--reserve_frac", type=checked("--reserve_frac", SHARE), default=0.1,
+                   help="share of non-test users held out")
     p.add_argument("--citation_field", default="abstract", choices=["abstract", "title"],
                    help="citation task: the raw history field copied into 'citation' (what the prompts read)")
     args = p.parse_args(argv)

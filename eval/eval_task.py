@@ -19,6 +19,9 @@ from perpcs.evaluation.metrics import evaluate_files, evaluate_task  # noqa: E40
 from perpcs.data.tasks import get_task  # noqa: E402
 
 
+EMPTY_HINT = "to score it all the same, pass --allow_empty"
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,18 +33,23 @@ def parse_args(argv=None):
     parser.add_argument("--task_name", required=True,
                         help="LaMP id (LaMP_2M) or project name (movie_tagging)")
     parser.add_argument("--output_file", default=None, help="where to write the metrics JSON (optional)")
+    parser.add_argument("--allow_empty", action="store_true",
+                        help="score a predictions file whose outputs are all empty (refused by default: such a file "
+                             "comes from a run that generated nothing, and its metrics would pass for a result)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.golds_json and (Path(args.golds_json).is_file() or not args.data_dir):
-        metrics = evaluate_files(args.golds_json, args.preds_json, args.task_name)
+        metrics = evaluate_files(args.golds_json, args.preds_json, args.task_name, allow_empty=args.allow_empty,
+                                 empty_hint=EMPTY_HINT)
     elif args.data_dir:
         task = get_task(args.task_name)
         golds = Layout(args.data_dir, task).load_golds()
         metrics = evaluate_task(golds, read_json(args.preds_json, "predictions file"), task,
-                                golds_name=f"the test users of {args.data_dir}", preds_name=args.preds_json)
+                                golds_name=f"the test users of {args.data_dir}", preds_name=args.preds_json,
+                                allow_empty=args.allow_empty, empty_hint=EMPTY_HINT)
     else:
         fail("give --golds_json, or --data_dir to take the golds of the test users")
     print(json.dumps(metrics, indent=1))

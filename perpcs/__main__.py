@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from perpcs.checks import COUNT, NON_NEGATIVE_INT
 from perpcs.errors import fail, run_cli
 
 
@@ -168,8 +169,9 @@ def main(argv=None) -> None:
     sp.add_argument("--task_name", required=True)
     sp.add_argument("--data_dir", default="data")
     sp.add_argument("--split", default="test", choices=["test", "base", "candidate", "reserve", "leaderboard"])
-    sp.add_argument("--n", type=int, default=3)
-    sp.add_argument("--k", type=int, default=1, help="BM25 history items (0 = none)")
+    sp.add_argument("--n", type=lambda text: COUNT.parse("--n", text), default=3, help="at least 1")
+    sp.add_argument("--k", type=lambda text: NON_NEGATIVE_INT.parse("--k", text), default=1,
+                    help="BM25 history items (0 = none)")
     sp.add_argument("--profile", action="store_true", help="prepend the user's profile text")
     sp.set_defaults(func=show_prompts)
     mp = sub.add_parser("materialize", allow_abbrev=False, help="rebuild a peft adapter from a recipe")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from perpcs.data.retrieval import PrefixBM25
 from perpcs.data.tasks import Task
+from perpcs.errors import fail
 
 QUERY_WORDS = 768      # query article and training items
 HISTORY_WORDS = 368    # history items written into prompts / indexed by BM25
@@ -151,3 +152,31 @@ def history_examples(task: Task, items: list, profile: str | None, recent_k: int
             examples.append(Example.of(PromptParts(profile, tuple(retrieved), head, article, tail), answer,
                                        f"{name} with history"))
     return examples
+
+
+def frame_words(template: str) -> int:
+    """Words of a prompt template with every field left empty: what any prompt made from it holds."""
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    positional = sum(1 for name in fields if name == "")
+    return len(template.format(*[""] * positional, **{name: "" for name in fields if name}).split())
+
+
+def min_seq_len(template: str, new_tokens: int) -> int:
+    """The fewest tokens a ``--max_seq_len`` can be for prompts made from ``template``: BOS, the template's own
+    words and ``new_tokens``. Each word is at least one token for Llama's sentencepiece and byte-level BPE
+    tokenizers (both split at whitespace before merging), so this is a lower bound known without the tokenizer;
+    below it the instruction itself is cut (from the left, after BOS), whatever the article, history or profile."""
+    return 1 + frame_words(template) + new_tokens
+
+
+def check_max_seq_len(task: Task, max_seq_len: int, max_gen_len: int | None = None, template: str | None = None,
+                      what: str = "the task's instruction") -> None:
+    """Refuse a ``--max_seq_len`` with no room for the instruction of ``task`` (its query ``prompt`` unless
+    ``template`` is given) and ``--max_gen_len`` new tokens (the task's own length when None)."""
+    new_tokens = max_gen_len or task.max_gen_len
+    template = task.prompts["prompt"] if template is None else template
+    least = min_seq_len(template, new_tokens)
+    if max_seq_len < least:
+        gen = f"--max_gen_len {max_gen_len}" if max_gen_len else f"{task.name}'s answer length {new_tokens}"
+        fail(f"--max_seq_len {max_seq_len} is too small for {task.name}: at least {least} = 1 (BOS) + "
+             f"{least - 1 - new_tokens} (the words of {what}, at least a token each) + {new_tokens} ({gen})")

@@ -44,7 +44,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, device: torch
         return []
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
-    if temperature < 0:
+    if not temperature >= 0:   # nan too
         raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
     torch.manual_seed(seed)
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]

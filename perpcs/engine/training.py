@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from perpcs.atomic import write_bytes_atomic
+from perpcs.checks import COUNT, NON_NEGATIVE, POSITIVE, SEED, check_all
 from perpcs.data.prompts import Example
 from perpcs.data.truncation import count_cuts, fit_example
 from perpcs.errors import fail
@@ -43,18 +44,14 @@ class TrainConfig:
     group_by_length: bool = True   # batches of similar lengths: far less padding, same examples per epoch
 
     def __post_init__(self):
-        """Bad settings fail here, before a model is loaded (zero steps would save an untrained adapter)."""
-        for flag, value in (("batch_size", self.batch_size), ("accum_iter", self.accum_iter),
-                            ("epochs", self.epochs), ("max_seq_len", self.max_seq_len)):
-            if value < 1:
-                fail(f"--{flag} must be at least 1, got {value}")
-        if self.max_step is not None and self.max_step < 1:
-            fail(f"--max_step must be at least 1, got {self.max_step}")
-        if not self.lr >= 0 or self.weight_decay < 0 or not self.clip > 0:
-            fail(f"--lr and --weight_decay must be at least 0 and --clip positive, got lr {self.lr}, "
-                 f"weight_decay {self.weight_decay}, clip {self.clip}")
-        if not 0 <= self.seed < 2**32:   # what transformers.set_seed takes (numpy's range)
-            fail(f"--seed must be between 0 and {2**32 - 1}, got {self.seed}")
+        """Bad settings fail here, before a model is loaded (zero steps would save an untrained adapter; nan
+        anything would train nothing). lr 0 passes here, for a caller that measures the loss without learning;
+        the scripts' --lr must be positive (cli_flags)."""
+        check_all((COUNT, "--batch_size", self.batch_size), (COUNT, "--accum_iter", self.accum_iter),
+                  (COUNT, "--epochs", self.epochs), (COUNT, "--max_step", self.max_step),
+                  (COUNT, "--max_seq_len", self.max_seq_len), (NON_NEGATIVE, "--lr", self.lr),
+                  (NON_NEGATIVE, "--weight_decay", self.weight_decay), (POSITIVE, "--clip", self.clip),
+                  (SEED, "--seed", self.seed))
 
 
 def user_seed(seed: int, user: str) -> int:

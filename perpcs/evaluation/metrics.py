@@ -102,12 +102,34 @@ def _warn_if_other_task(lamp: dict, task: Task, what: str) -> None:
         print(f"warning: {what} says task {named!r} but it is evaluated as {task.lamp_id}", file=sys.stderr)
 
 
+EMPTY_CAUSES = ("nothing was generated. Likely causes: a nan or out-of-range setting that older versions accepted "
+                "(--agg_temperature nan made every recipe weight nan), an adapter that diverged, or a model that "
+                "ends every answer at once")
+
+
+def all_empty(preds_json: dict, preds_name: str = "predictions") -> int:
+    """The number of outputs when every one of them is empty (or blank), else 0."""
+    outputs = outputs_by_id(preds_json, preds_name)
+    return len(outputs) if outputs and not any(o.strip() for o in outputs.values()) else 0
+
+
+def empty_message(preds_name: str, n: int) -> str:
+    return f"{preds_name}: every one of the {n} outputs is empty; {EMPTY_CAUSES}"
+
+
 def evaluate_task(golds_json: dict, preds_json: dict, task: Task, golds_name: str = "golds",
-                  preds_name: str = "predictions") -> dict:
-    """Metrics of LaMP-format predictions against LaMP-format golds, paired by id."""
+                  preds_name: str = "predictions", allow_empty: bool = False, empty_hint: str = "") -> dict:
+    """Metrics of LaMP-format predictions against LaMP-format golds, paired by id.
+
+    A file whose outputs are all empty is refused (unless ``allow_empty``): its metrics would be a number (an
+    MAE, a zero accuracy) for a run that predicted nothing, and would pass for a result. ``empty_hint``: how the
+    caller's user scores it anyway."""
     golds = outputs_by_id(golds_json, golds_name)
     preds = outputs_by_id(preds_json, preds_name)
     check_same_ids(golds, preds, golds_name, preds_name)
+    n_empty = all_empty(preds_json, preds_name)
+    if n_empty and not allow_empty:
+        fail(empty_message(preds_name, n_empty) + (f"; {empty_hint}" if empty_hint else ""))
     for lamp, what in ((golds_json, golds_name), (preds_json, preds_name)):
         _warn_if_other_task(lamp, task, what)
     _check_golds(golds, task, golds_name)
@@ -140,8 +162,9 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def evaluate_files(golds_path, preds_path, task_name: str) -> dict:
+def evaluate_files(golds_path, preds_path, task_name: str, allow_empty: bool = False, empty_hint: str = "") -> dict:
     task = get_task(task_name)
     golds = read_json(golds_path, "golds file")
     preds = read_json(preds_path, "predictions file")
-    return evaluate_task(golds, preds, task, golds_name=str(golds_path), preds_name=str(preds_path))
+    return evaluate_task(golds, preds, task, golds_name=str(golds_path), preds_name=str(preds_path),
+                         allow_empty=allow_empty, empty_hint=empty_hint)

@@ -57,7 +57,7 @@ def results_table(task_name: str, data_dir="data", output_root=None, groups_file
             path = pred_dir / f"{stem}.json"
             if not path.is_file():
                 continue
-            scores = evaluate_task(golds, read_json(path), task)
+            scores = evaluate_task(golds, read_json(path), task, preds_name=str(path))
             metric_names = metric_names or list(scores)
             rows.append((method, label, scores, storage, recipe_file, seconds))
     if not rows:

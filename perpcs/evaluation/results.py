@@ -10,7 +10,8 @@ Rows are methods and their test-time variants, columns are tasks x their two met
     Per-Pcs (LoRA-Composition-x) ...  any other LoRA-Composition-*/ dir (ablation runs), named after the dir
 
 Every prediction file is scored against ``data/<task>/test_100/golds.json`` with the LaMP metrics; a missing
-file leaves "-" in its cell, and a row with no file in any task is left out.
+file leaves "-" in its cell, a file whose outputs are all empty "empty" (with a warning: a run that generated
+nothing is not scored as if it were a result), and a row with no file in any task is left out.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from perpcs.atomic import write_bytes_atomic
 from perpcs.data.layout import Layout, read_json
 from perpcs.data.tasks import TASKS, Task
 from perpcs.errors import fail
-from perpcs.evaluation.metrics import evaluate_task
+from perpcs.evaluation.metrics import all_empty, empty_message, evaluate_task
 from perpcs.paths import COMPOSITION, OPPU, TASK_LORA
 
 # Column order: the paper's six tasks, LaMP-2N (the authors' OPPU work) beside LaMP-2M when present.
@@ -87,11 +88,20 @@ def prediction_files(pred_dir: Path) -> list:
     return sorted(files, key=lambda p: variant_order(p.stem))
 
 
-def score_prediction_dir(pred_dir: Path, golds: dict, task: Task) -> dict:
-    """{variant stem: metrics} of every variant file in a predictions dir."""
-    return {path.stem: evaluate_task(golds, read_json(path, "predictions file"), task, golds_name="golds",
-                                     preds_name=str(path))
-            for path in prediction_files(pred_dir)}
+def score_prediction_dir(pred_dir: Path, golds: dict, task: Task, empty: list | None = None) -> dict:
+    """{variant stem: metrics} of every variant file in a predictions dir. A file whose outputs are all empty is
+    an error (evaluate_task); given a list ``empty``, its stem goes there instead, with a warning."""
+    scores = {}
+    for path in prediction_files(pred_dir):
+        preds = read_json(path, "predictions file")
+        n_empty = all_empty(preds, str(path)) if empty is not None else 0
+        if n_empty:
+            print(f"warning: {empty_message(str(path), n_empty)}; marked 'empty' in the table, not scored",
+                  file=sys.stderr)
+            empty.append(path.stem)
+            continue
+        scores[path.stem] = evaluate_task(golds, preds, task, golds_name="golds", preds_name=str(path))
+    return scores
 
 
 @dataclass
@@ -99,6 +109,7 @@ class ResultsTable:
     tasks: list                                   # Task objects, column order
     rows: list = field(default_factory=list)      # (method, setting) in row order
     scores: dict = field(default_factory=dict)    # (method, setting) -> {task name: {metric: value}}
+    empty: set = field(default_factory=set)       # (row, task name) whose predictions are all empty
 
     def columns(self) -> list:
         """(task, metric key) per numeric column."""
@@ -118,13 +129,21 @@ def collect_results(output_root="output", data_dir="data") -> ResultsTable:
         if not any(prediction_files(d / "predictions") for _, d in methods):
             continue
         golds = Layout(data_dir, task).load_golds()
-        per_task[name] = [(row_label(method, stem), metrics) for method, run_dir in methods
-                          for stem, metrics in score_prediction_dir(run_dir / "predictions", golds, task).items()]
+        per_task[name] = []
+        for method, run_dir in methods:
+            empty = []
+            scores = score_prediction_dir(run_dir / "predictions", golds, task, empty)
+            per_task[name] += [(row_label(method, stem), metrics) for stem, metrics in scores.items()]
+            per_task[name] += [(row_label(method, stem), None) for stem in empty]
     tasks = [TASKS[n] for n in TASK_ORDER if n not in OPTIONAL_TASKS or n in per_task]
     table = ResultsTable(tasks)
     for name, rows in per_task.items():
         for row, metrics in rows:
-            table.scores.setdefault(row, {})[name] = metrics
+            if metrics is None:
+                table.scores.setdefault(row, {})
+                table.empty.add((row, name))
+            else:
+                table.scores.setdefault(row, {})[name] = metrics
     table.rows = sorted(table.scores, key=row_order)
     return table
 
@@ -169,6 +188,8 @@ def best_rows(table: ResultsTable) -> dict:
 
 def _cell(table, row, task, key, best, bold) -> str:
     value = table.value(row, task, key)
+    if (row, task.name) in table.empty:
+        return "empty"
     if value is None:
         return "-"
     text = f"{value:.3f}"
@@ -183,20 +204,22 @@ def to_markdown(table: ResultsTable) -> str:
     for row in table.rows:
         cells = [_cell(table, row, t, k, best, lambda s: f"**{s}**") for t, k in columns]
         lines.append(f"| {row[0]} | {row[1]} | " + " | ".join(cells) + " |")
-    note = ("\n↑ higher is better, ↓ lower is better; bold: best in the column; -: no predictions file. "
+    note = ("\n↑ higher is better, ↓ lower is better; bold: best in the column; -: no predictions file; empty: "
+            "every output of the predictions file is empty (not scored). "
             "RAG: BM25 top-k history items; PAG: profile text + top-k items (k=0: the profile only).\n")
     return "\n".join(lines) + "\n" + note
 
 
 def to_csv(table: ResultsTable) -> str:
-    """Full precision, empty where missing (for spreadsheets and scripts)."""
+    """Full precision, an empty cell where missing, "empty" where every output was (for spreadsheets and scripts)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     columns = table.columns()
     writer.writerow(["method", "setting"] + [f"{_task_title(t)} {METRIC_NAMES[k][0]}" for t, k in columns])
     for row in table.rows:
         values = [table.value(row, t, k) for t, k in columns]
-        writer.writerow(list(row) + ["" if v is None else repr(v) for v in values])
+        writer.writerow(list(row) + ["empty" if (row, t.name) in table.empty else "" if v is None else repr(v)
+                                     for v, (t, _) in zip(values, columns)])
     return buffer.getvalue()
 
 

@@ -274,7 +274,7 @@ def _score(golds: dict, pred_dir: Path, variant: str, task) -> float | None:
     if not path.is_file():
         return None
     key, _ = _primary(task)
-    return evaluate_task(golds, read_json(path), task)[key]
+    return evaluate_task(golds, read_json(path), task, preds_name=str(path))[key]
 
 
 def gap_closed(per_pcs, task_lora, oppu, higher: bool):

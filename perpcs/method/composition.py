@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perpcs.checks import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SEED, check_all
 from perpcs.errors import fail
 from perpcs.method.pieces import PiecePool
 
@@ -39,6 +40,17 @@ class ComposeSettings:
     sample_topk: int = 10
     sample_temperature: float = 1.0
     sample_top_p: float | None = None      # None = unset, as published: it picks the selection mode
+
+    def __post_init__(self):
+        """Every setting in its range, whatever the pool: a nan temperature would make every weight nan (and every
+        prediction empty), epochs 0 an all-zero LoRA reported as Per-Pcs. --sample_temperature 0 passes here: only
+        the modes that use it refuse it (check)."""
+        check_all((COUNT, "--topk", self.topk), (POSITIVE, "--agg_temperature", self.agg_temperature),
+                  (FRACTION, "--share_ratio", self.share_ratio), (COUNT, "--epochs", self.epochs),
+                  (COUNT, "--batch_size", self.batch_size), (COUNT, "--recent_k", self.recent_k),
+                  (SEED, "--seed", self.seed), (COUNT, "--sample_topk", self.sample_topk),
+                  (NON_NEGATIVE, "--sample_temperature", self.sample_temperature),
+                  (FRACTION, "--sample_top_p", self.sample_top_p))
 
     @property
     def selection_mode(self) -> int:
@@ -60,18 +72,8 @@ class ComposeSettings:
 
     def check(self, pool_size: int) -> None:
         """Refuse, before any model loads, settings that make no sense or that the published code crashed on."""
-        if not 0 < self.share_ratio <= 1:
-            fail(f"--share_ratio must be in (0, 1], got {self.share_ratio}")
-        if self.topk < 1:
-            fail(f"--topk must be at least 1, got {self.topk}")
-        if self.agg_temperature <= 0:
-            fail(f"--agg_temperature must be positive, got {self.agg_temperature}")
-        for flag, value in (("epochs", self.epochs), ("batch_size", self.batch_size), ("recent_k", self.recent_k)):
-            if value < 1:   # epochs 0 would assemble an all-zero LoRA and report it as Per-Pcs
-                fail(f"--{flag} must be at least 1, got {value}")
+        self.__post_init__()   # the ranges again: the fields may have been set since
         mode = self.selection_mode
-        if self.sample_top_p is not None and not 0 < self.sample_top_p <= 1:
-            fail(f"--sample_top_p must be in (0, 1], got {self.sample_top_p}")
         if mode != 1 and not self.sample_temperature > 0:   # the nucleus (modes 2, 3) and mode 4's draw use it
             fail(f"--sample_temperature must be positive, got {self.sample_temperature}")
         usable = int(self.share_ratio * pool_size)

@@ -9,6 +9,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from perpcs.checks import COUNT, DROPOUT, FRACTION, NON_NEGATIVE_INT, POSITIVE, SEED, TEMPERATURE, check_all
+from perpcs.data.prompts import check_max_seq_len
+from perpcs.data.tasks import get_task
 from perpcs.engine.training import TrainConfig
 from perpcs.errors import fail
 from perpcs.method.composition import ComposeSettings
@@ -33,6 +36,10 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: tuple = LORA_TARGETS
 
+    def __post_init__(self):
+        check_all((COUNT, "--lora_r", self.r), (POSITIVE, "--lora_alpha", self.alpha),
+                  (DROPOUT, "--lora_dropout", self.dropout))
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -46,6 +53,15 @@ class GenerationConfig:
     max_seq_len: int = 3000
     seed: int = 0
     cpu_bf16: bool = False
+
+    def __post_init__(self):
+        """max_gen_len None is the task's own length; 0 is refused (it used to mean the same, silently)."""
+        check_all((COUNT, "--max_gen_len", self.max_gen_len), (TEMPERATURE, "--temperature", self.temperature),
+                  (FRACTION, "--top_p", self.top_p), (COUNT, "--gen_batch_size", self.batch_size),
+                  (COUNT, "--max_seq_len", self.max_seq_len), (SEED, "--seed", self.seed),
+                  *((COUNT, "--k_list", k) for k in self.k_list))
+        if len(set(self.k_list)) != len(self.k_list):   # each k names a predictions file
+            fail(f"--k_list must be distinct, got {' '.join(map(str, self.k_list))}")
 
     def kwargs(self) -> dict:
         """Keyword arguments of generation.generate / predict_variants."""
@@ -67,6 +83,11 @@ class ShardConfig:
     shard_id: int | None = None      # None: $RANK or 0
     overwrite: bool = False
 
+    def __post_init__(self):
+        check_all((COUNT, "--num_shards", self.num_shards), (NON_NEGATIVE_INT, "--shard_id", self.shard_id))
+        if self.num_shards is not None and self.shard_id is not None and self.shard_id >= self.num_shards:
+            fail(f"--shard_id {self.shard_id} must be in [0, --num_shards {self.num_shards})")
+
     def resolve(self) -> tuple:
         """(num_shards, shard_id) from the settings, else torchrun's WORLD_SIZE / RANK, else (1, 0)."""
         num = self.num_shards if self.num_shards is not None else int(os.environ.get("WORLD_SIZE", 1))
@@ -85,6 +106,13 @@ class StageInputs:
     lora_ckpt: str | Path | None = None   # the stage-1 task LoRA; None: the default output of stage 1
 
 
+def lengths(inputs: StageInputs, max_gen_len: int | None, *max_seq_lens: int) -> None:
+    """Each max_seq_len holds the task's instruction and the new tokens (perpcs/data/prompts.check_max_seq_len)."""
+    task = get_task(inputs.task_name)
+    for max_seq_len in max_seq_lens:
+        check_max_seq_len(task, max_seq_len, max_gen_len)
+
+
 @dataclass(frozen=True)
 class TaskLoRAStage:
     """Stage 1: the task LoRA and the baseline predictions."""
@@ -98,6 +126,9 @@ class TaskLoRAStage:
     overwrite: bool = False           # train again even if the adapter exists
     base_only: bool = False           # no LoRA: the base model's predictions only (output/<task>/base_LLM)
 
+    def __post_init__(self):
+        lengths(self.inputs, self.generation.max_gen_len, self.train.max_seq_len, self.generation.max_seq_len)
+
 
 @dataclass(frozen=True)
 class SharerLoRAStage:
@@ -108,6 +139,9 @@ class SharerLoRAStage:
     shards: ShardConfig = field(default_factory=ShardConfig)
     anchor_idx_path: str | Path | None = None
     output_dir: str | Path | None = None
+
+    def __post_init__(self):
+        lengths(self.inputs, None, self.train.max_seq_len)
 
 
 @dataclass(frozen=True)
@@ -120,6 +154,10 @@ class SharerGateStage:
     anchor_idx_path: str | Path | None = None
     recent_k: int = 2000
     output_dir: str | Path | None = None
+
+    def __post_init__(self):
+        COUNT.check("--recent_k", self.recent_k)
+        lengths(self.inputs, None, self.train.max_seq_len)
 
 
 @dataclass(frozen=True)
@@ -139,6 +177,9 @@ class CompositionStage:
     save_scores: bool = False        # every sharer's gate score per piece and user (gate_scores/user_<id>.json)
     control: str | None = None       # a user-blind control (perpcs.method.controls): uniform, swapped, peft_merge
 
+    def __post_init__(self):
+        lengths(self.inputs, self.generation.max_gen_len, self.max_seq_len, self.generation.max_seq_len)
+
 
 @dataclass(frozen=True)
 class OPPUStage:
@@ -150,6 +191,9 @@ class OPPUStage:
     shards: ShardConfig = field(default_factory=ShardConfig)
     output_dir: str | Path | None = None
     test_split: str = "test"         # "leaderboard": LaMP's test questions, outputs under <output_dir>/leaderboard
+
+    def __post_init__(self):
+        lengths(self.inputs, self.generation.max_gen_len, self.train.max_seq_len, self.generation.max_seq_len)
 
 
 @dataclass(frozen=True)
@@ -168,3 +212,12 @@ class ProfileConfig:
     seed: int = 0
     chat_template: bool = True
     output_file: str | Path | None = None
+
+    def __post_init__(self):
+        check_all((NON_NEGATIVE_INT, "--k", self.k), (COUNT, "--max_gen_len", self.max_gen_len),
+                  (COUNT, "--max_seq_len", self.max_seq_len), (COUNT, "--batch_size", self.batch_size),
+                  (TEMPERATURE, "--temperature", self.temperature), (FRACTION, "--top_p", self.top_p),
+                  (SEED, "--seed", self.seed))
+        task = get_task(self.task_name)
+        check_max_seq_len(task, self.max_seq_len, self.max_gen_len, template=task.profile_prompts["profile_prompt"],
+                          what="the profile instruction")

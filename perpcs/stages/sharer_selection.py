@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from perpcs.atomic import write_bytes_atomic, write_json_atomic
+from perpcs.checks import COUNT, NON_NEGATIVE_INT, SEED, check_all
 from perpcs.data.layout import Layout, load_users, read_json, user_id
 from perpcs.data.prompts import HISTORY_WORDS, history_string
 from perpcs.data.tasks import Task, get_task
@@ -354,8 +355,8 @@ def run_sharer_selection(task_name: str, candidate_path=None, output_dir=None, k
     output_dir = Path(output_dir or default_selection_dir(task)).resolve()
     if strategy not in STRATEGIES:
         fail(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    if k < 1 or min_history < 0:
-        fail(f"--k must be at least 1 and --min_history at least 0, got {k} and {min_history}")
+    check_all((COUNT, "--k", k), (NON_NEGATIVE_INT, "--min_history", min_history), (SEED, "--seed", seed),
+              (COUNT, "--batch_size", batch_size), (COUNT, "--max_length", max_length))
     encoder_name = encoder_dir = None
     if strategy == "cluster":    # the other strategies only look at history lengths
         encoder_name, encoder_dir = resolve_encoder(encoder)
