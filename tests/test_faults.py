@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -297,6 +298,46 @@ def test_missing_data_file_exits_2_from_the_script(pipe, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == \
         f"error: users file not found: {tmp_path / 'nothing' / TASK / 'test_100' / 'user_test_100.json'}"
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def gen_profile_command(data_dir: Path) -> str:
+    return f"python data/gen_profile.py --task_name {TASK} --data_dir {shlex.quote(str(data_dir))}"
+
+
+def test_missing_profile_file_names_the_command_that_writes_it_from_the_script(pipe, data_copy, tmp_path):
+    """Step 1 as published, on a data folder that gen_profile.py has not run on yet (issue 22 item 4)."""
+    (data_copy / TASK / "profile-id2text.json").unlink()
+    proc = run_script("task_LoRA.py", with_data(pipe.task_lora_args(tmp_path / "out"), data_copy), check=False)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"error: profile file not found: {data_copy / TASK / 'profile-id2text.json'}; write it with: "
+                    f"{gen_profile_command(data_copy)}")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage", ["sharers", "gates", "composition", "oppu", "show-prompts"])
+def test_missing_profile_file_names_the_command_in_every_stage_that_reads_it(stage, pipe, data_copy, tmp_path,
+                                                                            capsys):
+    from perpcs.__main__ import main as perpcs_main
+    (data_copy / TASK / "profile-id2text.json").unlink()
+    main, argv = {"sharers": (train_anchor_PEFT.main, pipe.sharer_args(tmp_path / "out")),
+                  "gates": (train_anchor_gate.main, pipe.gate_args(tmp_path / "out")),
+                  "composition": (lora_composition.main, pipe.compose_args(tmp_path / "out")),
+                  "oppu": (OPPU.main, pipe.oppu_args(tmp_path / "out")),
+                  "show-prompts": (perpcs_main, ["show-prompts", "--task_name", TASK, "--profile"])}[stage]
+    err = cli_error(main, with_data(argv, data_copy), capsys)
+    assert err.startswith(f"error: profile file not found: {data_copy / TASK / 'profile-id2text.json'}")
+    assert err.endswith(f"write it with: {gen_profile_command(data_copy)}")
+    assert not (tmp_path / "out").exists()          # refused before any work
+
+
+def test_a_user_missing_from_the_profile_file_names_the_command(pipe, data_copy, tmp_path, capsys):
+    path = data_copy / TASK / "profile-id2text.json"
+    uid = json.loads((data_copy / TASK / "test_100" / "user_test_100.json").read_text())[0]["user_id"]
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != str(uid)}))
+    err = cli_error(OPPU.main, with_data(pipe.oppu_args(tmp_path / "out"), data_copy), capsys)
+    assert f"{path}: no profile text for user #0 (user_id {str(uid)!r})" in err
+    assert gen_profile_command(data_copy) in err
 
 
 def test_malformed_json_names_the_line_and_column(pipe, data_copy, tmp_path, capsys):

@@ -149,12 +149,20 @@ def load_profiles(path) -> dict:
     return profiles
 
 
+def gen_profile_command(task_name: str, data_dir) -> str:
+    """``python data/gen_profile.py --task_name <task> --data_dir <data_dir>``, shell-quoted, as it is run from the
+    repository root (the script's default model; see its --help for --model_path)."""
+    import shlex
+    return shlex.join(["python", "data/gen_profile.py", "--task_name", task_name, "--data_dir", str(data_dir)])
+
+
 def profile_text(profiles: dict, user, path, index: int | None = None) -> str:
     uid = user_id(user)
     if uid not in profiles:
         who = f"user #{index} " if index is not None else "user "
-        fail(f"{path}: no profile text for {who}(user_id {uid!r}); run data/gen_profile.py for this task "
-             f"or leave the profile variants out")
+        path = Path(path)   # <data_dir>/<task>/profile-id2text.json: the command that (re)writes it
+        fail(f"{path}: no profile text for {who}(user_id {uid!r}); write the profiles of every user with: "
+             f"{gen_profile_command(path.parent.name, path.parent.parent)} (or leave the profile variants out)")
     return profiles[uid]
 
 
@@ -257,7 +265,14 @@ class Layout:
                  f"LaMP folder that holds test_questions.json (or its test/ subfolder)")
         return self.load_split("leaderboard", check=True), None
 
+    def gen_profile_command(self) -> str:
+        """The command that writes this layout's profile file (data/gen_profile.py, its default --output_file)."""
+        return gen_profile_command(self.task.name, self.data_dir)
+
     def load_profiles(self) -> dict:
+        """The PAG profile texts; a missing file names the command that writes it."""
+        if not self.profiles.is_file():
+            fail(f"profile file not found: {self.profiles}; write it with: {self.gen_profile_command()}")
         return load_profiles(self.profiles)
 
     def load_golds(self, test_users=None) -> dict:
