@@ -13,6 +13,8 @@
 # Each command is printed ("+ ...") before it runs, so it can be copied and run by hand. Re-running continues
 # where it stopped: a step whose final output exists is skipped, and the per-user steps (profiles, sharer
 # LoRAs, gates, composition, OPPU) skip the users already done without loading the model when none is left.
+# The training steps batch in the published (shuffled) order, the stages' default: --group_by_length (the
+# demo's speed option, which changes the batches) is not passed.
 set -euo pipefail
 TASKS="citation movie_tagging news_categorize product_rating news_headline scholarly_title tweet_paraphrase"
 TASK=${1:?usage: scripts/run_task.sh <task>, one of $TASKS}

@@ -158,6 +158,84 @@ def test_batches_cover_every_example_once_per_epoch():
     assert all(abs(lengths[b[0]] - lengths[b[1]]) < 10 for b in batches)   # grouped by length
 
 
+TRAINING_SCRIPTS = ("task_LoRA", "train_anchor_PEFT", "train_anchor_gate", "OPPU")
+
+
+@pytest.mark.parametrize("name", TRAINING_SCRIPTS)
+def test_every_training_stage_shuffles_by_default_and_groups_only_when_asked(name):
+    """The published loops shuffle; length grouping is an opt-in speed flag (issue 22 item 3)."""
+    import importlib
+
+    import cli_flags
+    script = importlib.import_module(name)
+    args = script.parse_args(["--task_name", "movie_tagging"])
+    assert args.group_by_length is False and cli_flags.train_config(args).group_by_length is False
+    grouped = script.parse_args(["--task_name", "movie_tagging", "--group_by_length"])
+    assert cli_flags.train_config(grouped).group_by_length is True
+    assert TrainConfig().group_by_length is False
+
+
+def test_the_default_order_is_a_fresh_seeded_permutation_every_epoch():
+    """Without lengths: each epoch a permutation of all examples, a new one each epoch; the same seed gives
+    the same epochs, another seed others (the per-user seeds of two users, as the stages pass them)."""
+    from perpcs.engine.training import user_seed
+
+    def epochs(seed: int, n: int = 20, count: int = 3) -> list:
+        gen = torch.Generator().manual_seed(seed)
+        return [make_batches(n, 3, gen) for _ in range(count)]
+
+    seed_a, seed_b = user_seed(0, "u1"), user_seed(0, "u2")
+    runs = epochs(seed_a)
+    for batches in runs:
+        assert sorted(i for b in batches for i in b) == list(range(20))
+        assert [len(b) for b in batches] == [3] * 6 + [2]
+    flat = [[i for b in batches for i in b] for batches in runs]
+    assert len({tuple(f) for f in flat}) == 3                    # a fresh order each epoch
+    assert flat[0] != list(range(20))                            # shuffled, not file order
+    assert epochs(seed_a) == runs                                # one seed, one order
+    assert epochs(seed_b) != runs                                # two seeds, two orders
+
+
+def test_the_train_loop_uses_the_seeded_shuffle_by_default(tiny, monkeypatch):
+    """train() with the default config: no length grouping, each epoch's batches are make_batches' from a
+    generator seeded with cfg.seed (the stages set it to the user's seed), so a seed fixes the order."""
+    import perpcs.engine.training as training
+    from peft import get_peft_model
+    from perpcs.engine.training import user_seed
+    model, tok, device = tiny
+    # lengths that grouping would sort together: 3 short and 3 long prompts, interleaved
+    examples = [Example(("Review: the blender " + "very " * (20 * (i % 2))).strip() + " Score:", f" {i}")
+                for i in range(6)]
+    seen = []
+    real = training.make_batches
+
+    def record(n, batch_size, generator, lengths=None):
+        batches = real(n, batch_size, generator, lengths)
+        seen.append((lengths, batches))
+        return batches
+
+    monkeypatch.setattr(training, "make_batches", record)
+    orders = {}
+    for user in ("u1", "u2", "u1"):
+        seed = user_seed(0, user)
+        seen.clear()
+        peft_model = get_peft_model(model, lora_config())
+        try:
+            train(peft_model, tok, examples, TrainConfig(batch_size=2, epochs=3, grad_ckpt=False, max_seq_len=64,
+                                                         seed=seed), device, show_progress=False)
+        finally:
+            peft_model.unload()
+        assert [lengths for lengths, _ in seen] == [None] * 3             # shuffled, not grouped
+        gen = torch.Generator().manual_seed(seed)
+        assert [b for _, b in seen] == [real(6, 2, gen) for _ in range(3)]
+        for _, batches in seen:
+            assert sorted(i for b in batches for i in b) == list(range(6))
+        flat = [tuple(i for b in batches for i in b) for _, batches in seen]
+        assert len(set(flat)) > 1                                          # not one order repeated
+        orders.setdefault(user, []).append(flat)
+    assert orders["u1"][0] == orders["u1"][1] and orders["u1"][0] != orders["u2"][0]
+
+
 LEARNABLE = [Example(f"Review: the {w} blender Score:", f" {s}") for w, s in
              [("awful", 1), ("great", 5), ("bad", 1), ("superb", 5), ("poor", 1), ("lovely", 5)]]
 
