@@ -258,8 +258,8 @@ def compose_users(cfg: CompositionStage, task, layout, test_users, users, all_pr
                                  {"control": control, "inputs": inputs(uid)})
             write_recipe(recipe, path)
         elif control in ONE_SHARER:   # one sharer's whole LoRA: no gates, no forward
-            index, choice, seconds = choose(uid, user)
-            weights = one_sharer_weights(pool, index)
+            sharer, choice, seconds = choose(uid, user)
+            weights = one_sharer_weights(pool, sharer)
             recipe = make_recipe(pool, weights, settings, uid, task.name, [],
                                  {"control": control, **choice, "inputs": inputs(uid)})
             write_recipe(recipe, path)
