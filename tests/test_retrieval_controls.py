@@ -169,7 +169,7 @@ def test_resume_and_refusals(pipe, retrieval, tmp_path, capsys):
     (other / "config.json").write_text(json.dumps({**config, "note": "another encoder"}))
     msg = cli_error(lora_composition.main, pipe.compose_args(nearest) + ["--control", "nearest_sharer",
                                                                           "--encoder", str(other)], capsys)
-    assert "encoder_sha256" in msg and "--overwrite" in msg
+    assert "inputs.encoder_sha256" in msg and "--overwrite" in msg
     msg = cli_error(lora_composition.main, pipe.compose_args(nearest) + ["--control", "random_sharer"], capsys)
     assert 'settings.control "nearest_sharer" -> "random_sharer"' in msg
     # without the folder's record, each recipe still says which control and encoder made it
@@ -182,7 +182,7 @@ def test_resume_and_refusals(pipe, retrieval, tmp_path, capsys):
     shutil.copytree(retrieval[0] / control_dir_name("random_sharer"), drawn)
     msg = cli_error(lora_composition.main, pipe.compose_args(drawn) + ["--control", "random_sharer", "--seed", "1"],
                     capsys)
-    assert "seed" in msg and "--overwrite" in msg
+    assert "settings.compose.seed 0 -> 1" in msg and "--overwrite" in msg
     msg = cli_error(lora_composition.main, pipe.compose_args(tmp_path / "x") + ["--encoder", str(other)], capsys)
     assert "--encoder is read by --control nearest_sharer only" in msg
 
