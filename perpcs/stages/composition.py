@@ -112,7 +112,12 @@ def retrieval_encoder(cfg: CompositionStage, index_path) -> dict | None:
             fail("--encoder is read by --control nearest_sharer only (the history embeddings that choose the "
                  f"nearest sharer); this run is {'--control ' + cfg.control if cfg.control else 'Per-Pcs'}")
         return None
-    encoder = cfg.encoder if cfg.encoder is not None else load_sharer_index(index_path).get("encoder")
+    encoder = cfg.encoder
+    if encoder is None:
+        encoder = load_sharer_index(index_path).get("encoder")   # None: stage 2 embedded nothing (not cluster)
+        if encoder is not None and Path(str(encoder)).is_absolute() and not Path(str(encoder)).is_dir():
+            fail(f"{index_path} records the encoder {encoder}, which is not a directory here; pass --encoder (the "
+                 f"same encoder, to choose as stage 2 embedded)")
     name, directory = resolve_encoder(encoder)
     return {"name": name, "dir": directory, "sha256": encoder_digest(directory)}
 
