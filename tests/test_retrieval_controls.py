@@ -131,7 +131,7 @@ def test_nearest_sharer_gives_each_user_the_sharer_with_the_most_similar_history
         assert list(r["cosines"]) == pipe.sharer_ids()
         vec = embed_users([targets[uid]], task, tokenizer, model)[0].astype(np.float64)
         hand = sharer_vecs @ vec / (np.linalg.norm(sharer_vecs, axis=1) * np.linalg.norm(vec))
-        np.testing.assert_allclose(list(r["cosines"].values()), hand, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(list(r["cosines"].values()), hand, rtol=1e-4, atol=1e-4)   # CPU vs --device
         assert sharer == pipe.sharer_ids()[int(np.argmax(list(r["cosines"].values())))]
         assert r["inputs"]["encoder_sha256"]
     manifest = json.loads((root / "run_manifest.json").read_text())
@@ -198,3 +198,11 @@ def test_report_shows_the_peft_retrieval_rows(pipe, retrieval):
     assert rows == ["task LoRA (non-personalized)", "PEFT retrieval (nearest sharer)",
                     "PEFT retrieval (random sharer)"]
     assert "the paper's are unpublished" in table
+
+
+def test_demo_runs_both_peft_retrieval_rows_after_the_controls(tmp_path):
+    from test_gen_len import demo_commands
+    commands = demo_commands(tmp_path, TASK)
+    controls = [argv[argv.index("--control") + 1] for argv in commands
+                if argv[0] == "lora_composition.py" and "--control" in argv]
+    assert controls == ["uniform", "swapped", "peft_merge", "nearest_sharer", "random_sharer"] == list(CONTROLS)
