@@ -68,7 +68,13 @@ def parse_args(argv=None):
                    help="a user-blind control instead of Per-Pcs, from the same sharers and gates: uniform (every "
                         "sharer 1/n in every piece), swapped (each user assembled from another test user's history, "
                         "a derangement seeded by --seed), peft_merge (peft's add_weighted_adapter, linear, 1/n); "
-                        "default output ./output/<task>/LoRA-Composition-control-<name>")
+                        "or a PEFT-retrieval row, one sharer's whole LoRA per user: nearest_sharer (the highest "
+                        "cosine between mean history embeddings, see --encoder), random_sharer (drawn per user, "
+                        "seeded by --seed); default output ./output/<task>/LoRA-Composition-control-<name>")
+    p.add_argument("--encoder", default=None,
+                   help="--control nearest_sharer only: the Hugging Face encoder (id or local directory) that embeds "
+                        "the histories, as stage 2 does (anchor_selection/history_anchor.py --encoder); default: the "
+                        "encoder recorded in the sharer index, else the bundled all-MiniLM-L6-v2")
     return cli.parse(p, argv)
 
 
@@ -86,7 +92,7 @@ def main(argv=None):
         shards=cli.shard_config(args), anchor_dir=args.anchor_dir, gate_dir=args.gate_dir,
         anchor_idx_path=args.anchor_idx_path, output_dir=args.output_dir, max_seq_len=args.max_seq_len,
         save_adapters=args.save_adapters, save_scores=args.save_scores, test_split=args.test_split,
-        control=args.control))
+        control=args.control, encoder=args.encoder))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ SHARER_GATES = f"{SHARERS}/gate"
 COMPOSITION = "LoRA-Composition"         # ablation settings write LoRA-Composition-<tag>/ beside it
 OPPU = "OPPU"
 BASE_ONLY = "base_LLM"                   # stage 1 --base_only: the base model's predictions, no LoRA
-CONTROLS = ("uniform", "swapped", "peft_merge")   # stage 5 --control: user-blind controls (README, "The demo")
+# stage 5 --control: user-blind controls, then the PEFT-retrieval rows (one sharer's whole LoRA per user)
+CONTROLS = ("uniform", "swapped", "peft_merge", "nearest_sharer", "random_sharer")
 
 
 # User ids name files and folders (user_<id>/, user_<id>.json): an id is never a path. Real LaMP question ids are

@@ -57,6 +57,11 @@ for control in uniform swapped peft_merge; do
   $PY lora_composition.py "${COMMON[@]}" "${GEN[@]}" --max_seq_len 512 --topk 1 --recent_k 16 --control "$control"
 done
 
+step "PEFT retrieval: one sharer's whole LoRA per user (nearest sharer by history embedding, random sharer)"
+for control in nearest_sharer random_sharer; do
+  $PY lora_composition.py "${COMMON[@]}" "${GEN[@]}" --max_seq_len 512 --control "$control"
+done
+
 step "base model without any LoRA (where every method starts)"
 $PY task_LoRA.py "${COMMON[@]}" "${GEN[@]}" --max_seq_len 512 --base_only
 

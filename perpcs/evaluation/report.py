@@ -15,6 +15,10 @@ from perpcs.stages.base import last_per_user
 CONTROL_LABELS = [("uniform", "control: uniform mix (user-blind)"),
                   ("swapped", "control: swapped history (another user's)"),
                   ("peft_merge", "control: peft merge (add_weighted_adapter, linear)")]
+# PEFT-retrieval rows (stage 5 --control nearest_sharer / random_sharer): one sharer's whole LoRA per user; the
+# paper's PEFT-retrieval baselines are unpublished, these are our definitions (README, "PEFT retrieval")
+RETRIEVAL_LABELS = [("nearest_sharer", "PEFT retrieval (nearest sharer)"),
+                    ("random_sharer", "PEFT retrieval (random sharer)")]
 VARIANTS = [("kNP", "no retrieval"), ("k1", "BM25 k=1"), ("k1-profile", "BM25 k=1 + profile")]
 
 
@@ -43,7 +47,7 @@ def results_table(task_name: str, data_dir="data", output_root=None, groups_file
         ("Per-Pcs", root / COMPOSITION / "predictions", mean.get("payload_bytes"), mean.get("recipe_bytes"),
          mean.get("assembly_seconds")),
     ]
-    for control, label in CONTROL_LABELS:   # rows only for the controls that were run
+    for control, label in CONTROL_LABELS + RETRIEVAL_LABELS:   # rows only for the controls that were run
         cdir = root / control_dir_name(control)
         csum = read_json(cdir / "summary.json", "control summary") if (cdir / "summary.json").is_file() else {}
         cmean = csum.get("mean") or {}
@@ -85,6 +89,11 @@ def results_table(task_name: str, data_dir="data", output_root=None, groups_file
                   "another test user's history; peft merge, peft's add_weighted_adapter of the sharer LoRAs "
                   "(linear, weights 1/n: n times the uniform mix's update), one LoRA for all users. Per-Pcs "
                   "personalizes where it beats all three."]
+    if any(r[0] in dict(RETRIEVAL_LABELS).values() for r in rows):
+        lines += ["", "PEFT retrieval rows (our definitions; the paper's are unpublished): each user gets one sharer's "
+                  "whole LoRA (weight 1 on every piece of that sharer): nearest sharer, the sharer whose mean history "
+                  "embedding (stage 2's encoder) has the highest cosine with the user's; random sharer, a sharer "
+                  "drawn per user (seeded by --seed). storage / user: the one-sharer recipe's payload."]
     if groups_file:
         from perpcs.evaluation.explain import routing_lines
         routed = routing_lines(root / COMPOSITION / "recipes", groups_file)

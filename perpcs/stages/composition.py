@@ -13,7 +13,8 @@ from perpcs.data.truncation import count_cuts, log_totals, report_stage, user_en
 from perpcs.engine.training import tokenize_example, user_seed
 from perpcs.errors import fail
 from perpcs.method.composition import Composer, ComposeSettings, assemble_user, composer_removed, install_composer
-from perpcs.method.controls import MERGED_ADAPTER, derangement, peft_merged_model, uniform_weights
+from perpcs.method.controls import (MERGED_ADAPTER, ONE_SHARER, derangement, nearest_sharer, one_sharer_weights,
+                                    peft_merged_model, random_sharer, uniform_weights)
 from perpcs.method.gates import GATES_FILE
 from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
 from perpcs.method.recipes import gate_scores_record, make_recipe, recipe_weights, write_recipe
@@ -27,6 +28,8 @@ from perpcs.stages.base import (check_existing_predictions, check_histories, com
                                 stage_manifest, staging_dirs, user_examples, user_predictions_path, users_data)
 from perpcs.stages.config import CompositionStage, StageInputs
 from perpcs.stages.manifest import canonical_sha256, open_run, user_data_sha256
+
+RETRIEVAL_MAX_LENGTH = 512   # --control nearest_sharer: tokens per history item, stage 2's default --max_length
 
 
 def recipe_path(root, uid: str) -> Path:
@@ -99,6 +102,59 @@ def recipe_inputs(shared: dict, max_seq_len: int, user_data: str) -> dict:
             "history_sha256": user_data}
 
 
+def retrieval_encoder(cfg: CompositionStage, index_path) -> dict | None:
+    """--control nearest_sharer: the encoder that embeds histories, {"name", "dir", "sha256"}: --encoder, else the
+    one stage 2 recorded in its index (a cluster selection), else stage 2's default (the bundled MiniLM). None for
+    the other runs, which embed nothing (--encoder is refused there)."""
+    from perpcs.stages.sharer_selection import encoder_digest, load_sharer_index, resolve_encoder
+    if cfg.control != "nearest_sharer":
+        if cfg.encoder is not None:
+            fail("--encoder is read by --control nearest_sharer only (the history embeddings that choose the "
+                 f"nearest sharer); this run is {'--control ' + cfg.control if cfg.control else 'Per-Pcs'}")
+        return None
+    encoder = cfg.encoder
+    if encoder is None:
+        encoder = load_sharer_index(index_path).get("encoder")   # None: stage 2 embedded nothing (not cluster)
+        if encoder is not None and Path(str(encoder)).is_absolute() and not Path(str(encoder)).is_dir():
+            fail(f"{index_path} records the encoder {encoder}, which is not a directory here; pass --encoder (the "
+                 f"same encoder, to choose as stage 2 embedded)")
+    name, directory = resolve_encoder(encoder)
+    return {"name": name, "dir": directory, "sha256": encoder_digest(directory)}
+
+
+def one_sharer_chooser(control: str, task, sharers: list, seed: int, encoder: dict | None, device: str) -> Callable:
+    """--control nearest_sharer / random_sharer: ``choose(uid, user)`` -> (sharer index, what the recipe records
+    of the choice, seconds it took or None). nearest_sharer embeds the sharers' histories once (at the first
+    user), then each user's own history, with stage 2's code (embed_users: the task's history item text, mean
+    pooled per item, averaged over the user's items)."""
+    if control == "random_sharer":
+        def draw(uid, user):
+            index = random_sharer(uid, len(sharers), seed)
+            return index, {"sharer": sharers[index][0], "sharer_index": index, "seed_user": user_seed(seed, uid)}, None
+        return draw
+
+    @lazy
+    def embedder():   # the encoder and the sharers' vectors, once per process
+        from perpcs.models.devices import resolve_device
+        from perpcs.stages.sharer_selection import embed_users, load_encoder
+        dev = resolve_device(device)
+        print(f"nearest sharer: embedding the histories of {len(sharers)} sharers with {encoder['name']} on {dev}")
+        tokenizer, model = load_encoder(encoder["dir"], dev)
+        vectors = embed_users([u for _, u in sharers], task, tokenizer, model, max_length=RETRIEVAL_MAX_LENGTH)
+        return tokenizer, model, vectors
+
+    def nearest(uid, user):
+        from perpcs.stages.sharer_selection import embed_users
+        tokenizer, model, vectors = embedder()
+        t0 = time.perf_counter()
+        target = embed_users([user], task, tokenizer, model, max_length=RETRIEVAL_MAX_LENGTH)[0]
+        index, cosines = nearest_sharer(target, vectors)
+        seconds = time.perf_counter() - t0
+        return index, {"sharer": sharers[index][0], "sharer_index": index, "encoder": encoder["name"],
+                       "cosines": {sid: c for (sid, _), c in zip(sharers, cosines)}}, seconds
+    return nearest
+
+
 def compose(cfg: CompositionStage) -> Path:
     task = get_task(cfg.inputs.task_name)
     layout = Layout(cfg.inputs.data_dir, task)
@@ -109,7 +165,9 @@ def compose(cfg: CompositionStage) -> Path:
     settings, overwrite = cfg.compose, cfg.shards.overwrite
     test_users, _ = layout.load_targets(cfg.test_split)
     all_profiles = layout.load_profiles()
-    sharers = load_sharers(resolve_sharer_index(cfg.anchor_idx_path, task.name), layout.candidate_users, task)
+    index_path = resolve_sharer_index(cfg.anchor_idx_path, task.name)
+    sharers = load_sharers(index_path, layout.candidate_users, task)
+    encoder = retrieval_encoder(cfg, index_path)
     settings.check(len(sharers))
     print(f"selection {settings.describe()}")
     gate_dir = Path(cfg.gate_dir or dirs["sharer_gates"])
@@ -121,14 +179,21 @@ def compose(cfg: CompositionStage) -> Path:
     check_histories(task, test_users, profiles, layout.profiles, users_file)
     num_shards, shard_id = cfg.shards.resolve()
     shared = composition_inputs(cfg.inputs, pool, gate_dir)
-    manifest = stage_manifest("composition", {"compose": vars(settings), "control": control,
-                                              "max_seq_len": cfg.max_seq_len,
-                                              "generation": cfg.generation.recorded(task)},
+    recorded = {"compose": vars(settings), "control": control, "max_seq_len": cfg.max_seq_len,
+                "generation": cfg.generation.recorded(task)}
+    if encoder is not None:   # nearest_sharer: the encoder's files are an input of every choice, its length a setting
+        shared["encoder_sha256"] = encoder["sha256"]
+        recorded["encoder_max_length"] = RETRIEVAL_MAX_LENGTH
+    manifest = stage_manifest("composition", recorded,
                               users_data(task, users, all_profiles, queries=True), shared, cfg.inputs.model)
     # predictions: made from the user's recipe, so from everything the run mixes
     predicted_from = lambda uid: made_from(manifest, uid, inputs_sha256=canonical_sha256(shared))  # noqa: E731
-    if control is not None:
+    if control in ONE_SHARER:
+        print(f"control: {control} (PEFT retrieval: one sharer's whole LoRA per user) -> {out_root}")
+    elif control is not None:
         print(f"control: {control} (user-blind; the same sharers and gates as Per-Pcs) -> {out_root}")
+    choose = (one_sharer_chooser(control, task, sharers, settings.seed, encoder, cfg.inputs.model.device)
+              if control in ONE_SHARER else None)
     history_of = derangement([uid for uid, _ in users], settings.seed) if control == "swapped" else {}
     histories = {uid: user_data_sha256(u, profiles.get(uid) if profiles is not None else None, queries=False)
                  for uid, u in users}   # a recipe is made from the history alone (and the profile text, where used)
@@ -151,20 +216,22 @@ def compose(cfg: CompositionStage) -> Path:
             return merge_control(cfg, task, layout, test_users, users, all_profiles, pool, shared, out_root,
                                  predicted_from)
         return compose_users(cfg, task, layout, test_users, users, all_profiles, profiles, pool, recipe_made_from,
-                             predicted_from, history_of, out_root)
+                             predicted_from, history_of, out_root, choose)
 
 
 def compose_users(cfg: CompositionStage, task, layout, test_users, users, all_profiles, profiles, pool: PiecePool,
-                  inputs: Callable, predicted_from: Callable, history_of: dict, out_root: Path) -> Path:
-    """Per-Pcs (and the swapped / uniform controls): each user's recipe, then its predictions, resumably.
-    ``inputs(uid)`` / ``predicted_from(uid)``: what the user's recipe / predictions record they were made from;
-    ``history_of``: swapped's partners."""
+                  inputs: Callable, predicted_from: Callable, history_of: dict, out_root: Path,
+                  choose: Callable | None = None) -> Path:
+    """Per-Pcs (and the swapped / uniform / one-sharer controls): each user's recipe, then its predictions,
+    resumably. ``inputs(uid)`` / ``predicted_from(uid)``: what the user's recipe / predictions record they were
+    made from; ``history_of``: swapped's partners; ``choose``: the one-sharer controls' choice
+    (one_sharer_chooser)."""
     settings, overwrite, control = cfg.compose, cfg.shards.overwrite, cfg.control
     num_shards, shard_id = cfg.shards.resolve()
     users_file = layout.split_path(cfg.test_split)
     index = {uid: i for i, (uid, _) in enumerate(users)}
     user_by_id = dict(users)
-    save_scores = cfg.save_scores and control != "uniform"   # the uniform mix runs no forward: nothing scored
+    save_scores = cfg.save_scores and control in (None, "swapped")   # the other controls run no gates: no scores
 
     def scores_missing(uid):   # a finished user is assembled again (deterministically) for its scores
         return save_scores and not gate_scores_path(out_root, uid).is_file()
@@ -195,6 +262,14 @@ def compose_users(cfg: CompositionStage, task, layout, test_users, users, all_pr
             recipe = make_recipe(pool, weights, settings, uid, task.name, [],
                                  {"control": control, "inputs": inputs(uid)})
             write_recipe(recipe, path)
+        elif control in ONE_SHARER:   # one sharer's whole LoRA: no gates, no forward
+            sharer, choice, seconds = choose(uid, user)
+            weights = one_sharer_weights(pool, sharer)
+            recipe = make_recipe(pool, weights, settings, uid, task.name, [],
+                                 {"control": control, **choice, "inputs": inputs(uid)})
+            write_recipe(recipe, path)
+            if seconds is not None:   # nearest_sharer: embedding the user's history and the choice
+                timing["assembly_seconds"] = round(seconds, 4)
         else:
             # in its turn: one user's examples alive at a time (swapped: the partner's history)
             examples = user_examples(task, user_by_id[source], profiles, layout.profiles, index[source], users_file,

@@ -175,7 +175,8 @@ class CompositionStage:
     max_seq_len: int = 3500          # tokens of an assembly example (and of a prompt, via generation)
     save_adapters: bool = False
     save_scores: bool = False        # every sharer's gate score per piece and user (gate_scores/user_<id>.json)
-    control: str | None = None       # a user-blind control (perpcs.method.controls): uniform, swapped, peft_merge
+    control: str | None = None       # a control (perpcs.method.controls, paths.CONTROLS): uniform, swapped, ...
+    encoder: str | None = None       # --control nearest_sharer: the history encoder (default: stage 2's, else MiniLM)
 
     def __post_init__(self):
         lengths(self.inputs, self.generation.max_gen_len, self.max_seq_len, self.generation.max_seq_len)
