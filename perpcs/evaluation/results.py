@@ -225,7 +225,8 @@ def _cell(table, row, task, key, best, bold) -> str:
 LEGEND = (f"{NOT_RUN} not run (no predictions file); {EMPTY}: every output of the predictions file is empty (not "
           "scored). Acc/F1: LaMP's accuracy and macro-F1; MAE/RMSE: LaMP-3's errors; ROUGE-1/ROUGE-L: F-measure. "
           "RAG: BM25 top-k history items in the prompt; PAG: the user's profile text + the top-k items (k=0: the "
-          "profile only). PEFT retrieval: the user gets one sharer's LoRA (nearest by history, or drawn at random).")
+          "profile only). PEFT retrieval: one sharer's whole LoRA per user, the nearest by history embedding or one "
+          "drawn at random (stage 5 --control nearest_sharer / random_sharer).")
 
 
 def to_markdown(table: ResultsTable) -> str:
