@@ -125,9 +125,9 @@ def test_columns_are_the_seven_tasks_with_their_metric_pairs(tree):
                       "LaMP-2N F1", "LaMP-3 MAE", "LaMP-3 RMSE", "LaMP-4 ROUGE-1", "LaMP-4 ROUGE-L",
                       "LaMP-5 ROUGE-1", "LaMP-5 ROUGE-L", "LaMP-7 ROUGE-1", "LaMP-7 ROUGE-L"]
     md = paths["md"].read_text(encoding="utf-8").splitlines()
-    assert md[0] == ("| Method | Setting | LaMP-1 Acc ↑ | LaMP-1 F1 ↑ | LaMP-2M Acc ↑ | LaMP-2M F1 ↑ | LaMP-2N Acc ↑ | "
-                     "LaMP-2N F1 ↑ | LaMP-3 MAE ↓ | LaMP-3 RMSE ↓ | LaMP-4 ROUGE-1 ↑ | LaMP-4 ROUGE-L ↑ | "
-                     "LaMP-5 ROUGE-1 ↑ | LaMP-5 ROUGE-L ↑ | LaMP-7 ROUGE-1 ↑ | LaMP-7 ROUGE-L ↑ |")
+    assert md[0] == ("| Method | Setting | LaMP-1 Acc ↑ | LaMP-1 F1 ↑ | LaMP-2M Acc ↑ | LaMP-2M F1 ↑ | "
+                     "LaMP-2N Acc ↑ | LaMP-2N F1 ↑ | LaMP-3 MAE ↓ | LaMP-3 RMSE ↓ | LaMP-4 ROUGE-1 ↑ | "
+                     "LaMP-4 ROUGE-L ↑ | LaMP-5 ROUGE-1 ↑ | LaMP-5 ROUGE-L ↑ | LaMP-7 ROUGE-1 ↑ | LaMP-7 ROUGE-L ↑ |")
     tex = paths["tex"].read_text(encoding="utf-8")
     groups = " & ".join(rf"\multicolumn{{2}}{{c}}{{{t}}}"
                         for t in ["LaMP-1", "LaMP-2M", "LaMP-2N", "LaMP-3", "LaMP-4", "LaMP-5", "LaMP-7"])
@@ -236,8 +236,10 @@ def test_the_three_formats_hold_the_same_cells(full_tree):
     assert md == as_printed
     assert tex == [[r[0], r[1]] + r[2:] for r in as_printed]
     marks = {c for row in md for c in row[2:]}
-    assert {"–", "empty"} <= marks and len(md) == len(collect_results(full_tree / "output", full_tree / "data").rows)
-    assert ["OPPU", "+RAG k=1", "–", "–", "empty", "empty"] == md[[r[:2] for r in md].index(["OPPU", "+RAG k=1"])][:6]
+    assert {"–", "empty"} <= marks
+    assert len(md) == len(collect_results(full_tree / "output", full_tree / "data").rows)
+    oppu_rag = md[[r[:2] for r in md].index(["OPPU", "+RAG k=1"])]
+    assert oppu_rag[:6] == ["OPPU", "+RAG k=1", "–", "–", "empty", "empty"]
 
 
 def test_markdown_and_latex_cells(tree):
@@ -246,7 +248,8 @@ def test_markdown_and_latex_cells(tree):
     non_personalized = next(line for line in md if line.startswith("| Non-personalized |"))
     cells = [c.strip() for c in non_personalized.strip("|").split("|")]
     # method, setting, LaMP-1 (not run), LaMP-2M acc/F1 (not the best), LaMP-2N (not run), LaMP-3 MAE/RMSE (bold)
-    assert cells[:10] == ["Non-personalized", "", "–", "–", "0.500", "0.133", "–", "–", "**1.250**", "**2.062**"]
+    assert cells[:10] == ["Non-personalized", "", "–", "–", "0.500", "0.133", "–", "–",
+                          "**1.250**", "**2.062**"]
     rag = next(line for line in md if line.startswith("| RAG | k=1 |"))
     assert "**1.000**" in rag and "**0.267**" in rag
     tex = to_latex(table)

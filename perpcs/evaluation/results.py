@@ -285,8 +285,8 @@ def to_latex(table: ResultsTable) -> str:
         lines.append(f"{method} & {_latex_escape(row[1])} & " + " & ".join(cells) + r" \\")
         previous = row
     lines += [r"\bottomrule",
-              rf"\multicolumn{{{width}}}{{@{{}}p{{\linewidth}}@{{}}}}{{\footnotesize $\uparrow$ higher is better, $\downarrow$ lower is "
-              rf"better; bold: best in the column; {_latex_escape(LEGEND)}}} \\",
+              rf"\multicolumn{{{width}}}{{@{{}}p{{\linewidth}}@{{}}}}{{\footnotesize $\uparrow$ higher is better, "
+              rf"$\downarrow$ lower is better; bold: best in the column; {_latex_escape(LEGEND)}}} \\",
               r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
