@@ -1,6 +1,8 @@
 """Score every prediction file under output/ and write one results table in the layout of the paper's main
-table: rows = non-personalized / RAG / PAG (task LoRA), OPPU and Per-Pcs with their variants (and any
-LoRA-Composition-*/ dir of an ablation); columns = each task's two LaMP metrics; "-" where a file is missing.
+table: rows = the methods with their test-time variants (base model without LoRA; the task LoRA as
+Non-personalized / RAG k / PAG k; PEFT retrieval, nearest and random sharer; OPPU; Per-Pcs; then any other
+LoRA-Composition-*/ dir of an ablation or control), columns = the seven LaMP tasks x their two metrics;
+"–" where a run did not produce the file, "empty" where every output of the file is empty.
 
     python eval/eval_all.py [--output_root output] [--data_dir data] [--out_prefix output/results]
 
@@ -19,7 +21,8 @@ from perpcs.evaluation.results import write_results  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_root", default="output", help="holds <task>/{task-base_LLM,OPPU,LoRA-Composition*}/")
+    parser.add_argument("--output_root", default="output",
+                        help="holds <task>/{base_LLM,task-base_LLM,OPPU,LoRA-Composition*}/")
     parser.add_argument("--data_dir", default="data", help="holds <task>/test_100/golds.json")
     parser.add_argument("--out_prefix", default="output/results", help="writes <prefix>.md, .csv and .tex")
     return parser.parse_args(argv)

@@ -201,5 +201,5 @@ def test_results_table_marks_an_empty_file_instead_of_scoring_it(tmp_path, capsy
     table = collect_results(tmp_path / "output", tmp_path / "data")
     assert "LoRA-Composition/predictions/kNP.json: every one of the 2 outputs is empty" in capsys.readouterr().err
     md = to_markdown(table)
-    assert "| Per-Pcs |  | - | - | empty | empty | - |" in md and "| Non-personalized |  | - | - | **1.000** |" in md
-    assert "Per-Pcs,,,,empty,empty," in to_csv(table)
+    assert "| Per-Pcs |  | – | – | empty | empty | – |" in md and "| Non-personalized |  | – | – | **1.000** |" in md
+    assert "Per-Pcs,,–,–,empty,empty,–" in to_csv(table)   # LaMP-1 not run, LaMP-2M empty, LaMP-2N not run
