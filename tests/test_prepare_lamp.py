@@ -12,7 +12,6 @@ from perpcs.data.prepare import DOCUMENT_FIELD, Question, build_user, group_ques
 from perpcs.data.tasks import TASKS, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parent / "data"
 MOVIE = get_task("movie_tagging")
 SPLITS = ("base", "candidate", "test", "reserve")
 
@@ -132,11 +131,10 @@ def test_an_item_in_too_many_profiles_proves_nothing(monkeypatch):
     assert len(grouping.users) == 3 and grouping.common_items == 1
 
 
-def test_real_lamp_questions_are_grouped_and_their_documents_leave_the_history(tmp_path):
-    """Five real LaMP-2 (news) questions (tests/data/lamp_real, CC BY-NC-SA 4.0, see SOURCES.md there): item ids
+def test_real_lamp_questions_are_grouped_and_their_documents_leave_the_history(tmp_path, lamp2_full_rows):
+    """Five real LaMP-2 (news) questions (../shared/lamp_real, CC BY-NC-SA 4.0, see SOURCES.md there): item ids
     are renumbered per question, one author's questions hold each other's articles with their categories."""
-    rows = [json.loads(line) for line in (DATA / "lamp_real" / "LaMP_2N" / "lamp2_full.jsonl").read_text()
-            .splitlines() if line.strip()]
+    rows = lamp2_full_rows
     questions = [{"id": r["id"], "input": r["question"], "profile": r["profile"]} for r in rows]
     # no golds are published with these questions: any valid category serves
     raw = tmp_path / "raw"
