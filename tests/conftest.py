@@ -31,13 +31,21 @@ def lamp_real_path() -> Path:
     return Path(override) if override else TESTS_DIR.parent.parent / "shared" / "lamp_real"
 
 
+def lamp_real_missing(*parts: str) -> str:
+    """Why the tests on real LaMP data cannot run ('' when the folder, or the path inside it, is there)."""
+    path = lamp_real_path().joinpath(*parts)
+    if path.exists():
+        return ""
+    return (f"real LaMP data not found at {path} (the shared/lamp_real folder beside the checkout, or "
+            f"${LAMP_REAL_ENV}; CC BY-NC-SA 4.0, never copied into the repository)")
+
+
 def require_lamp_real(*parts: str) -> Path:
     """The real LaMP folder (or a path inside it); skips the calling test, saying why, when it is absent."""
-    path = lamp_real_path().joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real LaMP data not found at {path} (the shared/lamp_real folder beside the checkout, "
-                    f"or ${LAMP_REAL_ENV}; CC BY-NC-SA 4.0, never copied into the repository)")
-    return path
+    reason = lamp_real_missing(*parts)
+    if reason:
+        pytest.skip(reason)
+    return lamp_real_path().joinpath(*parts)
 
 
 @pytest.fixture

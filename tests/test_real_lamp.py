@@ -21,12 +21,13 @@ import OPPU
 import task_LoRA
 import train_anchor_gate
 import train_anchor_PEFT
-from conftest import require_lamp_real
+from conftest import lamp_real_missing, require_lamp_real
 from perpcs.data.layout import Layout, all_splits_users, user_id
 from perpcs.data.tasks import get_task
 from pipeline_fixture import DEVICE, load_script, one_thread, run_script, run_stage  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.real_lamp
+# skipped before any fixture is built (the tiny model) when the data are absent
+pytestmark = [pytest.mark.real_lamp, pytest.mark.skipif(bool(lamp_real_missing()), reason=lamp_real_missing())]
 
 gen_profile = load_script("data/gen_profile.py")
 eval_task = load_script("eval/eval_task.py")
