@@ -36,11 +36,14 @@ def tree(root: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------- the rule
 
-def test_the_rule_accepts_real_and_sample_ids_and_refuses_paths():
-    real = [json.loads(line)["id"] for line in
-            (ROOT / "tests" / "data" / "lamp_real" / "LaMP_2N" / "lamp2_full.jsonl").read_text().splitlines()
-            if line.strip()]
-    assert real and all(is_safe_id(q) and is_safe_id(f"u{q}") for q in real)
+def test_real_question_ids_are_safe(lamp_real_dir, lamp2_full_rows):
+    real = [row["id"] for row in lamp2_full_rows]
+    for questions in sorted(lamp_real_dir.glob("LaMP_*/*/*_questions.json")):
+        real += [q["id"] for q in json.loads(questions.read_text(encoding="utf-8"))]
+    assert len(real) >= 5 and all(is_safe_id(q) and is_safe_id(f"u{q}") for q in real)
+
+
+def test_the_rule_accepts_sample_ids_and_refuses_paths():
     for ok in ["u110", "310", "000", "u000", 7, "user6", "_x", "a.b-c_D", "a" * 128]:
         assert is_safe_id(ok) and safe_id(ok) == str(ok), ok
     assert user_file_name("u110", ".json") == "user_u110.json"

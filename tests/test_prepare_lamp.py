@@ -8,11 +8,11 @@ import pytest
 
 from perpcs.data.layout import Layout
 from perpcs.errors import PerpcsError
-from perpcs.data.prepare import DOCUMENT_FIELD, Question, build_user, group_questions, prepare_lamp, split_users
+from perpcs.data.prepare import (DOCUMENT_FIELD, LABELLED_DOCUMENT_TASKS, Question, build_user, group_questions,
+                                  prepare_lamp, split_users)
 from perpcs.data.tasks import TASKS, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parent / "data"
 MOVIE = get_task("movie_tagging")
 SPLITS = ("base", "candidate", "test", "reserve")
 
@@ -132,11 +132,10 @@ def test_an_item_in_too_many_profiles_proves_nothing(monkeypatch):
     assert len(grouping.users) == 3 and grouping.common_items == 1
 
 
-def test_real_lamp_questions_are_grouped_and_their_documents_leave_the_history(tmp_path):
-    """Five real LaMP-2 (news) questions (tests/data/lamp_real, CC BY-NC-SA 4.0, see SOURCES.md there): item ids
+def test_real_lamp_questions_are_grouped_and_their_documents_leave_the_history(tmp_path, lamp2_full_rows):
+    """Five real LaMP-2 (news) questions (../shared/lamp_real, CC BY-NC-SA 4.0, see SOURCES.md there): item ids
     are renumbered per question, one author's questions hold each other's articles with their categories."""
-    rows = [json.loads(line) for line in (DATA / "lamp_real" / "LaMP_2N" / "lamp2_full.jsonl").read_text()
-            .splitlines() if line.strip()]
+    rows = lamp2_full_rows
     questions = [{"id": r["id"], "input": r["question"], "profile": r["profile"]} for r in rows]
     # no golds are published with these questions: any valid category serves
     raw = tmp_path / "raw"
@@ -252,6 +251,50 @@ def test_build_user_does_not_mutate_input():
     assert all("citation" not in it for it in items) and [it["id"] for it in items] == ["1", "0"]
 
 
+def test_citation_keeps_the_query_paper_in_its_authors_history():
+    """LaMP-1 as downloaded: a question's profile is its author's papers (title, abstract), the paper it asks about
+    among them (every real LaMP_1 question in ../shared/lamp_real). No item says which reference a paper cites,
+    so that item hands nothing to BM25 or OPPU: it stays, as LaMP gives it (other tasks' items hold the answer)."""
+    query = ('For an author who has written the paper with the title "Routing  around a rectangle", which reference '
+             'is related? Just answer with [1] or [2] without explanation. [1]: "A" [2]: "B"')
+    items = ({"id": "00", "title": "Graph drawing", "abstract": "We draw."},
+             {"id": "01", "title": "Routing around a rectangle", "abstract": "We route."})
+    task = get_task("citation")
+    question = Question("000", query, "[1]", items, "train_questions.json",
+                        " ".join(task.parse_query(query)[0].split()))
+    user, removed = build_user([question], task)
+    assert removed == 0 and [it["title"] for it in user["profile"]] == ["Graph drawing", "Routing around a rectangle"]
+    # a labelled document (news: the article with its category) still leaves its user's history
+    news = get_task("news_categorize")
+    article = "Vote counts are in."
+    sibling = Question("1", _news_input(article), "politics",
+                       ({"id": "10", "text": article, "title": "t", "category": "politics"},
+                        {"id": "11", "text": "Other.", "title": "u", "category": "sports"}), "train_questions.json",
+                       article)
+    user, removed = build_user([sibling], news)
+    assert removed == 1 and [it["text"] for it in user["profile"]] == ["Other."]
+
+
+def _news_input(article):
+    return ("Which category does this article relate to among the following categories? Just answer with the "
+            f"category name without further explanation. categories: [politics, sports] article: {article}")
+
+
+def test_real_lamp_1_users_keep_every_paper_of_their_profile(tmp_path, lamp_real_dir):
+    """Real LaMP_1 (user-based: one question per author): each user's history is its question's whole profile."""
+    lamp = lamp_real_dir / "LaMP_1"
+    summary = prepare_lamp("LaMP_1", lamp, tmp_path / "out", n_test=2, verbose=False)
+    assert summary["users"] == 8 and summary["query_documents_removed"] == 0
+    raw = {q["id"]: len(q["profile"]) for split in ("train", "dev")
+           for q in json.loads((lamp / split / f"{split}_questions.json").read_text())}
+    layout = Layout(tmp_path / "out", get_task("citation"))
+    users = [u for s in SPLITS for u in layout.load_split(s, need_gold=True)]
+    assert {u["user_id"]: len(u["profile"]) for u in users} == {f"u{q}": n for q, n in raw.items()}
+    board = layout.load_split("leaderboard")
+    test_raw = {q["id"]: len(q["profile"]) for q in json.loads((lamp / "test" / "test_questions.json").read_text())}
+    assert {u["user_id"]: len(u["profile"]) for u in board} == {f"u{q}": n for q, n in test_raw.items()}
+
+
 def test_missing_output_exits_2_and_names_the_id(tmp_path):
     _hand_made(tmp_path / "raw")
     _write_raw(tmp_path / "raw", [_question("a1", [1]), _question("lonely7", [9])], drop_output="lonely7")
@@ -302,7 +345,8 @@ def test_make_sample_then_prepare_end_to_end(tmp_path, task_name):
             assert [q["id"] for q in user["query"]] == groups[user["user_id"]]     # users recovered exactly
             # the whole history (the last question's profile, items renumbered per question) but the
             # user's own query documents: the template generator sometimes repeats one of them
-            own = {" ".join(task.parse_query(q["input"])[0].split()) for q in user["query"]}
+            own = ({" ".join(task.parse_query(q["input"])[0].split()) for q in user["query"]}
+                   if task_name in LABELLED_DOCUMENT_TASKS else set())
             full = raw_questions[user["query"][-1]["id"]]["profile"]
             kept = [it for it in full if " ".join(it[field].split()) not in own]
             assert [it[field] for it in user["profile"]] == [it[field] for it in kept]

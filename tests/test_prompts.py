@@ -46,9 +46,9 @@ def test_parse_failure_names_task_query_and_expectation(name):
     assert name in str(err.value) and "q42" in str(err.value) and "expected" in str(err.value)
 
 
-def test_real_lamp_2n_questions_parse():
-    path = Path(__file__).resolve().parent / "data" / "lamp_real" / "LaMP_2N" / "lamp2_full.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def test_real_lamp_2n_questions_parse(lamp2_full_rows):
+    rows = lamp2_full_rows
+    assert len(rows) == 5
     task = get_task("LaMP_2N")
     for row in rows:
         (article,) = task.parse_query(row["question"], row["id"])

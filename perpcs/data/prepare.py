@@ -16,9 +16,10 @@ The authors never published this step (SPEC section 10); the choices made here:
   more questions of the same users are added (dev after train). User ids name files, so a question whose
   "u" + id is not a safe id (perpcs.paths.SAFE_ID) is refused when it is read, before anything is written.
 - A user's profile is the union of its questions' profiles (for prefixes: the longest one) *without the
-  user's own query documents* (the article / description / review / abstract / paper title / tweet of a query
-  input): in LaMP one question's document is a labelled item of its siblings' profiles, and left there it
-  would hand BM25 and OPPU the gold answer. Sorted by ``date`` when every item has a
+  user's own query documents* (the article / description / review / abstract / tweet of a query input): in
+  LaMP one question's document is a labelled item of its siblings' profiles, and left there it would hand BM25
+  and OPPU the gold answer. Not for citation (LABELLED_DOCUMENT_TASKS): LaMP-1's profile holds the question's
+  own paper, unlabelled (no item says what a paper cites), and it stays. Sorted by ``date`` when every item has a
   comparable date (all numbers, or all ISO ``YYYY[-MM[-DD]]`` strings; stable), else longest profile's order
   first. Queries: all the user's questions, shortest profile first, with gold.
 - Test users: the ``n_test`` users with the longest history (ties: smaller user_id first). The rest
@@ -59,6 +60,11 @@ _ISO_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 DOCUMENT_FIELD = {"citation": "title", "movie_tagging": "description", "news_categorize": "text",
                   "product_rating": "text", "news_headline": "text", "scholarly_title": "abstract",
                   "tweet_paraphrase": "text"}
+# Tasks whose history items hold the answer to a query about their own document (its tag, category, rating,
+# headline, title, ...): a query's document is left out of its user's history. Not citation: a LaMP-1 profile
+# is the author's papers (title, abstract), the paper a question asks about among them, and no item says which
+# reference a paper cites, so that item is kept as LaMP gives it.
+LABELLED_DOCUMENT_TASKS = frozenset(DOCUMENT_FIELD) - {"citation"}
 MAX_POSTINGS = 1000
 
 
@@ -401,7 +407,7 @@ def build_user(questions: list, task: Task, citation_field: str = "abstract") ->
             if key not in seen:
                 seen.add(key)
                 items.append((item, question))
-    own = {q.document for q in questions if q.document}
+    own = {q.document for q in questions if q.document} if task.name in LABELLED_DOCUMENT_TASKS else set()
     kept = [(item, q) for item, q in items if item_document(item, task) not in own]
     profile = [_project_item(item, q, task, citation_field) for item, q in kept]
     user = {"user_id": user_id_of(questions[0].id), "profile": sort_by_time(profile),
