@@ -12,7 +12,6 @@ metrics' values mean nothing, their keys and the ids do.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
