@@ -44,32 +44,40 @@ def training_sources(model_path, task_lora_dir) -> dict:
     return {"base_model": base_model_fingerprint(model_path), "task_lora_sha256": adapter_sha256(task_lora_dir)}
 
 
-def read_source(path) -> dict | None:
-    """The recorded sources in ``path`` (a source.json), or None where there is none."""
+def read_record(path, what: str, remedy: str) -> dict | None:
+    """A JSON object recording what an output was made from (source.json, run_manifest.json), or None where there
+    is none; one that does not parse or is no object is an error naming the file, ``what`` it is and the ``remedy``."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        fail(f"{path}: not valid JSON ({err}); delete it with its directory, or pass --overwrite")
+        fail(f"{path}: not valid JSON ({err}); {remedy}")
     if not isinstance(data, dict):
-        fail(f"{path}: expected a JSON object of recorded sources; delete it with its directory, or pass --overwrite")
+        fail(f"{path}: expected a JSON object of {what}; {remedy}")
     return data
 
 
-def refuse_other_sources(where, had: dict | None, wanted: dict, what: str) -> None:
+def read_source(path) -> dict | None:
+    """The recorded sources in ``path`` (a source.json), or None where there is none."""
+    return read_record(path, "recorded sources", "delete it with its directory, or pass --overwrite")
+
+
+REDO = "pass --overwrite to redo every user, or another --output_dir"
+
+
+def refuse_other_sources(where, had: dict | None, wanted: dict, what: str, remedy: str = REDO) -> None:
     """An existing output whose recorded sources are missing or differ is not this run's: stop and say how to
-    proceed (the output is kept: it may be the only copy of hours of training)."""
+    proceed (the output is kept: it may be the only copy of hours of training). ``remedy``: the way out, where it
+    is not to redo this stage's users (stage 5 reading stage 4's gates)."""
     if had is None or any(k not in had for k in wanted):
         fail(f"{where} has no record of the {' and '.join(_name(k) for k in wanted)} it was {what} on (made by an "
-             f"older version, or copied without its {SOURCE_FILE}): it cannot be counted as this run's; pass "
-             f"--overwrite to redo every user, or another --output_dir")
+             f"older version, or copied without its {SOURCE_FILE}): it cannot be counted as this run's; {remedy}")
     changed = sorted(k for k in wanted if had[k] != wanted[k])
     if changed:
         fail(f"{where} was {what} on another {' and '.join(_name(k) for k in changed)} than this run's "
-             f"({', '.join(f'{k} {str(had[k])[:12]}... -> {str(wanted[k])[:12]}...' for k in changed)}); pass "
-             f"another --output_dir, or --overwrite to redo every user")
+             f"({', '.join(f'{k} {str(had[k])[:12]}... -> {str(wanted[k])[:12]}...' for k in changed)}); {remedy}")
 
 
 def _name(key: str) -> str:

@@ -76,23 +76,15 @@ def composition_inputs(inputs: StageInputs, pool: PiecePool, gate_dir: Path) -> 
         adapters[uid] = adapter_sha256(pool.anchor_dir / user_file_name(uid))
         gate_path = gate_dir / user_file_name(uid)
         gates[uid] = file_sha256(gate_path / GATES_FILE)
-        recorded = read_source(gate_path / SOURCE_FILE) or {}
-        if "adapter_sha256" not in recorded or any(k not in recorded for k in sources):
-            fail(f"{gate_path / SOURCE_FILE}: no record of the sharer LoRA, base model and task LoRA the gates of "
-                 f"sharer {uid} were trained on (made by an older version?); train them again: "
-                 f"train_anchor_gate.py --overwrite --output_dir {gate_dir}")
-        changed = [k for k in sources if recorded[k] != sources[k]]
-        if changed:
-            fail(f"{gate_path / SOURCE_FILE}: the gates of sharer {uid} were trained on another "
-                 f"{' and '.join(k.replace('_sha256', '').replace('_', ' ') for k in changed)} than this run's; "
-                 f"pass the --llama_model_path / --lora_ckpt they were trained on, or train them again "
-                 f"(train_anchor_gate.py --overwrite)")
-        if recorded["adapter_sha256"] != adapters[uid]:
+        recorded = read_source(gate_path / SOURCE_FILE)
+        refuse_other_sources(f"{gate_path / SOURCE_FILE} (the gates of sharer {uid})", recorded, sources, "trained",
+                             remedy=f"pass the --llama_model_path / --lora_ckpt they were trained on, or train them "
+                                    f"again: train_anchor_gate.py --overwrite --output_dir {gate_dir}")
+        if recorded.get("adapter_sha256") != adapters[uid]:
             fail(f"{gate_path / SOURCE_FILE}: the gates of sharer {uid} were trained on another LoRA than "
-                 f"{pool.anchor_dir / user_file_name(uid)} (adapter {str(recorded['adapter_sha256'])[:12]}... "
-                 f"there, "
-                 f"{adapters[uid][:12]}... now): the sharer LoRAs changed after the gates; run train_anchor_gate.py "
-                 f"--overwrite on them, or pass the --anchor_dir the gates were trained on")
+                 f"{pool.anchor_dir / user_file_name(uid)} (adapter {str(recorded.get('adapter_sha256'))[:12]}... "
+                 f"there, {adapters[uid][:12]}... now): the sharer LoRAs changed after the gates; run "
+                 f"train_anchor_gate.py --overwrite on them, or pass the --anchor_dir the gates were trained on")
     return {**sources, "sharers": list(pool.sharer_ids), "sharer_adapters": adapters, "gates": gates}
 
 
@@ -187,7 +179,8 @@ def compose(cfg: CompositionStage) -> Path:
     manifest = stage_manifest("composition", recorded,
                               users_data(task, users, all_profiles, queries=True), shared, cfg.inputs.model)
     # predictions: made from the user's recipe, so from everything the run mixes
-    predicted_from = lambda uid: made_from(manifest, uid, inputs_sha256=canonical_sha256(shared))  # noqa: E731
+    shared_sha256 = canonical_sha256(shared)
+    predicted_from = lambda uid: made_from(manifest, uid, inputs_sha256=shared_sha256)  # noqa: E731
     if control in ONE_SHARER:
         print(f"control: {control} (PEFT retrieval: one sharer's whole LoRA per user) -> {out_root}")
     elif control is not None:

@@ -34,6 +34,7 @@ from typing import Callable
 
 from perpcs.atomic import write_json_atomic
 from perpcs.errors import fail
+from perpcs.models.provenance import REDO, read_record
 
 MANIFEST_FILE = "run_manifest.json"
 MANIFEST_FORMAT = "perpcs-run/1"
@@ -117,18 +118,9 @@ class RunManifest:
 
 
 def read_manifest(path) -> dict | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        fail(f"{path}: not valid JSON ({err}); it records what this folder's outputs were made from: pass "
-             f"--overwrite to redo every user, or another --output_dir")
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        found = data.get("format") if isinstance(data, dict) else None
-        fail(f"{path}: not a run manifest of this version (format {found!r}); pass --overwrite to redo every user, or "
-             f"another --output_dir")
+    data = read_record(path, "what this folder's outputs were made from", REDO)
+    if data is not None and data.get("format") != MANIFEST_FORMAT:
+        fail(f"{path}: not a run manifest of this version (format {data.get('format')!r}); {REDO}")
     return data
 
 

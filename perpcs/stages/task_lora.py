@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +17,7 @@ from perpcs.engine.training import train
 from perpcs.errors import fail
 from perpcs.models.lora import check_adapter_files, is_complete_adapter, resolve_lora_ckpt, save_peft_adapter
 from perpcs.paths import split_output_dir, stage_dirs
+from perpcs.stages.base import as_json, lora_record, stage_manifest, users_data
 from perpcs.stages.config import TaskLoRAStage
 
 
@@ -52,11 +52,10 @@ def training_source(cfg: TaskLoRAStage, base_users: list, profiles: dict) -> dic
     users' data (history, queries with golds, profile text). A rerun reuses the adapter only if all match."""
     from perpcs.models.provenance import base_model_fingerprint
     from perpcs.stages.manifest import canonical_sha256
-    settings = {"lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-                         "target_modules": list(cfg.lora.target_modules)}, "train": asdict(cfg.train)}
+    settings = {"lora": lora_record(cfg.lora), "train": asdict(cfg.train)}
     data = [{"user": u, "profile_text": profiles.get(str(u["user_id"]))} for u in base_users]
     return {"base_model": base_model_fingerprint(cfg.inputs.model.llama_model_path),
-            "settings_sha256": canonical_sha256(json.loads(json.dumps(settings))),
+            "settings_sha256": canonical_sha256(as_json(settings)),
             "base_users_sha256": canonical_sha256(data)}
 
 
@@ -91,8 +90,7 @@ def train_and_predict(cfg: TaskLoRAStage, task, layout, out_dir: Path, test_user
     from perpcs.models.loading import load_base_model
     from perpcs.models.lora import lora_config
     from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, base_model_fingerprint, read_source
-    from perpcs.stages.manifest import MANIFEST_FILE, RunManifest, differences, describe_differences, environment
-    from perpcs.stages.manifest import numerics, user_data_sha256
+    from perpcs.stages.manifest import MANIFEST_FILE, differences, describe_differences
 
     inputs, m = cfg.inputs, cfg.inputs.model
     source = None if cfg.infer or cfg.base_only else training_source(cfg, base_users, profiles)
@@ -140,14 +138,13 @@ def train_and_predict(cfg: TaskLoRAStage, task, layout, out_dir: Path, test_user
     gen = cfg.generation
     # The predictions are made again on every run (never resumed); their manifest says what made them. It is
     # removed first so that a run killed while predicting leaves no record claiming the old files as its own.
-    manifest = RunManifest(
+    manifest = stage_manifest(
         "task_lora_predictions",
-        json.loads(json.dumps({"generation": gen.recorded(task), "base_only": cfg.base_only,
-                               "lora_settings_sha256": source["settings_sha256"] if source else None})),
-        {str(u["user_id"]): user_data_sha256(u, profiles.get(str(u["user_id"]))) for u in test_users},
-        {"base_model": base_model_fingerprint(m.llama_model_path),
-         "task_lora_sha256": adapter_sha256(adapter_dir) if adapter_dir is not None else None},
-        numerics(m.device, m.cpu_bf16), environment(m.device))
+        {"generation": gen.recorded(task), "base_only": cfg.base_only,
+         "lora_settings_sha256": source["settings_sha256"] if source else None},
+        users_data(task, [(str(u["user_id"]), u) for u in test_users], profiles, queries=True),
+        {"base_model": source["base_model"] if source else base_model_fingerprint(m.llama_model_path),
+         "task_lora_sha256": adapter_sha256(adapter_dir) if adapter_dir is not None else None}, m)
     (pred_root / MANIFEST_FILE).unlink(missing_ok=True)
     shortened = {}
     preds = predict_variants(model, tokenizer, task, test_users, profiles, device, k_list=gen.k_list,
