@@ -79,7 +79,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from perpcs.stages.composition import compose
+    from perpcs.stages.lora_composition import compose
     from perpcs.method.composition import ComposeSettings
     from perpcs.stages.config import CompositionStage
     args = parse_args(argv)

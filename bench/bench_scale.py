@@ -10,7 +10,7 @@ imports is reported beside it as ``base``):
   user N     one user's stage 4/5 history examples (data.prompts.history_examples, with the profile text and
              the BM25 top-1 per item) at N = --user_sizes items (target at 2,000: <= 10 s, <= 1 GB)
   variants   the test examples of --variant_users users x 8 variants (engine.generation.all_variant_examples)
-  stage5     stage 5 (stages.composition.compose) on the tiny random Llama over --stage5_users test users of
+  stage5     stage 5 (stages.lora_composition.compose) on the tiny random Llama over --stage5_users test users of
              --stage5_history items each; RSS sampled after every user (target: flat from user 1 to the last)
 
     OMP_NUM_THREADS=1 python bench/bench_scale.py                 # full run (minutes), JSON to --json
@@ -193,7 +193,7 @@ def child_stage5(args) -> dict:
     from contextlib import redirect_stdout
     sys.path.insert(0, str(REPO / "tests"))
     import lora_composition
-    import perpcs.stages.composition as composition
+    import perpcs.stages.lora_composition as composition
     from perpcs.atomic import write_json_atomic
     from pipeline_fixture import build_pipeline
     from tiny import build_tiny_llama

@@ -545,7 +545,7 @@ def test_too_cold_a_draw_is_an_error_not_a_zero_probability_piece(sharer_pool):
     (["--sample_topk", "2", "--topk", "3"], "--topk 3 is larger than --sample_topk 2")])
 def test_stage_5_refuses_mode_4_settings_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, message):
     import lora_composition
-    from perpcs.stages import composition as compose_stage
+    from perpcs.stages import lora_composition as compose_stage
     from perpcs.errors import run_cli
     from pipeline_fixture import TASK, sample_layout
     layout = sample_layout(TASK, tmp_path, 16, 8, 2, 3)

@@ -154,7 +154,7 @@ def test_export_names_a_truncated_adapter_and_writes_nothing(pipe, tmp_path, cap
 def test_only_the_shards_own_orphaned_staging_is_removed(tmp_path, capsys):
     """Shards share the output folders: a process removes the staging of its own users only (another shard may be
     writing its user's right now), in the stage's folders only, and says how many it removed."""
-    from perpcs.stages.base import run_per_user, staging_dirs
+    from perpcs.stages.common import run_per_user, staging_dirs
     users = [(str(u), {}) for u in (1, 2, 3, 12)]   # shard 0 of 2: users 1 and 3
     planted = {"mine": [tmp_path / ".user_1.k3j_x9.tmp", tmp_path / "adapters" / ".user_3.abc.tmp",
                         tmp_path / "user_predictions" / ".user_1.json.q1w2.tmp",

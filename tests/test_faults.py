@@ -264,7 +264,7 @@ def adopt(adapter_dir: Path, argv: list) -> None:
     from dataclasses import asdict
 
     import cli_flags as cli
-    from perpcs.stages.base import as_json, lora_record
+    from perpcs.stages.common import as_json, lora_record
     from perpcs.stages.manifest import canonical_sha256
     args = train_anchor_PEFT.parse_args([str(a) for a in argv])
     settings = {"lora": lora_record(cli.lora_settings(args)), "train": asdict(cli.train_config(args))}
@@ -622,7 +622,7 @@ def test_rerun_with_other_generation_settings_refuses_old_predictions(pipe, tmp_
 def test_combining_per_user_files_of_other_k_lists_is_refused(pipe, tmp_path, capsys):
     """Two users predicted with --k_list 1 and one with --k_list 1 2 (an older file without settings): the
     combined k2.json would cover one user only."""
-    from perpcs.stages.base import combine_user_predictions
+    from perpcs.stages.common import combine_user_predictions
     from perpcs.data.layout import Layout
     from perpcs.data.tasks import get_task
     out_dir = tmp_path / "composition"

@@ -96,18 +96,18 @@ def test_stage3_trains_only_lora_weights_on_an_untouched_merged_base(pipe, tmp_p
     from transformers import set_seed
 
     import cli_flags
-    import perpcs.stages.base as stage_base
+    import perpcs.stages.common as stage_common
     from perpcs.engine.training import user_seed
     from perpcs.models.lora import lora_config
 
     loaded = {}
-    original = stage_base.load_merged_base
+    original = stage_common.load_merged_base
 
     def capture(args):
         loaded["model"], tokenizer, device = original(args)
         return loaded["model"], tokenizer, device
 
-    monkeypatch.setattr(stage_base, "load_merged_base", capture)
+    monkeypatch.setattr(stage_common, "load_merged_base", capture)
     argv = pipe.sharer_args(tmp_path / "anchor_PEFT")
     run(train_anchor_PEFT.main, argv, capsys)
     monkeypatch.undo()
@@ -395,7 +395,7 @@ def test_stage5_predicts_with_the_assembled_lora_through_peft(pipe, tmp_path, ca
     without the composer's wrappers in the forward; in fp32 it predicts what the composed forward did."""
     from peft import PeftModel, get_peft_model_state_dict
 
-    import perpcs.stages.composition as compose_stage
+    import perpcs.stages.lora_composition as compose_stage
     from perpcs.method.composition import ComposedLinear
     seen = {}
     real = compose_stage.predict_one_user
@@ -525,7 +525,7 @@ def test_stage5_builds_a_users_examples_in_its_turn_only(pipe, tmp_path, capsys,
     """Every test user's examples held from the start to the end of stage 5 grow with the users (~750 MB for 100
     LaMP-sized users): each user's are built in its turn, and not at all when its recipe is already there; the
     outputs stay the same."""
-    import perpcs.stages.composition as composition
+    import perpcs.stages.lora_composition as composition
     events = _record_turns(monkeypatch, composition)
     out_dir = tmp_path / "composition"
     run(lora_composition.main, pipe.compose_args(out_dir), capsys)

@@ -115,7 +115,7 @@ def check_one_sharer_run(pipe, root, control, tmp_path) -> dict:
 
 def test_nearest_sharer_gives_each_user_the_sharer_with_the_most_similar_history(pipe, retrieval, tmp_path):
     from perpcs.data.tasks import get_task
-    from perpcs.stages.base import load_sharers
+    from perpcs.stages.common import load_sharers
     from perpcs.stages.sharer_selection import default_encoder_path, embed_users, load_encoder
     root = retrieval[0] / control_dir_name("nearest_sharer")
     chosen = check_one_sharer_run(pipe, root, "nearest_sharer", tmp_path)

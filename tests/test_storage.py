@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from perpcs.stages.composition import write_summary
+from perpcs.stages.lora_composition import write_summary
 from perpcs.method.composition import ComposeSettings
 from perpcs.method.pieces import PiecePool
 from perpcs.method.recipes import make_recipe, write_recipe

@@ -49,7 +49,7 @@ from perpcs.method.gates import GATES_FILE
 from perpcs.method.storage import mean_adapter_bytes
 from perpcs.paths import (COMPOSITION, EMB_FILE, EMB_META_FILE, INDEX_FILE, OPPU, REPO_ROOT, SHARER_GATES, SHARER_LORAS,
                           TASK_LORA, user_file_name)
-from perpcs.stages.base import last_per_user
+from perpcs.stages.common import last_per_user
 from perpcs.stages.sharer_selection import STRATEGIES
 
 SWEEPS = ("k", "strategy", "share_ratio", "topk")

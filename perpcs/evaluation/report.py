@@ -9,7 +9,7 @@ from perpcs.errors import fail
 from perpcs.evaluation.metrics import evaluate_task
 from perpcs.method.storage import format_bytes, mean_adapter_bytes
 from perpcs.paths import BASE_ONLY, COMPOSITION, OPPU, TASK_LORA, control_dir_name
-from perpcs.stages.base import last_per_user
+from perpcs.stages.common import last_per_user
 
 # user-blind controls of stage 5 (--control): Per-Pcs personalizes where it beats all three
 CONTROL_LABELS = [("uniform", "control: uniform mix (user-blind)"),

@@ -13,7 +13,7 @@ from perpcs.engine.training import train, user_seed
 from perpcs.models.lora import load_adapter_weights, save_peft_adapter
 from perpcs.models.provenance import SOURCE_FILE
 from perpcs.paths import default_dirs, split_output_dir, user_file_name
-from perpcs.stages.base import (adapter_done, check_existing_predictions, check_histories, combine_user_predictions,
+from perpcs.stages.common import (adapter_done, check_existing_predictions, check_histories, combine_user_predictions,
                                 fresh_lora, lazy, load_merged_base, lora_record, made_from, merged_base_sources,
                                 predict_one_user, run_per_user, stage_manifest, staging_dirs, user_examples,
                                 user_predictions_path, user_record, users_data)

@@ -13,7 +13,7 @@ from perpcs.method.gates import GATES_FILE, install_gates, remove_gates, save_ga
 from perpcs.models.lora import check_adapter_files, is_complete_adapter
 from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, read_source, refuse_other_sources
 from perpcs.paths import resolve_sharer_lora_dir
-from perpcs.stages.base import (made_from, run_per_user, sharer_run, stage_manifest, staging_dirs, user_dir,
+from perpcs.stages.common import (made_from, run_per_user, sharer_run, stage_manifest, staging_dirs, user_dir,
                                 user_record)
 from perpcs.stages.config import SharerGateStage
 from perpcs.stages.manifest import open_run

@@ -9,7 +9,7 @@ from perpcs.data.truncation import finish_per_user_stage
 from perpcs.engine.training import train, user_seed
 from perpcs.models.lora import save_peft_adapter
 from perpcs.models.provenance import SOURCE_FILE
-from perpcs.stages.base import (adapter_done, fresh_lora, lora_record, made_from, run_per_user, sharer_run,
+from perpcs.stages.common import (adapter_done, fresh_lora, lora_record, made_from, run_per_user, sharer_run,
                                 stage_manifest, staging_dirs, user_dir, user_record)
 from perpcs.stages.config import SharerLoRAStage
 from perpcs.stages.manifest import open_run

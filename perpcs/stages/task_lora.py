@@ -17,7 +17,7 @@ from perpcs.engine.training import train
 from perpcs.errors import fail
 from perpcs.models.lora import check_adapter_files, is_complete_adapter, resolve_lora_ckpt, save_peft_adapter
 from perpcs.paths import split_output_dir, stage_dirs
-from perpcs.stages.base import as_json, lora_record, stage_manifest, users_data
+from perpcs.stages.common import as_json, lora_record, stage_manifest, users_data
 from perpcs.stages.config import TaskLoRAStage
 
 

@@ -22,7 +22,7 @@ from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, file_sha256, read_source, refuse_other_sources
 from perpcs.paths import (GATE_SCORES_DIR, control_dir_name, default_dirs, resolve_sharer_index,
                           resolve_sharer_lora_dir, split_output_dir, user_file_name)
-from perpcs.stages.base import (check_existing_predictions, check_histories, combine_user_predictions, last_per_user,
+from perpcs.stages.common import (check_existing_predictions, check_histories, combine_user_predictions, last_per_user,
                                 lazy, load_merged_base, load_sharers, made_from, merged_base_sources,
                                 predict_one_user, profiles_if_needed, refuse_other_settings, run_per_user,
                                 stage_manifest, staging_dirs, user_examples, user_predictions_path, users_data)
