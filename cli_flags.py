@@ -15,9 +15,8 @@ import re
 import sys
 import typing
 
-from perpcs.checks import (COUNT, DROPOUT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, TEMPERATURE,
-                           Range, flag_names)
-from perpcs.data.prompts import MAX_SEQ_LEN_HELP, check_max_seq_len
+from perpcs.checks import NON_NEGATIVE_INT, Range, flag_names  # noqa: F401  (NON_NEGATIVE_INT: OPPU.py's --k)
+from perpcs.data.prompts import check_max_seq_len
 from perpcs.data.tasks import get_task
 from perpcs.engine.training import TrainConfig
 from perpcs.errors import fail
