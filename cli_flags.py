@@ -1,21 +1,26 @@
-"""Flag groups shared by the stage scripts, with the original's names and defaults, and the builders that turn
-parsed flags into the library's typed configs (perpcs/stages/config.py): the library never sees a Namespace.
+"""The stage scripts' flags, built from the library's typed configs (perpcs/stages/config.py), and the builders
+that turn parsed flags back into those configs: the library never sees a Namespace.
+
+Each setting is declared once, as a config field carrying its default, help and range (perpcs/checks.setting);
+add_config_flags walks the fields and adds ``--<name>`` (or the field's ``flag``) with them, config_from_args reads
+them back. The flag names and defaults are the published code's.
 
 ``type=bool`` flags of the original could not be turned off; here booleans are ``--flag/--no-flag``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
+import typing
 
-from perpcs.checks import (COUNT, DROPOUT, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, SEED, TEMPERATURE,
-                           Range)
+from perpcs.checks import NON_NEGATIVE_INT, Range, flag_names  # noqa: F401  (NON_NEGATIVE_INT: OPPU.py's --k)
 from perpcs.data.prompts import check_max_seq_len
 from perpcs.data.tasks import get_task
 from perpcs.engine.training import TrainConfig
 from perpcs.errors import fail
-from perpcs.stages.config import LORA_TARGETS, GenerationConfig, LoraSettings, ModelConfig, ShardConfig, StageInputs
+from perpcs.stages.config import GenerationConfig, LoraSettings, ModelConfig, ShardConfig, StageInputs
 from perpcs.stages.manifest import set_command
 
 # Flags of the published parsers that change nothing here: accepted (with a note) so that the authors' commands
@@ -96,11 +101,6 @@ def check_profile_flags(args) -> None:
                       what="the profile instruction")
 
 
-MAX_SEQ_LEN_HELP = ("tokens of a prompt and its new tokens (of an example and its answer in training); at least 1 "
-                    "(BOS) + the words of the task's instruction + --max_gen_len (or the task's answer length), e.g. "
-                    "59 for movie_tagging, 99 for tweet_paraphrase")
-
-
 def add_alias(p: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> None:
     """Another spelling of a flag, accepted but not shown in --help (one spelling there)."""
     p.add_argument(flag, dest=dest, default=None, help=argparse.SUPPRESS, **kwargs)
@@ -114,50 +114,85 @@ def device_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task_name", required=True, help="citation, movie_tagging, news_categorize, product_rating, "
-                   "news_headline, scholarly_title, tweet_paraphrase (or the LaMP id)")
-    p.add_argument("--data_dir", default="./data", help="holds <task>/ in the layout of SPEC section 3")
+# --device's text checked while parsing (an argparse type: the library has no argparse)
+FLAG_TYPES = {"--device": device_name}
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--llama_model_path", default="smollm2",
-                   help="HF model dir, Meta download dir (params.json + consolidated.*.pth, converted once), "
-                        "or 'smollm2' for the bundled SmolLM2-135M-Instruct")
-    p.add_argument("--tokenizer_path", default=None, help="defaults to the model path")
-    p.add_argument("--device", default="auto", type=device_name, help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--cpu_bf16", action=argparse.BooleanOptionalAction, default=False,
-                   help="bf16 autocast on CPU (where supported); default fp32 on CPU, bf16 on CUDA")
+def _nested(cls) -> dict:
+    """{field name: config class} of the fields of ``cls`` that are configs themselves (StageInputs, TrainConfig)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 
-def add_lora_args(p: argparse.ArgumentParser, r: int = 8, alpha: float = 8, dropout: float = 0.05,
-                  targets=None) -> None:
-    add_number(p, "--lora_r", COUNT, default=r)
-    add_number(p, "--lora_alpha", POSITIVE, default=alpha)
-    add_number(p, "--lora_dropout", DROPOUT, default=dropout)
-    p.add_argument("--target_modules", nargs="+", default=list(targets or LORA_TARGETS))
+def _default(f, defaults):
+    """A field's default: from the enclosing stage's own default (``defaults``, an instance), else the field's."""
+    if defaults is not None:
+        return getattr(defaults, f.name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
-def add_train_args(p: argparse.ArgumentParser, lr: float, weight_decay: float = 0.01, batch_size: int = 6,
-                   epochs: int = 1, max_step: int | None = None, max_seq_len: int = 3000) -> None:
-    add_number(p, "--lr", POSITIVE, default=lr)
-    add_number(p, "--weight_decay", NON_NEGATIVE, default=weight_decay)
-    add_number(p, "--batch_size", COUNT, default=batch_size)
-    add_number(p, "--accum_iter", COUNT, "gradient accumulation micro-batches per step", default=1)
-    add_number(p, "--epochs", COUNT, "length of the cosine lr schedule in epochs (SPEC 5), and of the run unless "
-               "--max_step is set", default=epochs)
-    add_number(p, "--max_step", COUNT, "run exactly this many optimizer steps, repeating epochs as needed; the lr "
-               "keeps following the cosine over --epochs past its end (it rises again)", default=max_step)
-    add_number(p, "--clip", POSITIVE, "gradient-norm clip", default=0.3)
-    add_number(p, "--max_seq_len", COUNT, MAX_SEQ_LEN_HELP, default=max_seq_len)
-    p.add_argument("--grad_ckpt", action=argparse.BooleanOptionalAction, default=True,
-                   help="gradient checkpointing (less memory, ~30%% slower)")
-    p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=False,
-                   help="opt-in speed flag: batch examples of similar length together (less padding). It changes "
-                        "the batches vs the published code, whose loops shuffle; off (default): a fresh random "
-                        "order each epoch, seeded per user from --seed (the published generator was unseeded, "
-                        "so its exact order cannot be matched)")
-    add_number(p, "--seed", SEED, default=0)
+def add_config_flags(p: argparse.ArgumentParser, cls, defaults=None, help_of: dict | None = None) -> None:
+    """A flag for each setting of the config class ``cls``, with its default, help and range; a field that is a
+    config itself (a stage's inputs, train, generation, ...) adds its own flags, with the stage's defaults for it
+    (SharerGateStage's lr 2e-5, not TrainConfig's 1e-4). ``defaults``: an instance whose values are the defaults;
+    ``help_of``: help texts of this stage for some fields."""
+    nested = _nested(cls)
+    for f in dataclasses.fields(cls):
+        default = _default(f, defaults)
+        if f.name in nested:
+            add_config_flags(p, nested[f.name], None if default is dataclasses.MISSING else default,
+                             f.metadata.get("help_of"))
+        elif not f.metadata.get("shared") and f.metadata.get("cli", True):
+            _add_flag(p, f, default, (help_of or {}).get(f.name, f.metadata.get("help")))
+
+
+def _add_flag(p: argparse.ArgumentParser, f, default, help: str | None) -> None:
+    meta, flags = f.metadata, flag_names(f)
+    kwargs = {"dest": flags[0].lstrip("-")}
+    if default is dataclasses.MISSING:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = list(default) if isinstance(default, tuple) else default
+    if "choices" in meta:
+        kwargs["choices"] = list(meta["choices"])
+    if isinstance(default, tuple):
+        kwargs["nargs"] = "+"
+    if meta.get("distinct"):
+        kwargs["action"] = _DistinctPositive
+    rule = meta.get("flag_rule", meta.get("rule"))
+    if rule is not None:
+        add_number(p, flags, rule, help, **kwargs)
+    else:
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction if meta.get("negatable", True) else "store_true"
+        elif flags[0] in FLAG_TYPES:
+            kwargs["type"] = FLAG_TYPES[flags[0]]
+        p.add_argument(*flags, help=help.replace("%", "%%") if help else help, **kwargs)
+    for alias in meta.get("hidden_aliases", ()):
+        add_alias(p, alias, dest=kwargs["dest"])
+
+
+def config_from_args(cls, args, defaults=None, **given):
+    """The config ``cls`` from parsed flags: each setting from its flag (a shared one from the flag another group
+    declares), a setting without a flag in this script at the stage's default; ``given`` overrides."""
+    nested, values = _nested(cls), {}
+    for f in dataclasses.fields(cls):
+        if f.name in given:
+            continue
+        if f.name in nested:
+            default = _default(f, defaults)
+            values[f.name] = config_from_args(nested[f.name], args,
+                                              None if default is dataclasses.MISSING else default)
+            continue
+        dest = flag_names(f)[0].lstrip("-")
+        if f.metadata.get("cli") is not False and hasattr(args, dest):
+            value = getattr(args, dest)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+        elif defaults is not None:
+            values[f.name] = getattr(defaults, f.name)
+    return cls(**values, **given)
 
 
 class _DistinctPositive(argparse.Action):
@@ -169,58 +204,26 @@ class _DistinctPositive(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_generation_args(p: argparse.ArgumentParser) -> None:
-    add_number(p, "--max_gen_len", COUNT, "new tokens; default per task", default=None)
-    add_number(p, "--temperature", TEMPERATURE, default=0.1)
-    add_number(p, "--top_p", FRACTION, default=0.9)
-    add_number(p, "--k_list", COUNT, "BM25 k of the RAG variants, distinct", nargs="+", default=[1, 2, 4],
-               action=_DistinctPositive)
-    add_number(p, "--gen_batch_size", COUNT, default=16)
-    p.add_argument("--kv_cache", default="dynamic", choices=["dynamic", "static"],
-                   help="static: preallocated KV cache with a compiled decoding step on CUDA (same outputs)")
-
-
-def add_test_split_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--test_split", default="test", choices=["test", "leaderboard"],
-                   help="the users to predict: test (data/<task>/test_100, with golds) or leaderboard (LaMP's test "
-                        "questions, data/<task>/leaderboard; outputs under <output_dir>/leaderboard/)")
-
-
-def add_shard_args(p: argparse.ArgumentParser) -> None:
-    add_number(p, "--num_shards", COUNT, "default: $WORLD_SIZE or 1", default=None)
-    add_number(p, "--shard_id", NON_NEGATIVE_INT, "below --num_shards; default: $RANK or 0", default=None)
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="redo users whose outputs already exist")
-
-
 def model_config(args) -> ModelConfig:
-    return ModelConfig(llama_model_path=args.llama_model_path, tokenizer_path=args.tokenizer_path,
-                       device=args.device, cpu_bf16=args.cpu_bf16)
+    return config_from_args(ModelConfig, args)
 
 
 def stage_inputs(args) -> StageInputs:
-    return StageInputs(task_name=args.task_name, data_dir=args.data_dir, model=model_config(args),
-                       lora_ckpt=getattr(args, "lora_ckpt", None))
+    return config_from_args(StageInputs, args)
 
 
 def lora_settings(args) -> LoraSettings:
-    return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                        target_modules=tuple(args.target_modules))
+    return config_from_args(LoraSettings, args)
 
 
 def train_config(args) -> TrainConfig:
     """Checks the training flags (TrainConfig refuses bad ones) before any model loads."""
-    return TrainConfig(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                       accum_iter=args.accum_iter, epochs=args.epochs, max_step=args.max_step, clip=args.clip,
-                       max_seq_len=args.max_seq_len, grad_ckpt=args.grad_ckpt, seed=args.seed,
-                       cpu_bf16=args.cpu_bf16, group_by_length=args.group_by_length)
+    return config_from_args(TrainConfig, args)
 
 
 def generation_config(args) -> GenerationConfig:
-    return GenerationConfig(max_gen_len=args.max_gen_len, temperature=args.temperature, top_p=args.top_p,
-                            k_list=tuple(args.k_list), batch_size=args.gen_batch_size, kv_cache=args.kv_cache,
-                            max_seq_len=args.max_seq_len, seed=args.seed, cpu_bf16=args.cpu_bf16)
+    return config_from_args(GenerationConfig, args)
 
 
 def shard_config(args) -> ShardConfig:
-    return ShardConfig(num_shards=args.num_shards, shard_id=args.shard_id, overwrite=args.overwrite)
+    return config_from_args(ShardConfig, args)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 
 from perpcs.errors import fail
 
@@ -76,3 +76,35 @@ def check_all(*checks) -> None:
     for rule, flag, value in checks:
         if value is not None:
             rule.check(flag, value)
+
+
+# A setting is declared once, as a dataclass field carrying its default, its --help text and its rule (as peft's
+# configs carry field(default=..., metadata={"help": ...})); the scripts' flags are built from these fields
+# (cli_flags.add_config_flags) and the configs check their values with the same rules (check_settings). The
+# metadata is plain data, so the library stays free of argparse. Keys besides help and rule:
+#   flag: the flag's name(s) when not --<field> (a tuple: the first is shown, the others are aliases)
+#   flag_rule: a stricter rule for the flag than for the library (--lr: the scripts refuse 0)
+#   hidden_aliases, choices, distinct (a list whose items must differ), negatable (False: a plain switch)
+#   shared: the value comes from a flag another group declares (--seed, --max_seq_len, --cpu_bf16)
+#   cli: False for a setting no script exposes; help_of (on a nested config): help texts for this stage only
+def setting(default=MISSING, *, default_factory=MISSING, help: str | None = None, rule: Range | None = None,
+            **more):
+    metadata = {key: value for key, value in dict(help=help, rule=rule, **more).items() if value is not None}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag_names(f) -> tuple:
+    """The flag(s) of a dataclass field: metadata["flag"], else --<name>."""
+    flag = f.metadata.get("flag", "--" + f.name)
+    return flag if isinstance(flag, tuple) else (flag,)
+
+
+def check_settings(config) -> None:
+    """Every field of ``config`` that has a rule, in field order (each item of a list); None is unset."""
+    for f in fields(config):
+        rule, value = f.metadata.get("rule"), getattr(config, f.name)
+        if rule is not None and value is not None:
+            for item in (value if isinstance(value, (tuple, list)) else (value,)):
+                rule.check(flag_names(f)[0], item)

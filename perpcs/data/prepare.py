@@ -49,7 +49,7 @@ from pathlib import Path
 
 from perpcs.atomic import write_json_atomic
 from perpcs.data.layout import Layout, read_json, validate_users
-from perpcs.data.tasks import AMBIGUOUS_LAMP_2, Task, get_task, is_ambiguous_lamp_2
+from perpcs.data.tasks import AMBIGUOUS_LAMP_2, TASKS, Task, get_task, is_ambiguous_lamp_2
 from perpcs.errors import PerpcsError, fail
 from perpcs.paths import ID_RULE, is_safe_id
 
@@ -57,14 +57,10 @@ SPLIT_FILES = ("train", "dev")
 LEADERBOARD_FILE = "test"      # LaMP's test questions: no outputs are published
 _ISO_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2})?)?$")
 # The history field that holds what a query's input holds (its "document"), per task.
-DOCUMENT_FIELD = {"citation": "title", "movie_tagging": "description", "news_categorize": "text",
-                  "product_rating": "text", "news_headline": "text", "scholarly_title": "abstract",
-                  "tweet_paraphrase": "text"}
-# Tasks whose history items hold the answer to a query about their own document (its tag, category, rating,
-# headline, title, ...): a query's document is left out of its user's history. Not citation: a LaMP-1 profile
-# is the author's papers (title, abstract), the paper a question asks about among them, and no item says which
-# reference a paper cites, so that item is kept as LaMP gives it.
-LABELLED_DOCUMENT_TASKS = frozenset(DOCUMENT_FIELD) - {"citation"}
+DOCUMENT_FIELD = {t.name: t.document_field for t in TASKS.values()}
+# Tasks whose history items hold the answer to a query about their own document: a query's document is left out
+# of its user's history (Task.keeps_own_document says why not citation's).
+LABELLED_DOCUMENT_TASKS = frozenset(t.name for t in TASKS.values() if not t.keeps_own_document)
 MAX_POSTINGS = 1000
 
 
@@ -107,7 +103,7 @@ def item_key(item: dict) -> bytes:
 
 
 def item_document(item: dict, task: Task) -> str:
-    value = item.get(DOCUMENT_FIELD[task.name])
+    value = item.get(task.document_field)
     return normalize(value) if isinstance(value, str) else ""
 
 
@@ -407,7 +403,7 @@ def build_user(questions: list, task: Task, citation_field: str = "abstract") ->
             if key not in seen:
                 seen.add(key)
                 items.append((item, question))
-    own = {q.document for q in questions if q.document} if task.name in LABELLED_DOCUMENT_TASKS else set()
+    own = {q.document for q in questions if q.document} if not task.keeps_own_document else set()
     kept = [(item, q) for item, q in items if item_document(item, task) not in own]
     profile = [_project_item(item, q, task, citation_field) for item, q in kept]
     user = {"user_id": user_id_of(questions[0].id), "profile": sort_by_time(profile),
@@ -418,11 +414,11 @@ def build_user(questions: list, task: Task, citation_field: str = "abstract") ->
 
 def _project_item(item: dict, question: Question, task: Task, citation_field: str) -> dict:
     out = dict(item)
-    if task.name == "citation" and "citation" not in out:
+    if task.answer_from_flag and task.answer_field not in out:
         if citation_field not in item:
             fail(f"{question.source}: question {question.id!r}: profile item {item['id']!r} has no "
                  f"'{citation_field}' to use as its citation (--citation_field)")
-        out["citation"] = item[citation_field]
+        out[task.answer_field] = item[citation_field]
     for name in task.history_fields:
         if out.get(name) is None:
             fail(f"{question.source}: question {question.id!r}: profile item {item['id']!r} is missing field "

@@ -169,6 +169,12 @@ def min_seq_len(template: str, new_tokens: int) -> int:
     return 1 + frame_words(template) + new_tokens
 
 
+# the --help of every --max_seq_len that bounds a task prompt (the configs' fields carry it)
+MAX_SEQ_LEN_HELP = ("tokens of a prompt and its new tokens (of an example and its answer in training); at least 1 "
+                    "(BOS) + the words of the task's instruction + --max_gen_len (or the task's answer length), e.g. "
+                    "59 for movie_tagging, 99 for tweet_paraphrase")
+
+
 def check_max_seq_len(task: Task, max_seq_len: int, max_gen_len: int | None = None, template: str | None = None,
                       what: str = "the task's instruction") -> None:
     """Refuse a ``--max_seq_len`` with no room for the instruction of ``task`` (its query ``prompt`` unless

@@ -35,7 +35,6 @@ from perpcs.errors import fail
 N_GROUPS = 4              # the default; the demo's sample
 MAX_GROUPS = 6            # every habit table below has a pick per group up to this many
 HABIT_RATE = 0.9          # share of history items that follow the group's habit; query golds always do
-YEAR_DATE_TASKS = ("citation", "scholarly_title")   # integer years, as processed LaMP data carries
 
 # Query prefixes, verbatim from LaMP (the label lists in LaMP's own order).
 MOVIE_PROMPT = ("Which tag does this movie relate to among the following tags? Just answer with the tag name "
@@ -684,7 +683,7 @@ class _SampleBuilder:
         topics = tuple(rng.sample(CITATION_TOPICS if task.name == "citation" else TITLE_SUBJECTS, 3))
         user = SampleUser(index, group, topics, self.n_groups)
         history = []     # (fields, family) in time order
-        dates = _dates(rng, self.n_history, task.name in YEAR_DATE_TASKS)
+        dates = _dates(rng, self.n_history, task.year_dates)
         for family, when in zip(self._family_sequence(self.n_history), dates):
             fields, family = _history_item(task, rng, user, family)
             history.append(({**fields, "date": when}, family))
@@ -706,7 +705,7 @@ class _SampleBuilder:
             if family:
                 self.item_families[qid] = family
         self.info_users.append({"index": index, "group": group, "question_ids": question_ids,
-                                **({"topics": list(topics)} if task.name in YEAR_DATE_TASKS else {})})
+                                **({"topics": list(topics)} if task.year_dates else {})})
 
     def files(self, info: dict) -> dict:
         files = {"sample_info.json": {**info, "group_habits": group_habits(self.task, self.n_groups), "users": self.info_users,

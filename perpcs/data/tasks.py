@@ -40,6 +40,15 @@ class Task:
     max_gen_len: int               # default number of new tokens at test time
     marker: str = ""               # the article starts after this text in a raw LaMP input
     labels: tuple = field(default=())
+    document_field: str = "text"   # the history field that holds what a query's input holds (its "document")
+    # False: history items hold the answer to a query about their own document (its tag, category, rating,
+    # headline, title, ...), so data/prepare.py leaves a query's document out of its user's history. True
+    # (citation): a LaMP-1 profile is the author's papers, the one a question asks about among them, and no item
+    # says which reference a paper cites, so that item is kept as LaMP gives it.
+    keeps_own_document: bool = False
+    answer_from_flag: bool = False          # LaMP-1's items carry no 'citation': prepare takes --citation_field
+    profile_in_history_training: bool = True   # SPEC 4: sharer/gate data get BM25+profile copies
+    year_dates: bool = False       # the history's dates are integer years (data/sample.py, as processed LaMP)
 
     @property
     def prompts(self) -> dict:
@@ -52,7 +61,7 @@ class Task:
     @property
     def uses_profile_in_history_training(self) -> bool:
         """SPEC 4: sharer/gate data get BM25+profile copies except for citation and tweets."""
-        return self.name not in ("citation", "tweet_paraphrase")
+        return self.profile_in_history_training
 
     def parse_query(self, text: str, query_id: str = "?") -> tuple:
         """The positional arguments of the ``prompt`` template for a raw LaMP query input.
@@ -82,9 +91,10 @@ _CITATION_OPTIONS = re.compile(r'\[1\]:\s*"(.*)"\s*\[2\]:\s*"(.*)"', re.S)
 TASKS = {
     t.name: t for t in [
         Task("citation", "LaMP_1", ("title", "citation"), "citation", "classification", 4,
-             labels=("[1]", "[2]")),
+             labels=("[1]", "[2]"), document_field="title", keeps_own_document=True, answer_from_flag=True,
+             profile_in_history_training=False, year_dates=True),
         Task("movie_tagging", "LaMP_2M", ("description", "tag"), "tag", "classification", 10,
-             marker="] description: ", labels=tuple(MOVIE_TAGS)),
+             marker="] description: ", labels=tuple(MOVIE_TAGS), document_field="description"),
         Task("news_categorize", "LaMP_2N", ("text", "title", "category"), "category", "classification", 10,
              marker="] article: ", labels=tuple(NEWS_CATEGORIES)),
         Task("product_rating", "LaMP_3", ("text", "score"), "score", "regression", 4,
@@ -92,9 +102,11 @@ TASKS = {
         Task("news_headline", "LaMP_4", ("text", "title"), "title", "generation", 40,
              marker="Generate a headline for the following article: "),
         Task("scholarly_title", "LaMP_5", ("abstract", "title"), "title", "generation", 48,
-             marker="Generate a title for the following abstract of a paper: "),
+             marker="Generate a title for the following abstract of a paper: ", document_field="abstract",
+             year_dates=True),
         Task("tweet_paraphrase", "LaMP_7", ("text",), "text", "generation", 80,
-             marker="Paraphrase the following tweet without any explanation before or after it: "),
+             marker="Paraphrase the following tweet without any explanation before or after it: ",
+             profile_in_history_training=False),
     ]
 }
 BY_LAMP_ID = {t.lamp_id: t for t in TASKS.values()}
@@ -128,3 +140,6 @@ def get_task(name: str) -> Task:
     if key == "lamp6":
         fail(f"task {name!r} (LaMP-6, email subject generation) is not public and not supported here")
     fail(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or LaMP ids {', '.join(BY_LAMP_ID)})")
+
+
+TASK_NAMES_HELP = ", ".join(TASKS) + " (or the LaMP id)"   # --task_name's help in every stage script

@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from perpcs.atomic import write_bytes_atomic
-from perpcs.checks import COUNT, NON_NEGATIVE, POSITIVE, SEED, check_all
-from perpcs.data.prompts import Example
+from perpcs.checks import COUNT, NON_NEGATIVE, POSITIVE, SEED, check_settings, setting
+from perpcs.data.prompts import MAX_SEQ_LEN_HELP, Example
 from perpcs.data.truncation import count_cuts, fit_example
 from perpcs.errors import fail
 from perpcs.models.devices import autocast_context
@@ -29,31 +29,35 @@ IGNORE_INDEX = -100
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    batch_size: int = 6
-    accum_iter: int = 1
-    epochs: int = 3                # the cosine's length; also the run's length when max_step is None
-    max_step: int | None = None    # optimizer steps, exactly: epochs repeat until taken (SPEC 5)
-    clip: float = 0.3
-    max_seq_len: int = 3000
-    grad_ckpt: bool = True
-    seed: int = 0
-    betas: tuple = (0.9, 0.95)
-    cpu_bf16: bool = False
+    """A fine-tuning run. Each stage's defaults are its own config's (perpcs/stages/config.py); the scripts' flags
+    are built from these fields (cli_flags.add_config_flags)."""
+    lr: float = setting(1e-4, rule=NON_NEGATIVE, flag_rule=POSITIVE)   # 0 passes here, to measure the loss only
+    weight_decay: float = setting(0.01, rule=NON_NEGATIVE)
+    batch_size: int = setting(6, rule=COUNT)
+    accum_iter: int = setting(1, rule=COUNT, help="gradient accumulation micro-batches per step")
+    epochs: int = setting(3, rule=COUNT, help="length of the cosine lr schedule in epochs (SPEC 5), and of the run "
+                          "unless --max_step is set")
+    max_step: int | None = setting(None, rule=COUNT, help="run exactly this many optimizer steps, repeating epochs as "
+                                   "needed; the lr keeps following the cosine over --epochs past its end (it rises "
+                                   "again)")
+    clip: float = setting(0.3, rule=POSITIVE, help="gradient-norm clip")
+    max_seq_len: int = setting(3000, rule=COUNT, help=MAX_SEQ_LEN_HELP)
+    grad_ckpt: bool = setting(True, help="gradient checkpointing (less memory, ~30% slower)")
+    seed: int = setting(0, rule=SEED)
+    betas: tuple = setting((0.9, 0.95), cli=False)
+    cpu_bf16: bool = setting(False, shared=True)   # --cpu_bf16 of the model's flags
     # False, as published: a fresh random order each epoch. True: batches of similar lengths (far less padding,
     # the same examples per epoch, but other batches than the published loops'); opt-in, for speed
-    group_by_length: bool = False
+    group_by_length: bool = setting(False, help="opt-in speed flag: batch examples of similar length together (less "
+                                    "padding). It changes the batches vs the published code, whose loops shuffle; "
+                                    "off (default): a fresh random order each epoch, seeded per user from --seed (the "
+                                    "published generator was unseeded, so its exact order cannot be matched)")
 
     def __post_init__(self):
         """Bad settings fail here, before a model is loaded (zero steps would save an untrained adapter; nan
         anything would train nothing). lr 0 passes here, for a caller that measures the loss without learning;
-        the scripts' --lr must be positive (cli_flags)."""
-        check_all((COUNT, "--batch_size", self.batch_size), (COUNT, "--accum_iter", self.accum_iter),
-                  (COUNT, "--epochs", self.epochs), (COUNT, "--max_step", self.max_step),
-                  (COUNT, "--max_seq_len", self.max_seq_len), (NON_NEGATIVE, "--lr", self.lr),
-                  (NON_NEGATIVE, "--weight_decay", self.weight_decay), (POSITIVE, "--clip", self.clip),
-                  (SEED, "--seed", self.seed))
+        the scripts' --lr must be positive (flag_rule)."""
+        check_settings(self)
 
 
 def user_seed(seed: int, user: str) -> int:

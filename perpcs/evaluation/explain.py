@@ -8,7 +8,6 @@ into it with their weights; a piece's weights sum to 1 (softmax over the picked 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 from perpcs.atomic import write_bytes_atomic, write_json_atomic
@@ -17,9 +16,9 @@ from perpcs.data.sample import GROUPS_FORMAT
 from perpcs.errors import fail
 from perpcs.evaluation.figures import pyplot, save_png
 from perpcs.method.recipes import RECIPE_FORMAT
+from perpcs.models.families import layer_index
 from perpcs.paths import user_file_name
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def load_recipes(recipe=None, recipes_dir=None) -> list:
@@ -46,8 +45,7 @@ def load_recipes(recipe=None, recipes_dir=None) -> list:
 
 def piece_location(piece: str) -> tuple:
     """(layer, module) of a piece name such as ``model.layers.3.self_attn.q_proj`` -> (3, "q_proj")."""
-    m = _LAYER.search(piece)
-    return (int(m.group(1)) if m else None), piece.rsplit(".", 1)[-1]
+    return layer_index(piece), piece.rsplit(".", 1)[-1]   # the layer naming of perpcs/models/families.py
 
 
 def entropy_bits(masses) -> float:

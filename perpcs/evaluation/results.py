@@ -36,8 +36,7 @@ from perpcs.evaluation.metrics import all_empty, empty_message, evaluate_task
 from perpcs.paths import BASE_ONLY, COMPOSITION, OPPU, TASK_LORA, control_dir_name
 
 # Column order: the seven tasks in the order of the paper's table (LaMP ids in the header).
-TASK_ORDER = ["citation", "movie_tagging", "news_categorize", "product_rating", "news_headline",
-              "scholarly_title", "tweet_paraphrase"]
+TASK_ORDER = list(TASKS)   # LaMP's order, as the task table lists them
 # metric key of perpcs.metrics -> (column name, higher is better)
 METRIC_NAMES = {"accuracy": ("Acc", True), "f1": ("F1", True), "MAE": ("MAE", False), "RMSE": ("RMSE", False),
                 "rouge-1": ("ROUGE-1", True), "rouge-L": ("ROUGE-L", True)}

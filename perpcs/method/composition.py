@@ -22,35 +22,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perpcs.checks import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SEED, check_all
+from perpcs.checks import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SEED, check_settings, setting
 from perpcs.errors import fail
 from perpcs.method.pieces import PiecePool
 
 
 @dataclass
 class ComposeSettings:
-    topk: int = 3
-    agg_temperature: float = 1.0
-    share_ratio: float = 1.0
-    epochs: int = 1
-    batch_size: int = 16
-    recent_k: int = 2000
-    seed: int = 0
-    sample: bool = False
-    sample_topk: int = 10
-    sample_temperature: float = 1.0
-    sample_top_p: float | None = None      # None = unset, as published: it picks the selection mode
+    """Stage 5's settings; lora_composition.py's flags are built from these fields (cli_flags.add_config_flags)."""
+    topk: int = setting(3, rule=COUNT, help="pieces mixed per position (ignored with --sample_top_p and no --sample)")
+    agg_temperature: float = setting(1.0, rule=POSITIVE, help="softmax temperature of the mix (and of the draw with "
+                                     "--sample --sample_top_p)")
+    share_ratio: float = setting(1.0, rule=FRACTION, flag=("--share_ratio", "--shared_ratio"),
+                                 help="fraction of sharers each piece position may choose from (seeded random subset)")
+    epochs: int = setting(1, rule=COUNT, help="passes over the history")
+    batch_size: int = setting(16, rule=COUNT)
+    recent_k: int = setting(2000, rule=COUNT, help="history items used to assemble")
+    seed: int = setting(0, rule=SEED)
+    # the four selection modes of the published code (SPEC 7); --sample and --sample_top_p pick the mode
+    sample: bool = setting(False, help="draw the --topk pieces at random instead of taking the best: from the "
+                           "--sample_topk best (softmax(score / --sample_temperature)), or with --sample_top_p from the "
+                           "nucleus and the --topk best (softmax(score / --agg_temperature))")
+    sample_topk: int = setting(10, rule=COUNT, help="with --sample and no --sample_top_p: the candidates drawn from (at "
+                               "most the pool)")
+    # 0 passes here: only the modes that use it refuse it (check)
+    sample_temperature: float = setting(1.0, rule=NON_NEGATIVE, flag_rule=POSITIVE, help="temperature of the "
+                                        "nucleus' softmax, and of the draw with --sample and no --sample_top_p")
+    # None = unset, as published: it picks the selection mode
+    sample_top_p: float | None = setting(None, rule=FRACTION, help="unset by default; set: without --sample, mix the "
+                                         "nucleus of the scores (a variable number of pieces, --topk ignored); with "
+                                         "--sample, draw from it")
 
     def __post_init__(self):
         """Every setting in its range, whatever the pool: a nan temperature would make every weight nan (and every
         prediction empty), epochs 0 an all-zero LoRA reported as Per-Pcs. --sample_temperature 0 passes here: only
         the modes that use it refuse it (check)."""
-        check_all((COUNT, "--topk", self.topk), (POSITIVE, "--agg_temperature", self.agg_temperature),
-                  (FRACTION, "--share_ratio", self.share_ratio), (COUNT, "--epochs", self.epochs),
-                  (COUNT, "--batch_size", self.batch_size), (COUNT, "--recent_k", self.recent_k),
-                  (SEED, "--seed", self.seed), (COUNT, "--sample_topk", self.sample_topk),
-                  (NON_NEGATIVE, "--sample_temperature", self.sample_temperature),
-                  (FRACTION, "--sample_top_p", self.sample_top_p))
+        check_settings(self)
 
     @property
     def selection_mode(self) -> int:

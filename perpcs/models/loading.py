@@ -22,6 +22,7 @@ import torch
 
 from perpcs.errors import fail
 from perpcs.models.devices import resolve_device
+from perpcs.models.families import family_of_dir
 from perpcs.models.folders import (EXPECTED_FORMATS, _checked_hf_dir, _conversion_lock, _has_hf_files, _listing,
                                    _publish_dir, _refuse_leftover, _remove_stale_temps, cache_root)
 from perpcs.models.meta import _converted_meta_dir, tokenizer_from_sentencepiece
@@ -129,13 +130,17 @@ def resolve_tokenizer_path(tokenizer_path, model_path, model_dir: Path) -> Path:
     return path
 
 
-def load_base_model(model_path="smollm2", tokenizer_path=None, device="auto", cpu_bf16: bool = False):
+def load_base_model(model_path="smollm2", tokenizer_path=None, device="auto", cpu_bf16: bool = False,
+                    for_lora: bool = True):
     """(model, tokenizer, device): bf16 weights on CUDA, fp32 on the CPU (``cpu_bf16`` only matters to
-    :func:`autocast_context`), sdpa attention, eval mode."""
+    :func:`autocast_context`), sdpa attention, eval mode. ``for_lora``: the stages that train or assemble LoRAs
+    refuse a model family they do not support (perpcs/models/families.py) before any weight loads."""
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     model_dir = resolve_model_dir(model_path)
+    if for_lora:
+        family_of_dir(model_dir)
     tokenizer_dir = resolve_tokenizer_path(tokenizer_path, model_path, model_dir)
     if tokenizer_dir.is_file():   # a sentencepiece file, e.g. Meta's llama_download/tokenizer.model
         tokenizer = tokenizer_from_sentencepiece(tokenizer_dir)

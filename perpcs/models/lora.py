@@ -9,6 +9,7 @@ from pathlib import Path
 
 from perpcs.atomic import write_dir_atomic
 from perpcs.errors import fail
+from perpcs.models.families import DEFAULT_FAMILY
 
 # ---------------------------------------------------------------- LoRA adapters
 
@@ -16,8 +17,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def lora_config(r: int = 8, alpha: int = 8, dropout: float = 0.05,
-                target_modules=("q_proj", "k_proj", "v_proj", "o_proj")):
+def lora_config(r: int = 8, alpha: int = 8, dropout: float = 0.05, target_modules=DEFAULT_FAMILY.target_modules):
     """The LoRA of every stage (SPEC 5): A Kaiming-uniform, B zeros, no bias."""
     from peft import LoraConfig
 

@@ -40,7 +40,11 @@ def adapter_sha256(adapter_dir) -> str:
 
 
 def training_sources(model_path, task_lora_dir) -> dict:
-    """The inputs a per-user stage trains on besides the user's data: base model and the merged task LoRA."""
+    """The inputs a per-user stage trains on besides the user's data: base model and the merged task LoRA. A model
+    of a family these stages do not support is refused here, before any output is written."""
+    from perpcs.models.families import family_of_dir
+    from perpcs.models.loading import resolve_model_dir
+    family_of_dir(resolve_model_dir(model_path))
     return {"base_model": base_model_fingerprint(model_path), "task_lora_sha256": adapter_sha256(task_lora_dir)}
 
 

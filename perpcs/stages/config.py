@@ -1,65 +1,86 @@
 """Typed settings of every stage. The scripts parse flags and build these; the library never sees a Namespace.
 
+Each setting is declared once, here (or on the library's TrainConfig and ComposeSettings): its default, its --help
+text and its range (perpcs/checks.setting). cli_flags.py builds every script's flags from these fields and the
+configs from the parsed flags, so a stage's defaults are the same from a script, a test or Python.
+
 What a stage records about its run (recipes, per-user predictions, summaries, train logs) is written from these
 objects, so what was run is recorded the same way whichever script or test started it.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from perpcs.checks import COUNT, DROPOUT, FRACTION, NON_NEGATIVE_INT, POSITIVE, SEED, TEMPERATURE, check_all
-from perpcs.data.prompts import check_max_seq_len
-from perpcs.data.tasks import get_task
+from perpcs.checks import (COUNT, DROPOUT, FRACTION, NON_NEGATIVE_INT, POSITIVE, SEED, TEMPERATURE, check_settings,
+                           setting)
+from perpcs.data.prompts import MAX_SEQ_LEN_HELP, check_max_seq_len
+from perpcs.data.tasks import TASK_NAMES_HELP, get_task
 from perpcs.engine.training import TrainConfig
 from perpcs.errors import fail
 from perpcs.method.composition import ComposeSettings
+from perpcs.models.families import DEFAULT_FAMILY
+from perpcs.paths import CONTROLS
+from perpcs.stages.sharer_selection import KMEANS_N_INIT, PAPER_ENCODER, STRATEGIES
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_TARGETS = DEFAULT_FAMILY.target_modules
+TASK_LORA_HELP = "task LoRA of stage 1; default ./output/<task>/task-base_LLM"
+ANCHOR_IDX_HELP = ("stage 2 output; default anchor_selection/<task>/anchor_user_idx.json (a missing published "
+                   "anchor_user_idx.pt resolves to it)")
+
+
+def test_split_setting():
+    return setting("test", choices=("test", "leaderboard"),
+                   help="the users to predict: test (data/<task>/test_100, with golds) or leaderboard (LaMP's test "
+                        "questions, data/<task>/leaderboard; outputs under <output_dir>/leaderboard/)")
+
+
+def output_dir_setting(default_text: str):
+    return setting(None, help=default_text)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The base LLM and where it runs."""
-    llama_model_path: str = "smollm2"
-    tokenizer_path: str | None = None
-    device: str = "auto"
-    cpu_bf16: bool = False        # bf16 autocast on the CPU; on CUDA the weights are bf16 anyway
+    llama_model_path: str = setting("smollm2", help="HF model dir, Meta download dir (params.json + "
+                                    "consolidated.*.pth, converted once), or 'smollm2' for the bundled "
+                                    "SmolLM2-135M-Instruct")
+    tokenizer_path: str | None = setting(None, help="defaults to the model path")
+    device: str = setting("auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    # bf16 autocast on the CPU; on CUDA the weights are bf16 anyway
+    cpu_bf16: bool = setting(False, help="bf16 autocast on CPU (where supported); default fp32 on CPU, bf16 on CUDA")
 
 
 @dataclass(frozen=True)
 class LoraSettings:
     """The LoRA a stage trains (SPEC 5: r 8, alpha 8, dropout 0.05 on q/k/v/o)."""
-    r: int = 8
-    alpha: float = 8
-    dropout: float = 0.05
-    target_modules: tuple = LORA_TARGETS
+    r: int = setting(8, rule=COUNT, flag="--lora_r")
+    alpha: float = setting(8, rule=POSITIVE, flag="--lora_alpha")
+    dropout: float = setting(0.05, rule=DROPOUT, flag="--lora_dropout")
+    target_modules: tuple = setting(LORA_TARGETS)   # the model family's (perpcs/models/families.py)
 
     def __post_init__(self):
-        check_all((COUNT, "--lora_r", self.r), (POSITIVE, "--lora_alpha", self.alpha),
-                  (DROPOUT, "--lora_dropout", self.dropout))
+        check_settings(self)
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """How predictions are generated; ``recorded`` is what a per-user predictions file keeps."""
-    max_gen_len: int | None = None   # None: the task's own length
-    temperature: float = 0.1
-    top_p: float = 0.9
-    k_list: tuple = (1, 2, 4)
-    batch_size: int = 16
-    kv_cache: str = "dynamic"
-    max_seq_len: int = 3000
-    seed: int = 0
-    cpu_bf16: bool = False
+    max_gen_len: int | None = setting(None, rule=COUNT, help="new tokens; default per task")   # None: the task's own
+    temperature: float = setting(0.1, rule=TEMPERATURE)
+    top_p: float = setting(0.9, rule=FRACTION)
+    k_list: tuple = setting((1, 2, 4), rule=COUNT, distinct=True, help="BM25 k of the RAG variants, distinct")
+    batch_size: int = setting(16, rule=COUNT, flag="--gen_batch_size")
+    kv_cache: str = setting("dynamic", choices=("dynamic", "static"), help="static: preallocated KV cache with a "
+                            "compiled decoding step on CUDA (same outputs)")
+    max_seq_len: int = setting(3000, rule=COUNT, shared=True)
+    seed: int = setting(0, rule=SEED, shared=True)
+    cpu_bf16: bool = setting(False, shared=True)
 
     def __post_init__(self):
         """max_gen_len None is the task's own length; 0 is refused (it used to mean the same, silently)."""
-        check_all((COUNT, "--max_gen_len", self.max_gen_len), (TEMPERATURE, "--temperature", self.temperature),
-                  (FRACTION, "--top_p", self.top_p), (COUNT, "--gen_batch_size", self.batch_size),
-                  (COUNT, "--max_seq_len", self.max_seq_len), (SEED, "--seed", self.seed),
-                  *((COUNT, "--k_list", k) for k in self.k_list))
+        check_settings(self)
         if len(set(self.k_list)) != len(self.k_list):   # each k names a predictions file
             fail(f"--k_list must be distinct, got {' '.join(map(str, self.k_list))}")
 
@@ -79,12 +100,12 @@ class GenerationConfig:
 @dataclass(frozen=True)
 class ShardConfig:
     """Which users this process does (per-user stages) and whether finished ones are redone."""
-    num_shards: int | None = None    # None: $WORLD_SIZE or 1
-    shard_id: int | None = None      # None: $RANK or 0
-    overwrite: bool = False
+    num_shards: int | None = setting(None, rule=COUNT, help="default: $WORLD_SIZE or 1")
+    shard_id: int | None = setting(None, rule=NON_NEGATIVE_INT, help="below --num_shards; default: $RANK or 0")
+    overwrite: bool = setting(False, help="redo users whose outputs already exist")
 
     def __post_init__(self):
-        check_all((COUNT, "--num_shards", self.num_shards), (NON_NEGATIVE_INT, "--shard_id", self.shard_id))
+        check_settings(self)
         if self.num_shards is not None and self.shard_id is not None and self.shard_id >= self.num_shards:
             fail(f"--shard_id {self.shard_id} must be in [0, --num_shards {self.num_shards})")
 
@@ -100,10 +121,11 @@ class ShardConfig:
 @dataclass(frozen=True)
 class StageInputs:
     """What every model stage reads: the task's data, the base model and (stages 3-5, OPPU) the task LoRA."""
-    task_name: str
-    data_dir: str | Path = "./data"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora_ckpt: str | Path | None = None   # the stage-1 task LoRA; None: the default output of stage 1
+    task_name: str = setting(help=TASK_NAMES_HELP)
+    data_dir: str | Path = setting("./data", help="holds <task>/ in the layout of SPEC section 3")
+    model: ModelConfig = setting(default_factory=ModelConfig)
+    # the stage-1 task LoRA; None: the default output of stage 1
+    lora_ckpt: str | Path | None = setting(None, help=TASK_LORA_HELP)
 
 
 def lengths(inputs: StageInputs, max_gen_len: int | None, *max_seq_lens: int) -> None:
@@ -116,15 +138,18 @@ def lengths(inputs: StageInputs, max_gen_len: int | None, *max_seq_lens: int) ->
 @dataclass(frozen=True)
 class TaskLoRAStage:
     """Stage 1: the task LoRA and the baseline predictions."""
-    inputs: StageInputs
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    output_dir: str | Path | None = None
-    test_split: str = "test"         # "leaderboard": LaMP's test questions, outputs under <output_dir>/leaderboard
-    infer: bool = False               # predict only, with inputs.lora_ckpt
-    overwrite: bool = False           # train again even if the adapter exists
-    base_only: bool = False           # no LoRA: the base model's predictions only (output/<task>/base_LLM)
+    inputs: StageInputs = setting(help_of={"lora_ckpt": "with --infer: the task LoRA dir (or .../lora_ckpt.pt)"})
+    lora: LoraSettings = setting(default_factory=LoraSettings)
+    train: TrainConfig = setting(default_factory=TrainConfig)     # lr 1e-4, batch 6, 3 epochs (SPEC 5)
+    generation: GenerationConfig = setting(default_factory=GenerationConfig)
+    output_dir: str | Path | None = output_dir_setting("default ./output/<task>/task-base_LLM")
+    test_split: str = test_split_setting()   # "leaderboard": LaMP's test questions, outputs under .../leaderboard
+    infer: bool = setting(False, help="skip training; load the task LoRA and predict")   # with inputs.lora_ckpt
+    overwrite: bool = setting(False, help="train again even if the adapter exists (predictions are always made "
+                              "again)")
+    # no LoRA: the base model's predictions only (output/<task>/base_LLM)
+    base_only: bool = setting(False, help="no task LoRA: predict the test users with the plain base model (a "
+                              "reference row of the results table); default output ./output/<task>/base_LLM")
 
     def __post_init__(self):
         lengths(self.inputs, self.generation.max_gen_len, self.train.max_seq_len, self.generation.max_seq_len)
@@ -133,12 +158,14 @@ class TaskLoRAStage:
 @dataclass(frozen=True)
 class SharerLoRAStage:
     """Stage 3: one LoRA per sharer."""
-    inputs: StageInputs
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    shards: ShardConfig = field(default_factory=ShardConfig)
-    anchor_idx_path: str | Path | None = None
-    output_dir: str | Path | None = None
+    inputs: StageInputs = setting(help_of={"lora_ckpt": "task LoRA of stage 1 (dir or .../lora_ckpt.pt); "
+                                           "default ./output/<task>/task-base_LLM"})
+    lora: LoraSettings = setting(default_factory=LoraSettings)
+    # SPEC 5: 100 optimizer steps, the lr a cosine over 3 epochs of this user's batches (repeating past them)
+    train: TrainConfig = setting(default_factory=lambda: TrainConfig(lr=2e-5, max_step=100))
+    shards: ShardConfig = setting(default_factory=ShardConfig)
+    anchor_idx_path: str | Path | None = setting(None, help=ANCHOR_IDX_HELP)
+    output_dir: str | Path | None = output_dir_setting("default ./output/<task>/Anchor_PEFT/LoRA (user_<id>/ each)")
 
     def __post_init__(self):
         lengths(self.inputs, None, self.train.max_seq_len)
@@ -148,15 +175,19 @@ class SharerLoRAStage:
 class SharerGateStage:
     """Stage 4: the gates of every sharer piece, on the sharer's last recent_k items."""
     inputs: StageInputs
-    train: TrainConfig = field(default_factory=TrainConfig)
-    shards: ShardConfig = field(default_factory=ShardConfig)
-    anchor_path: str | Path | None = None
-    anchor_idx_path: str | Path | None = None
-    recent_k: int = 2000
-    output_dir: str | Path | None = None
+    # SPEC 5: 200 optimizer steps, the lr a cosine over 2 epochs of this user's batches (repeating past them)
+    train: TrainConfig = setting(default_factory=lambda: TrainConfig(lr=2e-5, weight_decay=0.0, epochs=2,
+                                                                     max_step=200, max_seq_len=3300))
+    shards: ShardConfig = setting(default_factory=ShardConfig)
+    anchor_path: str | Path | None = setting(None, help="sharer LoRAs of stage 3 (holding user_<id>/, or the parent "
+                                             "Anchor_PEFT/ of its LoRA/); default ./output/<task>/Anchor_PEFT/LoRA")
+    anchor_idx_path: str | Path | None = setting(None, help=ANCHOR_IDX_HELP)
+    recent_k: int = setting(2000, rule=COUNT, help="gates train on the last recent_k history items")
+    output_dir: str | Path | None = output_dir_setting("default ./output/<task>/Anchor_PEFT/gate "
+                                                       "(user_<id>/gates.safetensors each)")
 
     def __post_init__(self):
-        COUNT.check("--recent_k", self.recent_k)
+        check_settings(self)
         lengths(self.inputs, None, self.train.max_seq_len)
 
 
@@ -164,21 +195,41 @@ class SharerGateStage:
 class CompositionStage:
     """Stage 5: every target user's LoRA assembled from the sharers' pieces, then its predictions."""
     inputs: StageInputs
-    compose: ComposeSettings = field(default_factory=ComposeSettings)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    shards: ShardConfig = field(default_factory=ShardConfig)
-    anchor_dir: str | Path | None = None
-    gate_dir: str | Path | None = None
-    anchor_idx_path: str | Path | None = None
-    output_dir: str | Path | None = None
-    test_split: str = "test"         # "leaderboard": LaMP's test questions, outputs under <output_dir>/leaderboard
-    max_seq_len: int = 3500          # tokens of an assembly example (and of a prompt, via generation)
-    save_adapters: bool = False
-    save_scores: bool = False        # every sharer's gate score per piece and user (gate_scores/user_<id>.json)
-    control: str | None = None       # a control (perpcs.method.controls, paths.CONTROLS): uniform, swapped, ...
-    encoder: str | None = None       # --control nearest_sharer: the history encoder (default: stage 2's, else MiniLM)
+    compose: ComposeSettings = setting(default_factory=ComposeSettings)
+    generation: GenerationConfig = setting(default_factory=GenerationConfig)
+    shards: ShardConfig = setting(default_factory=ShardConfig)
+    anchor_dir: str | Path | None = setting(None, hidden_aliases=("--anchor_path",), help="sharer LoRAs of stage "
+                                            "3; default ./output/<task>/Anchor_PEFT/LoRA")
+    gate_dir: str | Path | None = setting(None, hidden_aliases=("--gate_path",), help="sharer gates of stage 4; "
+                                          "default ./output/<task>/Anchor_PEFT/gate")
+    anchor_idx_path: str | Path | None = setting(None, help="stage 2 output; default "
+                                                 "anchor_selection/<task>/anchor_user_idx.json")
+    output_dir: str | Path | None = output_dir_setting("default ./output/<task>/LoRA-Composition")
+    test_split: str = test_split_setting()   # "leaderboard": LaMP's test questions, outputs under .../leaderboard
+    # tokens of an assembly example (and of a prompt, via generation)
+    max_seq_len: int = setting(3500, rule=COUNT, help=MAX_SEQ_LEN_HELP)
+    save_adapters: bool = setting(False, help="also write each user's assembled peft adapter")
+    # every sharer's gate score per piece and user (gate_scores/user_<id>.json)
+    save_scores: bool = setting(False, help="also write every sharer's gate score for every piece (mean over the "
+                                "user's batches) to gate_scores/user_<id>.json: what the choices were made from; "
+                                "python -m perpcs explain reads them (Per-Pcs and --control swapped: the other "
+                                "controls score nothing)")
+    # a control (perpcs.method.controls, paths.CONTROLS): uniform, swapped, ...
+    control: str | None = setting(None, choices=tuple(CONTROLS), help="a user-blind control instead of Per-Pcs, "
+                                  "from the same sharers and gates: uniform (every sharer 1/n in every piece), swapped "
+                                  "(each user assembled from another test user's history, a derangement seeded by "
+                                  "--seed), peft_merge (peft's add_weighted_adapter, linear, 1/n); or a PEFT-retrieval "
+                                  "row, one sharer's whole LoRA per user: nearest_sharer (the highest cosine between "
+                                  "mean history embeddings, see --encoder), random_sharer (drawn per user, seeded by "
+                                  "--seed); default output ./output/<task>/LoRA-Composition-control-<name>")
+    # --control nearest_sharer: the history encoder (default: stage 2's, else MiniLM)
+    encoder: str | None = setting(None, help="--control nearest_sharer only: the Hugging Face encoder (id or local "
+                                  "directory) that embeds the histories, as stage 2 does "
+                                  "(anchor_selection/history_anchor.py --encoder); default: the encoder recorded in "
+                                  "the sharer index, else the bundled all-MiniLM-L6-v2")
 
     def __post_init__(self):
+        check_settings(self)
         lengths(self.inputs, self.generation.max_gen_len, self.max_seq_len, self.generation.max_seq_len)
 
 
@@ -186,39 +237,67 @@ class CompositionStage:
 class OPPUStage:
     """The OPPU baseline: a LoRA per target user on its own history, then its predictions."""
     inputs: StageInputs
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(target_modules=("q_proj", "v_proj")))
-    train: TrainConfig = field(default_factory=TrainConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    shards: ShardConfig = field(default_factory=ShardConfig)
-    output_dir: str | Path | None = None
-    test_split: str = "test"         # "leaderboard": LaMP's test questions, outputs under <output_dir>/leaderboard
+    # defaults of the authors' OPPU release: r 8 on q_proj and v_proj, lr 1e-4, 2 epochs, batch 16
+    lora: LoraSettings = setting(default_factory=lambda: LoraSettings(target_modules=DEFAULT_FAMILY.oppu_modules))
+    train: TrainConfig = setting(default_factory=lambda: TrainConfig(batch_size=16, epochs=2))
+    generation: GenerationConfig = setting(default_factory=GenerationConfig)
+    shards: ShardConfig = setting(default_factory=ShardConfig)
+    output_dir: str | Path | None = output_dir_setting("default ./output/<task>/OPPU")
+    test_split: str = test_split_setting()   # "leaderboard": LaMP's test questions, outputs under .../leaderboard
 
     def __post_init__(self):
         lengths(self.inputs, self.generation.max_gen_len, self.train.max_seq_len, self.generation.max_seq_len)
 
 
 @dataclass(frozen=True)
-class ProfileConfig:
-    """data/gen_profile.py: the PAG profile text of every user."""
-    task_name: str
-    data_dir: str | Path = "./data"
-    model_path: str = "smollm2"
-    device: str = "auto"
-    k: int = 10
-    max_gen_len: int = 128
-    max_seq_len: int = 3000
-    batch_size: int = 16
-    temperature: float = 0.0
-    top_p: float = 0.9
-    seed: int = 0
-    chat_template: bool = True
-    output_file: str | Path | None = None
+class SharerSelectionStage:
+    """Stage 2: the sharers chosen among the candidate users (anchor_selection/history_anchor.py)."""
+    task_name: str = setting(help="movie_tagging, news_headline, ... or a LaMP id")
+    candidate_path: str | Path | None = setting(None, help="candidate users file (default: "
+                                                "<repo>/data/<task>/user_anchor_candidate.json)")
+    output_dir: str | Path | None = setting(None, help="where to write the index and embeddings (default: "
+                                            "<repo>/anchor_selection/<task>)")
+    k: int = setting(50, rule=COUNT, help="number of clusters (cluster) or sharers (others)")
+    strategy: str = setting("cluster", choices=STRATEGIES,
+                            help=f"cluster: k-means (n_init={KMEANS_N_INIT}) over history embeddings, most active "
+                                 "user per cluster; most_active: the k longest histories; random: k seeded draws")
+    min_history: int = setting(10, rule=NON_NEGATIVE_INT, help="a sharer needs more than this many history items")
+    seed: int = setting(0, rule=SEED, help="k-means random_state / random strategy seed")
+    encoder: str | None = setting(None, help=f"Hugging Face encoder id (the paper's: {PAPER_ENCODER}; read from the "
+                                  "local HF cache, downloaded into it unless HF_HUB_OFFLINE=1) or a local HF model "
+                                  "directory (default: the bundled all-MiniLM-L6-v2, offline)")
+    batch_size: int = setting(32, rule=COUNT)
+    max_length: int = setting(512, rule=COUNT, help="tokens per history item")
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N")
+    reembed: bool = setting(False, negatable=False, help="recompute the embeddings even if matching ones are stored "
+                            "in output_dir")
 
     def __post_init__(self):
-        check_all((NON_NEGATIVE_INT, "--k", self.k), (COUNT, "--max_gen_len", self.max_gen_len),
-                  (COUNT, "--max_seq_len", self.max_seq_len), (COUNT, "--batch_size", self.batch_size),
-                  (TEMPERATURE, "--temperature", self.temperature), (FRACTION, "--top_p", self.top_p),
-                  (SEED, "--seed", self.seed))
+        if self.strategy not in STRATEGIES:
+            fail(f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        check_settings(self)
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """data/gen_profile.py: the PAG profile text of every user."""
+    task_name: str = setting()
+    data_dir: str | Path = setting("./data")
+    model_path: str = setting("smollm2", help="'smollm2', an HF dir or a Meta download dir")
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N")
+    k: int = setting(10, rule=NON_NEGATIVE_INT, help="most recent history items shown to the model (0 = all)")
+    max_gen_len: int = setting(128, rule=COUNT)
+    max_seq_len: int = setting(3000, rule=COUNT, help="at least 1 (BOS) + the words of the task's profile "
+                               "instruction + --max_gen_len, e.g. 159 for citation with the default --max_gen_len")
+    batch_size: int = setting(16, rule=COUNT)
+    temperature: float = setting(0.0, rule=TEMPERATURE, help="reproducible profiles when 0")
+    top_p: float = setting(0.9, rule=FRACTION)
+    seed: int = setting(0, rule=SEED)
+    chat_template: bool = setting(True, help="wrap the prompt in the tokenizer's chat template when it has one")
+    output_file: str | Path | None = setting(None, help="default data/<task>/profile-id2text.json")
+
+    def __post_init__(self):
+        check_settings(self)
         task = get_task(self.task_name)
         check_max_seq_len(task, self.max_seq_len, self.max_gen_len, template=task.profile_prompts["profile_prompt"],
                           what="the profile instruction")

@@ -82,7 +82,7 @@ def generate_profiles(cfg: ProfileConfig) -> Path:
           f"{len(todo)} to generate")
     if not todo:
         return out_path
-    model, tokenizer, device = load_base_model(cfg.model_path, None, cfg.device)
+    model, tokenizer, device = load_base_model(cfg.model_path, None, cfg.device, for_lora=False)
     use_chat = cfg.chat_template and getattr(tokenizer, "chat_template", None)
     summary_path = out_path.with_name(out_path.stem + ".summary.json")   # beside the profiles, named for them
     summary = read_json(summary_path, "profile summary") if summary_path.is_file() else {}

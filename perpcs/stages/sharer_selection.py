@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from perpcs.atomic import write_bytes_atomic, write_json_atomic
-from perpcs.checks import COUNT, NON_NEGATIVE_INT, SEED, check_all
 from perpcs.data.layout import Layout, load_users, read_json, user_id
 from perpcs.data.prompts import HISTORY_WORDS, history_string
 from perpcs.data.tasks import Task, get_task
@@ -342,21 +341,26 @@ def candidate_embeddings(users, task, candidate_path, output_dir, encoder, devic
     return emb
 
 
-def run_sharer_selection(task_name: str, candidate_path=None, output_dir=None, k: int = 50,
-                         strategy: str = "cluster", min_history: int = 10, seed: int = 0, encoder=None,
-                         batch_size: int = 32, max_length: int = 512, device: str = "auto",
-                         reembed: bool = False) -> dict:
-    """Stage 2 end to end; writes ``anchor_user_idx.json`` (and the embeddings) and returns the index.
+def run_sharer_selection(task_name: str, candidate_path=None, output_dir=None, **settings) -> dict:
+    """Stage 2 from keyword settings (those of perpcs.stages.config.SharerSelectionStage, with its defaults)."""
+    from perpcs.stages.config import SharerSelectionStage   # the config names this module's strategies
+    return run_sharer_selection_stage(SharerSelectionStage(task_name=task_name, candidate_path=candidate_path,
+                                                           output_dir=output_dir, **settings))
+
+
+def run_sharer_selection_stage(config) -> dict:
+    """Stage 2 end to end (a SharerSelectionStage, checked when made); writes ``anchor_user_idx.json`` (and the
+    embeddings) and returns the index.
 
     Relative paths are taken from the working directory; the defaults do not depend on it.
     """
+    task_name, candidate_path, output_dir, k, strategy = (config.task_name, config.candidate_path, config.output_dir,
+                                                          config.k, config.strategy)
+    min_history, seed, encoder, device = config.min_history, config.seed, config.encoder, config.device
+    batch_size, max_length, reembed = config.batch_size, config.max_length, config.reembed
     task = get_task(task_name)
     candidate_path = Path(candidate_path or default_candidate_path(task)).resolve()
     output_dir = Path(output_dir or default_selection_dir(task)).resolve()
-    if strategy not in STRATEGIES:
-        fail(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    check_all((COUNT, "--k", k), (NON_NEGATIVE_INT, "--min_history", min_history), (SEED, "--seed", seed),
-              (COUNT, "--batch_size", batch_size), (COUNT, "--max_length", max_length))
     encoder_name = encoder_dir = None
     if strategy == "cluster":    # the other strategies only look at history lengths
         encoder_name, encoder_dir = resolve_encoder(encoder)
