@@ -5,6 +5,7 @@ materialize   rebuild a user's peft adapter from its recipe and the sharer LoRAs
 report        the results table of one task (task LoRA, OPPU, Per-Pcs) from output/<task>/
 explain       what Per-Pcs recipes say: weight per sharer, per layer and module, heatmaps, entropy, routing
 leaderboard   predictions for LaMP's test questions in the leaderboard's format (runs the stage if needed)
+demo-flags    the commands of one step of the demo (scripts/demo.sh), from the demo's settings in perpcs/experiments/demo.py
 export        base + task LoRA merged, and every sharer / Per-Pcs / OPPU adapter on it, as one servable folder
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from perpcs.checks import COUNT, NON_NEGATIVE_INT
 from perpcs.errors import fail, run_cli
+from perpcs.experiments.demo import DEMO_STEPS
 
 
 def show_prompts(args) -> None:
@@ -74,86 +76,19 @@ def explain_cmd(args) -> None:
 
 
 def leaderboard_cmd(args) -> None:
-    import subprocess
-    import sys
-
-    from perpcs.data.layout import Layout
-    from perpcs.data.tasks import get_task
-    from perpcs.evaluation.leaderboard import (METHODS, default_output_file, predictions_file, stage_dir,
-                                               write_leaderboard_file)
-    from perpcs.paths import REPO_ROOT
-    from perpcs.stages.manifest import MANIFEST_FILE
-    task = get_task(args.task_name)
-    layout = Layout(args.data_dir, task)
-    output_root = Path(args.output_root or Path("output") / task.name)
-    stage_args = list(args.stage_args)
-    if stage_args[:1] == ["--"]:
-        stage_args = stage_args[1:]
-    for flag in ("--output_dir", "--test_split", "--task_name", "--data_dir"):
-        if any(a == flag or a.startswith(flag + "=") for a in stage_args):
-            fail(f"{flag} is set by `python -m perpcs leaderboard` itself (from --output_root, --task_name, "
-                 f"--data_dir); leave it out of the flags after --")
-    preds = predictions_file(output_root, args.method, args.variant)
-    if not layout.leaderboard_users.is_file():
-        fail(f"{layout.leaderboard_users} not found: run data/prepare_lamp.py --task_name {task.name} on the LaMP "
-             f"folder that holds test_questions.json (or its test/ subfolder)")
-    test_run = None if args.standalone else test_run_manifest(stage_dir(output_root, args.method), args.method)
-    if not preds.is_file() or args.rerun:
-        script = REPO_ROOT / METHODS[args.method][1]
-        inherited = inherited_flags(test_run, args.method) if test_run else []
-        command = [sys.executable, str(script), *inherited, "--task_name", task.name,
-                   "--data_dir", str(Path(args.data_dir).resolve()),
-                   "--output_dir", str(stage_dir(output_root, args.method).resolve()), "--test_split", "leaderboard",
-                   *stage_args]
-        cwd = test_run["recorded"].get("cwd") if test_run else None
-        print(("running (--standalone: the flags after -- and the stage's defaults): " if test_run is None else
-               f"running (the test run's flags, from its {MANIFEST_FILE}, in {cwd}): ") + " ".join(command), flush=True)
-        if subprocess.run(command, cwd=cwd).returncode != 0:
-            fail(f"{script.name} --test_split leaderboard failed (its message is above)")
-        if not preds.is_file():
-            fail(f"{script.name} wrote no {preds} (other shards still running? a --k_list without this variant?)")
-    if test_run is not None:
-        refuse_mixed_runs(stage_dir(output_root, args.method), test_run)
-    out = Path(args.output_file or default_output_file(output_root, args.method, args.variant, task))
-    board = write_leaderboard_file(layout, preds, out)
-    print(f"{len(board['golds'])} predictions of {args.method} ({args.variant}) for LaMP's test questions, task "
-          f"{board['task']} -> {out}")
+    from perpcs.experiments.leaderboard import LeaderboardRequest, leaderboard_file
+    leaderboard_file(LeaderboardRequest(args.task_name, args.method, args.variant, args.data_dir, args.output_root,
+                                        args.output_file, args.rerun, args.standalone, tuple(args.stage_args)))
 
 
-def test_run_manifest(stage_root: Path, method: str) -> dict:
-    """The manifest of the stage's run on the test users: the leaderboard run inherits its settings and inputs."""
-    from perpcs.stages.manifest import MANIFEST_FILE, read_manifest
-    manifest = read_manifest(stage_root / MANIFEST_FILE)
-    if manifest is None:
-        fail(f"{stage_root / MANIFEST_FILE} not found: the leaderboard predictions are made with the settings and "
-             f"inputs of the {method} run on the test users, which it records; run that stage on the test split "
-             f"first (outputs of an older version have no manifest: run it again with --overwrite)")
-    return manifest
-
-
-def inherited_flags(test_run: dict, method: str) -> list:
-    """The test run's own flags (its script path dropped), made safe to repeat: never --overwrite (stage 1 would
-    train the task LoRA again under every other output), one process (the leaderboard run is not sharded)."""
-    flags = list(test_run["recorded"]["command"][1:]) + ["--no-overwrite"]
-    if method != "task-lora":
-        flags += ["--num_shards", "1", "--shard_id", "0"]
-    return flags
-
-
-def refuse_mixed_runs(stage_root: Path, test_run: dict) -> None:
-    """The leaderboard predictions must come from the test run's settings, inputs and numerics (other users)."""
-    from perpcs.paths import split_output_dir
-    from perpcs.stages.manifest import MANIFEST_FILE, describe_differences, differences, read_manifest
-    path = split_output_dir(stage_root, "leaderboard") / MANIFEST_FILE
-    board = read_manifest(path)
-    if board is None:
-        fail(f"{path} not found: the leaderboard predictions record nothing of what made them; pass --rerun")
-    keys = ("stage", "settings", "inputs", "numerics")
-    diffs = differences({k: test_run.get(k) for k in keys}, {k: board.get(k) for k in keys})
-    if diffs:
-        fail(f"{path}: the leaderboard predictions were made otherwise than the test run's in {stage_root} "
-             f"({describe_differences(diffs)}); they would not describe the same method: pass --rerun without the "
-             f"flags that differ (after --), or run the test users again with those settings")
+def demo_flags_cmd(args) -> None:
+    import shlex
+    from perpcs.experiments.demo import ENV, demo_commands
+    if args.step == "env":
+        print(" ".join(f"{name}={value}" for name, value in ENV.items()))
+    else:
+        for command in demo_commands(args.step, args.task_name, args.max_gen_len):
+            print(shlex.join(command))
 
 
 def export_cmd(args) -> None:
@@ -227,6 +162,15 @@ def main(argv=None) -> None:
     lp.add_argument("stage_args", nargs=argparse.REMAINDER,
                     help="after --: flags for the stage script (e.g. --llama_model_path, --lora_ckpt, --anchor_dir)")
     lp.set_defaults(func=leaderboard_cmd)
+    dp = sub.add_parser("demo-flags", allow_abbrev=False, help="the commands of one step of scripts/demo.sh",
+                        description="Print the commands of one step of the demo (scripts/demo.sh), one a line, each "
+                                    "what follows the interpreter (script and flags), shell-quoted; `env` prints the "
+                                    "environment the demo runs in. The demo's settings live in "
+                                    "perpcs/experiments/demo.py, which the study shares.")
+    dp.add_argument("step", choices=["env", *DEMO_STEPS])
+    dp.add_argument("--task_name", default=None, help="the demo's TASK (every step but env)")
+    dp.add_argument("--max_gen_len", default=None, help="the demo's MAX_GEN_LEN: new tokens for every generating step")
+    dp.set_defaults(func=demo_flags_cmd)
     xp = sub.add_parser("export", allow_abbrev=False, help="a servable folder: merged base and every adapter on it")
     xp.add_argument("--task_name", required=True)
     xp.add_argument("--output_dir", required=True, help="a new (or empty) directory")
@@ -236,6 +180,8 @@ def main(argv=None) -> None:
                          "bundled SmolLM2, whichever the outputs' records match")
     xp.set_defaults(func=export_cmd)
     args = p.parse_args(argv)
+    if args.command == "demo-flags" and args.step != "env" and not args.task_name:
+        p.error("demo-flags: --task_name is required for every step but env")
     args.func(args)
 
 

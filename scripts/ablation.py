@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perpcs.evaluation.ablation import (DEFAULT_VALUES, PIPELINE, STRATEGIES, SWEEPS, AblationConfig, Setting,
-                                        run_ablation, split_flags, sweep_values)
+from perpcs.experiments.ablation import (DEFAULT_VALUES, PIPELINE, STRATEGIES, SWEEPS, AblationConfig, Setting,
+                                         run_ablation, split_flags, sweep_values)
 from perpcs.errors import run_cli  # noqa: E402
 from perpcs.data.tasks import get_task  # noqa: E402
 

@@ -6,7 +6,7 @@
 
 Each (task, seed, number of latent groups) gets its own sample and runs the demo's pipeline (scripts/demo.sh's
 flags) in <root>/<task>/seed<s>-groups<g>/, then the base setting's user-blind controls and the sweeps (one
-setting varied at a time). Results: <root>/results.json, study.md, study.png. See perpcs/evaluation/study.py.
+setting varied at a time). Results: <root>/results.json, study.md, study.png. See perpcs/experiments/study.py.
 """
 import argparse
 import sys
@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perpcs.errors import run_cli  # noqa: E402
-from perpcs.evaluation.study import CONTROLS, StudyConfig, StudySetting, collect, parse_sweeps, run_study  # noqa: E402
+from perpcs.experiments.study import CONTROLS, StudyConfig, StudySetting, collect, parse_sweeps, run_study  # noqa: E402
 
 BASE = StudySetting()
 

@@ -1,5 +1,6 @@
-"""scripts/ablation.py and perpcs/ablation.py (command construction, resuming, scoring, plots, cost curves)
-and scripts/run_task.sh (syntax, and every flag it passes is known to the script it calls).
+"""scripts/ablation.py, perpcs/experiments/ablation.py and perpcs/evaluation/ablation_report.py (command
+construction, resuming, scoring, plots, cost curves) and scripts/run_task.sh (syntax, and every flag it passes is
+known to the script it calls).
 
 No model runs here: a fake runner stands in for the stage scripts and writes the files they would write.
 """
@@ -13,8 +14,9 @@ from unittest import mock
 
 import pytest
 
-from perpcs.evaluation.ablation import (AblationConfig, Setting, check_plan, cost_curves, load_script,
-                                        per_user_costs, plan, plot_results, run_ablation, run_steps, sweep_values)
+from perpcs.evaluation.ablation_report import cost_curves, per_user_costs, plot_results
+from perpcs.experiments.ablation import AblationConfig, Setting, check_plan, plan, run_ablation, run_steps, sweep_values
+from perpcs.experiments.runner import load_script
 from perpcs.errors import PerpcsError
 from perpcs.data.tasks import get_task
 

@@ -21,12 +21,15 @@ PREDICTING = ("task_LoRA.py", "lora_composition.py", "OPPU.py")    # the stages 
 
 def demo_commands(tmp_path, task="news_headline", env_extra=None) -> list:
     """argv (after the interpreter) of every python command scripts/demo.sh runs, from a copy of the script in an
-    empty tree with an interpreter that logs its arguments and does nothing."""
+    empty tree with an interpreter that logs its arguments and does nothing (but hands the demo's questions for its
+    commands, `-m perpcs demo-flags`, to the real one)."""
     (tmp_path / "scripts").mkdir(exist_ok=True)
     shutil.copy(REPO / "scripts" / "demo.sh", tmp_path / "scripts" / "demo.sh")
     log = tmp_path / "calls.log"
     fake_py = tmp_path / "fakepy"
-    fake_py.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\037" "$a"; done >> {log}\necho >> {log}\n')
+    fake_py.write_text(f'#!/bin/sh\nif [ "$1 $2 $3" = "-m perpcs demo-flags" ]; then '
+                       f'PYTHONPATH={shlex.quote(str(REPO))} exec {shlex.quote(sys.executable)} "$@"; fi\n'
+                       f'for a in "$@"; do printf "%s\\037" "$a"; done >> {log}\necho >> {log}\n')
     fake_py.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "TASK": task, "PYTHON": str(fake_py), **(env_extra or {})}
     result = subprocess.run(["bash", str(tmp_path / "scripts/demo.sh")], env=env, capture_output=True, text=True,

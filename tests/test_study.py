@@ -12,8 +12,8 @@ from perpcs.data.sample import write_sample
 from perpcs.data.tasks import get_task
 from perpcs.errors import PerpcsError
 from perpcs.method.recipes import GATE_SCORES_FORMAT, RECIPE_FORMAT
-from perpcs.evaluation.study import (SampleDirs, Sample, StudyConfig, StudySetting, check_config, collect,
-                                     gap_closed, parse_sweeps, plan)
+from perpcs.experiments.study import (SampleDirs, Sample, StudyConfig, StudySetting, check_config, collect,
+                                      gap_closed, parse_sweeps, plan)
 
 
 def _config(tmp_path, **kw):

@@ -15,9 +15,8 @@ from perpcs.data.tasks import Task
 from perpcs.errors import fail
 from perpcs.paths import COMPOSITION, OPPU, TASK_LORA, split_output_dir
 
-# method -> (its stage's output folder under output/<task>/, the stage script that predicts it)
-METHODS = {"per-pcs": (COMPOSITION, "lora_composition.py"), "oppu": (OPPU, "OPPU.py"),
-           "task-lora": (TASK_LORA, "task_LoRA.py")}
+# method -> its stage's output folder under output/<task>/ (perpcs/experiments/leaderboard.py runs the stage)
+METHODS = {"per-pcs": COMPOSITION, "oppu": OPPU, "task-lora": TASK_LORA}
 VARIANTS = ("kNP", "kNP-profile", "k1", "k1-profile", "k2", "k2-profile", "k4", "k4-profile")
 
 
@@ -29,7 +28,7 @@ def leaderboard_task(task: Task) -> str:
 def stage_dir(output_root, method: str) -> Path:
     if method not in METHODS:
         fail(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    return Path(output_root) / METHODS[method][0]
+    return Path(output_root) / METHODS[method]
 
 
 def predictions_file(output_root, method: str, variant: str) -> Path:

@@ -18,12 +18,12 @@ Scored on the no-retrieval variant (``kNP``: personalization must come from the 
 the metric, the share of the task LoRA -> OPPU gap that Per-Pcs closes, the routing share (recipe weight on
 sharers of the user's own latent group, from the groups file no stage reads) next to its user-blind value, and
 the controls. ``results.json`` holds every number; ``study.md`` and ``study.png`` the mean and spread over seeds.
+The flags of every step are the demo's (experiments/demo.py), so that what the study chooses transfers to the demo.
 """
 from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,31 +36,14 @@ from perpcs.data.tasks import get_task
 from perpcs.errors import fail
 from perpcs.evaluation.figures import pyplot, save_png
 from perpcs.evaluation.metrics import evaluate_task
+from perpcs.experiments import demo
+from perpcs.experiments.demo import CONTROLS, DEMO_SEED, SAMPLE_SIZE
+from perpcs.experiments.runner import run_command
+from perpcs.experiments.scripts import script
 from perpcs.paths import GATE_SCORES_DIR, REPO_ROOT
 
-DEMO_SEED = 0      # the seed of scripts/demo.sh's sample: never part of the study
-CONTROLS = ("uniform", "swapped", "peft_merge")
 VARIANTS = ("kNP", "k1")
-# The demo's flags (scripts/demo.sh), so that what the study chooses transfers to the demo.
-COMMON = ["--device", "cpu", "--cpu_bf16"]
-# --group_by_length: as the demo (scripts/demo.sh) trains, whose settings the study chooses; explicit since the
-# training stages' default became the published (shuffled) order
-TRAIN = ["--no-grad_ckpt", "--max_seq_len", "512", "--group_by_length"]
-GEN = ["--k_list", "1", "--temperature", "0"]
-SAMPLE_SIZE = {"n_users": 40, "n_history": 16, "n_queries": 4, "n_test": 4}
-
-
-@dataclass(frozen=True)
-class StudySetting:
-    k: int = 4                 # sharers (stage 2 --k)
-    sharer_steps: int = 20     # stage 3 --max_step
-    gate_steps: int = 8        # stage 4 --max_step
-    topk: int = 1              # stage 5 --topk
-    recent_k: int = 16         # stage 5 --recent_k (history items the assembly reads)
-
-    def tag(self) -> str:
-        return f"k{self.k}-s{self.sharer_steps}-g{self.gate_steps}-top{self.topk}-r{self.recent_k}"
-
+StudySetting = demo.DemoSetting     # the study varies the demo's settings; the base setting is the demo's
 
 SWEEPABLE = tuple(StudySetting.__dataclass_fields__)
 
@@ -145,22 +128,19 @@ def check_config(cfg: StudyConfig) -> None:
 
 def sample_steps(cfg: StudyConfig, d: SampleDirs) -> list:
     s, task = d.sample, d.sample.task
-    py, size = cfg.python, SAMPLE_SIZE
+    py = cfg.python
     data = ["--task_name", task, "--data_dir", str(d.data)]
     layout = Layout(d.data, get_task(task))
     return [
-        Step("sample", [py, "data/make_sample.py", "--task_name", task, "--out_dir", str(d.raw),
-                        "--n_users", str(size["n_users"]), "--n_history", str(size["n_history"]),
-                        "--n_queries", str(size["n_queries"]), "--seed", str(s.seed), "--n_groups", str(s.n_groups),
-                        "--groups_file", str(d.groups)], d.groups),
-        Step("prepare", [py, "data/prepare_lamp.py", "--task_name", task, "--lamp_dir", str(d.raw),
-                         "--out_dir", str(d.data), "--n_test", str(size["n_test"])], layout.golds),
-        Step("profiles", [py, "data/gen_profile.py", *data, "--k", "3", "--max_gen_len", "16", "--batch_size", "20",
-                          "--device", "cpu"], layout.profiles),
-        Step("task LoRA", [py, "task_LoRA.py", *data, *COMMON, *TRAIN, *GEN, "--epochs", "1", "--lr", "1e-3",
-                           "--output_dir", str(d.task_lora)], d.task_lora / "predictions" / "kNP.json"),
-        Step("OPPU", [py, "OPPU.py", *data, *COMMON, *TRAIN, *GEN, "--epochs", "3", "--max_step", "20",
-                      "--batch_size", "4", "--lr", "5e-3", "--lora_ckpt", str(d.task_lora),
+        Step("sample", [py, script("make_sample"), "--task_name", task, "--out_dir", str(d.raw), *demo.sample_flags(),
+                        "--seed", str(s.seed), "--n_groups", str(s.n_groups), "--groups_file", str(d.groups)],
+             d.groups),
+        Step("prepare", [py, script("prepare_lamp"), "--task_name", task, "--lamp_dir", str(d.raw),
+                         "--out_dir", str(d.data), *demo.prepare_flags()], layout.golds),
+        Step("profiles", [py, script("gen_profile"), *data, *demo.profile_flags()], layout.profiles),
+        Step("task LoRA", [py, script("task_lora"), *data, *demo.task_lora_flags(), "--output_dir", str(d.task_lora)],
+             d.task_lora / "predictions" / "kNP.json"),
+        Step("OPPU", [py, script("oppu"), *data, *demo.oppu_flags(), "--lora_ckpt", str(d.task_lora),
                       "--output_dir", str(d.oppu)], d.oppu / "predictions" / "kNP.json"),
     ]
 
@@ -175,21 +155,18 @@ def setting_steps(cfg: StudyConfig, d: SampleDirs, s: StudySetting, controls=())
     data = ["--task_name", task, "--data_dir", str(d.data)]
     index = d.anchors(s) / "anchor_user_idx.json"
     shared = [*data, "--lora_ckpt", str(d.task_lora), "--anchor_idx_path", str(index)]
-    compose = [py, "lora_composition.py", *shared, *COMMON, *GEN, "--max_seq_len", "512", "--topk", str(s.topk),
-               "--recent_k", str(s.recent_k), "--anchor_dir", str(d.sharer_loras(s)), "--gate_dir", str(d.gates(s))]
+    compose = [py, script("lora_composition"), *shared, *demo.composition_flags(s),
+               "--anchor_dir", str(d.sharer_loras(s)), "--gate_dir", str(d.gates(s))]
     steps = [
-        Step(f"sharers k={s.k}", [py, "anchor_selection/history_anchor.py", "--task_name", task,
+        Step(f"sharers k={s.k}", [py, script("sharer_selection"), "--task_name", task,
                                   "--candidate_path", str(Layout(d.data, get_task(task)).candidate_users),
-                                  "--output_dir", str(d.anchors(s)), "--k", str(s.k), "--min_history", "5",
-                                  "--device", "cpu"], index),
-        Step(f"sharer LoRAs ({s.sharer_steps} steps)", [py, "train_anchor_PEFT.py", *shared, *COMMON, *TRAIN,
-                                                         "--max_step", str(s.sharer_steps), "--lr", "5e-3",
-                                                         "--batch_size", "4", "--output_dir",
-                                                         str(d.sharer_loras(s))], d.sharer_loras(s) / DONE),
-        Step(f"gates ({s.gate_steps} steps)", [py, "train_anchor_gate.py", *shared, *COMMON, *TRAIN,
-                                               "--max_step", str(s.gate_steps), "--lr", "5e-3", "--batch_size", "4",
-                                               "--recent_k", "16", "--anchor_path", str(d.sharer_loras(s)),
-                                               "--output_dir", str(d.gates(s))], d.gates(s) / DONE),
+                                  "--output_dir", str(d.anchors(s)), *demo.sharer_selection_flags(s)], index),
+        Step(f"sharer LoRAs ({s.sharer_steps} steps)", [py, script("sharer_loras"), *shared, *demo.sharer_lora_flags(s),
+                                                         "--output_dir", str(d.sharer_loras(s))],
+             d.sharer_loras(s) / DONE),
+        Step(f"gates ({s.gate_steps} steps)", [py, script("sharer_gates"), *shared, *demo.gate_flags(s),
+                                               "--anchor_path", str(d.sharer_loras(s)), "--output_dir", str(d.gates(s))],
+             d.gates(s) / DONE),
         Step(f"Per-Pcs {s.tag()}", [*compose, "--save_scores", "--output_dir", str(d.composition(s))],
              d.composition(s) / "predictions" / "kNP.json"),
     ]
@@ -231,8 +208,7 @@ def _run_sample(sample: Sample, steps: list, root: Path, env: dict, dry_run: boo
             continue
         d.logs.mkdir(parents=True, exist_ok=True)
         log = d.logs / (step.name.replace(" ", "_").replace("/", "_").replace("=", "") + ".log")
-        with open(log, "w") as fh:
-            rc = subprocess.run(step.argv, cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        rc = run_command(step.argv, cwd=REPO_ROOT, env=env, log=log)
         if rc != 0:
             print(f"    FAILED (exit {rc}); its output: {log}; the sample's later steps are skipped", flush=True)
             failed.append((sample.name(), step.name, str(log)))
@@ -243,7 +219,7 @@ def _run_sample(sample: Sample, steps: list, root: Path, env: dict, dry_run: boo
 def run_study(cfg: StudyConfig, dry_run: bool = False) -> dict:
     check_config(cfg)
     steps = plan(cfg)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, **demo.ENV}
     if cfg.jobs > 1:      # samples run side by side: one thread each, not all of them fighting over every core
         env["OMP_NUM_THREADS"] = "1"
     t0 = time.perf_counter()
