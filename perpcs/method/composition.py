@@ -2,9 +2,9 @@
 
 No gradient step. The user's history examples run through base + task model; at every piece position the
 module input scores every sharer's piece with its gate (method/gates.py), some pieces are chosen (top-k, nucleus
-or drawn: the four selection modes of the published code, method/selection.py), mixed (A and B separately) and used at once, so deeper layers see
-the assembled shallower pieces. The final piece is the mean of the per-batch mixtures, i.e. a sparse weighted sum
-of sharer pieces: the *recipe*, which rebuilds the LoRA exactly.
+or drawn: the four selection modes of the published code, method/selection.py), mixed (A and B separately) and
+used at once, so deeper layers see the assembled shallower pieces. The final piece is the mean of the per-batch
+mixtures, i.e. a sparse weighted sum of sharer pieces: the *recipe*, which rebuilds the LoRA exactly.
 
 The sharer pool (all LoRAs and gates) is read once per process and scored for all sharers at once. The assembled
 LoRA predicts through peft, as OPPU's and the task LoRA's do: one peft LoRA per process (composed_lora_model)

@@ -1,5 +1,5 @@
-"""The gate, whole (SPEC section 6 trains it, section 7 scores with it): every gate computation is here, so
-changing the gate is changing this file.
+"""The gate, whole (docs/method.md section 6 trains it, section 7 scores with it): every gate computation is
+here, so changing the gate is changing this file.
 
 Each LoRA module ("piece") owns a gate vector g (d_in, initialised 0). The gate has three faces:
 
@@ -32,7 +32,6 @@ LN_EPS = 1e-5   # the LayerNorm epsilon of both sides of the score (torch's defa
 
 
 # ---- 1. training form (stage 4) -------------------------------------------------------------------------
-
 
 class GatedInput(nn.Module):
     """Replaces a LoRA module's dropout: dropout(x) * sigmoid(x . g), the gate computed from the clean x."""

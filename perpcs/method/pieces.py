@@ -1,4 +1,4 @@
-"""The sharer pool: every sharer's LoRA pieces and layer-normed gates, stacked per piece
+"""The sharer pool: every sharer's LoRA pieces and layer-normed gates (method/gates.py), stacked per piece
 position, read once per process; adapters built from per-piece sharer weights.
 """
 from __future__ import annotations
