@@ -13,7 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perpcs.stages.sharer_selection import KMEANS_N_INIT, PAPER_ENCODER, STRATEGIES, run_sharer_selection  # noqa: E402
+from perpcs.method.clustering import KMEANS_N_INIT, STRATEGIES  # noqa: E402
+from perpcs.models.encoder import PAPER_ENCODER  # noqa: E402
+from perpcs.stages.sharer_selection import run_sharer_selection  # noqa: E402
 import cli_flags as cli  # noqa: E402
 from perpcs.errors import run_cli  # noqa: E402
 
