@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from perpcs.paths import EMB_FILE, EMB_META_FILE, INDEX_FILE, default_selection_dir
-from perpcs.stages.sharer_selection import (default_encoder_path, embed_texts, embed_users, load_sharer_index,
-                                            load_encoder, run_sharer_selection, select_sharers)
+from perpcs.method.clustering import select_sharers
+from perpcs.models.encoder import default_encoder_path, embed_texts, embed_users, load_encoder
+from perpcs.stages.sharer_selection import load_sharer_index, run_sharer_selection
 from perpcs.errors import PerpcsError
 from perpcs.data.prompts import history_string
 from perpcs.data.tasks import get_task

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from perpcs.method.composition import (ComposedLinear, Composer, ComposeSettings, answer_predicting_mask,
-                                       assemble_user, composer_removed, install_composer)
+from perpcs.method.composition import (ComposedLinear, Composer, ComposeSettings, assemble_user, composer_removed,
+                                       install_composer)
 from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
 from perpcs.method.recipes import make_recipe
 from perpcs.method.recipes import materialize
 from perpcs.errors import PerpcsError
-from perpcs.method.gates import GATES_FILE
+from perpcs.method.gates import GATES_FILE, answer_predicting_mask
 from perpcs.models.loading import load_base_model
 from perpcs.models.lora import lora_config
 from perpcs.engine.training import IGNORE_INDEX, Tokenized, collate

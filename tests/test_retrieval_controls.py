@@ -116,7 +116,7 @@ def check_one_sharer_run(pipe, root, control, tmp_path) -> dict:
 def test_nearest_sharer_gives_each_user_the_sharer_with_the_most_similar_history(pipe, retrieval, tmp_path):
     from perpcs.data.tasks import get_task
     from perpcs.stages.common import load_sharers
-    from perpcs.stages.sharer_selection import default_encoder_path, embed_users, load_encoder
+    from perpcs.models.encoder import default_encoder_path, embed_users, load_encoder
     root = retrieval[0] / control_dir_name("nearest_sharer")
     chosen = check_one_sharer_run(pipe, root, "nearest_sharer", tmp_path)
     # by hand: stage 2's encoder (the index has none: most_active; so the bundled MiniLM) on the same histories
@@ -158,7 +158,7 @@ def test_resume_and_refusals(pipe, retrieval, tmp_path, capsys):
     run_stage(lora_composition.main, pipe.compose_args(nearest) + ["--control", "nearest_sharer"], capsys)
     assert file_digests(nearest / "recipes") == before                 # resumed: nobody redone
     # another encoder (the MiniLM's files with another config: other files, another digest) is refused
-    from perpcs.stages.sharer_selection import default_encoder_path
+    from perpcs.models.encoder import default_encoder_path
     other = tmp_path / "encoder"
     other.mkdir()
     for f in default_encoder_path().iterdir():

@@ -46,7 +46,7 @@ from perpcs.experiments.scripts import script_path_from_cwd
 from perpcs.method.gates import GATES_FILE
 from perpcs.paths import (COMPOSITION, EMB_FILE, EMB_META_FILE, INDEX_FILE, REPO_ROOT, SHARER_GATES, SHARER_LORAS,
                           TASK_LORA, user_file_name)
-from perpcs.stages.sharer_selection import STRATEGIES
+from perpcs.method.clustering import STRATEGIES
 
 SWEEPS = ("k", "strategy", "share_ratio", "topk")
 DEFAULT_VALUES = {"k": [10, 20, 30, 40, 50], "strategy": list(STRATEGIES),

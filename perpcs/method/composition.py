@@ -1,10 +1,10 @@
 """Stage 5, the heart of Per-Pcs (SPEC section 7): a target user's LoRA assembled from sharers' pieces.
 
 No gradient step. The user's history examples run through base + task model; at every piece position the
-module input scores every sharer's piece with its gate, some pieces are chosen (top-k, nucleus or drawn: the
-four selection modes of the published code), mixed (A and B separately) and used at once, so deeper layers see
-the assembled shallower pieces. The final piece is the mean of the per-batch mixtures, i.e. a sparse weighted sum
-of sharer pieces: the *recipe*, which rebuilds the LoRA exactly.
+module input scores every sharer's piece with its gate (method/gates.py), some pieces are chosen (top-k, nucleus
+or drawn: the four selection modes of the published code, method/selection.py), mixed (A and B separately) and
+used at once, so deeper layers see the assembled shallower pieces. The final piece is the mean of the per-batch
+mixtures, i.e. a sparse weighted sum of sharer pieces: the *recipe*, which rebuilds the LoRA exactly.
 
 The sharer pool (all LoRAs and gates) is read once per process and scored for all sharers at once. The assembled
 LoRA predicts through peft, as OPPU's and the task LoRA's do: one peft LoRA per process (composed_lora_model)
@@ -12,19 +12,19 @@ receives each user's A and B (load_composed), the composer's wrappers out of the
 """
 from __future__ import annotations
 
-import math
 import random
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from perpcs.checks import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SEED, check_settings, setting
 from perpcs.errors import fail
+from perpcs.method.gates import answer_positions, answer_predicting_mask, gate_scores
 from perpcs.method.pieces import PiecePool
+from perpcs.method.selection import SELECTION_MODES, SelectionMode, mode_name
 
 
 @dataclass
@@ -59,44 +59,36 @@ class ComposeSettings:
         the modes that use it refuse it (check)."""
         check_settings(self)
 
+    # properties, not fields: a recipe stores vars(settings), which must stay as it is
+    @property
+    def selection(self) -> str:
+        """The name of the selection mode (method/selection.py) that --sample and --sample_top_p pick."""
+        return mode_name(self.sample, self.sample_top_p)
+
+    @property
+    def selection_entry(self) -> SelectionMode:
+        return SELECTION_MODES[self.selection]
+
     @property
     def selection_mode(self) -> int:
-        """SPEC 7's modes of the published code: 1 top-k, 2 nucleus, 3 sampled within nucleus + top-k, 4 sampled
-        within the --sample_topk best."""
-        if self.sample:
-            return 3 if self.sample_top_p is not None else 4
-        return 2 if self.sample_top_p is not None else 1
+        """The published code's number of the mode: 1 top_k, 2 nucleus, 3 sampled_nucleus_top_k, 4 sampled_top_k."""
+        return self.selection_entry.number
 
     def describe(self) -> str:
-        k, p, t, ts = self.topk, self.sample_top_p, self.agg_temperature, self.sample_temperature
-        return {1: f"mode 1: the top {k} pieces per position, mixed by softmax(score / {t})",
-                2: f"mode 2: the nucleus (top-p {p}, temperature {ts}) of the scores, a variable number of pieces "
-                   f"per position (--topk ignored), mixed by softmax(score / {t})",
-                3: f"mode 3: {k} pieces drawn from softmax(score / {t}) over the nucleus (top-p {p}, temperature "
-                   f"{ts}) and the top {k}, mixed by softmax(score / {t})",
-                4: f"mode 4: {k} pieces drawn from softmax(score / {ts}) over the {self.sample_topk} best, mixed by "
-                   f"softmax(score / {t})"}[self.selection_mode]
+        return self.selection_entry.describe(self)
 
     def check(self, pool_size: int) -> None:
         """Refuse, before any model loads, settings that make no sense or that the published code crashed on."""
         self.__post_init__()   # the ranges again: the fields may have been set since
-        mode = self.selection_mode
-        if mode != 1 and not self.sample_temperature > 0:   # the nucleus (modes 2, 3) and mode 4's draw use it
+        mode = self.selection_entry
+        if mode.uses_sample_temperature and not self.sample_temperature > 0:
             fail(f"--sample_temperature must be positive, got {self.sample_temperature}")
         usable = int(self.share_ratio * pool_size)
         pool = f"{pool_size} sharers" + (f", {usable} with --share_ratio {self.share_ratio}"
                                          if self.share_ratio < 1 else "")
         if usable < 1:
             fail(f"the sharer pool of a piece position is empty ({pool})")
-        if mode != 2 and self.topk > usable:   # mode 2 ignores --topk
-            fail(f"--topk {self.topk} is larger than the sharer pool ({pool})")
-        if mode == 4:   # the published code crashed on both, after loading the model
-            if self.sample_topk > usable:
-                fail(f"--sample_topk {self.sample_topk} is larger than the sharer pool ({pool}): --sample without "
-                     f"--sample_top_p draws from the --sample_topk best sharers; lower --sample_topk")
-            if self.topk > self.sample_topk:
-                fail(f"--topk {self.topk} is larger than --sample_topk {self.sample_topk}: --sample without "
-                     f"--sample_top_p draws --topk pieces from the --sample_topk best")
+        mode.check(self, usable, pool)
 
 
 class ComposedLinear(nn.Module):
@@ -147,14 +139,9 @@ class Composer:
         self.mode = "assemble"
 
     def set_batch(self, mask: torch.Tensor) -> None:
-        """The answer-predicting positions of the next forward, shared by every piece of that forward.
-
-        The batch mean of per-example means is one weighted sum over the positions, weight 1 / (examples x
-        the example's positions): a matrix product, deterministic on GPUs (index_add_ is not)."""
+        """The answer-predicting positions of the next forward, shared by every piece of that forward."""
         self.score_mask = mask
-        rows, cols = mask.nonzero(as_tuple=True)
-        counts = mask.sum(dim=1).clamp(min=1).float()
-        self._positions = (rows, cols, 1.0 / (counts[rows] * mask.shape[0]))
+        self._positions = answer_positions(mask)
 
     def final_weights(self) -> dict:
         return {p: (w / max(self.n_batches, 1)).cpu() for p, w in self.weight_sum.items()}
@@ -171,35 +158,18 @@ class Composer:
         return self._assemble(piece, x)
 
     def scores(self, piece: str, x: torch.Tensor) -> torch.Tensor:
-        """(S,) score of every sharer: batch mean of the per-example mean over answer-predicting positions
-        of LayerNorm(x_t) . LayerNorm(g_s) / sqrt(d), in fp32."""
-        rows, cols, weights = self._positions
-        d = x.shape[-1]
-        h = F.layer_norm(x[rows, cols].float(), (d,), eps=1e-5)                   # (N, d)
-        return ((weights @ h) @ self.pool.G[piece].T) / math.sqrt(d)
+        """(S,) score of every sharer at ``piece`` for this forward's positions (gates.gate_scores)."""
+        return gate_scores(x, self._positions, self.pool.G[piece])
 
     def choose(self, piece: str, scores: torch.Tensor) -> torch.Tensor:
-        """Indices of the sharers mixed at this position, by the selection mode (SPEC 7); ties in the ranking go
-        to the lower sharer index. Draws use the user's generator, in forward order (batches, then pieces)."""
-        st = self.settings
+        """Indices of the sharers mixed at this position, by the selection mode (method/selection.py); ties in the
+        ranking go to the lower sharer index. Draws use the user's generator, in forward order (batches, then
+        pieces)."""
         allowed = self.allowed[piece]       # ascending sharer indices: the pool order
         s = scores[allowed].float()
         order = torch.sort(-s, stable=True).indices
-        mode, k = st.selection_mode, st.topk
-        if mode == 1:
-            return allowed[order[:k]]
-        if mode == 4:
-            cand = order[:st.sample_topk]
-            probs = torch.softmax(s[cand] / st.sample_temperature, dim=0)
-            return allowed[cand[self._draw(piece, probs, k)]]
-        kept = order[:nucleus_size(s[order], st.sample_temperature, st.sample_top_p)]
-        if mode == 2:
-            return allowed[kept]
-        keep = torch.zeros_like(s, dtype=torch.bool)
-        keep[kept] = True
-        keep[order[:k]] = True              # mode 3: the k best stay whatever the nucleus
-        probs = torch.softmax(s.masked_fill(~keep, -math.inf) / st.agg_temperature, dim=0)   # pool order
-        return allowed[self._draw(piece, probs, k)]
+        return allowed[self.settings.selection_entry.choose(s, order, self.settings,
+                                                 lambda probs, k: self._draw(piece, probs, k))]
 
     def _draw(self, piece: str, probs: torch.Tensor, k: int) -> torch.Tensor:
         """k indices into probs, without replacement, from the user's generator (on the CPU: the same draws on
@@ -224,13 +194,6 @@ class Composer:
         a = torch.einsum("k,krd->rd", w, self.pool.A[piece][chosen])
         b = torch.einsum("k,kdr->dr", w, self.pool.B[piece][chosen])
         return a, b
-
-
-def nucleus_size(sorted_scores: torch.Tensor, temperature: float, top_p: float) -> int:
-    """Leading positions of descending scores that form the nucleus: c = cumsum(softmax(s / temperature)) in fp32;
-    a position is dropped when the previous one already has c > top_p, so the first one always stays."""
-    c = torch.cumsum(torch.softmax(sorted_scores.float() / temperature, dim=0), dim=0)
-    return 1 + int((c[:-1] <= top_p).sum())   # c never decreases: the kept positions are a prefix
 
 
 def install_composer(model, composer: Composer) -> None:
@@ -265,13 +228,6 @@ def composer_removed(model):
         for name, m in wrapped:
             parent, _, child = name.rpartition(".")
             setattr(modules[parent], child, m)
-
-
-def answer_predicting_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Positions t whose next token (labels shifted by one) is an answer token."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
-    return mask
 
 
 @torch.no_grad()

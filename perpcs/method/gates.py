@@ -1,15 +1,26 @@
-"""Per-piece gates on top of a peft LoRA (SPEC section 6).
+"""The gate, whole (docs/method.md section 6 trains it, section 7 scores with it): every gate computation is
+here, so changing the gate is changing this file.
 
-Each LoRA module ("piece") owns a gate vector g (d_in, initialised 0). While gates train, the LoRA branch's
-input is rescaled token by token, x <- x * sigmoid(x . g); the frozen base branch sees x unchanged.
-peft computes the LoRA branch as ``lora_B(lora_A(lora_dropout(x)))``, so the gate sits in the dropout slot:
-it sees exactly the LoRA branch's input and nothing else. Gates are only used to score pieces in composition.
+Each LoRA module ("piece") owns a gate vector g (d_in, initialised 0). The gate has three faces:
+
+1. Training form (stage 4): while gates train, the LoRA branch's input is rescaled token by token,
+   x <- x * sigmoid(x . g); the frozen base branch sees x unchanged. peft computes the LoRA branch as
+   ``lora_B(lora_A(lora_dropout(x)))``, so the gate sits in the dropout slot: it sees exactly the LoRA branch's
+   input and nothing else (GatedInput, install_gates, remove_gates, save_gates).
+2. Stacking for assembly (stage 5): every sharer's gate of a piece, read and checked (load_sharer_gates), stacked
+   into one (S, d_in) matrix and LayerNorm-ed once per process (normalised_gates).
+3. Score at assembly (stage 5): sharer s's score at a piece is LN(x_t) . LN(g_s) / sqrt(d), averaged over the
+   answer-predicting positions t of each example, then over the batch's examples (answer_predicting_mask,
+   answer_positions, gate_scores).
+Gates are only used to score pieces in composition; they never enter a predicting model.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -17,7 +28,10 @@ from perpcs.errors import fail
 from perpcs.models.lora import read_safetensors
 
 GATES_FILE = "gates.safetensors"
+LN_EPS = 1e-5   # the LayerNorm epsilon of both sides of the score (torch's default)
 
+
+# ---- 1. training form (stage 4) -------------------------------------------------------------------------
 
 class GatedInput(nn.Module):
     """Replaces a LoRA module's dropout: dropout(x) * sigmoid(x . g), the gate computed from the clean x."""
@@ -79,6 +93,8 @@ def save_gates(gates: dict, path) -> None:
     save_file(gate_state(gates), str(path), metadata={"format": "perpcs-gates"})
 
 
+# ---- 2. stacking for assembly (stage 5) --------------------------------------------------------------------
+
 def load_gates(path, expected=None, who: str = "") -> dict:
     """{piece: gate vector} of a gates file. ``expected`` ({piece: input width of its LoRA module}): the gates must
     be exactly these pieces, each a vector as long as its module's input (d_in of lora_A), else the file is named."""
@@ -100,3 +116,45 @@ def load_gates(path, expected=None, who: str = "") -> dict:
                 fail(f"{path}: the gate of piece {piece} has shape {tuple(gates[piece].shape)}, its LoRA module's "
                      f"input is {d_in} wide (trained on another sharer LoRA? run train_anchor_gate.py again)")
     return gates
+
+
+def load_sharer_gates(gate_dir, sharer_ids: list, widths: dict) -> list:
+    """Every sharer's {piece: gate} from ``gate_dir``/user_<id>/gates.safetensors, in ``sharer_ids`` order, each
+    checked against ``widths`` ({piece: d_in of its LoRA module}) before anything is stacked."""
+    return [load_gates(Path(gate_dir) / f"user_{uid}" / GATES_FILE, widths, f"sharer {uid!r}") for uid in sharer_ids]
+
+
+def normalised_gates(sharer_gates: list, piece: str) -> torch.Tensor:
+    """(S, d_in) fp32: the sharers' gates of ``piece`` stacked in pool order, each LayerNorm-ed (no affine): the
+    gate side of the score, computed once per process."""
+    g = torch.stack([gs[piece].float() for gs in sharer_gates])   # (S, d_in): load_gates checked each width
+    return F.layer_norm(g, (g.shape[1],), eps=LN_EPS)
+
+
+# ---- 3. score at assembly (stage 5) ------------------------------------------------------------------------
+
+def answer_predicting_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions t whose next token (labels shifted by one) is an answer token: the positions that score."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+def answer_positions(mask: torch.Tensor) -> tuple:
+    """(rows, cols, weight of each position) of ``mask``, shared by every piece of one forward.
+
+    The batch mean of per-example means is one weighted sum over the positions, weight 1 / (examples x
+    the example's positions): a matrix product, deterministic on GPUs (index_add_ is not)."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    counts = mask.sum(dim=1).clamp(min=1).float()
+    return rows, cols, 1.0 / (counts[rows] * mask.shape[0])
+
+
+def gate_scores(x: torch.Tensor, positions: tuple, gates: torch.Tensor) -> torch.Tensor:
+    """(S,) score of every sharer at one piece: batch mean of the per-example mean over answer-predicting
+    positions of LayerNorm(x_t) . LayerNorm(g_s) / sqrt(d), in fp32. ``x`` is the piece's input (batch, T, d),
+    ``positions`` from answer_positions, ``gates`` from normalised_gates."""
+    rows, cols, weights = positions
+    d = x.shape[-1]
+    h = F.layer_norm(x[rows, cols].float(), (d,), eps=LN_EPS)                   # (N, d)
+    return ((weights @ h) @ gates.T) / math.sqrt(d)

@@ -1,4 +1,4 @@
-"""The sharer pool: every sharer's LoRA pieces and layer-normed gates, stacked per piece
+"""The sharer pool: every sharer's LoRA pieces and layer-normed gates (method/gates.py), stacked per piece
 position, read once per process; adapters built from per-piece sharer weights.
 """
 from __future__ import annotations
@@ -8,13 +8,12 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from perpcs.atomic import write_dir_atomic
 from perpcs.data.layout import read_json
 from perpcs.errors import fail
-from perpcs.method.gates import GATES_FILE, load_gates
+from perpcs.method.gates import load_sharer_gates, normalised_gates
 from perpcs.paths import user_file_name
 from perpcs.models.lora import read_safetensors
 
@@ -56,16 +55,14 @@ class PiecePool:
                     fail(f"sharer {uid!r}: piece {piece} has another shape than sharer {self.sharer_ids[0]!r}")
         # every gates file read and checked against the LoRA pieces before any stacking (or model load)
         widths = {piece: tensors[0][piece][0].shape[-1] for piece in self.pieces}   # lora_A is (r, d_in)
-        gates = [load_gates(Path(gate_dir) / f"user_{uid}" / GATES_FILE, widths, f"sharer {uid!r}")
-                 for uid in self.sharer_ids] if gate_dir is not None else None
+        gates = load_sharer_gates(gate_dir, self.sharer_ids, widths) if gate_dir is not None else None
         self.A, self.B, self.G = {}, {}, {}
         for piece in self.pieces:
             self.A[piece] = torch.stack([t[piece][0].float() for t in tensors]).to(device)   # (S, r, d_in)
             self.B[piece] = torch.stack([t[piece][1].float() for t in tensors]).to(device)   # (S, d_out, r)
             if gates is None:
                 continue
-            g = torch.stack([gs[piece].float() for gs in gates])   # (S, d_in): load_gates checked each width
-            self.G[piece] = F.layer_norm(g, (g.shape[1],), eps=1e-5).to(device)
+            self.G[piece] = normalised_gates(gates, piece).to(device)
 
     def __len__(self) -> int:
         return len(self.sharer_ids)

@@ -22,7 +22,8 @@ from perpcs.errors import fail
 from perpcs.method.composition import ComposeSettings
 from perpcs.models.families import DEFAULT_FAMILY
 from perpcs.paths import CONTROLS
-from perpcs.stages.sharer_selection import KMEANS_N_INIT, PAPER_ENCODER, STRATEGIES
+from perpcs.method.clustering import KMEANS_N_INIT, STRATEGIES
+from perpcs.models.encoder import PAPER_ENCODER
 
 LORA_TARGETS = DEFAULT_FAMILY.target_modules
 TASK_LORA_HELP = "task LoRA of stage 1; default ./output/<task>/task-base_LLM"

@@ -98,7 +98,8 @@ def retrieval_encoder(cfg: CompositionStage, index_path) -> dict | None:
     """--control nearest_sharer: the encoder that embeds histories, {"name", "dir", "sha256"}: --encoder, else the
     one stage 2 recorded in its index (a cluster selection), else stage 2's default (the bundled MiniLM). None for
     the other runs, which embed nothing (--encoder is refused there)."""
-    from perpcs.stages.sharer_selection import encoder_digest, load_sharer_index, resolve_encoder
+    from perpcs.models.encoder import encoder_digest, resolve_encoder
+    from perpcs.stages.sharer_selection import load_sharer_index
     if cfg.control != "nearest_sharer":
         if cfg.encoder is not None:
             fail("--encoder is read by --control nearest_sharer only (the history embeddings that choose the "
@@ -128,7 +129,7 @@ def one_sharer_chooser(control: str, task, sharers: list, seed: int, encoder: di
     @lazy
     def embedder():   # the encoder and the sharers' vectors, once per process
         from perpcs.models.devices import resolve_device
-        from perpcs.stages.sharer_selection import embed_users, load_encoder
+        from perpcs.models.encoder import embed_users, load_encoder
         dev = resolve_device(device)
         print(f"nearest sharer: embedding the histories of {len(sharers)} sharers with {encoder['name']} on {dev}")
         tokenizer, model = load_encoder(encoder["dir"], dev)
@@ -136,7 +137,7 @@ def one_sharer_chooser(control: str, task, sharers: list, seed: int, encoder: di
         return tokenizer, model, vectors
 
     def nearest(uid, user):
-        from perpcs.stages.sharer_selection import embed_users
+        from perpcs.models.encoder import embed_users
         tokenizer, model, vectors = embedder()
         t0 = time.perf_counter()
         target = embed_users([user], task, tokenizer, model, max_length=RETRIEVAL_MAX_LENGTH)[0]
