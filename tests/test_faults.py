@@ -597,7 +597,7 @@ def test_a_rerun_with_every_user_done_loads_no_model(stage, pipe, tmp_path, caps
     def no_model(*a, **k):
         raise AssertionError("loaded the model with nothing to do")
 
-    for stage_module in ("base", "oppu", "composition"):
+    for stage_module in ("common", "oppu", "lora_composition"):
         monkeypatch.setattr(f"perpcs.stages.{stage_module}.load_merged_base", no_model)
     before = adapter_digests(out_dir)
     combined = file_digests(out_dir / "predictions") if (out_dir / "predictions").is_dir() else None
