@@ -151,7 +151,7 @@ def compose(cfg: CompositionStage) -> Path:
                      lambda dirs: dirs["composition"].with_name(control_dir_name(control)) if control
                      else dirs["composition"])
     task, dirs, out_root = run.task, run.dirs, run.out_root
-    settings, overwrite = cfg.compose, cfg.shards.overwrite
+    settings = cfg.compose
     index_path = resolve_sharer_index(cfg.anchor_idx_path, task.name)
     sharers = load_sharers(index_path, run.layout.candidate_users, task)
     encoder = retrieval_encoder(cfg, index_path)
