@@ -193,7 +193,7 @@ def child_stage5(args) -> dict:
     from contextlib import redirect_stdout
     sys.path.insert(0, str(REPO / "tests"))
     import lora_composition
-    import perpcs.stages.lora_composition as composition
+    import perpcs.stages.target_users as target_users   # stage 5's per-user loop runs there
     from perpcs.atomic import write_json_atomic
     from pipeline_fixture import build_pipeline
     from tiny import build_tiny_llama
@@ -222,7 +222,7 @@ def child_stage5(args) -> dict:
     write_json_atomic(layout.profiles, {**profiles, **{u["user_id"]: f"profile of {u['user_id']}" for u in users}})
 
     samples = []
-    real = composition.run_per_user
+    real = target_users.run_per_user
 
     def sampled_run_per_user(users_, is_done, work, *a, **kw):
         samples.append({"when": "before the first user", "rss_mb": rss_mb()})
@@ -235,7 +235,7 @@ def child_stage5(args) -> dict:
             return out
         return real(users_, is_done, sampled_work, *a, **kw)
 
-    composition.run_per_user = sampled_run_per_user
+    target_users.run_per_user = sampled_run_per_user
     argv = pipe.compose_args(root / "compose") + ["--max_gen_len", "2"]
     if args.recent_k:
         argv += ["--recent_k", str(args.recent_k)]

@@ -50,7 +50,7 @@ def stage_predictions(pipe, adapter: Path, predictions_file: Path, base=None) ->
 
     from perpcs.data.layout import user_id
     from perpcs.models.loading import load_tokenizer
-    from perpcs.stages.common import predict_one_user, read_user_predictions
+    from perpcs.stages.target_users import predict_one_user, read_user_predictions
     from perpcs.stages.config import GenerationConfig
     settings, expected = read_user_predictions(predictions_file)
     uid = adapter.name.removeprefix("user_")

@@ -622,7 +622,7 @@ def test_rerun_with_other_generation_settings_refuses_old_predictions(pipe, tmp_
 def test_combining_per_user_files_of_other_k_lists_is_refused(pipe, tmp_path, capsys):
     """Two users predicted with --k_list 1 and one with --k_list 1 2 (an older file without settings): the
     combined k2.json would cover one user only."""
-    from perpcs.stages.common import combine_user_predictions
+    from perpcs.stages.target_users import combine_user_predictions
     from perpcs.data.layout import Layout
     from perpcs.data.tasks import get_task
     out_dir = tmp_path / "composition"

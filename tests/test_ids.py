@@ -64,8 +64,9 @@ def test_every_sample_question_id_makes_a_safe_user_id(task_name):
 
 
 def test_every_path_builder_refuses_a_traversal_id(tmp_path):
-    from perpcs.stages.common import user_dir, user_predictions_path
+    from perpcs.stages.common import user_dir
     from perpcs.stages.lora_composition import gate_scores_path, recipe_path
+    from perpcs.stages.target_users import user_predictions_path
     for build in (user_dir, user_predictions_path, recipe_path, gate_scores_path):
         with pytest.raises(PerpcsError, match="cannot name a file"):
             build(tmp_path, TRAVERSAL_USER)

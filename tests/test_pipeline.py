@@ -395,10 +395,10 @@ def test_stage5_predicts_with_the_assembled_lora_through_peft(pipe, tmp_path, ca
     without the composer's wrappers in the forward; in fp32 it predicts what the composed forward did."""
     from peft import PeftModel, get_peft_model_state_dict
 
-    import perpcs.stages.lora_composition as compose_stage
+    import perpcs.stages.target_users as target_users
     from perpcs.method.composition import ComposedLinear
     seen = {}
-    real = compose_stage.predict_one_user
+    real = target_users.predict_one_user
 
     def spy(model, tokenizer, task, user, *args, **kwargs):
         assert isinstance(model, PeftModel) and not any(isinstance(m, ComposedLinear) for m in model.modules())
@@ -410,7 +410,7 @@ def test_stage5_predicts_with_the_assembled_lora_through_peft(pipe, tmp_path, ca
                 seen["off"] = _logits(model, tokenizer)
         return real(model, tokenizer, task, user, *args, **kwargs)
 
-    monkeypatch.setattr(compose_stage, "predict_one_user", spy)
+    monkeypatch.setattr(target_users, "predict_one_user", spy)
     out_dir = tmp_path / "composition"
     run(lora_composition.main, pipe.compose_args(out_dir) + ["--save_adapters"], capsys)
     assert sorted(seen["adapters"]) == sorted(pipe.test_ids())
@@ -426,9 +426,9 @@ def test_stage5_predicts_with_the_assembled_lora_through_peft(pipe, tmp_path, ca
 
 
 def test_oppu_predicts_with_the_users_own_lora(pipe, tmp_path, capsys, monkeypatch):
-    import perpcs.stages.oppu as oppu
+    import perpcs.stages.target_users as target_users
     seen = {}
-    real = oppu.predict_one_user
+    real = target_users.predict_one_user
 
     def spy(model, tokenizer, task, user, *args, **kwargs):
         if not seen:
@@ -437,7 +437,7 @@ def test_oppu_predicts_with_the_users_own_lora(pipe, tmp_path, capsys, monkeypat
                 seen["off"] = _logits(model, tokenizer)
         return real(model, tokenizer, task, user, *args, **kwargs)
 
-    monkeypatch.setattr(oppu, "predict_one_user", spy)
+    monkeypatch.setattr(target_users, "predict_one_user", spy)
     out_dir = tmp_path / "oppu"
     run(OPPU.main, pipe.oppu_args(out_dir) + ["--lr", "5e-2"], capsys)
     assert not torch.allclose(seen["used"], seen["off"], atol=1e-4)
@@ -525,8 +525,8 @@ def test_stage5_builds_a_users_examples_in_its_turn_only(pipe, tmp_path, capsys,
     """Every test user's examples held from the start to the end of stage 5 grow with the users (~750 MB for 100
     LaMP-sized users): each user's are built in its turn, and not at all when its recipe is already there; the
     outputs stay the same."""
-    import perpcs.stages.lora_composition as composition
-    events = _record_turns(monkeypatch, composition)
+    import perpcs.stages.target_users as target_users
+    events = _record_turns(monkeypatch, target_users)
     out_dir = tmp_path / "composition"
     run(lora_composition.main, pipe.compose_args(out_dir), capsys)
     uids = pipe.test_ids()
@@ -543,7 +543,7 @@ def test_stage5_builds_a_users_examples_in_its_turn_only(pipe, tmp_path, capsys,
 
 
 def test_oppu_builds_a_users_examples_in_its_turn(pipe, tmp_path, capsys, monkeypatch):
-    import perpcs.stages.oppu as oppu
-    events = _record_turns(monkeypatch, oppu)
+    import perpcs.stages.target_users as target_users
+    events = _record_turns(monkeypatch, target_users)
     run(OPPU.main, pipe.oppu_args(tmp_path / "OPPU"), capsys)
     assert events == [(what, uid) for uid in pipe.test_ids() for what in ("examples", "predict")]

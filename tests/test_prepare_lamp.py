@@ -8,8 +8,9 @@ import pytest
 
 from perpcs.data.layout import Layout
 from perpcs.errors import PerpcsError
-from perpcs.data.prepare import (DOCUMENT_FIELD, LABELLED_DOCUMENT_TASKS, Question, build_user, group_questions,
-                                  prepare_lamp, split_users)
+from perpcs.data.lamp_files import Question
+from perpcs.data.prepare import (DOCUMENT_FIELD, LABELLED_DOCUMENT_TASKS, build_user, group_questions, prepare_lamp,
+                                  split_users)
 from perpcs.data.tasks import TASKS, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,7 +364,7 @@ def test_questions_file_is_streamed_in_chunks_as_json_reads_it(tmp_path):
     read_json's message."""
     import random
 
-    from perpcs.data.prepare import _question_list, _stream_json_list
+    from perpcs.data.lamp_files import _question_list, _stream_json_list
     rng = random.Random(0)
     path = tmp_path / "q.json"
     for trial in range(60):
@@ -384,7 +385,7 @@ def test_questions_file_is_streamed_in_chunks_as_json_reads_it(tmp_path):
 def test_an_items_copies_in_several_profiles_share_their_values(tmp_path):
     """LaMP repeats a user's items in every question's profile (another id each time): the values are kept once,
     which bounds prepare's memory on LaMP-sized files; ids stay each copy's own."""
-    from perpcs.data.prepare import read_questions
+    from perpcs.data.lamp_files import read_questions
     prompt = "without further explanation. review: "
     long_text = " ".join(f"word{i}" for i in range(200))
     questions = [{"id": str(q), "input": prompt + f"query {q}",

@@ -9,8 +9,8 @@ share habits their history reveals:
   researcher picks the one using their group's method;
 - generation tasks: each group phrases headlines / titles / tweets with its own template.
 History items follow the habit with probability ``HABIT_RATE`` (people are not perfectly
-consistent); query golds always follow it. Texts are built from templates and word banks so that
-they read like the real tasks while staying short (20-60 words).
+consistent); query golds always follow it. Texts are built from templates and word banks
+(``resources/sample_words.json``) so that they read like the real tasks while staying short (20-60 words).
 
 Time-based-split shape (as LaMP's time split): a user has ``n_history`` dated history items; query j
 (j = 0 .. n_queries-1) sees the first ``n_history - n_queries + 1 + j`` of them, so the profiles of one
@@ -21,11 +21,13 @@ Everything is drawn from one ``random.Random(seed)``: the same arguments give by
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 import string
 from dataclasses import dataclass
 from datetime import date, timedelta
+from importlib import resources
 from pathlib import Path
 
 from perpcs.atomic import write_json_atomic
@@ -49,6 +51,9 @@ TITLE_PROMPT = "Generate a title for the following abstract of a paper: "
 TWEET_PROMPT = "Paraphrase the following tweet without any explanation before or after it: "
 CITATION_PROMPT = ('For an author who has written the paper with the title "{title}", which reference is related? '
                    'Just answer with [1] or [2] without explanation. [1]: "{first}" [2]: "{second}"')
+
+# The word banks and templates: data, not code (resources/sample_words.json, shipped inside the package).
+_WORDS = json.loads(resources.files("perpcs").joinpath("resources/sample_words.json").read_text(encoding="utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,213 +119,14 @@ class Family:
     bank: dict
 
 
-_NAMES = ["Mara", "Jonah", "Ines", "Theo", "Lena", "Kofi", "Yuki", "Sam", "Rosa", "Idris"]
+def _family(entry: dict) -> Family:
+    return Family(entry["name"], tuple(entry["options"]), tuple(entry["picks"]), tuple(entry["templates"]),
+                  entry["bank"])
 
-MOVIE_FAMILIES = (
-    Family("future_society", ("dystopia", "sci-fi", "social commentary", "thought-provoking"),
-           ("dystopia", "sci-fi", "social commentary", "sci-fi", "thought-provoking", "dystopia"),
-           ("In {future}, {city} is run by {regime}. {hero}, a {job}, stumbles on {secret} and must choose "
-            "between a quiet life and {risk}.",
-            "{hero} has spent a whole life inside {city}, where {regime} decides who works, who eats and who "
-            "disappears. Then a stranger hands over proof of {secret}, and {risk} becomes the only way out."),
-           {"future": ["the year 2089", "a not-so-distant future", "the late twenty-second century",
-                       "a future scarred by climate collapse"],
-            "city": ["a sealed megacity", "the floating city of Arcadia", "the last walled town on the coast",
-                     "an orbital colony"],
-            "regime": ["an all-seeing tech corporation", "a council of algorithms",
-                       "a ministry that rations every emotion", "a lottery that assigns every job"],
-            "hero": _NAMES,
-            "job": ["factory clerk", "data courier", "night-shift nurse", "archive keeper", "drone mechanic"],
-            "secret": ["the real purpose of the nightly curfew", "a list of citizens scheduled to vanish",
-                       "memories being rewritten while the city sleeps", "a green world beyond the wall"],
-            "risk": ["joining an underground resistance", "a dangerous escape past the border drones",
-                     "broadcasting the truth to every screen in the city"]}),
-    Family("crime_thriller", ("action", "violence", "twist ending"),
-           ("action", "violence", "twist ending", "twist ending", "violence", "action"),
-           ("After {heist} goes wrong, {hero}, a {crook}, is hunted through {place} by {enemy}. With every "
-            "ally hiding something, the final shootout reveals who really set up the job.",
-            "{hero}, a {crook}, agrees to one last job: {heist}. When the crew is ambushed in {place}, a brutal "
-            "chase begins, and {enemy} turns out to be only the first surprise."),
-           {"heist": ["a diamond heist", "an armored-truck robbery", "a casino vault job",
-                      "a prisoner transfer ambush"],
-            "hero": _NAMES,
-            "crook": ["retired getaway driver", "former special-forces medic", "small-time safecracker",
-                      "disgraced police detective"],
-            "place": ["the rain-soaked streets of Hong Kong", "a snowbound Montana town", "the docks of Marseille",
-                      "night-time Los Angeles"],
-            "enemy": ["a cartel enforcer", "a squad of corrupt federal agents", "the crew that left them for dead",
-                      "a ruthless bounty hunter"]}),
-    Family("life_story", ("true story", "based on a book", "classic"),
-           ("true story", "based on a book", "true story", "classic", "based on a book", "classic"),
-           ("The remarkable life of {figure}, who {feat} in {era}. Drawn from {source}, the film follows years "
-            "of {obstacle} and one decision that changed a community forever.",
-            "{era_cap}: {figure} refuses to give in to {obstacle} and {feat}. This moving drama, adapted from "
-            "{source}, won praise for its careful period detail."),
-           {"figure": ["a self-taught engineer from a mining town", "the first woman to run the county hospital",
-                       "a jazz pianist who was losing his hearing", "a small-town lawyer with no courtroom "
-                       "experience", "a teenage chess prodigy from the slums"],
-            "feat": ["built the region's first radio station", "won a landmark civil rights case",
-                     "led a daring wartime rescue", "founded a school for refugee children"],
-            "era": ["the 1930s", "post-war Europe", "the early 1960s", "Depression-era America"],
-            "source": ["a celebrated memoir", "a prize-winning biography", "the family's letters and diaries"],
-            "obstacle": ["poverty and prejudice", "official indifference", "the doubts of everyone around",
-                         "a failing body"]}),
-    Family("odd_romance", ("romance", "comedy", "dark comedy"),
-           ("romance", "comedy", "dark comedy", "romance", "dark comedy", "comedy"),
-           ("{person_a_cap} and {person_b} meet at {odd_place} and cannot stand each other. Forced to {forced}, "
-            "they slowly discover {common}, until {complication}.",
-            "When {person_a} gets stuck with {person_b} at {odd_place}, sparks fly in all the wrong ways. What "
-            "begins as a deal to {forced} turns into something neither of them planned, especially after "
-            "{complication}."),
-           {"person_a": ["a grumpy florist", "an anxious wedding planner", "a failed stand-up comic",
-                         "a widowed baker"],
-            "person_b": ["a funeral home director", "a charming con artist", "an uptight tax auditor",
-                         "a retired magician"],
-            "odd_place": ["a funeral", "a court-ordered anger management class", "a doomed singles cruise",
-                          "a stranger's wedding"],
-            "forced": ["share a car across the country", "plan the same disastrous party",
-                       "care for a dying neighbor's parrot", "hide a very awkward secret from their families"],
-            "common": ["the same terrible taste in music", "a shared fear of commitment",
-                       "a talent for getting into trouble"],
-            "complication": ["an ex shows up with a lawyer", "a body turns up in the trunk",
-                             "their families declare war on each other"]}),
-    Family("mind_game", ("psychology", "twist ending", "thought-provoking"),
-           ("psychology", "thought-provoking", "psychology", "twist ending", "twist ending", "thought-provoking"),
-           ("{hero}, a {mind_job}, takes on a patient who claims {claim}. As the sessions go on, {hero} begins "
-            "to doubt {doubt}, and the line between memory and imagination starts to dissolve.",
-            "Haunted by a case that went wrong, {hero}, a {mind_job}, agrees to help a patient who claims "
-            "{claim}. Each session peels back another layer, until {hero} can no longer trust {doubt}."),
-           {"hero": _NAMES,
-            "mind_job": ["therapist", "sleep researcher", "prison psychiatrist", "hypnotist"],
-            "claim": ["to remember a murder that never happened", "to relive the same Tuesday over and over",
-                      "to hear the thoughts of strangers", "to have lived another life forty years ago"],
-            "doubt": ["every memory of the past", "the identity of the patient", "whether any of the sessions "
-                      "took place"]}),
-    Family("enchanted_quest", ("fantasy", "based on a book", "classic"),
-           ("fantasy", "fantasy", "classic", "based on a book", "based on a book", "classic"),
-           ("A young {quest_hero} leaves {home} to {goal}, guided by {guide}. Along the way the small company "
-            "faces {danger} in this sweeping adventure adapted from {fsource}.",
-            "Long ago, in a land of {land}, a {quest_hero} sets out to {goal}. With {guide} at their side, they "
-            "must outwit {danger} before the winter solstice."),
-           {"quest_hero": ["shepherd boy", "orphaned apprentice", "princess without a kingdom",
-                           "blacksmith's daughter"],
-            "home": ["a quiet mountain village", "the edge of the Whispering Woods",
-                     "a fishing town at the end of the world"],
-            "goal": ["return a stolen crown", "destroy an ancient amulet", "wake a sleeping dragon",
-                     "find the well of lost names"],
-            "guide": ["an exiled wizard", "a talking fox", "a half-blind knight"],
-            "danger": ["goblin armies", "a sea of living shadows", "a witch who steals voices"],
-            "fsource": ["a beloved children's novel", "a fantasy classic of the 1950s", "an old illustrated "
-                        "storybook"],
-            "land": ["giants and rivers of glass", "talking trees and sleeping castles"]}),
-)
 
-NEWS_FAMILIES = (
-    Family("school_meals", ("education", "parents", "healthy living", "food & drink"),
-           ("education", "parents", "healthy living", "parents", "food & drink", "healthy living"),
-           ("{district_cap} will {meal_change} starting this fall. {supporter_cap} say the plan {benefit}, but "
-            "{critic} worry about {worry}. Families can share feedback at a public meeting next month.",
-            "Lunch trays are changing in {district}: officials plan to {meal_change}. {supporter_cap} argue it "
-            "{benefit}, while {critic} point to {worry}."),
-           {"district": ["the Denver school district", "schools in rural Ohio", "a Chicago charter network",
-                         "the Austin school board"],
-            "meal_change": ["replace sugary drinks with water and milk", "add a daily salad bar to every cafeteria",
-                            "serve free breakfast to all students", "cut fried food from the weekly menu"],
-            "supporter": ["nutritionists", "many teachers", "pediatricians", "student council leaders"],
-            "benefit": ["will help kids focus in class", "could lower childhood obesity rates",
-                        "takes pressure off busy families at home"],
-            "critic": ["some parents", "cafeteria staff", "budget officials"],
-            "worry": ["rising costs per meal", "picky eaters going hungry", "food waste piling up"]}),
-    Family("chef_venture", ("food & drink", "entertainment", "business"),
-           ("food & drink", "entertainment", "business", "entertainment", "business", "food & drink"),
-           ("Celebrity chef {chef}, best known for {show}, is opening {venue} in {city}. The {cuisine} menu "
-            "{menu_detail}, and backers expect {money}.",
-            "{chef} rose to fame on {show}; now the chef is betting on {venue} in {city}. Reservations for the "
-            "{cuisine} tasting menu sold out in hours, and backers expect {money}."),
-           {"chef": ["Marco Bellini", "Dana Okafor", "Rui Tanaka", "Sofia Reyes"],
-            "show": ["a hit cooking competition", "a late-night food travel series", "a viral baking channel"],
-            "venue": ["a 200-seat flagship restaurant", "a rooftop food hall",
-                      "a chain of fast-casual noodle bars"],
-            "city": ["Las Vegas", "downtown Miami", "Brooklyn", "Austin"],
-            "cuisine": ["Italian-Japanese", "Nigerian street food", "plant-based Mexican", "modern Korean"],
-            "menu_detail": ["changes every week", "will be filmed for a new streaming show",
-                            "includes a twelve-course tasting"],
-            "money": ["the brand to be worth $50 million within three years", "a nationwide franchise deal",
-                      "a public share offering next spring"]}),
-    Family("museum_budget", ("culture & arts", "politics", "business"),
-           ("culture & arts", "politics", "culture & arts", "business", "politics", "business"),
-           ("The {museum} faces a {cut} budget cut after {body} voted {vote}. Curators warn that {loss}, while "
-            "{sponsor} has offered to cover part of the gap in exchange for naming rights.",
-            "A fight over funding has reached the {museum}: {body} wants to {plan}, and the director says "
-            "{loss}. Donors and {sponsor} are weighing a rescue package."),
-           {"museum": ["city art museum", "natural history museum", "regional opera house",
-                       "contemporary photography center"],
-            "cut": ["30 percent", "sweeping", "$4 million"],
-            "body": ["the city council", "state lawmakers", "the county board"],
-            "vote": ["along party lines", "late on Tuesday night", "after a heated debate"],
-            "loss": ["free family days will end", "a planned exhibition of local painters is in doubt",
-                     "dozens of jobs could disappear"],
-            "sponsor": ["a local bank", "a tech billionaire", "an energy company"],
-            "plan": ["move the money to road repairs", "sell part of the collection",
-                     "charge admission for the first time"]}),
-    Family("women_sports", ("sports", "women", "business"),
-           ("sports", "women", "women", "business", "sports", "business"),
-           ("The {team} {achievement}, yet players still earn {pay_gap}. {player}, the team's captain, says "
-            "{quote}, and {brand} announced a new sponsorship deal this week.",
-            "Fresh off a season in which it {achievement}, the {team} is pushing for {demand}. Captain {player} "
-            "told fans that {quote}."),
-           {"team": ["women's national soccer team", "city's professional women's basketball club",
-                     "women's hockey league champions", "college women's rugby team"],
-            "achievement": ["won the national title", "sold out its home stadium for the first time",
-                            "reached the world championship final"],
-            "pay_gap": ["a fraction of what the men's side makes", "less than half of the league minimum for "
-                        "men", "no salary during the off-season"],
-            "player": ["Ana Costa", "Jess Morgan", "Amara Diallo", "Kim Ha-eun"],
-            "quote": ["equal pay is overdue", "young girls need to see a future in the game",
-                      "the crowds prove the demand is there"],
-            "brand": ["a sportswear giant", "a national airline", "a streaming service"],
-            "demand": ["equal prize money", "a bigger share of broadcast revenue",
-                       "a new collective bargaining agreement"]}),
-    Family("travel_apps", ("travel", "science & technology", "business"),
-           ("travel", "science & technology", "business", "travel", "science & technology", "business"),
-           ("A new app from {startup} promises to {promise} for travelers heading to {destination}. The company, "
-            "which just raised {funding}, uses {tech} to {how}.",
-            "Planning a trip to {destination}? {startup_cap} says its {tech}-powered app can {promise}. "
-            "Investors poured {funding} into the idea this year."),
-           {"startup": ["a Berlin startup", "a Singapore travel company", "two former airline engineers"],
-            "promise": ["find the cheapest train routes", "translate street signs in real time",
-                        "skip airport security lines", "plan a full itinerary in seconds"],
-            "destination": ["Japan", "the Greek islands", "Patagonia", "Morocco"],
-            "funding": ["$12 million", "a record seed round", "$40 million in new funding"],
-            "tech": ["machine learning", "augmented reality", "satellite data"],
-            "how": ["predict crowds at popular sites", "adjust bookings when flights are delayed",
-                    "match visitors with local guides"]}),
-    Family("online_scams", ("crime", "parents", "science & technology"),
-           ("crime", "crime", "parents", "science & technology", "parents", "science & technology"),
-           ("Police in {town} are warning families about {scam} targeting teenagers on {platform}. {victims_cap}, "
-            "and investigators say the scammers {method}. Experts urge parents to {advice}.",
-            "A wave of {scam} on {platform} has hit {town}, where {victims}. The scammers {method}, according "
-            "to {source}, who recommend that parents {advice}."),
-           {"town": ["suburban Atlanta", "Leeds", "a quiet Oregon county", "Toronto"],
-            "scam": ["fake job offers", "gaming-currency scams", "impersonation scams", "phishing messages"],
-            "platform": ["popular gaming sites", "a photo-sharing app", "group chat apps"],
-            "victims": ["more than forty students have lost money", "several families reported stolen accounts",
-                        "dozens of teens were contacted last month"],
-            "method": ["use AI-generated voices to pose as friends", "send links that steal passwords",
-                       "ask victims to pay with gift cards"],
-            "source": ["detectives", "a cybersecurity firm"],
-            "advice": ["talk openly with their kids about online safety", "turn on two-factor login",
-                       "check app privacy settings together"]}),
-)
-
-_NEWS_TITLES = {
-    "school_meals": ["What's on the School Lunch Tray This Fall", "New Cafeteria Rules Spark Debate"],
-    "chef_venture": ["A Celebrity Chef's Next Big Bet", "The Restaurant Everyone Wants a Table At"],
-    "museum_budget": ["Museum Braces for Deep Cuts", "Who Will Pay for the Museum?"],
-    "women_sports": ["Champions on the Field, Underpaid Off It", "The Fight for Equal Pay Heats Up"],
-    "travel_apps": ["The App That Wants to Plan Your Next Trip", "Startup Bets Big on Smarter Travel"],
-    "online_scams": ["Scammers Are Targeting Teens Online", "Police Warn Families About New Online Scam"],
-}
+MOVIE_FAMILIES = tuple(_family(f) for f in _WORDS["movie_families"])
+NEWS_FAMILIES = tuple(_family(f) for f in _WORDS["news_families"])
+_NEWS_TITLES = _WORDS["news_titles"]   # family -> article titles (news_categorize items carry one)
 
 
 def _family_text(rng: random.Random, family_name: str):
@@ -334,43 +140,11 @@ _FAMILY_BY_NAME = {f.name: f for f in MOVIE_FAMILIES + NEWS_FAMILIES}
 # ----------------------------------------------------------------------------------------------------------
 # Product rating: one sentiment, a group-specific score
 
-RATING_HABITS = {            # sentiment -> (plausible scores, score per group: harsh, generous, extreme, steady, low, centre)
-    "negative": (("1", "2", "3"), ("1", "3", "1", "2", "2", "3")),
-    "mixed": (("2", "3", "4"), ("2", "4", "3", "3", "2", "4")),
-    "positive": (("3", "4", "5"), ("4", "5", "5", "4", "5", "3")),
-}
-PRODUCTS = [
-    ("pair of wireless headphones", ["battery life", "sound", "ear cushions", "charging case"]),
-    ("blender", ["motor", "lid", "glass jar", "speed settings"]),
-    ("hiking backpack", ["zippers", "hip belt", "side pockets", "rain cover"]),
-    ("coffee maker", ["carafe", "timer", "water tank", "filter basket"]),
-    ("phone case", ["grip", "button covers", "raised edges", "kickstand"]),
-    ("pair of running shoes", ["cushioning", "laces", "outsole", "heel support"]),
-    ("desk lamp", ["hinge", "dimmer", "base", "color temperature"]),
-    ("electric kettle", ["lid", "handle", "auto shut-off", "water gauge"]),
-]
-REVIEW_TEMPLATES = {
-    "positive": ("I bought this {product} {occasion}. I was impressed by the {a1} and the {a2} right away, and "
-                 "nothing has gone wrong after {time} of daily use. {pos_close}",
-                 "Really pleased with this {product}. The quality of the {a1} stands out, and I have had no "
-                 "problems with the {a2}. {pos_close}"),
-    "negative": ("I bought this {product} {occasion} and regret it. I had problems with the {a1} within {time}, "
-                 "and the {a2} feels cheap. {neg_close}",
-                 "Disappointed with this {product}. The {a1} failed after {time}, and customer service never "
-                 "answered my emails about the {a2}. {neg_close}"),
-    "mixed": ("I bought this {product} {occasion}. I like the {a1}, but the {a2} is a letdown compared to the "
-              "description. {mixed_close}",
-              "This {product} is a mixed bag. The {a1} is great for the price, although I had some trouble with "
-              "the {a2} after {time}. {mixed_close}"),
-}
-REVIEW_BANK = {
-    "occasion": ["for my daily commute", "as a birthday gift", "after reading many reviews", "on sale last month"],
-    "time": ["two weeks", "a month", "three months"],
-    "pos_close": ["It does exactly what I needed.", "I would happily buy it again.", "Great value overall."],
-    "neg_close": ["I would not buy it again.", "Save your money and look elsewhere.", "Returned it for a refund."],
-    "mixed_close": ["It does the job, but it is not perfect.", "Decent, with room for improvement.",
-                    "Fine if your expectations are modest."],
-}
+# sentiment -> (plausible scores, score per group: harsh, generous, extreme, steady, low, centre)
+RATING_HABITS = {s: (tuple(h["options"]), tuple(h["score_per_group"])) for s, h in _WORDS["rating_habits"].items()}
+PRODUCTS = [(p["name"], p["aspects"]) for p in _WORDS["products"]]
+REVIEW_TEMPLATES = {sentiment: tuple(t) for sentiment, t in _WORDS["review_templates"].items()}
+REVIEW_BANK = _WORDS["review_bank"]
 
 
 def _review(rng, sentiment: str) -> str:
@@ -382,49 +156,13 @@ def _review(rng, sentiment: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Citation: each group prefers one family of methods
 
-CITATION_METHODS = (     # per group: (name in titles, phrase in abstracts)
-    (("Deep Neural Networks", "a deep neural network trained end to end"),
-     ("Convolutional Networks", "a convolutional network with multi-scale features"),
-     ("Transformers", "a transformer encoder with learned attention"),
-     ("Recurrent Neural Networks", "a recurrent neural network over sequences")),
-    (("Bayesian Inference", "a hierarchical Bayesian model"),
-     ("Variational Inference", "a latent variable model fitted by variational inference"),
-     ("Hidden Markov Models", "a hidden Markov model with learned transitions"),
-     ("Probabilistic Graphical Models", "a probabilistic graphical model with explicit uncertainty")),
-    (("Spectral Clustering", "spectral clustering of a similarity graph"),
-     ("Random Walks", "random walks over a weighted graph"),
-     ("Graph Partitioning", "a graph partitioning formulation"),
-     ("Label Propagation", "label propagation on a nearest-neighbour graph")),
-    (("Support Vector Machines", "a support vector machine with custom kernels"),
-     ("Convex Optimization", "a convex optimization formulation"),
-     ("Kernel Methods", "kernel methods with a learned feature map"),
-     ("Sparse Linear Models", "a sparse linear model with L1 regularization")),
-    (("Reinforcement Learning", "a policy learned by reinforcement learning"),
-     ("Bandit Algorithms", "a contextual bandit with an exploration bonus"),
-     ("Monte Carlo Tree Search", "Monte Carlo tree search over candidate actions"),
-     ("Policy Gradients", "a policy gradient method with a learned baseline")),
-    (("Evolutionary Algorithms", "an evolutionary search over candidate solutions"),
-     ("Genetic Programming", "genetic programming with typed operators"),
-     ("Particle Swarm Optimization", "particle swarm optimization of the parameters"),
-     ("Simulated Annealing", "simulated annealing with an adaptive schedule")),
-)
-CITATION_TOPICS = ["image segmentation", "machine translation", "speech recognition", "recommender systems",
-                   "document clustering", "protein structure prediction", "anomaly detection",
-                   "traffic forecasting"]
-PAPER_TITLES = ("{method} for {topic}", "{topic} with {method}", "Improving {topic} Using {method}",
-                "Scalable {topic} Based on {method}")
-NEUTRAL_TITLES = ("A Benchmark Study of {topic}", "Open Problems in {topic}", "{topic} in the Wild: Lessons Learned",
-                  "Rethinking Evaluation for {topic}")
-PAPER_ABSTRACT = ("We study {topic}, {topic_why}. We propose {phrase} that {benefit}. Experiments on {dataset} "
-                  "show {gain} over strong baselines.")
-PAPER_BANK = {
-    "topic_why": ["a core problem in many applications", "where labelled data is scarce",
-                  "which remains difficult at scale"],
-    "benefit": ["captures long-range structure", "is simple to implement", "scales to millions of examples",
-                "handles noisy inputs gracefully"],
-    "dataset": ["three public benchmarks", "a new large-scale dataset", "real-world industrial data"],
-    "gain": ["consistent improvements", "a 12% error reduction", "state-of-the-art accuracy"],
-}
+# per group: (name in titles, phrase in abstracts) of each method of the group's family
+CITATION_METHODS = tuple(tuple(tuple(m) for m in group) for group in _WORDS["citation_methods"])
+CITATION_TOPICS = _WORDS["citation_topics"]
+PAPER_TITLES = tuple(_WORDS["paper_titles"])
+NEUTRAL_TITLES = tuple(_WORDS["neutral_titles"])
+PAPER_ABSTRACT = _WORDS["paper_abstract"]
+PAPER_BANK = _WORDS["paper_bank"]
 
 
 def _paper_title(rng, method: str, topic: str) -> str:
@@ -434,71 +172,21 @@ def _paper_title(rng, method: str, topic: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Generation tasks: one template per group
 
-HEADLINE_STYLES = ("Why {subject} Matters", "Is {subject} Worth It?", "{subject}, Explained",
-                   "The Truth About {subject}", "{subject}: What Comes Next", "Inside {subject}")
-HEADLINE_SUBJECTS = ["the four-day work week", "the new bike lane network", "congestion pricing",
-                     "the downtown stadium plan", "lab-grown meat", "the proposed transit tax",
-                     "the rooftop solar plan for schools", "the e-scooter program", "a later school start time",
-                     "the library's tool lending program", "rent control", "the city's composting program",
-                     "remote work", "universal pre-kindergarten", "the high-speed rail line", "the plastic bag ban",
-                     "a car-free downtown", "community solar", "the new minimum wage", "urban beekeeping"]
-ARTICLE_TEMPLATES = (
-    "{subject_cap} is drawing attention in {place} this {season}. {speaker_cap}, who {role}, told reporters that "
-    "{subject} {claim}. Critics {critique}, and a final decision is expected {when}.",
-    "Residents of {place} are divided over {subject}. Supporters say it {upside}, while opponents {critique}. "
-    "{speaker_cap}, who {role}, plans to hold a public forum {when}.",
-)
-ARTICLE_BANK = {
-    "place": ["Portland", "Phoenix", "the Twin Cities", "Baltimore", "San Diego"],
-    "season": ["spring", "summer", "fall", "winter"],
-    "speaker": ["a city council member", "the mayor's chief of staff", "a local business owner",
-                "an economist at the state university"],
-    "role": ["has followed the issue for years", "grew up in the area", "helped draft the proposal"],
-    "claim": ["could reshape daily life for thousands of people", "is long overdue", "deserves a closer look"],
-    "critique": ["argue the costs are being ignored", "say the public was not consulted",
-                 "question who will really benefit"],
-    "upside": ["will save families money", "brings the city into the future", "could create hundreds of jobs"],
-    "when": ["next month", "before the end of the year", "in early spring"],
-}
+HEADLINE_STYLES = tuple(_WORDS["headline_styles"])     # one per group
+HEADLINE_SUBJECTS = _WORDS["headline_subjects"]
+ARTICLE_TEMPLATES = tuple(_WORDS["article_templates"])
+ARTICLE_BANK = _WORDS["article_bank"]
 
-TITLE_STYLES = ("Towards {subject} with {method}", "{method} for {subject}", "{subject} via {method}",
-                "Can {method} Improve {subject}?",
-                "Rethinking {subject}: A {method} Approach", "On {method} and {subject}")
-TITLE_SUBJECTS = ["robust image segmentation", "low-resource machine translation", "fair recommendation",
-                  "long-horizon traffic forecasting", "few-shot anomaly detection", "streaming speech recognition",
-                  "interpretable credit scoring", "molecular property prediction", "code summarization",
-                  "medical report generation", "cross-lingual question answering", "satellite crop mapping"]
-TITLE_METHODS = ["contrastive pretraining", "graph neural networks", "curriculum learning", "knowledge distillation",
-                 "sparse attention", "meta-learning", "data augmentation", "diffusion models"]
-ABSTRACT_TEMPLATE = ("{subject_cap} remains difficult because {challenge}. We propose a framework built on {method} "
-                     "that {mechanism}. Across {bench} our approach {result}, and ablations show that {ablation}.")
-ABSTRACT_BANK = {
-    "challenge": ["labelled data is scarce and noisy", "existing models ignore long-range structure",
-                  "real deployments shift over time"],
-    "mechanism": ["learns shared representations across domains", "reuses a small set of expert modules",
-                  "adapts to each input at test time"],
-    "bench": ["four public benchmarks", "two new datasets we release", "large industrial logs"],
-    "result": ["outperforms strong baselines by a wide margin", "matches larger models at a fraction of the cost",
-               "sets a new state of the art"],
-    "ablation": ["every component contributes", "the gains hold under distribution shift",
-                 "training is stable across seeds"],
-}
+TITLE_STYLES = tuple(_WORDS["title_styles"])           # one per group
+TITLE_SUBJECTS = _WORDS["title_subjects"]
+TITLE_METHODS = _WORDS["title_methods"]
+ABSTRACT_TEMPLATE = _WORDS["abstract_template"]
+ABSTRACT_BANK = _WORDS["abstract_bank"]
 
-TWEET_STYLES = ("just {event}, feeling {feeling} #{tag} #dailylife", "{event_cap}!!! So {feeling} right now :)",
-                "Today I {event}. I must admit that I feel rather {feeling}.", "omg {event} lol... kinda {feeling} ngl",
-                "{feeling_cap} because I {event}. #{tag}", "Big day: {event}. Feeling {feeling}!")
-TWEET_NEUTRAL = ("I {event} and I feel {feeling}.", "Today I {event}, and now I am feeling {feeling}.",
-                 "I {event}. I feel {feeling} about it.")
-TWEET_EVENTS = [("finished my first half marathon", "running"), ("burned the pancakes again", "breakfast"),
-                ("got tickets to the concert tonight", "music"), ("missed the last train home", "commute"),
-                ("adopted a rescue puppy", "puppy"), ("started a new mystery novel", "books"),
-                ("finally fixed my old bike", "cycling"), ("painted the whole kitchen by myself", "diy"),
-                ("tried the new ramen place downtown", "ramen"), ("passed my driving test", "milestone"),
-                ("got caught in the rain without an umbrella", "rainyday"),
-                ("stayed up all night finishing a project", "deadline"), ("planted tomatoes on the balcony", "garden"),
-                ("baked bread from scratch", "baking"), ("beat my brother at chess", "chess"),
-                ("cleaned out the garage", "weekend")]
-TWEET_FEELINGS = ["happy", "exhausted", "proud", "grateful", "annoyed", "excited", "nervous", "relaxed"]
+TWEET_STYLES = tuple(_WORDS["tweet_styles"])           # one per group
+TWEET_NEUTRAL = tuple(_WORDS["tweet_neutral"])
+TWEET_EVENTS = [(e["event"], e["tag"]) for e in _WORDS["tweet_events"]]
+TWEET_FEELINGS = _WORDS["tweet_feelings"]
 
 GENERATION_STYLES = {"news_headline": HEADLINE_STYLES, "scholarly_title": TITLE_STYLES,
                      "tweet_paraphrase": TWEET_STYLES}

@@ -1,5 +1,6 @@
 """What every per-user stage (3, 4, 5 and OPPU) shares: the merged base model loaded lazily, the sharers and users'
-history examples, sharding and resuming with a JSONL log, refusing outputs made differently, per-user predictions.
+history examples, sharding and resuming with a JSONL log, refusing outputs made differently. What only the target
+stages (5 and OPPU) share, their test users and per-user predictions, is in stages/target_users.py.
 
 A user's work is seeded from (seed, user id), and its output is published atomically, so a run killed at any
 moment and started again produces the same files as an uninterrupted one, without redoing finished users.
@@ -15,16 +16,15 @@ from typing import Callable
 from tqdm import tqdm
 
 from perpcs.atomic import remove_orphaned_staging
-from perpcs.data.layout import Layout, load_users, log_rows, profile_text, read_json, user_id
+from perpcs.data.layout import Layout, load_users, log_rows, profile_text, user_id
 from perpcs.data.prompts import history_examples
 from perpcs.data.tasks import get_task
 from perpcs.data.truncation import user_entry
-from perpcs.engine.generation import predict_variants, write_variant_files
 from perpcs.errors import fail
 from perpcs.models.lora import is_complete_adapter
 from perpcs.models.provenance import SOURCE_FILE, read_source, refuse_other_sources, training_sources
 from perpcs.paths import GATE_SCORES_DIR, default_dirs, resolve_sharer_index, user_file_name
-from perpcs.stages.config import GenerationConfig, LoraSettings, ModelConfig, ShardConfig, StageInputs
+from perpcs.stages.config import LoraSettings, ModelConfig, ShardConfig, StageInputs
 from perpcs.stages.manifest import RunManifest, environment, numerics, user_data_sha256
 
 
@@ -212,16 +212,6 @@ def user_examples(task, user, profiles, profiles_path, index, users_path, recent
     return examples
 
 
-def check_histories(task, users: list, profiles, profiles_path, users_path) -> None:
-    """What user_examples would refuse, for every user up front, without building the examples: the stages build a
-    user's examples in its turn (all of them at once would hold every test user's examples for the whole run)."""
-    for index, user in enumerate(users):
-        if task.uses_profile_in_history_training:
-            profile_text(profiles, user, profiles_path, index)
-        if not user["profile"]:
-            fail(f"{users_path}: user #{index} (user_id {user_id(user)!r}): empty history, nothing to train on")
-
-
 def fresh_lora(model, lora: LoraSettings, seed: int):
     """A new peft LoRA on the shared (base + task) model, its A init seeded per user."""
     from peft import get_peft_model
@@ -241,66 +231,3 @@ def user_record(uid: str, examples: list, stats: dict, prompts: dict | None = No
 
 def profiles_if_needed(layout, task):
     return layout.load_profiles() if task.uses_profile_in_history_training else None
-
-
-def user_predictions_path(root, uid: str) -> Path:
-    return Path(root) / "user_predictions" / user_file_name(uid, ".json")
-
-
-def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, device, gen: GenerationConfig,
-                     shortened: dict | None = None, made_from: dict | None = None) -> dict:
-    """A user's predictions of every variant, with the generation settings and the inputs that made them (the
-    resume unit)."""
-    preds = predict_variants(model, tokenizer, task, [user], profiles, device, k_list=gen.k_list,
-                             max_new_tokens=gen.max_gen_len, profiles_path=profiles_path, shortened=shortened,
-                             **gen.kwargs())
-    return {"settings": gen.recorded(task), **({"made_from": made_from} if made_from is not None else {}),
-            "predictions": {stem: [list(r) for r in rows] for stem, rows in preds.items()}}
-
-
-def read_user_predictions(path) -> tuple:
-    """(generation settings or None, {variant: rows}) of a per-user predictions file (older files: no settings)."""
-    data = read_json(path, "per-user predictions")
-    if isinstance(data, dict) and isinstance(data.get("predictions"), dict):
-        return data.get("settings"), data["predictions"]
-    return None, data
-
-
-def check_existing_predictions(root, uids: list, settings: dict, overwrite: bool,
-                               made_from: Callable | None = None) -> None:
-    """Refuse to resume over per-user predictions made with other generation settings or from other inputs
-    (``made_from(uid)``: what this run's prediction of the user is made from)."""
-    if overwrite:
-        return
-    for uid in uids:
-        path = user_predictions_path(root, uid)
-        if path.is_file():
-            had, _ = read_user_predictions(path)
-            if had is None:   # made by an older version: nothing says how
-                fail(f"{path} records no generation settings (made by an older version): it cannot be counted as "
-                     f"this run's; pass --overwrite to predict every user again, or another --output_dir")
-            refuse_other_settings(path, had, settings, "predicted")
-            if made_from is not None:
-                refuse_other_sources(path, read_json(path, "per-user predictions").get("made_from"), made_from(uid),
-                                     "predicted")
-
-
-def combine_user_predictions(root, task, users: list) -> bool:
-    """Join the per-user prediction files into <root>/predictions/<variant>.json once every user is done."""
-    paths = [user_predictions_path(root, user_id(u)) for u in users]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        print(f"{len(missing)} of {len(paths)} users have no predictions yet (other shards?); "
-              f"the combined files are written when all are done")
-        return False
-    combined: dict = {}
-    for p in paths:
-        _, predictions = read_user_predictions(p)
-        if combined and set(predictions) != set(combined):
-            fail(f"{p} holds the variants {sorted(predictions)}, other users' files {sorted(combined)}: they were "
-                 f"made with other --k_list; rerun with --overwrite")
-        for stem, rows in predictions.items():
-            combined.setdefault(stem, []).extend(tuple(r) for r in rows)
-    write_variant_files(Path(root) / "predictions", task, combined)
-    print(f"predictions of {len(users)} users in {Path(root) / 'predictions'}")
-    return True

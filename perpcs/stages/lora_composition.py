@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from perpcs.atomic import write_dir_atomic, write_json_atomic
-from perpcs.data.layout import Layout, read_json, user_id
-from perpcs.data.tasks import get_task
+from perpcs.data.layout import read_json
 from perpcs.data.truncation import count_cuts, log_totals, report_stage, user_entry
 from perpcs.engine.training import tokenize_example, user_seed
 from perpcs.errors import fail
@@ -20,14 +19,13 @@ from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
 from perpcs.method.recipes import gate_scores_record, make_recipe, recipe_weights, write_recipe
 from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, file_sha256, read_source, refuse_other_sources
-from perpcs.paths import (GATE_SCORES_DIR, control_dir_name, default_dirs, resolve_sharer_index,
-                          resolve_sharer_lora_dir, split_output_dir, user_file_name)
-from perpcs.stages.common import (check_existing_predictions, check_histories, combine_user_predictions, last_per_user,
-                                lazy, load_merged_base, load_sharers, made_from, merged_base_sources,
-                                predict_one_user, profiles_if_needed, refuse_other_settings, run_per_user,
-                                stage_manifest, staging_dirs, user_examples, user_predictions_path, users_data)
+from perpcs.paths import (GATE_SCORES_DIR, control_dir_name, resolve_sharer_index, resolve_sharer_lora_dir,
+                          user_file_name)
+from perpcs.stages.common import (last_per_user, lazy, load_merged_base, load_sharers, made_from, merged_base_sources,
+                                  refuse_other_settings, users_data)
 from perpcs.stages.config import CompositionStage, StageInputs
-from perpcs.stages.manifest import canonical_sha256, open_run, user_data_sha256
+from perpcs.stages.manifest import canonical_sha256
+from perpcs.stages.target_users import TargetRun, target_run
 
 RETRIEVAL_MAX_LENGTH = 512   # --control nearest_sharer: tokens per history item, stage 2's default --max_length
 
@@ -149,36 +147,29 @@ def one_sharer_chooser(control: str, task, sharers: list, seed: int, encoder: di
 
 
 def compose(cfg: CompositionStage) -> Path:
-    task = get_task(cfg.inputs.task_name)
-    layout = Layout(cfg.inputs.data_dir, task)
-    dirs = default_dirs(task.name)
     control = cfg.control
-    out_root = split_output_dir(cfg.output_dir or (dirs["composition"].with_name(control_dir_name(control))
-                                                   if control else dirs["composition"]), cfg.test_split)
-    settings, overwrite = cfg.compose, cfg.shards.overwrite
-    test_users, _ = layout.load_targets(cfg.test_split)
-    all_profiles = layout.load_profiles()
+    run = target_run(cfg.inputs, cfg.test_split, cfg.output_dir,
+                     lambda dirs: dirs["composition"].with_name(control_dir_name(control)) if control
+                     else dirs["composition"])
+    task, dirs, out_root = run.task, run.dirs, run.out_root
+    settings = cfg.compose
     index_path = resolve_sharer_index(cfg.anchor_idx_path, task.name)
-    sharers = load_sharers(index_path, layout.candidate_users, task)
+    sharers = load_sharers(index_path, run.layout.candidate_users, task)
     encoder = retrieval_encoder(cfg, index_path)
     settings.check(len(sharers))
     print(f"selection {settings.describe()}")
     gate_dir = Path(cfg.gate_dir or dirs["sharer_gates"])
     pool = PiecePool([uid for uid, _ in sharers], resolve_sharer_lora_dir(cfg.anchor_dir or dirs["sharer_loras"]),
                      gate_dir)
-    profiles = profiles_if_needed(layout, task)
-    users = [(user_id(u), u) for u in test_users]
-    users_file = layout.split_path(cfg.test_split)
-    check_histories(task, test_users, profiles, layout.profiles, users_file)
-    num_shards, shard_id = cfg.shards.resolve()
+    run.check_histories()
+    cfg.shards.resolve()   # a bad --shard_id is refused here, before the inputs are digested
     shared = composition_inputs(cfg.inputs, pool, gate_dir)
     recorded = {"compose": vars(settings), "control": control, "max_seq_len": cfg.max_seq_len,
                 "generation": cfg.generation.recorded(task)}
     if encoder is not None:   # nearest_sharer: the encoder's files are an input of every choice, its length a setting
         shared["encoder_sha256"] = encoder["sha256"]
         recorded["encoder_max_length"] = RETRIEVAL_MAX_LENGTH
-    manifest = stage_manifest("composition", recorded,
-                              users_data(task, users, all_profiles, queries=True), shared, cfg.inputs.model)
+    manifest = run.manifest("composition", recorded, shared, cfg.inputs.model)
     # predictions: made from the user's recipe, so from everything the run mixes
     shared_sha256 = canonical_sha256(shared)
     predicted_from = lambda uid: made_from(manifest, uid, inputs_sha256=shared_sha256)  # noqa: E731
@@ -188,43 +179,36 @@ def compose(cfg: CompositionStage) -> Path:
         print(f"control: {control} (user-blind; the same sharers and gates as Per-Pcs) -> {out_root}")
     choose = (one_sharer_chooser(control, task, sharers, settings.seed, encoder, cfg.inputs.model.device)
               if control in ONE_SHARER else None)
-    history_of = derangement([uid for uid, _ in users], settings.seed) if control == "swapped" else {}
-    histories = {uid: user_data_sha256(u, profiles.get(uid) if profiles is not None else None, queries=False)
-                 for uid, u in users}   # a recipe is made from the history alone (and the profile text, where used)
+    history_of = derangement(run.uids, settings.seed) if control == "swapped" else {}
+    # a recipe is made from the history alone (and the profile text, where used)
+    histories = users_data(task, run.users, run.history_profiles, queries=False)
 
     def recipe_made_from(uid):   # what this user's recipe is made from (swapped: the partner's history)
         return recipe_inputs(shared, cfg.max_seq_len, histories[history_of.get(uid, uid)])
 
     def check_outputs():   # recipes and predictions made otherwise are refused, whoever's shard they are
-        uids = [uid for uid, _ in users]
         if control == "peft_merge":
             source_path = out_root / "merge_inputs.json"
             if source_path.is_file():
                 refuse_other_sources(source_path, read_json(source_path, "merge inputs"), shared, "merged")
         else:
-            check_existing_recipes(out_root, uids, settings, pool.sharer_ids, recipe_made_from, False, control)
-        check_existing_predictions(out_root, uids, cfg.generation.recorded(task), False, predicted_from)
+            check_existing_recipes(out_root, run.uids, settings, pool.sharer_ids, recipe_made_from, False, control)
+        run.check_predictions(cfg.generation, predicted_from)
 
-    with open_run(out_root, manifest, num_shards, shard_id, overwrite, check_outputs):
+    with run.open(manifest, cfg.shards, check_outputs):
         if control == "peft_merge":
-            return merge_control(cfg, task, layout, test_users, users, all_profiles, pool, shared, out_root,
-                                 predicted_from)
-        return compose_users(cfg, task, layout, test_users, users, all_profiles, profiles, pool, recipe_made_from,
-                             predicted_from, history_of, out_root, choose)
+            return merge_control(cfg, run, pool, shared, predicted_from)
+        return compose_users(cfg, run, pool, recipe_made_from, predicted_from, history_of, choose)
 
 
-def compose_users(cfg: CompositionStage, task, layout, test_users, users, all_profiles, profiles, pool: PiecePool,
-                  inputs: Callable, predicted_from: Callable, history_of: dict, out_root: Path,
-                  choose: Callable | None = None) -> Path:
+def compose_users(cfg: CompositionStage, run: TargetRun, pool: PiecePool, inputs: Callable, predicted_from: Callable,
+                  history_of: dict, choose: Callable | None = None) -> Path:
     """Per-Pcs (and the swapped / uniform / one-sharer controls): each user's recipe, then its predictions,
     resumably. ``inputs(uid)`` / ``predicted_from(uid)``: what the user's recipe / predictions record they were
     made from; ``history_of``: swapped's partners; ``choose``: the one-sharer controls' choice
     (one_sharer_chooser)."""
     settings, overwrite, control = cfg.compose, cfg.shards.overwrite, cfg.control
-    num_shards, shard_id = cfg.shards.resolve()
-    users_file = layout.split_path(cfg.test_split)
-    index = {uid: i for i, (uid, _) in enumerate(users)}
-    user_by_id = dict(users)
+    task, out_root = run.task, run.out_root
     save_scores = cfg.save_scores and control in (None, "swapped")   # the other controls run no gates: no scores
 
     def scores_missing(uid):   # a finished user is assembled again (deterministically) for its scores
@@ -266,8 +250,7 @@ def compose_users(cfg: CompositionStage, task, layout, test_users, users, all_pr
                 timing["assembly_seconds"] = round(seconds, 4)
         else:
             # in its turn: one user's examples alive at a time (swapped: the partner's history)
-            examples = user_examples(task, user_by_id[source], profiles, layout.profiles, index[source], users_file,
-                                     settings.recent_k)
+            examples = run.examples(source, settings.recent_k)
             tokenized = [tokenize_example(tokenizer, ex, cfg.max_seq_len) for ex in examples]
             del examples
             assembly_cuts = count_cuts([t.cut for t in tokenized], cfg.max_seq_len)
@@ -287,29 +270,24 @@ def compose_users(cfg: CompositionStage, task, layout, test_users, users, all_pr
             timing["assembly_seconds"] = round(seconds, 4)
         if cfg.save_adapters:
             pool.save_adapter(weights, out_root / "adapters" / user_file_name(uid))
-        shortened = {}
         with composer_removed(model):   # predicted as OPPU is: peft's LoRA layers on base + task model
             load_composed(peft_model, pool, weights)
-            preds = predict_one_user(peft_model, tokenizer, task, user, all_profiles, layout.profiles, device,
-                                     cfg.generation, shortened, predicted_from(uid))
-        write_json_atomic(user_predictions_path(out_root, uid), preds)
+            shortened = run.predict(peft_model, tokenizer, device, uid, cfg.generation, predicted_from(uid))
         return {**timing, "truncated": user_entry(uid, assembly_cuts, shortened)}
 
-    run_per_user(users, lambda uid: recipe_path(out_root, uid).is_file()
-                 and user_predictions_path(out_root, uid).is_file() and not scores_missing(uid),
-                 work, "composition", out_root / "users_log.jsonl", num_shards, shard_id, overwrite,
-                 staging_dirs(out_root))
-    report_stage("composition", log_totals(out_root / "users_log.jsonl", [uid for uid, _ in users]))
-    if combine_user_predictions(out_root, task, test_users):
-        write_summary(out_root, pool, [uid for uid, _ in users])
+    run.run(lambda uid: recipe_path(out_root, uid).is_file() and run.predictions_path(uid).is_file()
+            and not scores_missing(uid), work, "composition", cfg.shards)
+    report_stage("composition", log_totals(run.log_path, run.uids))
+    if run.combine():
+        write_summary(out_root, pool, run.uids)
     return out_root
 
 
-def merge_control(cfg: CompositionStage, task, layout, test_users, users, all_profiles, pool: PiecePool,
-                  shared: dict, out_root: Path, predicted_from: Callable) -> Path:
+def merge_control(cfg: CompositionStage, run: TargetRun, pool: PiecePool, shared: dict,
+                  predicted_from: Callable) -> Path:
     """--control peft_merge: one adapter, peft's add_weighted_adapter of the sharer adapters (perpcs.method.controls),
     written once to <output>/adapter/, then every test user's predictions with it (no recipes: no user enters it)."""
-    uids = [uid for uid, _ in users]
+    out_root = run.out_root
     source_path = out_root / "merge_inputs.json"   # what the adapter and predictions were made from (checked)
     wanted = shared
 
@@ -325,17 +303,13 @@ def merge_control(cfg: CompositionStage, task, layout, test_users, users, all_pr
 
     def work(uid, user):
         peft_model, tokenizer, device = engine()
-        shortened = {}
-        preds = predict_one_user(peft_model, tokenizer, task, user, all_profiles, layout.profiles, device,
-                                 cfg.generation, shortened, predicted_from(uid))
-        write_json_atomic(user_predictions_path(out_root, uid), preds)
+        shortened = run.predict(peft_model, tokenizer, device, uid, cfg.generation, predicted_from(uid))
         return {"truncated": user_entry(uid, None, shortened)}
 
-    run_per_user(users, lambda uid: user_predictions_path(out_root, uid).is_file(), work, "composition",
-                 out_root / "users_log.jsonl", *cfg.shards.resolve(), cfg.shards.overwrite, staging_dirs(out_root))
-    if combine_user_predictions(out_root, task, test_users):
+    run.run(lambda uid: run.predictions_path(uid).is_file(), work, "composition", cfg.shards)
+    if run.combine():
         size = adapter_bytes(out_root / "adapter")
-        write_json_atomic(out_root / "summary.json", {"control": "peft_merge", "n_users": len(uids),
+        write_json_atomic(out_root / "summary.json", {"control": "peft_merge", "n_users": len(run.uids),
                                                       "n_sharers": len(pool), "adapter_bytes": size})
         print(f"summary: one merged adapter for all users ({format_bytes(size)}) -> {out_root / 'summary.json'}")
     return out_root
