@@ -31,7 +31,7 @@ PUBLISHED_NO_OPS = {
     "--w_lora": "sharer LoRAs are read from --anchor_dir / --anchor_path",
     "--w_gate": "gates are read from --gate_dir",
     "--model": "the architecture comes from --llama_model_path",
-    "--warmup_epochs": "the published runs had no warm-up (SPEC 5)",
+    "--warmup_epochs": "the published runs had no warm-up (docs/method.md section 5)",
     "--gate_reset": "gates always start from 0",
     "--test_idx_dir": "the target users are data/<task>/test_100/user_test_100.json",
 }

@@ -1,6 +1,6 @@
 r"""Stage 5: assemble each target user's LoRA from gated sharer pieces (no gradient step), save its recipe, and
 predict the 8 test-time variants. The pieces mixed at each position: the --topk best by default; --sample_top_p
-and/or --sample choose the other selection modes of the published code (README, "Composition: selection modes").
+and/or --sample choose the other selection modes of the published code (docs/reference.md, "Composition: selection modes").
 
     python lora_composition.py --task_name movie_tagging --llama_model_path ./llama_download/Llama-2-7b \
         --lora_ckpt ./output/movie_tagging/task-base_LLM/lora_ckpt.pt --topk 3 --share_ratio 1 \

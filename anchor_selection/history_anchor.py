@@ -1,4 +1,4 @@
-r"""Stage 2: choose the sharer ("anchor") users among the candidates (SPEC section 5).
+r"""Stage 2: choose the sharer ("anchor") users among the candidates (docs/method.md section 5).
 
     python anchor_selection/history_anchor.py --task_name movie_tagging --k 50
     cd anchor_selection && python history_anchor.py \

@@ -1,4 +1,4 @@
-"""Convert a LaMP task folder as downloaded into the data layout of SPEC section 3.
+"""Convert a LaMP task folder as downloaded into the data layout of docs/method.md section 3.
 
 The folder holds train/ dev/ test/ subfolders (LaMP's layout, user- or time-based) or the same files flat:
 train_questions.json + train_outputs.json, dev_*, test_questions.json. Train and dev questions become our users:

@@ -1,4 +1,4 @@
-"""Stage 6: LaMP metrics of a predictions file against a golds file (SPEC section 8).
+"""Stage 6: LaMP metrics of a predictions file against a golds file (docs/method.md section 8).
 
     python eval/eval_task.py --golds_json G --preds_json P --task_name LaMP_2M --output_file R
     python eval/eval_task.py --data_dir data --preds_json P --task_name movie_tagging   # golds of the test users

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole method on one command, on the CPU with the bundled SmolLM2-135M and generated sample data:
 # sample data -> profiles -> stages 1-5 -> OPPU -> evaluation -> output/<task>/results.md.
-# Settings are scaled down from the paper's (see README, "The demo") so that it ends in minutes on 2 cores.
+# Settings are scaled down from the paper's (see docs/demo-and-results.md) so that it ends in minutes on 2 cores.
 # Re-running continues where it stopped; `make clean` starts over.
 # The settings (the flags of every step below) are in perpcs/experiments/demo.py, shared with the held-out-seed
 # study (scripts/study.py, docs/study.md) that chose them; `python -m perpcs demo-flags <step>` prints a step's command.

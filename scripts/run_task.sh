@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Per-Pcs on one task at the paper's settings (Llama-2-7b on CUDA): the numbered steps of the README, in order.
+# Per-Pcs on one task at the paper's settings (Llama-2-7b on CUDA): the published commands of the README (docs/real-lamp.md), in order.
 #
 #   scripts/run_task.sh movie_tagging
 #   PY=.venv/bin/python LLAMA=/models/Llama-2-7b LAMP_DIR=/data/LaMP/movie_tagging scripts/run_task.sh movie_tagging
@@ -76,7 +76,7 @@ if ! done_already "$OUT/task-base_LLM/predictions/k4-profile.json" "step 1"; the
 fi
 
 step "2. sharer selection (k-means over history embeddings)"
-ENCODER=${ENCODER:-microsoft/deberta-v3-large}            # the paper's encoder (SPEC 5)
+ENCODER=${ENCODER:-microsoft/deberta-v3-large}            # the paper's encoder (docs/method.md section 5)
 if [ -d "$ENCODER" ]; then ENCODER=$(cd "$ENCODER" && pwd); fi   # a local directory must survive the cd
 run_in anchor_selection "$PY" history_anchor.py --candidate_path "../data/$TASK/user_anchor_candidate.json" \
   --task_name "$TASK" --k 50 --device "$DEVICE" --encoder "$ENCODER"

@@ -1,6 +1,6 @@
 """The held-out-seed study of Per-Pcs on the sample data (issue 15): settings chosen on seeds the demo never uses.
 
-    python scripts/study.py                       # the study the README reports (CPU, hours; resumable)
+    python scripts/study.py                       # the study docs/study.md reports (CPU, hours; resumable)
     python scripts/study.py --dry_run             # the commands, nothing run
     python scripts/study.py --seeds 1 --n_groups 5 --sweep k=8 --jobs 2
 

@@ -282,7 +282,7 @@ def test_load_anchor_index_checks_the_candidate_file(tmp_path):
         load_sharer_index(path, users[:2])
 
 
-# ---- any Hugging Face encoder (SPEC 5: the paper's is DeBERTa-v3-large) ----------------------------
+# ---- any Hugging Face encoder (docs/method.md section 5: the paper's is DeBERTa-v3-large) ----------------------------
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 ENCODER_WORDS = sorted({w for theme in THEMES for w in theme} | {"description", "tag", "sci", "fi"})
@@ -377,7 +377,7 @@ def encoder_candidates(path):
 
 
 def reference_user_embeddings(users, tokenizer, model) -> np.ndarray:
-    """SPEC 5 written out: each item alone (no padding, so a plain mean is the masked mean), 512 tokens at most,
+    """docs/method.md section 5 written out: each item alone (no padding, so a plain mean is the masked mean), 512 tokens at most,
     mean of the last hidden state over its tokens; then the mean over the user's items."""
     rows = []
     for u in users:

@@ -94,3 +94,27 @@ def test_the_scripts_table_is_the_repositorys_scripts():
     on_disk = {str(p.relative_to(root)) for pattern in ("*.py", "data/*.py", "anchor_selection/*.py", "eval/*.py",
                                                         "scripts/*.py") for p in root.glob(pattern)}
     assert on_disk - set(SCRIPTS.values()) == {"cli_flags.py"}     # the scripts' flag code, not a script
+
+
+def test_no_library_module_is_over_500_lines():
+    """A module a newcomer reads in one sitting: data (word banks, templates) goes to perpcs/resources/."""
+    long = [f"{p.relative_to(PERPCS)}: {n} lines" for p in sorted(PERPCS.rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500]
+    assert long == []
+
+
+def test_code_and_help_cite_the_shipped_method_page():
+    """The method the code cites is docs/method.md, which the repository ships (sections numbered 1-10 as cited);
+    a citation of a file users do not have ("SPEC 7") cannot be followed from --help or a docstring."""
+    import re
+    root = PERPCS.parent
+    files = [*PERPCS.rglob("*.py"), *root.glob("*.py"), *root.glob("scripts/*"), *root.glob("data/*.py"),
+             *root.glob("anchor_selection/*.py"), *root.glob("eval/*.py"), *root.glob("bench/*.py")]
+    cited = [f"{p.relative_to(root)}:{i}" for p in files for i, line in
+             enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if re.search(r"\bSPEC\b", line)]
+    assert cited == []
+    method = (root / "docs" / "method.md").read_text(encoding="utf-8")
+    sections = {int(n) for n in re.findall(r"^## (\d+)\. ", method, flags=re.M)}
+    cites = {int(n) for p in files for n in re.findall(r"docs/method\.md sections? (\d+)",
+                                                        p.read_text(encoding="utf-8"))}
+    assert cites and cites <= sections == set(range(1, 11))

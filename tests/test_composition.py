@@ -1,4 +1,4 @@
-"""Composition (SPEC 7) against a plain loop-by-loop reference written here from the spec."""
+"""Composition (docs/method.md section 7) against a plain loop-by-loop reference written here from the spec."""
 import itertools
 import json
 import math
@@ -69,9 +69,9 @@ def softmax_list(values):
 
 
 def reference_choice(pool, scores, mode, k, T=1.0, Ts=1.0, top_p=None, sample_topk=None, generator=None):
-    """SPEC 7's selection modes, read literally: the sharers mixed at one position (a list; order irrelevant).
+    """docs/method.md section 7's selection modes, read literally: the sharers mixed at one position (a list; order irrelevant).
     Draws: torch.multinomial without replacement from the given generator, over the probabilities listed in the
-    order SPEC 7 names (mode 3: pool order; mode 4: the candidates best first)."""
+    order docs/method.md section 7 names (mode 3: pool order; mode 4: the candidates best first)."""
     ranked = sorted(pool, key=lambda s: (-scores[s], s))       # best first, ties to the lower sharer index
     if mode == 1:
         return ranked[:k]
@@ -94,7 +94,7 @@ def reference_choice(pool, scores, mode, k, T=1.0, Ts=1.0, top_p=None, sample_to
 def reference_assembly(model, pool_dir, batches, tokenized, pad_id, topk, share_ratio, seed, temperature=1.0,
                        mode=1, sample_temperature=1.0, top_p=None, sample_topk=None, chosen_log=None,
                        scores_log=None):
-    """SPEC 7 written out with Python loops and forward hooks on a plain model. Draws come from a generator seeded
+    """docs/method.md section 7 written out with Python loops and forward hooks on a plain model. Draws come from a generator seeded
     with the user's seed, used in forward order (batch by batch, piece by piece)."""
     adapters = {uid: load_file(str(pool_dir / "anchor" / f"user_{uid}" / "adapter_model.safetensors"))
                 for uid in SHARER_IDS}
@@ -250,7 +250,7 @@ def test_recipe_materializes_to_the_assembled_adapter(tiny_model_dir, sharer_poo
 
 
 def composed_forward(model, adapter: dict, scaling: float) -> list:
-    """The composed LoRA as stage 5 predicted with it before peft did (SPEC 7's base(x) + B(A(x)) * scaling in the
+    """The composed LoRA as stage 5 predicted with it before peft did (docs/method.md section 7's base(x) + B(A(x)) * scaling in the
     activations' dtype), as forward hooks on a plain model; returns the handles."""
     modules = dict(model.named_modules())
     handles = []
@@ -451,7 +451,7 @@ def exact_set_probabilities(probs: dict, k: int) -> dict:
 
 
 def mode_distribution(mode, scores, k, T, Ts, top_p=None, sample_topk=None) -> dict:
-    """The exact distribution of the drawn set, from SPEC 7 (mode 3: nucleus and the k best, at T; mode 4: the
+    """The exact distribution of the drawn set, from docs/method.md section 7 (mode 3: nucleus and the k best, at T; mode 4: the
     sample_topk best, at Ts)."""
     ranked = sorted(range(len(scores)), key=lambda s: (-scores[s], s))
     if mode == 4:
@@ -465,7 +465,7 @@ def mode_distribution(mode, scores, k, T, Ts, top_p=None, sample_topk=None) -> d
 
 @pytest.mark.parametrize("mode", [3, 4])
 def test_drawn_pieces_follow_the_mode_distribution_and_the_user_seed(sharer_pool, mode):
-    """2000 draws of k=2 from one user's generator: the drawn sets' frequencies match SPEC 7's distribution of the
+    """2000 draws of k=2 from one user's generator: the drawn sets' frequencies match docs/method.md section 7's distribution of the
     mode; the swapped temperature or the other mode's candidates would be far off (checked here too)."""
     pool = PiecePool(SHARER_IDS, sharer_pool / "anchor", sharer_pool / "gate")
     piece = pool.pieces[0]

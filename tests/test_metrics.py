@@ -1,4 +1,4 @@
-"""LaMP metrics (SPEC section 8) on cases small enough to compute by hand, and eval/eval_task.py."""
+"""LaMP metrics (docs/method.md section 8) on cases small enough to compute by hand, and eval/eval_task.py."""
 import importlib.util
 import json
 import math

@@ -379,7 +379,7 @@ def _reference_logits(pipe, adapter_dir, tokenizer):
 
 def _composed_forward_logits(pipe, adapter_dir, tokenizer):
     """Base + task LoRA merged, the user's LoRA added as stage 5 predicted before peft did: forward hooks adding
-    B(A(x)) * scaling in the activations' dtype (SPEC 7)."""
+    B(A(x)) * scaling in the activations' dtype (docs/method.md section 7)."""
     from perpcs.models.loading import load_base_model
     from perpcs.models.lora import merge_lora_into_base
     model, _, _ = load_base_model(str(pipe.model), device="cpu")

@@ -1,4 +1,4 @@
-"""Task registry, query parsing, BM25 and prompt construction (SPEC sections 3 and 4)."""
+"""Task registry, query parsing, BM25 and prompt construction (docs/method.md sections 3 and 4)."""
 import json
 import random
 from pathlib import Path
@@ -75,7 +75,7 @@ def test_unknown_task_lists_known_ones():
 
 
 def test_bm25_equals_rank_bm25_over_single_space_tokens_on_every_prefix():
-    """SPEC 4: the rank_bm25 oracle given text.split(" ") of documents and query; the texts hold what that split
+    """docs/method.md section 4: the rank_bm25 oracle given text.split(" ") of documents and query; the texts hold what that split
     keeps apart from a whitespace split: newline-glued words (a retrieval_history line's end), double spaces."""
     rng = random.Random(0)
     words = [f"w{i}" for i in range(25)]

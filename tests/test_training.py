@@ -64,7 +64,7 @@ def test_answer_only_loss_equals_the_hf_loss(tiny):
 
 
 def published_lr(g: int, n_batches: int, epochs: int, base_lr: float) -> float:
-    """SPEC 5 read as a closed form (accum_iter 1): optimizer step g (0-based) uses the base lr for g = 0 and
+    """docs/method.md section 5 read as a closed form (accum_iter 1): optimizer step g (0-based) uses the base lr for g = 0 and
     f((g - 1) / L) after it, f(x) = lr * 0.5 * (1 + cos(pi * x / epochs)), x never capped."""
     if g == 0:
         return base_lr

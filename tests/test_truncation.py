@@ -45,7 +45,7 @@ def n_tokens(tok, text: str) -> int:
 
 
 def by_hand(profile, retrieved: list, article: str) -> str:
-    """A movie_tagging prompt written out from SPEC 4 (no builder)."""
+    """A movie_tagging prompt written out from docs/method.md section 4 (no builder)."""
     text = f"### User Profile:\n{profile}\n\n" if profile is not None else ""
     if retrieved:
         text += "### User History:\n" + "".join(retrieved) + "\n\n"

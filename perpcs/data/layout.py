@@ -1,4 +1,4 @@
-"""Reading and validating the data layout of SPEC section 3, and writing files atomically.
+"""Reading and validating the data layout of docs/method.md section 3, and writing files atomically.
 
 Loaded data is never changed in place: truncation and formatting make new strings (the original
 truncated fields in place and crashed on integer ``date`` fields).
@@ -203,7 +203,7 @@ def golds_from_users(users, task: Task) -> dict:
 
 @dataclass(frozen=True)
 class Layout:
-    """Paths of one task's data directory (SPEC section 3)."""
+    """Paths of one task's data directory (docs/method.md section 3)."""
 
     data_dir: Path
     task: Task

@@ -1,6 +1,6 @@
-"""Raw LaMP files (``*_questions.json`` + ``*_outputs.json``) -> the users files of SPEC section 3.
+"""Raw LaMP files (``*_questions.json`` + ``*_outputs.json``) -> the users files of docs/method.md section 3.
 
-The authors never published this step (SPEC section 10); the choices made here:
+The authors never published this step (docs/method.md section 10); the choices made here:
 - Questions of ``train`` and ``dev`` (whichever exist) are merged; each gets its gold by id. Every query input
   is parsed (task marker) here, so a broken file fails now and not at stage 1.
 - Users: LaMP questions carry no user id, and LaMP numbers profile items per question (question 110's items

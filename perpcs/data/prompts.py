@@ -1,4 +1,4 @@
-"""Turning users into prompts (SPEC section 4): truncation, BM25 history, profile text, training examples.
+"""Turning users into prompts (docs/method.md section 4): truncation, BM25 history, profile text, training examples.
 
 An :class:`Example` is a prompt and the answer text the model should continue it with; the training and
 composition code masks the loss/scores to the answer tokens. Examples built here also carry the prompt's
@@ -20,7 +20,7 @@ HISTORY_WORDS = 368    # history items written into prompts / indexed by BM25
 
 @dataclass(frozen=True)
 class PromptParts:
-    """What a prompt is made of (SPEC 4): [profile section] + [history section] + instruction, the instruction
+    """What a prompt is made of (docs/method.md section 4): [profile section] + [history section] + instruction, the instruction
     being ``head + article + tail`` (the article: the query's article/title, or the history item's text)."""
     profile: str | None
     retrieved: tuple      # history strings in BM25 rank order, best first
@@ -59,7 +59,7 @@ def history_string(task: Task, item: dict) -> str:
 
 
 def context_prefix(profile: str | None, retrieved: list) -> str:
-    """Profile section, then history section (SPEC 4); retrieved strings are joined with no separator."""
+    """Profile section, then history section (docs/method.md section 4); retrieved strings are joined with no separator."""
     text = ""
     if profile is not None:
         text += f"### User Profile:\n{profile}\n\n"
@@ -70,7 +70,7 @@ def context_prefix(profile: str | None, retrieved: list) -> str:
 
 class UserHistory:
     """One user's history with a BM25 index over its ``retrieval_history`` strings, as written (trailing newline
-    included: SPEC 4 tokenizes documents and queries with ``split(" ")``, see retrieval.py)."""
+    included: docs/method.md section 4 tokenizes documents and queries with ``split(" ")``, see retrieval.py)."""
 
     def __init__(self, task: Task, items: list):
         self.task = task

@@ -1,7 +1,7 @@
 """Okapi BM25 over ``text.split(" ")`` tokens, identical in value to ``rank_bm25.BM25Okapi`` (k1 1.5, b 0.75,
 eps 0.25) given the same tokens.
 
-SPEC 4: documents and queries are split on single spaces exactly, as the published code did: the newline that ends
+docs/method.md section 4: documents and queries are split on single spaces exactly, as the published code did: the newline that ends
 a ``retrieval_history`` line stays in its last token ("sci-fi\n" is not "sci-fi"), and two spaces give an empty
 token "" (a term like any other).
 
@@ -18,7 +18,7 @@ import scipy.sparse
 
 
 def tokenize(text: str) -> list:
-    """SPEC 4's BM25 tokens: a split on single spaces, nothing else (no lower-casing, newlines kept)."""
+    """docs/method.md section 4's BM25 tokens: a split on single spaces, nothing else (no lower-casing, newlines kept)."""
     return text.split(" ")
 
 

@@ -47,7 +47,7 @@ class Task:
     # says which reference a paper cites, so that item is kept as LaMP gives it.
     keeps_own_document: bool = False
     answer_from_flag: bool = False          # LaMP-1's items carry no 'citation': prepare takes --citation_field
-    profile_in_history_training: bool = True   # SPEC 4: sharer/gate data get BM25+profile copies
+    profile_in_history_training: bool = True   # docs/method.md section 4: sharer/gate data get BM25+profile copies
     year_dates: bool = False       # the history's dates are integer years (data/sample.py, as processed LaMP)
 
     @property
@@ -60,7 +60,7 @@ class Task:
 
     @property
     def uses_profile_in_history_training(self) -> bool:
-        """SPEC 4: sharer/gate data get BM25+profile copies except for citation and tweets."""
+        """docs/method.md section 4: sharer/gate data get BM25+profile copies except for citation and tweets."""
         return self.profile_in_history_training
 
     def parse_query(self, text: str, query_id: str = "?") -> tuple:

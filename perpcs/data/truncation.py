@@ -1,6 +1,6 @@
 """Fitting prompts and training examples into ``--max_seq_len``, and saying how many were shortened.
 
-A prompt is [profile section] + [history section] + instruction (SPEC 4). An example too long for its token
+A prompt is [profile section] + [history section] + instruction (docs/method.md section 4). An example too long for its token
 budget loses, in this order, until it fits:
 1. retrieved history items, the lowest BM25 rank first (so the prompt is exactly the one a smaller k builds);
 2. words from the end of the article (the query's article or title, the history item's text);

@@ -1,6 +1,6 @@
-"""The fine-tuning loop shared by the task LoRA, sharer LoRAs, gates and OPPU (SPEC section 5).
+"""The fine-tuning loop shared by the task LoRA, sharer LoRAs, gates and OPPU (docs/method.md section 5).
 
-AdamW (0.9, 0.95), the published runs' cosine schedule by fractional epoch with no warm-up (SPEC 5, see
+AdamW (0.9, 0.95), the published runs' cosine schedule by fractional epoch with no warm-up (docs/method.md section 5, see
 ``epoch_cosine_lr``), gradient-norm clip, gradient accumulation, optional gradient checkpointing, loss on answer
 tokens only. Whatever parameters have ``requires_grad`` train: LoRA weights for adapters, gate vectors for gates.
 """
@@ -35,7 +35,7 @@ class TrainConfig:
     weight_decay: float = setting(0.01, rule=NON_NEGATIVE)
     batch_size: int = setting(6, rule=COUNT)
     accum_iter: int = setting(1, rule=COUNT, help="gradient accumulation micro-batches per step")
-    epochs: int = setting(3, rule=COUNT, help="length of the cosine lr schedule in epochs (SPEC 5), and of the run "
+    epochs: int = setting(3, rule=COUNT, help="length of the cosine lr schedule in epochs (docs/method.md section 5), and of the run "
                           "unless --max_step is set")
     max_step: int | None = setting(None, rule=COUNT, help="run exactly this many optimizer steps, repeating epochs as "
                                    "needed; the lr keeps following the cosine over --epochs past its end (it rises "
@@ -148,7 +148,7 @@ def make_batches(n: int, batch_size: int, generator: torch.Generator, lengths=No
 
 
 def epoch_cosine_lr(x: float, epochs: int, base_lr: float, min_lr: float = 0.0) -> float:
-    """SPEC 5: the lr set after an optimizer step taken at fractional epoch x = j / L + e (loader step j of
+    """docs/method.md section 5: the lr set after an optimizer step taken at fractional epoch x = j / L + e (loader step j of
     epoch e, L loader batches per epoch). x is not capped at ``epochs``: past it the cosine rises again."""
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * x / epochs))
 
@@ -312,7 +312,7 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
 
     def optimizer_step(x: float) -> None:
         """Clip, step, log (gradients already averaged over ranks by DDP); then set the lr of the next step from
-        the fractional epoch x of this one (SPEC 5: the first step uses the base lr)."""
+        the fractional epoch x of this one (docs/method.md section 5: the first step uses the base lr)."""
         lr = optimizer.param_groups[0]["lr"]   # the lr this step uses, as logged
         if state["micro"] < cfg.accum_iter:   # a short window at the epoch's end: still a mean, not a part
             for p in params:

@@ -1,4 +1,4 @@
-"""LaMP metrics (SPEC section 8): accuracy / macro-F1, MAE / RMSE, ROUGE-1 / ROUGE-L.
+"""LaMP metrics (docs/method.md section 8): accuracy / macro-F1, MAE / RMSE, ROUGE-1 / ROUGE-L.
 
 LaMP's official evaluation computes these with the ``evaluate`` package, whose ``evaluate.load``
 fetches metric scripts from a hub at run time; scikit-learn and rouge-score give the same numbers

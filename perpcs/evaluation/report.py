@@ -16,7 +16,7 @@ CONTROL_LABELS = [("uniform", "control: uniform mix (user-blind)"),
                   ("swapped", "control: swapped history (another user's)"),
                   ("peft_merge", "control: peft merge (add_weighted_adapter, linear)")]
 # PEFT-retrieval rows (stage 5 --control nearest_sharer / random_sharer): one sharer's whole LoRA per user; the
-# paper's PEFT-retrieval baselines are unpublished, these are our definitions (README, "PEFT retrieval")
+# paper's PEFT-retrieval baselines are unpublished, these are our definitions (docs/demo-and-results.md, "PEFT retrieval rows")
 RETRIEVAL_LABELS = [("nearest_sharer", "PEFT retrieval (nearest sharer)"),
                     ("random_sharer", "PEFT retrieval (random sharer)")]
 VARIANTS = [("kNP", "no retrieval"), ("k1", "BM25 k=1"), ("k1-profile", "BM25 k=1 + profile")]

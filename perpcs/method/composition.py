@@ -1,4 +1,4 @@
-"""Stage 5, the heart of Per-Pcs (SPEC section 7): a target user's LoRA assembled from sharers' pieces.
+"""Stage 5, the heart of Per-Pcs (docs/method.md section 7): a target user's LoRA assembled from sharers' pieces.
 
 No gradient step. The user's history examples run through base + task model; at every piece position the
 module input scores every sharer's piece with its gate (method/gates.py), some pieces are chosen (top-k, nucleus
@@ -39,7 +39,7 @@ class ComposeSettings:
     batch_size: int = setting(16, rule=COUNT)
     recent_k: int = setting(2000, rule=COUNT, help="history items used to assemble")
     seed: int = setting(0, rule=SEED)
-    # the four selection modes of the published code (SPEC 7); --sample and --sample_top_p pick the mode
+    # the four selection modes of the published code (docs/method.md section 7); --sample and --sample_top_p pick the mode
     sample: bool = setting(False, help="draw the --topk pieces at random instead of taking the best: from the "
                            "--sample_topk best (softmax(score / --sample_temperature)), or with --sample_top_p from the "
                            "nucleus and the --topk best (softmax(score / --agg_temperature))")
@@ -182,7 +182,7 @@ class Composer:
         return torch.multinomial(probs, k, replacement=False, generator=self.generator).to(self.allowed[piece].device)
 
     def _assemble(self, piece: str, x: torch.Tensor):
-        with torch.autocast(x.device.type, enabled=False):   # scores, softmax and mixing in fp32 (SPEC 7)
+        with torch.autocast(x.device.type, enabled=False):   # scores, softmax and mixing in fp32 (docs/method.md section 7)
             return self._assemble_fp32(piece, x)
 
     def _assemble_fp32(self, piece: str, x: torch.Tensor):

@@ -18,7 +18,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def lora_config(r: int = 8, alpha: int = 8, dropout: float = 0.05, target_modules=DEFAULT_FAMILY.target_modules):
-    """The LoRA of every stage (SPEC 5): A Kaiming-uniform, B zeros, no bias."""
+    """The LoRA of every stage (docs/method.md section 5): A Kaiming-uniform, B zeros, no bias."""
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),

@@ -1,5 +1,5 @@
 """What an output was made from, recorded beside it, so that a resumed run never counts as done an output that
-was made from another base model, task LoRA or sharer set (SPEC: nothing reused that was made differently)."""
+was made from another base model, task LoRA or sharer set (nothing reused that was made differently)."""
 from __future__ import annotations
 
 import hashlib

@@ -204,7 +204,7 @@ def adapter_done(adapter_dir: Path, sources: dict, what: str) -> bool:
 
 
 def user_examples(task, user, profiles, profiles_path, index, users_path, recent_k=None):
-    """A user's history examples (SPEC 4); the profile text only for tasks whose examples use it."""
+    """A user's history examples (docs/method.md section 4); the profile text only for tasks whose examples use it."""
     prof = profile_text(profiles, user, profiles_path, index) if task.uses_profile_in_history_training else None
     examples = history_examples(task, user["profile"], prof, recent_k=recent_k)
     if not examples:

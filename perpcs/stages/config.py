@@ -55,7 +55,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """The LoRA a stage trains (SPEC 5: r 8, alpha 8, dropout 0.05 on q/k/v/o)."""
+    """The LoRA a stage trains (docs/method.md section 5: r 8, alpha 8, dropout 0.05 on q/k/v/o)."""
     r: int = setting(8, rule=COUNT, flag="--lora_r")
     alpha: float = setting(8, rule=POSITIVE, flag="--lora_alpha")
     dropout: float = setting(0.05, rule=DROPOUT, flag="--lora_dropout")
@@ -123,7 +123,7 @@ class ShardConfig:
 class StageInputs:
     """What every model stage reads: the task's data, the base model and (stages 3-5, OPPU) the task LoRA."""
     task_name: str = setting(help=TASK_NAMES_HELP)
-    data_dir: str | Path = setting("./data", help="holds <task>/ in the layout of SPEC section 3")
+    data_dir: str | Path = setting("./data", help="holds <task>/ in the layout of docs/method.md section 3")
     model: ModelConfig = setting(default_factory=ModelConfig)
     # the stage-1 task LoRA; None: the default output of stage 1
     lora_ckpt: str | Path | None = setting(None, help=TASK_LORA_HELP)
@@ -141,7 +141,7 @@ class TaskLoRAStage:
     """Stage 1: the task LoRA and the baseline predictions."""
     inputs: StageInputs = setting(help_of={"lora_ckpt": "with --infer: the task LoRA dir (or .../lora_ckpt.pt)"})
     lora: LoraSettings = setting(default_factory=LoraSettings)
-    train: TrainConfig = setting(default_factory=TrainConfig)     # lr 1e-4, batch 6, 3 epochs (SPEC 5)
+    train: TrainConfig = setting(default_factory=TrainConfig)     # lr 1e-4, batch 6, 3 epochs (docs/method.md section 5)
     generation: GenerationConfig = setting(default_factory=GenerationConfig)
     output_dir: str | Path | None = output_dir_setting("default ./output/<task>/task-base_LLM")
     test_split: str = test_split_setting()   # "leaderboard": LaMP's test questions, outputs under .../leaderboard
@@ -162,7 +162,7 @@ class SharerLoRAStage:
     inputs: StageInputs = setting(help_of={"lora_ckpt": "task LoRA of stage 1 (dir or .../lora_ckpt.pt); "
                                            "default ./output/<task>/task-base_LLM"})
     lora: LoraSettings = setting(default_factory=LoraSettings)
-    # SPEC 5: 100 optimizer steps, the lr a cosine over 3 epochs of this user's batches (repeating past them)
+    # docs/method.md section 5: 100 optimizer steps, the lr a cosine over 3 epochs of this user's batches (repeating past them)
     train: TrainConfig = setting(default_factory=lambda: TrainConfig(lr=2e-5, max_step=100))
     shards: ShardConfig = setting(default_factory=ShardConfig)
     anchor_idx_path: str | Path | None = setting(None, help=ANCHOR_IDX_HELP)
@@ -176,7 +176,7 @@ class SharerLoRAStage:
 class SharerGateStage:
     """Stage 4: the gates of every sharer piece, on the sharer's last recent_k items."""
     inputs: StageInputs
-    # SPEC 5: 200 optimizer steps, the lr a cosine over 2 epochs of this user's batches (repeating past them)
+    # docs/method.md section 5: 200 optimizer steps, the lr a cosine over 2 epochs of this user's batches (repeating past them)
     train: TrainConfig = setting(default_factory=lambda: TrainConfig(lr=2e-5, weight_decay=0.0, epochs=2,
                                                                      max_step=200, max_seq_len=3300))
     shards: ShardConfig = setting(default_factory=ShardConfig)

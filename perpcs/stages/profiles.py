@@ -1,4 +1,4 @@
-"""PAG profile texts (``profile-id2text.json``): an LLM summary of each user's history (SPEC 5).
+"""PAG profile texts (``profile-id2text.json``): an LLM summary of each user's history (docs/method.md section 5).
 
 The reference ``profile_prompts`` are used verbatim: the user's last ``k`` history items, each written with the
 task's profile ``retrieval_history`` template (368 words at most), joined by newlines, fill ``profile_prompt``;

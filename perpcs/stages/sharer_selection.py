@@ -1,4 +1,4 @@
-"""Stage 2: choosing the sharer ("anchor") users among the candidates (SPEC section 5, "Sharer selection").
+"""Stage 2: choosing the sharer ("anchor") users among the candidates (docs/method.md section 5, "Sharer selection").
 
 Reads the candidates, embeds them (models/encoder.py; the embeddings cached beside the index and reused while the
 candidate file, the encoder's files and the settings match), chooses the sharers (method/clustering.py) and writes

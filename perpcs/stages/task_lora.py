@@ -38,7 +38,7 @@ def init_data_parallel(device: str) -> tuple:
 
 
 def task_lora_examples(task, users: list, profiles: dict, profiles_path) -> list:
-    """SPEC 4: each query of each base user with profile text + BM25 top-1 of the user's history; target gold."""
+    """docs/method.md section 4: each query of each base user with profile text + BM25 top-1 of the user's history; target gold."""
     examples = []
     for ui, user in enumerate(users):
         history = UserHistory(task, user["profile"])
