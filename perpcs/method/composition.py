@@ -12,7 +12,9 @@ receives each user's A and B (load_composed), the composer's wrappers out of the
 """
 from __future__ import annotations
 
+import math
 import random
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from torch import nn
 
 from perpcs.checks import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SEED, check_settings, setting
 from perpcs.errors import fail
-from perpcs.method.gates import answer_positions, answer_predicting_mask, gate_scores
+from perpcs.method.gates import answer_positions, answer_predicting_mask, gate_summary, summary_scores
 from perpcs.method.pieces import PiecePool
 from perpcs.method.selection import SELECTION_MODES, SelectionMode, mode_name
 
@@ -104,24 +106,29 @@ class ComposedLinear(nn.Module):
         ab = self.composer.piece_for(self.piece, x)
         if ab is None:
             return out
-        a, b = ab   # the small A and B take the activations' dtype, not the other way round
-        lora = (x @ a.T.to(x.dtype)) @ b.T.to(x.dtype)
-        return out + (lora * self.composer.pool.scaling).to(out.dtype)
+        a, b = ab   # b carries the scaling; the small A and B take the activations' dtype, not the other way round
+        xa = x @ a.T.to(x.dtype)                                     # (..., r)
+        b = b.T.to(out.dtype)
+        if out.is_contiguous() and xa.dtype == out.dtype:
+            # out += xa @ b in one GEMM over the output (beta 1): no full-size LoRA term, no second pass to add it
+            out.view(-1, out.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b)
+            return out
+        return out + (xa @ b.to(xa.dtype)).to(out.dtype)
 
 
 class Composer:
-    """Drives assembly: holds the pool, the per-piece share pools, the score mask and the weight sums."""
+    """Drives assembly: holds the pool, the per-piece share pools and the weight sums; what one forward scores with
+    (its answer positions, its micro-batch's lockstep) is per thread, as a micro-batch's forward runs in its own."""
 
     def __init__(self, pool: PiecePool, settings: ComposeSettings):
         self.pool, self.settings = pool, settings
         self.mode = "off"                 # off | assemble
-        self.score_mask = None            # (batch, T) positions whose next token is an answer token
-        self._positions = None            # (rows, cols, weight of each position) of score_mask, once a batch
         self.weight_sum: dict = {}
         self.score_sum: dict = {}         # every sharer's score per piece, summed over batches (diagnostics)
         self.allowed: dict = {}
         self.generator = torch.Generator()
         self.n_batches = 0
+        self._forward = threading.local()   # positions, lockstep, the last input's summary
 
     # --- per user -------------------------------------------------------------------------------------
     def start_user(self, seed: int) -> None:
@@ -138,10 +145,14 @@ class Composer:
         self.generator.manual_seed(seed)
         self.mode = "assemble"
 
-    def set_batch(self, mask: torch.Tensor) -> None:
-        """The answer-predicting positions of the next forward, shared by every piece of that forward."""
-        self.score_mask = mask
-        self._positions = answer_positions(mask)
+    def set_batch(self, mask: torch.Tensor, batch_rows: int | None = None, lockstep=None) -> None:
+        """The answer-predicting positions of the next forward in this thread, shared by every piece of it.
+        A micro-batch: ``batch_rows`` examples in the whole batch, ``lockstep`` (Lockstep, its index) pools its
+        summaries with the other micro-batches' before each piece's choice."""
+        state = self._forward
+        state.positions = None if mask is None else answer_positions(mask, batch_rows)
+        state.lockstep = lockstep
+        state.last = (None, None)   # (input, its summary): q, k and v read the same input
 
     def final_weights(self) -> dict:
         return {p: (w / max(self.n_batches, 1)).cpu() for p, w in self.weight_sum.items()}
@@ -155,11 +166,22 @@ class Composer:
     def piece_for(self, piece: str, x: torch.Tensor):
         if self.mode == "off":
             return None
-        return self._assemble(piece, x)
+        with torch.autocast(x.device.type, enabled=False):   # scores, softmax and mixing in fp32 (docs/method.md section 7)
+            summary = self._summary(x)
+            lockstep = self._forward.lockstep
+            if lockstep is None:
+                return self._decide(piece, summary)
+            return lockstep[0].pool(lockstep[1], piece, summary, self._decide)
+
+    def _summary(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._forward
+        if state.last[0] is not x:   # identity, not equality: the same tensor object, still held here
+            state.last = (x, gate_summary(x, state.positions))
+        return state.last[1]
 
     def scores(self, piece: str, x: torch.Tensor) -> torch.Tensor:
         """(S,) score of every sharer at ``piece`` for this forward's positions (gates.gate_scores)."""
-        return gate_scores(x, self._positions, self.pool.G[piece])
+        return summary_scores(gate_summary(x, self._forward.positions), self.pool.G[piece])
 
     def choose(self, piece: str, scores: torch.Tensor) -> torch.Tensor:
         """Indices of the sharers mixed at this position, by the selection mode (method/selection.py); ties in the
@@ -181,18 +203,16 @@ class Composer:
                  f"or --sample_temperature (without)")
         return torch.multinomial(probs, k, replacement=False, generator=self.generator).to(self.allowed[piece].device)
 
-    def _assemble(self, piece: str, x: torch.Tensor):
-        with torch.autocast(x.device.type, enabled=False):   # scores, softmax and mixing in fp32 (docs/method.md section 7)
-            return self._assemble_fp32(piece, x)
-
-    def _assemble_fp32(self, piece: str, x: torch.Tensor):
-        scores = self.scores(piece, x)
+    def _decide(self, piece: str, summary: torch.Tensor):
+        """Once per batch and piece, from the batch's summary: every sharer's score, the choice, the mixed A and
+        B (B times the LoRA scaling, so the forward adds B(A(x)) as it is)."""
+        scores = summary_scores(summary, self.pool.G[piece])
         self.score_sum[piece] += scores.double()
         chosen = self.choose(piece, scores)
         w = torch.softmax(scores[chosen] / self.settings.agg_temperature, dim=0)
         self.weight_sum[piece].index_add_(0, chosen, w.double())
         a = torch.einsum("k,krd->rd", w, self.pool.A[piece][chosen])
-        b = torch.einsum("k,kdr->dr", w, self.pool.B[piece][chosen])
+        b = torch.einsum("k,kdr->dr", w * self.pool.scaling, self.pool.B[piece][chosen])
         return a, b
 
 
@@ -230,12 +250,132 @@ def composer_removed(model):
             setattr(modules[parent], child, m)
 
 
+# --- micro-batches -----------------------------------------------------------------------------------------
+# A recipe averages per-batch choices, so the published batches stay as they are; only how one batch runs
+# changes: its rows, sorted by length, form micro-batches whose forwards advance in lockstep, piece by piece,
+# pooling their score summaries before each piece's choice (the batch's scores, up to float order: the same
+# choices and weights within 1e-6). The lockstep is per module, not per layer: o_proj's input depends on the q, k
+# and v chosen in the same layer. Each micro-batch's forward runs in its own thread and the threads take turns
+# (one computes at a time: no oversubscribed cores, a fixed summation order, draws in forward order), handing
+# over at each composed module; the last one to arrive decides. Threads rather than a hand-written layer loop:
+# the model's own forward runs unchanged, whatever the family's attention and masks.
+MICRO_BATCH_OVERHEAD = {"cpu": 32, "cuda": 1024}   # a micro-batch's fixed cost in padded tokens (weight reads, launches)
+
+
+def micro_batch_overhead(split: bool, device) -> float | None:
+    """assemble_user's micro_batch_overhead on ``device``; None (one pass per batch) when not ``split``."""
+    return MICRO_BATCH_OVERHEAD.get(torch.device(device).type, MICRO_BATCH_OVERHEAD["cuda"]) if split else None
+
+
+def micro_batches(lengths: list, overhead: float) -> list:
+    """Positions of one batch's rows grouped into micro-batches: the rows sorted longest first, cut into runs so
+    that padded tokens + ``overhead`` per run are least (exact, by dynamic programming over the batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):   # order[i:j] the last run: as wide as its first (longest) row
+            cost = best[i] + lengths[order[i]] * (j - i) + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs, j = [], len(order)
+    while j:
+        runs.append(order[cut[j]:j])
+        j = cut[j]
+    return runs[::-1]
+
+
+class _Aborted(Exception):
+    """Another micro-batch's thread failed: this one stops."""
+
+
+class Lockstep:
+    """The turns of one batch's micro-batch threads: thread i runs while ``turn`` is i, hands over at each composed
+    module (its summary deposited) and at its end; the last thread pools the summaries in micro-batch order and
+    decides, every thread then mixes with that decision."""
+
+    def __init__(self, n: int):
+        self.n, self.turn, self.done = n, 0, 0
+        self.cond = threading.Condition()
+        self.parts: list = [None] * n
+        self.result, self.error = None, None
+
+    def _wait(self, i: int) -> None:
+        while self.turn != i and self.error is None:
+            self.cond.wait()
+        if self.error is not None:
+            raise _Aborted
+
+    def start(self, i: int) -> None:
+        with self.cond:
+            self._wait(i)
+
+    def pool(self, i: int, piece: str, summary: torch.Tensor, decide):
+        with self.cond:
+            if self.done:
+                raise RuntimeError(f"micro-batch {i} reached piece {piece} after another one had finished its forward")
+            self.parts[i] = (piece, summary)
+            if i == self.n - 1:
+                if any(p != piece for p, _ in self.parts):
+                    raise RuntimeError(f"micro-batches met different pieces: {[p for p, _ in self.parts]}")
+                total = self.parts[0][1]
+                for _, part in self.parts[1:]:
+                    total = total + part
+                self.result = decide(piece, total)
+            self.turn = (i + 1) % self.n
+            self.cond.notify_all()
+            self._wait(i)
+            return self.result
+
+    def finish(self, i: int) -> None:
+        with self.cond:
+            self.done += 1
+            self.turn = (i + 1) % self.n
+            self.cond.notify_all()
+
+    def abort(self, err: BaseException) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = err
+            self.cond.notify_all()
+
+
+def _lockstep_forward(decoder, composer: Composer, parts: list, batch_rows: int, pad_id: int, device,
+                      cpu_bf16: bool) -> None:
+    """One batch as micro-batches (lists of its examples), each forward in its thread, in lockstep."""
+    from perpcs.engine.training import collate
+    from perpcs.models.devices import autocast_context
+    lock, threads = Lockstep(len(parts)), torch.get_num_threads()
+
+    def work(i: int, rows: list) -> None:
+        try:
+            torch.set_num_threads(threads)   # a new thread would start from the default
+            lock.start(i)
+            batch = collate(rows, pad_id, device)
+            composer.set_batch(answer_predicting_mask(batch["labels"]), batch_rows, (lock, i))
+            with torch.no_grad(), autocast_context(device, cpu_bf16):   # both are per thread
+                decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            composer.set_batch(None)
+            lock.finish(i)
+        except BaseException as err:   # noqa: BLE001 (handed to the caller's thread below)
+            lock.abort(err)
+
+    workers = [threading.Thread(target=work, args=(i, rows), daemon=True) for i, rows in enumerate(parts)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if lock.error is not None:
+        raise lock.error
+
+
 @torch.no_grad()
 def assemble_user(model, composer: Composer, tokenized: list, pad_id: int, device, seed: int,
-                  who: str = "user", cpu_bf16: bool = False) -> tuple:
+                  who: str = "user", cpu_bf16: bool = False, micro_batch_overhead: float | None = None) -> tuple:
     """Assemble one user's LoRA from its tokenized examples; returns (weights per piece, batches).
 
     Examples without an answer-predicting position are dropped with a warning that names them.
+    ``micro_batch_overhead`` None: each batch in one forward, as published; else (MICRO_BATCH_OVERHEAD of the
+    device) each batch as length-sorted micro-batches in lockstep, the same batches, less padding.
     """
     from perpcs.engine.training import collate
     from perpcs.models.devices import autocast_context
@@ -254,16 +394,26 @@ def assemble_user(model, composer: Composer, tokenized: list, pad_id: int, devic
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     model.eval()
     batches = []
-    for _ in range(settings.epochs):
-        order = [usable[j] for j in torch.randperm(len(usable), generator=generator).tolist()]
-        for s in range(0, len(order), settings.batch_size):
-            idx = order[s:s + settings.batch_size]
-            batch = collate([tokenized[i] for i in idx], pad_id, device)
-            composer.set_batch(answer_predicting_mask(batch["labels"]))
-            with autocast_context(device, cpu_bf16):
-                decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            composer.n_batches += 1
-            batches.append(idx)
-    composer.score_mask = composer._positions = None
-    composer.mode = "off"
+    try:
+        for _ in range(settings.epochs):
+            order = [usable[j] for j in torch.randperm(len(usable), generator=generator).tolist()]
+            for s in range(0, len(order), settings.batch_size):
+                idx = order[s:s + settings.batch_size]
+                rows = [tokenized[i] for i in idx]
+                runs = ([list(range(len(rows)))] if micro_batch_overhead is None else
+                        micro_batches([len(t.input_ids) for t in rows], micro_batch_overhead))
+                if len(runs) > 1:
+                    _lockstep_forward(decoder, composer, [[rows[r] for r in run] for run in runs], len(rows),
+                                      pad_id, device, cpu_bf16)
+                else:   # the published single pass
+                    batch = collate(rows, pad_id, device)
+                    composer.set_batch(answer_predicting_mask(batch["labels"]))
+                    with autocast_context(device, cpu_bf16):
+                        decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False)
+                composer.n_batches += 1
+                batches.append(idx)
+    finally:
+        composer.set_batch(None)
+        composer.mode = "off"
     return composer.final_weights(), batches

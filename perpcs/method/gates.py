@@ -11,7 +11,7 @@ Each LoRA module ("piece") owns a gate vector g (d_in, initialised 0). The gate 
    into one (S, d_in) matrix and LayerNorm-ed once per process (normalised_gates).
 3. Score at assembly (stage 5): sharer s's score at a piece is LN(x_t) . LN(g_s) / sqrt(d), averaged over the
    answer-predicting positions t of each example, then over the batch's examples (answer_predicting_mask,
-   answer_positions, gate_scores).
+   answer_positions, gate_summary, summary_scores, gate_scores).
 Gates are only used to score pieces in composition; they never enter a predicting model.
 """
 from __future__ import annotations
@@ -140,21 +140,32 @@ def answer_predicting_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def answer_positions(mask: torch.Tensor) -> tuple:
+def answer_positions(mask: torch.Tensor, batch_rows: int | None = None) -> tuple:
     """(rows, cols, weight of each position) of ``mask``, shared by every piece of one forward.
 
     The batch mean of per-example means is one weighted sum over the positions, weight 1 / (examples x
-    the example's positions): a matrix product, deterministic on GPUs (index_add_ is not)."""
+    the example's positions): a matrix product, deterministic on GPUs (index_add_ is not). ``batch_rows``: the
+    examples of the whole batch when ``mask`` holds only some of them (a micro-batch, method/composition.py)."""
     rows, cols = mask.nonzero(as_tuple=True)
     counts = mask.sum(dim=1).clamp(min=1).float()
-    return rows, cols, 1.0 / (counts[rows] * mask.shape[0])
+    return rows, cols, 1.0 / (counts[rows] * (batch_rows or mask.shape[0]))
+
+
+def gate_summary(x: torch.Tensor, positions: tuple) -> torch.Tensor:
+    """(d,) fp32: the weighted sum over answer-predicting positions of LayerNorm(x_t), the input side of the score
+    (a sum: micro-batches of one batch add theirs). ``x`` is the piece's input (batch, T, d), ``positions`` from
+    answer_positions."""
+    rows, cols, weights = positions
+    return weights @ F.layer_norm(x[rows, cols].float(), (x.shape[-1],), eps=LN_EPS)   # (N,) @ (N, d)
+
+
+def summary_scores(summary: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """(S,) every sharer's score from a batch's gate_summary: one product with the stacked normalised gates."""
+    return (summary @ gates.T) / math.sqrt(summary.shape[-1])
 
 
 def gate_scores(x: torch.Tensor, positions: tuple, gates: torch.Tensor) -> torch.Tensor:
     """(S,) score of every sharer at one piece: batch mean of the per-example mean over answer-predicting
     positions of LayerNorm(x_t) . LayerNorm(g_s) / sqrt(d), in fp32. ``x`` is the piece's input (batch, T, d),
     ``positions`` from answer_positions, ``gates`` from normalised_gates."""
-    rows, cols, weights = positions
-    d = x.shape[-1]
-    h = F.layer_norm(x[rows, cols].float(), (d,), eps=LN_EPS)                   # (N, d)
-    return ((weights @ h) @ gates.T) / math.sqrt(d)
+    return summary_scores(gate_summary(x, positions), gates)

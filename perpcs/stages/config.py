@@ -215,6 +215,11 @@ class CompositionStage:
                                 "user's batches) to gate_scores/user_<id>.json: what the choices were made from; "
                                 "python -m perpcs explain reads them (Per-Pcs and --control swapped: the other "
                                 "controls score nothing)")
+    # speed only, so not a recipe setting: the same choices and weights within 1e-6 (float summation order)
+    split_batches: bool = setting(True, help="run each assembly batch (the published batches, unchanged) as "
+                                  "length-sorted micro-batches in lockstep, their scores pooled before each piece's "
+                                  "choice: less padding, the same recipes within 1e-6 (float order); "
+                                  "--no-split_batches: one padded forward per batch, as published")
     # a control (perpcs.method.controls, paths.CONTROLS): uniform, swapped, ...
     control: str | None = setting(None, choices=tuple(CONTROLS), help="a user-blind control instead of Per-Pcs, "
                                   "from the same sharers and gates: uniform (every sharer 1/n in every piece), swapped "

@@ -11,7 +11,8 @@ from perpcs.data.layout import read_json
 from perpcs.data.truncation import count_cuts, log_totals, report_stage, user_entry
 from perpcs.engine.training import tokenize_example, user_seed
 from perpcs.errors import fail
-from perpcs.method.composition import Composer, ComposeSettings, assemble_user, composer_removed, install_composer
+from perpcs.method.composition import (Composer, ComposeSettings, assemble_user, composer_removed, install_composer,
+                                       micro_batch_overhead)
 from perpcs.method.controls import (MERGED_ADAPTER, ONE_SHARER, derangement, nearest_sharer, one_sharer_weights,
                                     peft_merged_model, random_sharer, uniform_weights)
 from perpcs.method.gates import GATES_FILE
@@ -256,7 +257,8 @@ def compose_users(cfg: CompositionStage, run: TargetRun, pool: PiecePool, inputs
             assembly_cuts = count_cuts([t.cut for t in tokenized], cfg.max_seq_len)
             with peft_model.disable_adapter():   # assembly sees base + task model and the composer's pieces only
                 weights, batches = assemble_user(model, composer, tokenized, pad_id, device, seed, f"user {uid!r}",
-                                                 cpu_bf16=cfg.inputs.model.cpu_bf16)
+                                                 cpu_bf16=cfg.inputs.model.cpu_bf16,
+                                                 micro_batch_overhead=micro_batch_overhead(cfg.split_batches, device))
             seconds = time.perf_counter() - t0
             extra = {"control": control, "history_of": source} if control else {}
             if save_scores:
