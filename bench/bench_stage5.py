@@ -21,8 +21,14 @@ shapes (r 8 on q/k/v/o, written and read as stage 5 reads them: PiecePool):
                    batches are rebuilt with engine.training.make_batches from the same seed); "extrapolated" says
                    whether it was
 
-The base model carries no task LoRA (merging one changes no cost). Timings depend on the machine and its load;
-read ratios from one run. One JSON report (--out); one progress line per measurement.
+--max_batches N times the assembly and its floor on N batches of a seeded random sample of the user's examples
+and scales both to the whole user by padded tokens (its batches drawn as stage 5 draws them): where a whole
+user's passes take too long (SmolLM2 on a loaded CPU); "sampled" in the report says so.
+
+Every part is timed in wall seconds and in this process's CPU seconds (``cpu_s``); each ratio comes in both forms
+(``*_cpu``). On a machine shared with other jobs, run with --threads 1 and read the CPU ratios: wall time then
+measures the neighbours. The base model carries no task LoRA (merging one changes no cost). Timings depend on the
+machine and its load; read ratios from one run. One JSON report (--out); one progress line per measurement.
 
     python bench/bench_stage5.py --quick --out q.json                    # tiny model, small users (< 2 min)
     python bench/bench_stage5.py --models smollm2 --sizes 200,500 --out s.json
@@ -197,9 +203,11 @@ def padded_tokens(lengths: list, batches: list) -> tuple:
 
 # ------------------------------------------------------------------------------------------ measurements
 
-def measure_oppu(model, tokenizer, examples: list, lengths: list, uid: str, device, steps: int, cpu_bf16: bool) -> dict:
-    """OPPU's training of this user at its published defaults: ``steps`` steps timed after a warm-up step, then
-    scaled by padded tokens to the full run (whose batches are those train() would draw from the same seed)."""
+def measure_oppu(model, tokenizer, examples: list, lengths: list, uid: str, device, steps: int, cpu_bf16: bool,
+                 warmup: bool = True) -> dict:
+    """OPPU's training of this user at its published defaults: ``steps`` steps timed (after a warm-up step unless
+    ``warmup`` is off), then scaled by padded tokens to the full run (whose batches are those train() would draw
+    from the same seed)."""
     fields = OPPUStage.__dataclass_fields__
     cfg = replace(fields["train"].default_factory(), cpu_bf16=cpu_bf16)
     cfg = replace(cfg, seed=user_seed(cfg.seed, uid))
@@ -214,7 +222,9 @@ def measure_oppu(model, tokenizer, examples: list, lengths: list, uid: str, devi
     peft_model = fresh_lora(model, lora, cfg.seed)
     try:
         if extrapolated:
-            train(peft_model, tokenizer, examples, replace(cfg, max_step=1), device, desc="warm-up", show_progress=False)
+            if warmup:
+                train(peft_model, tokenizer, examples, replace(cfg, max_step=1), device, desc="warm-up",
+                      show_progress=False)
             c0 = time.process_time()
             stats = train(peft_model, tokenizer, examples, replace(cfg, max_step=steps), device, desc=f"OPPU {uid}",
                           show_progress=False)
@@ -229,9 +239,10 @@ def measure_oppu(model, tokenizer, examples: list, lengths: list, uid: str, devi
             timed_padded, seconds = full_padded, stats["seconds"]
     finally:
         peft_model.unload()
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "extrapolated": extrapolated, "steps_full": full_steps, "steps_timed": stats["steps"],
-            "timed_s": stats["seconds"], "padded_tokens_full": full_padded, "padded_tokens_timed": timed_padded,
-            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "grad_ckpt": cfg.grad_ckpt, "r": lora.r,
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "extrapolated": extrapolated, "steps_full": full_steps,
+            "steps_timed": stats["steps"], "timed_s": stats["seconds"], "padded_tokens_full": full_padded,
+            "padded_tokens_timed": timed_padded, "warmup_step": warmup and extrapolated, "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "grad_ckpt": cfg.grad_ckpt, "r": lora.r,
             "target_modules": list(lora.target_modules)}
 
 
@@ -284,7 +295,8 @@ def run_model(name: str, args, work: Path, report: dict) -> None:
                                         "cpu_s": cpu}
         log(f"{name} {n} items: {len(examples)} examples built in {build_s:.2f} s, tokenized in {tokenize_s:.2f} s "
             f"({row['mean_example_tokens']:.0f} tokens on average)")
-        row["oppu"] = measure_oppu(model, tokenizer, examples, lengths, uid, device, args.oppu_steps, args.cpu_bf16)
+        row["oppu"] = measure_oppu(model, tokenizer, examples, lengths, uid, device, args.oppu_steps, args.cpu_bf16,
+                                   args.oppu_warmup)
         o = row["oppu"]
         log(f"{name} {n} items: OPPU {o['seconds']:.1f} s, CPU {o['cpu_seconds']:.1f} s "
             f"({'extrapolated from ' if o['extrapolated'] else ''}{o['steps_timed']} of {o['steps_full']} steps in "
@@ -362,7 +374,8 @@ def run_model(name: str, args, work: Path, report: dict) -> None:
         cpu_stage5 = cpu_build + cpu["assembly"] + cpu["prediction"]
         oppu = row["oppu"]
         row.update({
-            "assembly_s": assembly_s, "batches": -(-len(tokenized) // settings.batch_size), "sampled": sampled, "scoring_mixing_s": hook["seconds"] if hooked else None,
+            "assembly_s": assembly_s, "batches": -(-len(tokenized) // settings.batch_size), "sampled": sampled,
+            "scoring_mixing_s": hook["seconds"] if hooked else None,
             "scoring_mixing_calls": hook["calls"], "scoring_mixing_hook": hook["hook"],
             "floor_s": floor_s, "prediction_s": prediction_s, "stage5_s": stage5_s,
             "tokens": {"real": real, "padded": padded, "padded_over_real": padded / real},
@@ -395,6 +408,9 @@ def parse_args(argv=None):
     p.add_argument("--queries", type=int, default=1, help="test questions per user (LaMP: one per user)")
     p.add_argument("--sharers", type=int, default=50, help="the pool (stage 2's default k: 50)")
     p.add_argument("--oppu_steps", type=int, default=3, help="OPPU steps timed (after one warm-up step)")
+    p.add_argument("--oppu_warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="an untimed OPPU step first (--no-oppu_warmup: where one step costs minutes, its one-time "
+                   "costs are noise)")
     p.add_argument("--max_batches", type=int, default=0, help="time the assembly and its floor on this many batches "
                    "of a seeded random sample of the user's examples, scaled to the whole user by padded tokens "
                    "(0: the whole user, exact batches)")

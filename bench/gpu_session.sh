@@ -19,7 +19,7 @@ PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-560}
 # SMOKE=1: the same steps on the CPU with the benchmark's tiny shape (tests/test_bench.py keeps the script working)
 if [[ ${SMOKE:-0} == 1 ]]; then
-    BENCH=(--smoke); TEST_DEVICE=cpu; STAGE5=(--quick --threads 1)
+    BENCH=(--smoke); TEST_DEVICE=cpu; STAGE5=(--quick --threads 1 --sizes 20)
 else
     BENCH=(); TEST_DEVICE=cuda
     # the paper's sizes; 8 batches of each user's examples timed and scaled by padded tokens (bench_stage5.py)
