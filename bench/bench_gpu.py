@@ -233,15 +233,16 @@ def small_random(shape: tuple, generator, dtype) -> torch.Tensor:
     return (torch.randn(shape, generator=generator) * 0.02).to(dtype)
 
 
-def write_pool(root: Path, model, shape: Shape, generator) -> list:
-    """Random sharer LoRAs and gates in the standard layout (anchor/user_<id>/, gate/user_<id>/)."""
+def write_pool(root: Path, model, n_sharers: int, generator) -> list:
+    """Random sharer LoRAs and gates in the standard layout (anchor/user_<id>/, gate/user_<id>/); also used by
+    bench_stage5.py."""
     modules = dict(model.named_modules())
     pieces = targeted_module_names(model, lora_config().target_modules)
     dtype = next(model.parameters()).dtype   # sharer adapters are saved in the model's dtype
     rank = lora_config().r
     config_file = root / "adapter_config.json"
     lora_config().save_pretrained(str(root))
-    sharer_ids = [f"s{i}" for i in range(shape.sharers)]
+    sharer_ids = [f"s{i}" for i in range(n_sharers)]
     for uid in sharer_ids:
         adapter_dir, gate_dir = root / "anchor" / f"user_{uid}", root / "gate" / f"user_{uid}"
         adapter_dir.mkdir(parents=True)
@@ -269,7 +270,7 @@ def bench_compose(model, shape: Shape, args, device, generator) -> dict:
     predicts (load_composed), as stage 5 does. The pool is written and read once, outside the timing."""
     root = Path(tempfile.mkdtemp(prefix="perpcs-bench-pool-", dir=args.tmp_dir))
     try:
-        sharer_ids, write_s = timed(lambda: write_pool(root, model, shape, generator), device)
+        sharer_ids, write_s = timed(lambda: write_pool(root, model, shape.sharers, generator), device)
         pool, read_s = timed(lambda: PiecePool(sharer_ids, root / "anchor", root / "gate", device=device), device)
     finally:
         shutil.rmtree(root, ignore_errors=True)   # the pool is in memory now

@@ -6,9 +6,10 @@
 #     bash bench/gpu_wheels.sh
 # Then one call of the device tool:
 #     run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
-# Everything comes back under $OUT (6 files): session.log (versions, each step's output and seconds),
+# Everything comes back under $OUT (7 files): session.log (versions, each step's output and seconds),
 # gpu.json (the four works, checkpointing on: the paper's setting), gpu_nockpt.json, gpu_static.json,
-# gpu_compile.json, cuda_tests.xml (pytest's report). Record the table of session.log in bench/NOTES.md with the card's name.
+# gpu_compile.json, cuda_tests.xml (pytest's report), stage5.json (issue 24: one target user of 200 and of 2,000
+# items through stage 5 on a Llama-2-7b-shaped random model: its parts, its floor, OPPU; bench/bench_stage5.py). Record the table of session.log in bench/NOTES.md with the card's name.
 # Steps run in priority order and each gets at most what is left of the budget, so a slow step costs the
 # later ones, never the whole call.
 set -u
@@ -17,7 +18,13 @@ OUT=${OUT:-/tmp/perpcs-gpu-session}
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-560}
 # SMOKE=1: the same steps on the CPU with the benchmark's tiny shape (tests/test_bench.py keeps the script working)
-if [[ ${SMOKE:-0} == 1 ]]; then BENCH=(--smoke); TEST_DEVICE=cpu; else BENCH=(); TEST_DEVICE=cuda; fi
+if [[ ${SMOKE:-0} == 1 ]]; then
+    BENCH=(--smoke); TEST_DEVICE=cpu; STAGE5=(--quick --threads 1 --sizes 20)
+else
+    BENCH=(); TEST_DEVICE=cuda
+    # the paper's sizes; 8 batches of each user's examples timed and scaled by padded tokens (bench_stage5.py)
+    STAGE5=(--models llama7b --device cuda --sizes 200,2000 --max_batches 8 --oppu_steps 2)
+fi
 TESTS=${TESTS:-tests/test_all_tasks.py tests/test_pipeline.py tests/test_faults.py}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
@@ -58,11 +65,13 @@ step bench 240 $PY bench/bench_gpu.py "${BENCH[@]}" --json "$OUT/gpu.json"
 # 2. every stage's CUDA path on the tiny model (bf16 on CUDA; the kill -9 reruns also check GPU determinism)
 step cuda_tests 150 env PERPCS_TEST_DEVICE=$TEST_DEVICE CUBLAS_WORKSPACE_CONFIG=:4096:8 \
     $PY -m pytest -q -p no:cacheprovider $TESTS --junitxml="$OUT/cuda_tests.xml"
-# 3. training and gates without gradient checkpointing (--no-grad_ckpt in the stages)
+# 3. stage 5 per target user at 200 and 2,000 history items: assembly vs its floor, padding, OPPU (issue 24)
+step stage5 180 $PY bench/bench_stage5.py "${STAGE5[@]}" --out "$OUT/stage5.json"
+# 4. training and gates without gradient checkpointing (--no-grad_ckpt in the stages)
 step bench_nockpt 90 $PY bench/bench_gpu.py "${BENCH[@]}" --only train,gate --no-grad_ckpt --json "$OUT/gpu_nockpt.json"
-# 4. generation with the static KV cache (--kv_cache static: transformers compiles the decoding step)
+# 5. generation with the static KV cache (--kv_cache static: transformers compiles the decoding step)
 step bench_static 120 $PY bench/bench_gpu.py "${BENCH[@]}" --only generate --kv_cache static --json "$OUT/gpu_static.json"
-# 5. torch.compile'd decoder layers: does it pay for training and composition?
+# 6. torch.compile'd decoder layers: does it pay for training and composition?
 step bench_compile 150 $PY bench/bench_gpu.py "${BENCH[@]}" --only train,compose --no-grad_ckpt --compile \
     --json "$OUT/gpu_compile.json"
 

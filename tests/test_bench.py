@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "bench_gpu.py"
 
@@ -65,6 +67,7 @@ def test_only_runs_the_chosen_work_and_rejects_unknown_ones(tmp_path):
     assert "error:" in bad.stderr and "fly" in bad.stderr
 
 
+@pytest.mark.timeout(660)   # a hang guard: its steps are several benchmarks (~50 s idle, 380+ s under heavy load)
 def test_gpu_session_script_runs_every_step_and_writes_its_files(tmp_path):
     """bench/gpu_session.sh is the one prepared call of a GPU session (its minutes are few): SMOKE=1 runs the
     same steps on the CPU with the tiny shape, and each must succeed and leave its file in $OUT."""
@@ -75,12 +78,14 @@ def test_gpu_session_script_runs_every_step_and_writes_its_files(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SMOKE="1", OUT=str(out),
                PYTHON=sys.executable, TESTS="tests/test_all_tasks.py::test_task_runs_end_to_end[citation]")
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_session.sh")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=200)   # 32.5 s idle; under the 240 s guard
+                          capture_output=True, text=True, timeout=600)   # 32.5 s idle + stage 5's ~10 s
     assert done.returncode == 0, done.stderr[-3000:]
     log = (out / "session.log").read_text()
     steps = re.findall(r"== (\w+): rc=(\d+)", log)
-    assert steps == [(name, "0") for name in ("bench", "cuda_tests", "bench_nockpt", "bench_static",
+    assert steps == [(name, "0") for name in ("bench", "cuda_tests", "stage5", "bench_nockpt", "bench_static",
                                               "bench_compile")], log[-3000:]
+    stage5 = json.loads((out / "stage5.json").read_text())
+    assert stage5["quick"] is True and set(STAGE5_USER_FIELDS) <= set(stage5["models"]["tiny"]["users"]["20"])
     assert json.loads((out / "gpu_nockpt.json").read_text())["works"]["train"]["grad_ckpt"] is False
     assert json.loads((out / "gpu_static.json").read_text())["works"]["generate"]["kv_cache"] == "static"
     assert json.loads((out / "gpu_compile.json").read_text())["compile"] is True
@@ -148,3 +153,77 @@ def test_scale_bench_rejects_unknown_parts():
     done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_scale.py"), "--quick", "--only", "user,fly"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "fly" in done.stderr
+
+
+# bench/bench_stage5.py's per-user fields (issue 24): every part of stage 5's cost, its floor, OPPU, the tokens
+STAGE5_USER_FIELDS = ("items", "examples", "mean_example_tokens", "build_s", "tokenize_s", "assembly_s",
+                      "scoring_mixing_s", "floor_s", "prediction_s", "stage5_s", "batches", "tokens",
+                      "assembly_over_floor", "assembly_over_floor_cpu", "scoring_mixing_share_cpu",
+                      "lora_term_and_overhead_share_cpu", "build_share", "build_share_cpu", "oppu",
+                      "oppu_over_assembly", "oppu_over_assembly_cpu", "oppu_user_over_perpcs_user",
+                      "oppu_user_over_perpcs_user_cpu", "rss_mb_after", "cpu_s", "sampled")
+STAGE5_OPPU_FIELDS = ("seconds", "cpu_seconds", "extrapolated", "steps_full", "steps_timed", "timed_s",
+                      "padded_tokens_full", "padded_tokens_timed", "warmup_step", "epochs", "batch_size",
+                      "grad_ckpt", "r", "target_modules")
+
+
+def run_stage5_bench(tmp_path, *args) -> tuple:
+    out = tmp_path / "stage5.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "bench_stage5.py"), "--quick", "--threads", "1",
+                           "--out", str(out), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=200)   # ~30 s on a loaded machine
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_stage5_bench_quick_reports_every_part(tmp_path):
+    """bench/bench_stage5.py --quick: per user, every part of stage 5 measured, the floor on stage 5's own batches,
+    OPPU at its published defaults, the real and padded tokens; one progress line per measurement."""
+    from perpcs.method.composition import ComposeSettings
+    from perpcs.stages.config import OPPUStage
+
+    report, stdout = run_stage5_bench(tmp_path)
+    assert list(report["models"]) == ["tiny"] and report["sizes"] == [10, 20]
+    model = report["models"]["tiny"]
+    assert model["sharers"] == report["sharers"] and model["pieces"] == 2 * 4   # 2 layers x q/k/v/o
+    oppu_defaults = OPPUStage.__dataclass_fields__["train"].default_factory()
+    batch = ComposeSettings().batch_size
+    for n in report["sizes"]:
+        row = model["users"][str(n)]
+        assert set(STAGE5_USER_FIELDS) <= set(row), set(STAGE5_USER_FIELDS) - set(row)
+        assert row["items"] == n and row["examples"] == 2 * n - 1   # each item, and again with its history after 1
+        for key in ("build_s", "tokenize_s", "assembly_s", "floor_s", "prediction_s", "scoring_mixing_s"):
+            assert row[key] > 0, key
+        assert row["stage5_s"] == pytest.approx(row["build_s"] + row["tokenize_s"] + row["assembly_s"]
+                                                + row["prediction_s"])
+        assert row["scoring_mixing_hook"] == "Composer.piece_for"
+        # one scoring per piece per forward: the composer saw every batch of the user
+        assert row["scoring_mixing_calls"] == model["pieces"] * row["batches"]
+        assert row["batches"] == -(-row["examples"] // batch) and row["sampled"] is None
+        tokens = row["tokens"]
+        assert tokens["padded"] >= tokens["real"] >= row["examples"] and tokens["padded_over_real"] >= 1
+        assert tokens["real"] == pytest.approx(row["examples"] * row["mean_example_tokens"])
+        oppu = row["oppu"]
+        assert set(STAGE5_OPPU_FIELDS) <= set(oppu)
+        assert (oppu["epochs"], oppu["batch_size"], oppu["grad_ckpt"]) == (oppu_defaults.epochs,
+                                                                           oppu_defaults.batch_size, True)
+        assert oppu["steps_full"] == oppu_defaults.epochs * -(-row["examples"] // oppu_defaults.batch_size)
+        assert oppu["extrapolated"] and oppu["steps_timed"] == report["oppu_steps_timed"] == 1
+        assert oppu["padded_tokens_full"] > oppu["padded_tokens_timed"] > 0
+        assert oppu["seconds"] == pytest.approx(oppu["timed_s"] * oppu["padded_tokens_full"]
+                                                / oppu["padded_tokens_timed"])
+        assert row["oppu_over_assembly"] == pytest.approx(oppu["seconds"] / row["assembly_s"])
+        assert row["rss_mb_after"] > 10
+    assert stdout.count("tiny 20 items:") >= 6   # progress: a line per measurement
+
+
+def test_stage5_bench_samples_batches_and_scales_by_padded_tokens(tmp_path):
+    report, _ = run_stage5_bench(tmp_path, "--max_batches", "1", "--sizes", "30")
+    row = report["models"]["tiny"]["users"]["30"]
+    sampled = row["sampled"]
+    assert sampled["examples"] == 16 and sampled["batches"] == 1   # one batch of stage 5's size
+    assert row["tokens"]["real"] == pytest.approx(row["examples"] * row["mean_example_tokens"])
+    assert sampled["scale"] == pytest.approx(row["tokens"]["padded"] / sampled["padded"])
+    assert row["assembly_s"] == pytest.approx(sampled["assembly_s"] * sampled["scale"])
+    assert row["floor_s"] == pytest.approx(sampled["floor_s"] * sampled["scale"])
