@@ -54,7 +54,7 @@ import torch  # noqa: E402
 from perpcs.data.tasks import get_task  # noqa: E402
 from perpcs.engine.training import collate, count_steps, make_batches, tokenize_example, train, user_seed  # noqa: E402
 from perpcs.method.composition import (ComposeSettings, Composer, assemble_user, composer_removed,  # noqa: E402
-                                       install_composer)
+                                       install_composer, micro_batch_overhead, micro_batches)
 from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed  # noqa: E402
 from perpcs.models.devices import autocast_context, resolve_device  # noqa: E402
 from perpcs.stages.common import fresh_lora, user_examples  # noqa: E402
@@ -104,15 +104,15 @@ def clock(fn, device, cpu: dict | None = None, key: str = ""):
 
 def instrument_composer(composer: Composer, device) -> dict:
     """The bench's only reach into the composer's internals: wall seconds spent in its per-piece scoring,
-    selection and mixing, today ``Composer.piece_for`` (each composed module calls it once per forward and gets
-    the mixed A and B back; the LoRA term itself is computed outside it). If the composer's hot path is renamed
-    or fused, adapt this function; when no known name is found, the report says so (hook None) and the split is
-    left out rather than guessed."""
+    selection and mixing, today ``Composer._summary`` (a forward's pooled input, once per module input) and
+    ``Composer._decide`` (scores, choice and mixed A and B, once per batch and piece); the LoRA term itself is
+    computed outside them. Not ``piece_for``: with micro-batches it also waits for the other micro-batches' turns.
+    If the composer's hot path is renamed or fused, adapt this function; when no known name is found, the report
+    says so (hook None) and the split is left out rather than guessed."""
     timing = {"seconds": 0.0, "cpu_seconds": 0.0, "calls": 0, "hook": None}
-    for name in ("piece_for",):
-        inner = getattr(composer, name, None)
-        if inner is None:
-            continue
+    names = [name for name in ("_summary", "_decide") if getattr(composer, name, None) is not None]
+    for name in names if len(names) == 2 else ():
+        inner = getattr(composer, name)
 
         def timed(*args, _inner=inner, **kwargs):
             sync(device)   # on CUDA: count the kernels, not their launch
@@ -125,8 +125,7 @@ def instrument_composer(composer: Composer, device) -> dict:
                 timing["cpu_seconds"] += time.process_time() - c0
                 timing["calls"] += 1
         setattr(composer, name, timed)   # an instance attribute: the class stays as it is
-        timing["hook"] = f"Composer.{name}"
-        break
+        timing["hook"] = " + ".join(f"Composer.{n}" for n in names)
     return timing
 
 
@@ -194,10 +193,16 @@ def make_user(words, n_items: int, n_queries: int, uid: str, word_median: float)
     return user, profile
 
 
-def padded_tokens(lengths: list, batches: list) -> tuple:
-    """(real, padded) tokens of index batches: a batch is as wide as its longest row."""
+def padded_tokens(lengths: list, batches: list, overhead: float | None = None) -> tuple:
+    """(real, padded) tokens of index batches: a batch is as wide as its longest row; with ``overhead`` (stage 5's
+    micro-batching) each batch runs as the length-sorted micro-batches assemble_user cuts it into."""
     real = sum(lengths[i] for b in batches for i in b)
-    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    if overhead is None:
+        return real, sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    padded = 0
+    for b in batches:
+        rows = [lengths[i] for i in b]
+        padded += sum(len(run) * max(rows[j] for j in run) for run in micro_batches(rows, overhead))
     return real, padded
 
 
@@ -315,6 +320,7 @@ def run_model(name: str, args, work: Path, report: dict) -> None:
     composer = Composer(pool, settings)
     install_composer(model, composer)
     hook = instrument_composer(composer, device)
+    overhead = micro_batch_overhead(args.split_batches, device)   # stage 5's default: length-sorted micro-batches
     generation = GenerationConfig(cpu_bf16=args.cpu_bf16)
     # one-time costs out of the first timed user: one batch of the shortest examples (cheap on any model)
     warm = sorted(users[args.sizes[0]][2], key=lambda t: len(t.input_ids))[:settings.batch_size]
@@ -333,7 +339,7 @@ def run_model(name: str, args, work: Path, report: dict) -> None:
         with peft_model.disable_adapter():
             (weights, batches), assembly_s = clock(lambda: assemble_user(
                 model, composer, subset, pad_id, device, user_seed(settings.seed, uid), f"user {uid}",
-                cpu_bf16=args.cpu_bf16), device, cpu, "assembly")
+                cpu_bf16=args.cpu_bf16, micro_batch_overhead=overhead), device, cpu, "assembly")
         hooked = hook["hook"] is not None
         cpu["scoring_mixing"] = hook["cpu_seconds"] if hooked else None
         log(f"{name} {n} items: assembly {assembly_s:.2f} s (CPU {cpu['assembly']:.2f} s) over {len(batches)} "
@@ -353,7 +359,7 @@ def run_model(name: str, args, work: Path, report: dict) -> None:
         preds, prediction_s = clock(predict, device, cpu, "prediction")
         log(f"{name} {n} items: prediction of {sum(len(r) for r in preds['predictions'].values())} prompts "
             f"(8 variants) {prediction_s:.2f} s (CPU {cpu['prediction']:.2f} s)")
-        real, padded = padded_tokens([len(t.input_ids) for t in subset], batches)
+        real, padded = padded_tokens([len(t.input_ids) for t in subset], batches, overhead)
         sampled = {"examples": len(subset), "batches": len(batches), "real": real, "padded": padded,
                    "assembly_s": assembly_s, "floor_s": floor_s, "scoring_mixing_s": hook["seconds"],
                    "cpu_s": {k: cpu[k] for k in ("assembly", "floor", "scoring_mixing")}} if subset is not tokenized \
@@ -361,7 +367,7 @@ def run_model(name: str, args, work: Path, report: dict) -> None:
         if sampled:   # the whole user: its batches drawn as stage 5 draws them (a seeded random order, batch 16)
             generator = torch.Generator().manual_seed(user_seed(settings.seed, uid))
             real_s, padded_s = real, padded
-            real, padded = padded_tokens(lengths, make_batches(len(tokenized), settings.batch_size, generator))
+            real, padded = padded_tokens(lengths, make_batches(len(tokenized), settings.batch_size, generator), overhead)
             scale = padded / padded_s
             assembly_s, floor_s, hook["seconds"] = assembly_s * scale, floor_s * scale, hook["seconds"] * scale
             for k in ("assembly", "floor", "scoring_mixing"):
@@ -421,6 +427,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 on a shared machine)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     p.add_argument("--cpu_bf16", action="store_true", help="bf16 autocast on the CPU (stage 5's --cpu_bf16)")
+    p.add_argument("--split_batches", action=argparse.BooleanOptionalAction, default=True,
+                   help="stage 5's micro-batches (its default); --no-split_batches: each batch in one padded pass, as "
+                        "published (the floor is always the published batches, one padded pass each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the JSON report here")
     args = p.parse_args(argv)
@@ -446,6 +455,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     report = {"quick": args.quick, "task": TASK, "device": args.device, "cpu_bf16": args.cpu_bf16,
+              "split_batches": args.split_batches,
               "torch_threads": torch.get_num_threads(), "load_before": os.getloadavg(),
               "sizes": args.sizes, "queries": args.queries, "seed": args.seed,
               "compose": asdict(ComposeSettings(seed=args.seed)),
