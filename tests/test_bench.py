@@ -197,7 +197,7 @@ def test_stage5_bench_quick_reports_every_part(tmp_path):
             assert row[key] > 0, key
         assert row["stage5_s"] == pytest.approx(row["build_s"] + row["tokenize_s"] + row["assembly_s"]
                                                 + row["prediction_s"])
-        assert row["scoring_mixing_hook"] == "Composer.piece_for"
+        assert row["scoring_mixing_hook"] == "Composer._summary + Composer._decide"
         # one scoring per piece per forward: the composer saw every batch of the user
         assert row["scoring_mixing_calls"] == model["pieces"] * row["batches"]
         assert row["batches"] == -(-row["examples"] // batch) and row["sampled"] is None
