@@ -114,8 +114,18 @@ def device_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
 
 
-# --device's text checked while parsing (an argparse type: the library has no argparse)
-FLAG_TYPES = {"--device": device_name}
+def users_per_batch(text: str):
+    """auto or a whole number >= 1."""
+    name = text.strip().lower()
+    if name == "auto":
+        return name
+    if name.isdigit() and int(name) >= 1:
+        return int(name)
+    raise argparse.ArgumentTypeError(f"expected auto or a whole number >= 1, got {text!r}")
+
+
+# --device's and --users_per_batch's text checked while parsing (an argparse type: the library has no argparse)
+FLAG_TYPES = {"--device": device_name, "--users_per_batch": users_per_batch}
 
 
 def _nested(cls) -> dict:

@@ -101,9 +101,12 @@ def stage_cases(pipe, out: Path) -> dict:
                     pipe.sharer_ids()),
         "gates": ("train_anchor_gate.py", train_anchor_gate.main, pipe.gate_args(out) + ["--max_step", "6"],
                   pipe.sharer_ids()),
+        # 2 users per prediction batch: the kill lands while the last user's group is still being worked on
         "composition": ("lora_composition.py", lora_composition.main,
-                        pipe.compose_args(out) + ["--max_gen_len", "16", "--save_adapters"], pipe.test_ids()),
-        "oppu": ("OPPU.py", OPPU.main, pipe.oppu_args(out) + ["--max_step", "3"], pipe.test_ids()),
+                        pipe.compose_args(out) + ["--max_gen_len", "16", "--save_adapters", "--users_per_batch", "2"],
+                        pipe.test_ids()),
+        "oppu": ("OPPU.py", OPPU.main, pipe.oppu_args(out) + ["--max_step", "3", "--users_per_batch", "2"],
+                 pipe.test_ids()),
         "profiles": ("data/gen_profile.py", gen_profile.main,
                      pipe.profile_args(out) + ["--max_gen_len", "8"],
                      sorted(json.loads(pipe.layout.profiles.read_text()))),
@@ -221,7 +224,10 @@ def test_disk_full_while_saving_a_sharer_adapter(pipe, tmp_path, capsys, monkeyp
     assert adapter_digests(out_dir) == adapter_digests(pipe.anchor_peft)
 
 
-def test_disk_full_while_writing_a_recipe(pipe, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("users_per_batch", ["1", "3"])
+def test_disk_full_while_writing_a_recipe(pipe, tmp_path, capsys, monkeypatch, users_per_batch):
+    """The first user's recipe stays; one user at a time, its predictions too; users predicted together lose the
+    group's predictions not written yet (the first user's: its group had not been predicted), never a file."""
     out_dir = tmp_path / "composition"
     first, failing = pipe.test_ids()[:2]
     real_replace = os.replace
@@ -232,11 +238,14 @@ def test_disk_full_while_writing_a_recipe(pipe, tmp_path, capsys, monkeypatch):
         return real_replace(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", full_disk)
-    err = cli_error(lora_composition.main, pipe.compose_args(out_dir), capsys)
+    err = cli_error(lora_composition.main, pipe.compose_args(out_dir) + ["--users_per_batch", users_per_batch],
+                    capsys)
     monkeypatch.undo()
     assert str(out_dir / "recipes" / f"user_{failing}.json") in err and "No space left" in err
     assert sorted(p.name for p in (out_dir / "recipes").iterdir()) == [f"user_{first}.json"]   # no temp file
-    assert sorted(p.name for p in (out_dir / "user_predictions").iterdir()) == [f"user_{first}.json"]
+    predicted = [f"user_{first}.json"] if users_per_batch == "1" else []
+    assert sorted(p.name for p in (out_dir / "user_predictions").glob("*")) == predicted
+    assert log_users(out_dir / "users_log.jsonl") == [first] * len(predicted)
     assert (out_dir / "recipes" / f"user_{first}.json").read_bytes() == \
         (pipe.composition / "recipes" / f"user_{first}.json").read_bytes()
 

@@ -412,7 +412,8 @@ def test_stage5_predicts_with_the_assembled_lora_through_peft(pipe, tmp_path, ca
 
     monkeypatch.setattr(target_users, "predict_one_user", spy)
     out_dir = tmp_path / "composition"
-    run(lora_composition.main, pipe.compose_args(out_dir) + ["--save_adapters"], capsys)
+    # one user at a time: the spy sees each user's adapter (batched users: tests/test_user_batches.py)
+    run(lora_composition.main, pipe.compose_args(out_dir) + ["--save_adapters", "--users_per_batch", "1"], capsys)
     assert sorted(seen["adapters"]) == sorted(pipe.test_ids())
     for uid, state in seen["adapters"].items():   # the active adapter is the recipe's, as materialize writes it
         saved = load_file(str(out_dir / "adapters" / f"user_{uid}" / "adapter_model.safetensors"))
@@ -439,7 +440,7 @@ def test_oppu_predicts_with_the_users_own_lora(pipe, tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(target_users, "predict_one_user", spy)
     out_dir = tmp_path / "oppu"
-    run(OPPU.main, pipe.oppu_args(out_dir) + ["--lr", "5e-2"], capsys)
+    run(OPPU.main, pipe.oppu_args(out_dir) + ["--lr", "5e-2", "--users_per_batch", "1"], capsys)
     assert not torch.allclose(seen["used"], seen["off"], atol=1e-4)
     expected = _reference_logits(pipe, out_dir / "adapters" / f"user_{seen['uid']}", seen["tokenizer"])
     torch.testing.assert_close(seen["used"], expected, **CLOSE)
@@ -528,7 +529,8 @@ def test_stage5_builds_a_users_examples_in_its_turn_only(pipe, tmp_path, capsys,
     import perpcs.stages.target_users as target_users
     events = _record_turns(monkeypatch, target_users)
     out_dir = tmp_path / "composition"
-    run(lora_composition.main, pipe.compose_args(out_dir), capsys)
+    one_at_a_time = ["--users_per_batch", "1"]   # a group's users are all assembled before their predictions
+    run(lora_composition.main, pipe.compose_args(out_dir) + one_at_a_time, capsys)
     uids = pipe.test_ids()
     assert events == [(what, uid) for uid in uids for what in ("examples", "predict")]
     assert file_digests(out_dir / "recipes") == file_digests(pipe.composition / "recipes")
@@ -537,7 +539,7 @@ def test_stage5_builds_a_users_examples_in_its_turn_only(pipe, tmp_path, capsys,
     # killed after the recipe, before the predictions: resumed from the recipe, no examples built
     (out_dir / "user_predictions" / f"user_{uids[1]}.json").unlink()
     events.clear()
-    run(lora_composition.main, pipe.compose_args(out_dir), capsys)
+    run(lora_composition.main, pipe.compose_args(out_dir) + one_at_a_time, capsys)
     assert events == [("predict", uids[1])]
     assert file_digests(out_dir / "predictions") == file_digests(pipe.composition / "predictions")
 
@@ -545,5 +547,5 @@ def test_stage5_builds_a_users_examples_in_its_turn_only(pipe, tmp_path, capsys,
 def test_oppu_builds_a_users_examples_in_its_turn(pipe, tmp_path, capsys, monkeypatch):
     import perpcs.stages.target_users as target_users
     events = _record_turns(monkeypatch, target_users)
-    run(OPPU.main, pipe.oppu_args(tmp_path / "OPPU"), capsys)
+    run(OPPU.main, pipe.oppu_args(tmp_path / "OPPU") + ["--users_per_batch", "1"], capsys)
     assert events == [(what, uid) for uid in pipe.test_ids() for what in ("examples", "predict")]

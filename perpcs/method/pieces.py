@@ -154,13 +154,14 @@ def composed_lora_model(model, pool: PiecePool):
              f"base model?")
 
 
-def load_composed(peft_model, pool: PiecePool, weights: dict) -> None:
-    """Load a user's assembled LoRA into composed_lora_model's adapter as peft loads a saved adapter: the tensors
-    pool.save_adapter writes (the sharers' dtype), copied into the adapter's (fp32) weights. Call it with the
-    composer's wrappers removed (their nesting would rename peft's keys)."""
+def load_composed(peft_model, pool: PiecePool, weights: dict, adapter_name: str = "default") -> None:
+    """Load a user's assembled LoRA into composed_lora_model's adapter (or another adapter of the same config,
+    ``adapter_name``: one per user of a batch) as peft loads a saved adapter: the tensors pool.save_adapter writes
+    (the sharers' dtype), copied into the adapter's (fp32) weights. Call it with the composer's wrappers removed
+    (their nesting would rename peft's keys)."""
     from peft import set_peft_model_state_dict
-    result = set_peft_model_state_dict(peft_model, pool.adapter_state_dict(weights))
-    missing = [k for k in result.missing_keys if "lora_" in k]
+    result = set_peft_model_state_dict(peft_model, pool.adapter_state_dict(weights), adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
     if result.unexpected_keys or missing:
         raise RuntimeError(f"the assembled LoRA does not fit the peft model: unexpected {result.unexpected_keys[:3]}, "
                            f"missing {missing[:3]}")

@@ -199,14 +199,14 @@ def is_complete_adapter(path) -> bool:
     return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
 
 
-def load_adapter_weights(peft_model, adapter_dir) -> None:
-    """Load a saved adapter's tensors into a peft model built with the same config, strictly: peft's own load
-    skips keys it does not know and keeps the fresh init of keys the file lacks, which would half-load an
-    adapter saved with other target modules or rank."""
+def load_adapter_weights(peft_model, adapter_dir, adapter_name: str = "default") -> None:
+    """Load a saved adapter's tensors into a peft model built with the same config (into its adapter
+    ``adapter_name``), strictly: peft's own load skips keys it does not know and keeps the fresh init of keys the
+    file lacks, which would half-load an adapter saved with other target modules or rank."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     saved = read_safetensors(path, "adapter weights")
-    expected = get_peft_model_state_dict(peft_model)
+    expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     shapes = sorted(k for k in set(saved) & set(expected) if tuple(saved[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or shapes:
@@ -215,4 +215,4 @@ def load_adapter_weights(peft_model, adapter_dir) -> None:
                     if v]
         fail(f"{path} does not fit this run's LoRA (--lora_r, --target_modules): {'; '.join(problems)}; delete "
              f"{adapter_dir} or pass --overwrite to train it again")
-    set_peft_model_state_dict(peft_model, saved)
+    set_peft_model_state_dict(peft_model, saved, adapter_name=adapter_name)

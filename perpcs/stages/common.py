@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -79,6 +80,53 @@ def run_per_user(users: list, is_done: Callable, work: Callable, desc: str, log_
     Returns {"done": [...], "skipped": [...]}; each finished user appends a line (time, stats) to log_path.
     ``staging``: the dirs (staging_dirs) where the staging a kill left of this shard's users is removed first.
     """
+    todo, skipped = pending_users(users, is_done, desc, num_shards, shard_id, overwrite, staging)
+    done = []
+    for uid, user in tqdm(todo, desc=desc, unit="user"):
+        t0 = time.perf_counter()
+        with disk_errors(desc, uid):
+            stats = work(uid, user) or {}
+            log_user(log_path, {"user_id": uid, "seconds": round(time.perf_counter() - t0, 3), **stats})
+        done.append(uid)
+    return {"done": done, "skipped": skipped}
+
+
+def run_user_groups(users: list, is_done: Callable, prepare: Callable, predict: Callable, group_size: int,
+                    desc: str, log_path: Path | None = None, num_shards: int = 1, shard_id: int = 0,
+                    overwrite: bool = False, staging=()) -> dict:
+    """run_per_user for stages that predict several users together: the users to do, ``group_size`` at a time;
+    ``prepare(uid, user) -> state`` for each user of a group in turn (its recipe or adapter written), then
+    ``predict([(uid, user, state)])``, a generator that writes each user's predictions file and yields
+    (uid, stats) after it: the user's log line follows at once, so a kill mid-group leaves every written file
+    logged and loses at most the predictions not written yet. A user's ``seconds``: its own preparation and an
+    equal share of the group's prediction time."""
+    todo, skipped = pending_users(users, is_done, desc, num_shards, shard_id, overwrite, staging)
+    done = []
+    with tqdm(total=len(todo), desc=desc, unit="user") as bar:
+        for start in range(0, len(todo), group_size):
+            group, prepared, seconds = todo[start:start + group_size], [], {}
+            for uid, user in group:
+                t0 = time.perf_counter()
+                with disk_errors(desc, uid):
+                    prepared.append((uid, user, prepare(uid, user)))
+                seconds[uid] = time.perf_counter() - t0
+            t0, share = time.perf_counter(), None
+            current = group[0][0]
+            with disk_errors(desc, lambda: current):
+                for uid, stats in predict(prepared):
+                    share = (time.perf_counter() - t0) / len(group) if share is None else share
+                    log_user(log_path, {"user_id": uid, "seconds": round(seconds[uid] + share, 3),
+                                        "users_predicted_together": len(group), **(stats or {})})
+                    done.append(uid)
+                    bar.update(1)
+                    current = next((u for u, _ in group if u not in done), uid)
+    return {"done": done, "skipped": skipped}
+
+
+def pending_users(users: list, is_done: Callable, desc: str, num_shards: int, shard_id: int, overwrite: bool,
+                  staging) -> tuple:
+    """([(uid, user)] of this shard still to do, [uids done]); the staging a kill left of this shard's users
+    removed first."""
     mine = shard_users(users, num_shards, shard_id)
     # only this shard's users: other shards may be writing theirs into the same folders right now
     removed = remove_orphaned_staging(staging, [user_file_name(uid, suffix) for uid, _ in mine
@@ -90,22 +138,28 @@ def run_per_user(users: list, is_done: Callable, work: Callable, desc: str, log_
     skipped = [uid for uid, _ in mine if uid in finished]
     print(f"{desc}: {len(mine)} users in shard {shard_id}/{num_shards}, {len(skipped)} already done, "
           f"{len(todo)} to do")
-    done = []
-    for uid, user in tqdm(todo, desc=desc, unit="user"):
-        t0 = time.perf_counter()
-        try:
-            stats = work(uid, user) or {}
-            record = {"user_id": uid, "seconds": round(time.perf_counter() - t0, 3), **stats}
-            if log_path is not None:
-                Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-        except OSError as err:   # disk full, read-only output dir: say where, keep what is finished
-            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-            fail(f"{desc}: user {uid!r}: {err.strerror or err}{where}; users finished before are intact, "
-                 f"run again to resume")
-        done.append(uid)
-    return {"done": done, "skipped": skipped}
+    return todo, skipped
+
+
+def log_user(log_path: Path | None, record: dict) -> None:
+    """One finished user's line in users_log.jsonl."""
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@contextmanager
+def disk_errors(desc: str, uid):
+    """Disk full, read-only output dir: say where and for which user (``uid``, or a callable giving it), keep what
+    is finished."""
+    try:
+        yield
+    except OSError as err:
+        who = uid() if callable(uid) else uid
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        fail(f"{desc}: user {who!r}: {err.strerror or err}{where}; users finished before are intact, "
+             f"run again to resume")
 
 
 def user_dir(root, uid: str) -> Path:
@@ -212,19 +266,21 @@ def user_examples(task, user, profiles, profiles_path, index, users_path, recent
     return examples
 
 
-def fresh_lora(model, lora: LoraSettings, seed: int):
+def fresh_lora(model, lora: LoraSettings, seed: int, adapter_name: str = "default"):
     """A new peft LoRA on the shared (base + task) model, its A init seeded per user."""
     from peft import get_peft_model
     from transformers import set_seed
 
     from perpcs.models.lora import lora_config
     set_seed(seed)
-    return get_peft_model(model, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
+    return get_peft_model(model, lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules),
+                          adapter_name=adapter_name)
 
 
-def user_record(uid: str, examples: list, stats: dict, prompts: dict | None = None) -> dict:
-    """What a per-user stage logs for a user (users_log.jsonl), with how many examples/prompts were shortened."""
-    return {"examples": len(examples), "tokens": stats["tokens"], "last_loss": stats["last_loss"],
+def user_record(uid: str, examples, stats: dict, prompts: dict | None = None) -> dict:
+    """What a per-user stage logs for a user (users_log.jsonl), with how many examples/prompts were shortened;
+    ``examples``: the user's examples, or how many."""
+    return {"examples": examples if isinstance(examples, int) else len(examples), "tokens": stats["tokens"], "last_loss": stats["last_loss"],
             "train_seconds": round(stats["seconds"], 3),
             "truncated": user_entry(uid, stats.get("truncated"), prompts)}
 

@@ -17,6 +17,7 @@ from perpcs.checks import (COUNT, DROPOUT, FRACTION, NON_NEGATIVE_INT, POSITIVE,
                            setting)
 from perpcs.data.prompts import MAX_SEQ_LEN_HELP, check_max_seq_len
 from perpcs.data.tasks import TASK_NAMES_HELP, get_task
+from perpcs.engine.generation import AUTO, AUTO_USERS_PER_BATCH
 from perpcs.engine.training import TrainConfig
 from perpcs.errors import fail
 from perpcs.method.composition import ComposeSettings
@@ -35,6 +36,26 @@ def test_split_setting():
     return setting("test", choices=("test", "leaderboard"),
                    help="the users to predict: test (data/<task>/test_100, with golds) or leaderboard (LaMP's test "
                         "questions, data/<task>/leaderboard; outputs under <output_dir>/leaderboard/)")
+
+
+def users_per_batch_setting():
+    """--users_per_batch of the stages that predict target users (stage 5 and its controls, OPPU)."""
+    return setting(AUTO, help="users predicted together, each prompt on its own user's LoRA: their prompts sorted "
+                   "by length into batches of --gen_batch_size, so fewer, fuller, less padded batches than one user "
+                   "at a time, with the same greedy outputs; 1 is one user at a time; auto "
+                   f"is {AUTO_USERS_PER_BATCH['cpu']} on the CPU and {AUTO_USERS_PER_BATCH['cuda']} on CUDA with "
+                   "--temperature 0, and 1 when sampling (a user's draws would depend on the users beside it)")
+
+
+def check_users_per_batch(value, temperature: float) -> None:
+    """auto or a whole number >= 1; more than 1 only for greedy decoding (resolve_users_per_batch says why)."""
+    if value == AUTO:
+        return
+    COUNT.check("--users_per_batch", value)
+    if value > 1 and temperature > 0:
+        fail(f"--users_per_batch {value} with --temperature {temperature}: sampled predictions are drawn one user "
+             f"at a time (batched with other users, a user's draws would depend on them, so on the shards and on "
+             f"resumes); pass --temperature 0 to batch users, or --users_per_batch 1 (auto)")
 
 
 def output_dir_setting(default_text: str):
@@ -234,8 +255,12 @@ class CompositionStage:
                                   "(anchor_selection/history_anchor.py --encoder); default: the encoder recorded in "
                                   "the sharer index, else the bundled all-MiniLM-L6-v2")
 
+    # not recorded with the predictions nor compared on resume: it changes how fast they come, not what they are
+    users_per_batch: int | str = users_per_batch_setting()
+
     def __post_init__(self):
         check_settings(self)
+        check_users_per_batch(self.users_per_batch, self.generation.temperature)
         lengths(self.inputs, self.generation.max_gen_len, self.max_seq_len, self.generation.max_seq_len)
 
 
@@ -250,8 +275,11 @@ class OPPUStage:
     shards: ShardConfig = setting(default_factory=ShardConfig)
     output_dir: str | Path | None = output_dir_setting("default ./output/<task>/OPPU")
     test_split: str = test_split_setting()   # "leaderboard": LaMP's test questions, outputs under .../leaderboard
+    # not recorded with the predictions nor compared on resume: it changes how fast they come, not what they are
+    users_per_batch: int | str = users_per_batch_setting()
 
     def __post_init__(self):
+        check_users_per_batch(self.users_per_batch, self.generation.temperature)
         lengths(self.inputs, self.generation.max_gen_len, self.train.max_seq_len, self.generation.max_seq_len)
 
 

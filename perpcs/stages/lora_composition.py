@@ -26,8 +26,9 @@ from perpcs.stages.common import (last_per_user, lazy, load_merged_base, load_sh
                                   refuse_other_settings, users_data)
 from perpcs.stages.config import CompositionStage, StageInputs
 from perpcs.stages.manifest import canonical_sha256
-from perpcs.stages.target_users import TargetRun, target_run
+from perpcs.stages.target_users import TargetRun, target_run, users_per_batch
 
+USER_ADAPTER = "default"   # composed_lora_model's adapter (peft's default name)
 RETRIEVAL_MAX_LENGTH = 512   # --control nearest_sharer: tokens per history item, stage 2's default --max_length
 
 
@@ -225,7 +226,7 @@ def compose_users(cfg: CompositionStage, run: TargetRun, pool: PiecePool, inputs
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return model, peft_model, tokenizer, device, composer, pad_id
 
-    def work(uid, user):
+    def prepare(uid, user):   # the user's recipe (written, or read back), its adapter if asked: (weights, stats)
         model, peft_model, tokenizer, device, composer, pad_id = engine()
         source = history_of.get(uid, uid)   # swapped: the partner's history and seed, so its Per-Pcs recipe
         seed = user_seed(settings.seed, source)
@@ -272,13 +273,23 @@ def compose_users(cfg: CompositionStage, run: TargetRun, pool: PiecePool, inputs
             timing["assembly_seconds"] = round(seconds, 4)
         if cfg.save_adapters:
             pool.save_adapter(weights, out_root / "adapters" / user_file_name(uid))
-        with composer_removed(model):   # predicted as OPPU is: peft's LoRA layers on base + task model
-            load_composed(peft_model, pool, weights)
-            shortened = run.predict(peft_model, tokenizer, device, uid, cfg.generation, predicted_from(uid))
-        return {**timing, "truncated": user_entry(uid, assembly_cuts, shortened)}
+        return weights, (timing, assembly_cuts)
 
-    run.run(lambda uid: recipe_path(out_root, uid).is_file() and run.predictions_path(uid).is_file()
-            and not scores_missing(uid), work, "composition", cfg.shards)
+    def predict(group):   # [(uid, user, prepare's)]: each user's LoRA in its own adapter, their rows batched
+        model, peft_model, tokenizer, device, _, _ = engine()
+        with composer_removed(model):   # predicted as OPPU is: peft's LoRA layers on base + task model
+            names = user_adapters(peft_model, len(group))
+            for name, (_, _, (weights, _)) in zip(names, group):
+                load_composed(peft_model, pool, weights, adapter_name=name)
+            for uid, shortened in run.predict_group(peft_model, tokenizer, device, [uid for uid, _, _ in group],
+                                                    cfg.generation, predicted_from,
+                                                    names if len(group) > 1 else None):
+                timing, assembly_cuts = next(state[1] for u, _, state in group if u == uid)
+                yield uid, {**timing, "truncated": user_entry(uid, assembly_cuts, shortened)}
+
+    run.run_groups(lambda uid: recipe_path(out_root, uid).is_file() and run.predictions_path(uid).is_file()
+                   and not scores_missing(uid), prepare, predict, "composition", cfg.shards,
+                   users_per_batch(cfg.users_per_batch, cfg.inputs.model.device, cfg.generation.temperature))
     report_stage("composition", log_totals(run.log_path, run.uids))
     if run.combine():
         write_summary(out_root, pool, run.uids)
@@ -303,18 +314,31 @@ def merge_control(cfg: CompositionStage, run: TargetRun, pool: PiecePool, shared
         write_json_atomic(source_path, wanted)
         return peft_model, tokenizer, device
 
-    def work(uid, user):
+    def predict(group):   # one adapter for every user: their rows batched on it
         peft_model, tokenizer, device = engine()
-        shortened = run.predict(peft_model, tokenizer, device, uid, cfg.generation, predicted_from(uid))
-        return {"truncated": user_entry(uid, None, shortened)}
+        for uid, shortened in run.predict_group(peft_model, tokenizer, device, [uid for uid, _, _ in group],
+                                                cfg.generation, predicted_from):
+            yield uid, {"truncated": user_entry(uid, None, shortened)}
 
-    run.run(lambda uid: run.predictions_path(uid).is_file(), work, "composition", cfg.shards)
+    run.run_groups(lambda uid: run.predictions_path(uid).is_file(), lambda uid, user: None, predict, "composition",
+                   cfg.shards, users_per_batch(cfg.users_per_batch, cfg.inputs.model.device,
+                                               cfg.generation.temperature))
     if run.combine():
         size = adapter_bytes(out_root / "adapter")
         write_json_atomic(out_root / "summary.json", {"control": "peft_merge", "n_users": len(run.uids),
                                                       "n_sharers": len(pool), "adapter_bytes": size})
         print(f"summary: one merged adapter for all users ({format_bytes(size)}) -> {out_root / 'summary.json'}")
     return out_root
+
+
+def user_adapters(peft_model, n: int) -> list:
+    """The names of n adapters of composed_lora_model's config on ``peft_model``, one per user of a prediction
+    batch: its own adapter first, the others added once (the composer's wrappers removed) and reused."""
+    names = [USER_ADAPTER] + [f"user_slot_{i}" for i in range(1, n)]
+    for name in names[1:]:
+        if name not in peft_model.peft_config:
+            peft_model.add_adapter(name, peft_model.peft_config[USER_ADAPTER])
+    return names
 
 
 def write_summary(out_root: Path, pool: PiecePool, uids: list) -> dict:

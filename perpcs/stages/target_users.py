@@ -13,12 +13,13 @@ from typing import Callable
 from perpcs.atomic import write_json_atomic
 from perpcs.data.layout import Layout, profile_text, read_json, user_id
 from perpcs.data.tasks import Task, get_task
-from perpcs.engine.generation import predict_variants, write_variant_files
+from perpcs.engine.generation import (AUTO, predict_users, predict_variants, resolve_users_per_batch,
+                                     write_variant_files)
 from perpcs.errors import fail
 from perpcs.models.provenance import refuse_other_sources
 from perpcs.paths import default_dirs, split_output_dir, user_file_name
-from perpcs.stages.common import (refuse_other_settings, run_per_user, stage_manifest, staging_dirs, user_examples,
-                                  users_data)
+from perpcs.stages.common import (refuse_other_settings, run_per_user, run_user_groups, stage_manifest, staging_dirs,
+                                  user_examples, users_data)
 from perpcs.stages.config import GenerationConfig, ModelConfig, ShardConfig, StageInputs
 from perpcs.stages.manifest import RunManifest, open_run
 
@@ -84,6 +85,26 @@ class TargetRun:
         write_json_atomic(self.predictions_path(uid), preds)
         return shortened
 
+    def predict_group(self, model, tokenizer, device, uids: list, generation: GenerationConfig, made_from: Callable,
+                      adapter_names: list | None = None):
+        """Several users' predictions generated together (``adapter_names``: one peft adapter per user, each user's
+        rows on its own; None: every row on the model as it is): their rows sorted by length and cut into batches
+        of --gen_batch_size rows, so less padding and fewer, fuller batches than one user at a time; then each
+        user's file written as ``predict`` writes it, yielding (uid, how many prompts were shortened) after each.
+        One user: ``predict`` itself."""
+        if len(uids) == 1 and adapter_names is None:
+            yield uids[0], self.predict(model, tokenizer, device, uids[0], generation, made_from(uids[0]))
+            return
+        shortened = []
+        users = [self.test_users[self.index[uid]] for uid in uids]
+        preds = predict_users(model, tokenizer, self.task, users, self.profiles, device, k_list=generation.k_list,
+                              max_new_tokens=generation.max_gen_len, profiles_path=self.layout.profiles,
+                              shortened=shortened, adapter_names=adapter_names, **generation.kwargs())
+        for uid, user_preds, counts in zip(uids, preds, shortened):
+            write_json_atomic(self.predictions_path(uid), predictions_record(self.task, generation, user_preds,
+                                                                             made_from(uid)))
+            yield uid, counts
+
     def check_predictions(self, generation: GenerationConfig, made_from: Callable) -> None:
         check_existing_predictions(self.out_root, self.uids, generation.recorded(self.task), False, made_from)
 
@@ -95,6 +116,13 @@ class TargetRun:
         """``work(uid, user)`` for this shard's users not done yet (stages.common.run_per_user)."""
         return run_per_user(self.users, is_done, work, desc, self.log_path, *shards.resolve(), shards.overwrite,
                             staging_dirs(self.out_root))
+
+    def run_groups(self, is_done: Callable, prepare: Callable, predict: Callable, desc: str, shards: ShardConfig,
+                   group_size: int) -> dict:
+        """``prepare`` each user of this shard not done yet, ``predict`` them ``group_size`` at a time
+        (stages.common.run_user_groups)."""
+        return run_user_groups(self.users, is_done, prepare, predict, group_size, desc, self.log_path,
+                               *shards.resolve(), shards.overwrite, staging_dirs(self.out_root))
 
     def combine(self) -> bool:
         return combine_user_predictions(self.out_root, self.task, self.test_users)
@@ -109,6 +137,15 @@ def target_run(inputs: StageInputs, test_split: str, output_dir, default: Callab
     out_root = split_output_dir(output_dir or default(dirs), test_split)
     test_users, _ = layout.load_targets(test_split)
     return TargetRun(task, layout, dirs, out_root, test_split, test_users, layout.load_profiles())
+
+
+def users_per_batch(value, device: str, temperature: float) -> int:
+    """--users_per_batch resolved on the device the run uses (engine.generation.resolve_users_per_batch); the
+    device is resolved only for auto with greedy decoding."""
+    if value == AUTO and temperature == 0:
+        from perpcs.models.devices import resolve_device
+        device = resolve_device(device)
+    return resolve_users_per_batch(value, device, temperature)
 
 
 def check_histories(task, users: list, profiles, profiles_path, users_path) -> None:
@@ -132,6 +169,12 @@ def predict_one_user(model, tokenizer, task, user, profiles, profiles_path, devi
     preds = predict_variants(model, tokenizer, task, [user], profiles, device, k_list=gen.k_list,
                              max_new_tokens=gen.max_gen_len, profiles_path=profiles_path, shortened=shortened,
                              **gen.kwargs())
+    return predictions_record(task, gen, preds, made_from)
+
+
+def predictions_record(task, gen: GenerationConfig, preds: dict, made_from: dict | None) -> dict:
+    """A per-user predictions file: the generation settings that decide them (not how many users shared a batch:
+    greedy outputs are the same, and sampling predicts one user at a time), what they were made from, the rows."""
     return {"settings": gen.recorded(task), **({"made_from": made_from} if made_from is not None else {}),
             "predictions": {stem: [list(r) for r in rows] for stem, rows in preds.items()}}
 
