@@ -114,7 +114,7 @@ def instrument_composer(composer: Composer, device) -> dict:
     for name in names if len(names) == 2 else ():
         inner = getattr(composer, name)
 
-        def timed(*args, _inner=inner, **kwargs):
+        def timed(*args, _inner=inner, name=name, **kwargs):
             sync(device)   # on CUDA: count the kernels, not their launch
             c0, t0 = time.process_time(), time.perf_counter()
             try:
@@ -123,7 +123,7 @@ def instrument_composer(composer: Composer, device) -> dict:
                 sync(device)
                 timing["seconds"] += time.perf_counter() - t0
                 timing["cpu_seconds"] += time.process_time() - c0
-                timing["calls"] += 1
+                timing["calls"] += name == "_decide"   # once per batch and piece
         setattr(composer, name, timed)   # an instance attribute: the class stays as it is
         timing["hook"] = " + ".join(f"Composer.{n}" for n in names)
     return timing
