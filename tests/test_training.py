@@ -592,3 +592,11 @@ def test_profile_prompt_takes_the_last_k_items(tiny):
     prompt = profile_prompt(task, items, 2)
     assert [i for i in range(5) if f"article number {i}" in prompt] == [3, 4]
     assert [i for i in range(5) if f"article number {i}" in profile_prompt(task, items, 0)] == list(range(5))
+
+
+def test_the_progress_bar_says_its_loss_is_an_average_of_the_last_steps():
+    """The bar's loss is a mean over recent steps, labelled so, not an unlabelled number beside "last loss"."""
+    from perpcs.engine.training import progress_loss
+    losses = [float(i) for i in range(15)]
+    assert progress_loss(losses) == f"loss (avg of last 10 steps) {np.mean(losses[-10:]):.4f}"   # 9.5, not 14
+    assert progress_loss([0.8, 0.4, 0.3]) == "loss (avg of last 3 steps) 0.5000"
