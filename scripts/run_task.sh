@@ -29,6 +29,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then   # the project's venv (make setup) unless PY says otherwise
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 fi
+command -v "$PY" >/dev/null || { echo "error: no Python interpreter '$PY' here: set PY (e.g. PY=.venv/bin/python)" >&2; exit 2; }
 # the task's project name from the Python task registry (the one list of names and spellings); exit 2 if unknown
 TASK=$(PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c '
 import sys
