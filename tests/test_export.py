@@ -290,3 +290,11 @@ def test_each_adapter_has_a_model_card_and_a_config_peft_017_reads(pipe, outputs
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
     assert json.loads((exported / "base" / "tokenizer_config.json").read_text())["tokenizer_class"] != \
         "TokenizersBackend"
+
+
+def test_the_compatibility_check_script_is_valid_bash():
+    """bench/check_export_compat.sh (run by hand: it builds a second venv from PyPI) at least parses."""
+    import subprocess
+    result = subprocess.run(["bash", "-n", str(ROOT / "bench" / "check_export_compat.sh")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
