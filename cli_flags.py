@@ -15,7 +15,7 @@ import re
 import sys
 import typing
 
-from perpcs.checks import NON_NEGATIVE_INT, Range, flag_names  # noqa: F401  (NON_NEGATIVE_INT: OPPU.py's --k)
+from perpcs.checks import NON_NEGATIVE_INT, Range, flag_names  # noqa: F401
 from perpcs.data.prompts import check_max_seq_len
 from perpcs.data.tasks import get_task
 from perpcs.engine.training import TrainConfig
@@ -104,6 +104,26 @@ def check_profile_flags(args) -> None:
 def add_alias(p: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> None:
     """Another spelling of a flag, accepted but not shown in --help (one spelling there)."""
     p.add_argument(flag, dest=dest, default=None, help=argparse.SUPPRESS, **kwargs)
+
+
+def add_release_flags(p: argparse.ArgumentParser) -> None:
+    """The OPPU release's spellings (its task_LoRA.py and OPPU.py): --k K predicts with BM25 top-K (0: none),
+    --add_profile (both with- and without-profile predictions are always written here)."""
+    p.add_argument("--k", type=number("--k", NON_NEGATIVE_INT), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--add_profile", action="store_true", help=argparse.SUPPRESS)
+
+
+def apply_release_flags(args: argparse.Namespace) -> argparse.Namespace:
+    """--k and --add_profile (add_release_flags) in this project's terms, each with a one-line note; dropped."""
+    if args.k is not None:   # 0: no retrieval
+        args.k_list = [args.k] if args.k > 0 else []
+        print(f"note: --k {args.k} (the OPPU release's flag) means --k_list {' '.join(map(str, args.k_list))}"
+              + (" (no retrieval)" if not args.k_list else ""))
+    if args.add_profile:
+        print("note: --add_profile (the OPPU release's flag): predictions with and without the profile are both "
+              "written here (k*-profile.json and k*.json)")
+    del args.k, args.add_profile
+    return args
 
 
 def device_name(text: str) -> str:

@@ -15,7 +15,8 @@ from perpcs.stages.config import TaskLoRAStage  # noqa: E402
 def parse_args(argv=None):
     p = cli.stage_parser(__doc__)
     cli.add_config_flags(p, TaskLoRAStage)   # each flag's default, help and range: the config's fields
-    return cli.parse(p, argv)
+    cli.add_release_flags(p)                 # the OPPU release's task_LoRA.py spellings: --k K, --add_profile
+    return cli.apply_release_flags(cli.parse(p, argv))
 
 
 def main(argv=None):

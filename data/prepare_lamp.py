@@ -35,7 +35,8 @@ def main(argv=None):
                    "news_headline, scholarly_title, tweet_paraphrase (or the LaMP id: LaMP_1 ... LaMP_7, LaMP_2M, LaMP_2N; LaMP_2 is "
                    "detected from the questions' prompt)")
     p.add_argument("--lamp_dir", required=True, help="the task's LaMP folder: train/ dev/ test/ subfolders or flat "
-                   "train_questions.json / train_outputs.json (dev_*, test_questions.json optional)")
+                   "train_questions.json / train_outputs.json (dev_*, test_questions.json optional; test_questions.json "
+                   "alone writes the leaderboard split only)")
     p.add_argument("--out_dir", default="data", help="the layout goes to <out_dir>/<task>/")
     p.add_argument("--n_test", type=checked("--n_test", NON_NEGATIVE_INT), default=100,
                    help="test users: those with the longest history")

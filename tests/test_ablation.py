@@ -474,15 +474,28 @@ def parse_with_script(path: Path, args: list):
     return parsed.value.namespace
 
 
-def run_task_commands(tmp_path, env_extra=None, dry_run=True):
-    """Run a copy of run_task.sh in an empty tree (so no step is done) and return the printed commands as
-    (working dir relative to the repo, argv)."""
+def fake_python(path: Path, body: str = "") -> Path:
+    """An interpreter for run_task.sh that runs ``body`` (sh) for each step, and is the real Python for the
+    script's own task lookup (``-c``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then exec {shlex.quote(sys.executable)} "$@"; fi\n{body}\n')
+    path.chmod(0o755)
+    return path
+
+
+def run_task_commands(tmp_path, env_extra=None, dry_run=True, task="movie_tagging"):
+    """Run a copy of run_task.sh in an empty tree (so no step is done; perpcs/ linked in for the task lookup, and
+    the default interpreter ``python`` on PATH) and return the printed commands as (working dir relative to the
+    repo, argv)."""
     (tmp_path / "scripts").mkdir(exist_ok=True)
     (tmp_path / "scripts" / "run_task.sh").write_text(RUN_TASK.read_text())
-    env = {"PATH": "/usr/bin:/bin", "LAMP_DIR": "/raw/lamp", **(env_extra or {})}
+    if not (tmp_path / "perpcs").exists():
+        (tmp_path / "perpcs").symlink_to(REPO / "perpcs")
+    fake_python(tmp_path / "bin" / "python")
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "LAMP_DIR": "/raw/lamp", **(env_extra or {})}
     if dry_run:
         env["DRY_RUN"] = "1"
-    result = subprocess.run(["bash", str(tmp_path / "scripts/run_task.sh"), "movie_tagging"], env=env,
+    result = subprocess.run(["bash", str(tmp_path / "scripts/run_task.sh"), task], env=env,
                             capture_output=True, text=True, timeout=60)
     commands = []
     for line in result.stdout.splitlines():
@@ -524,10 +537,41 @@ def test_run_task_flags_exist_in_each_scripts_parser(tmp_path):
 
 
 def test_run_task_variables_reach_the_commands(tmp_path):
-    _, commands = run_task_commands(tmp_path, {"PY": "/opt/py", "LLAMA": "/m/llama", "DEVICE": "cpu"})
+    py = str(fake_python(tmp_path / "opt" / "py"))
+    _, commands = run_task_commands(tmp_path, {"PY": py, "LLAMA": "/m/llama", "DEVICE": "cpu"})
     task_lora = next(argv for _, argv in commands if argv[1] == "task_LoRA.py")
-    assert task_lora == ["/opt/py", "task_LoRA.py", "--task_name", "movie_tagging", "--llama_model_path",
+    assert task_lora == [py, "task_LoRA.py", "--task_name", "movie_tagging", "--llama_model_path",
                          "/m/llama", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("spelling", ["LaMP_3", "LaMP-3", "lamp3", "product_rating"])
+def test_run_task_takes_every_task_spelling_of_the_python_tools(tmp_path, spelling):
+    result, commands = run_task_commands(tmp_path, task=spelling)
+    assert result.returncode == 0, result.stderr
+    task_names = [argv[argv.index("--task_name") + 1] for _, argv in commands if "--task_name" in argv]
+    assert len(task_names) == len(commands) - 1 and set(task_names) == {"product_rating"}   # eval_all: no task
+    assert "data/product_rating/user_anchor_candidate.json" in " ".join(commands[3][1])
+
+
+def test_run_task_refuses_an_unknown_task_with_the_registrys_message(tmp_path):
+    result, commands = run_task_commands(tmp_path, task="LaMP_9")
+    assert result.returncode == 2 and commands == [] and "unknown task 'LaMP_9'" in result.stderr
+    result, _ = run_task_commands(tmp_path, task="LaMP_2")
+    assert result.returncode == 2 and "ambiguous" in result.stderr
+
+
+def test_run_task_passes_extra_flags_and_sharer_k(tmp_path):
+    result, commands = run_task_commands(tmp_path, {"EXTRA_OPPU": "--epochs 3 --lr 1e-4", "SHARER_K": "7",
+                                                    "EXTRA_TASK_LORA": "--max_step 2"})
+    assert result.returncode == 0, result.stderr
+    by_script = {argv[1]: argv for _, argv in commands}
+    assert by_script["OPPU.py"][-4:] == ["--epochs", "3", "--lr", "1e-4"]
+    assert by_script["task_LoRA.py"][-2:] == ["--max_step", "2"]
+    step_2 = by_script["history_anchor.py"]
+    assert step_2[step_2.index("--k") + 1] == "7"
+    assert "--epochs" not in by_script["lora_composition.py"] and "--max_step" not in by_script["OPPU.py"]
+    oppu = parse_with_script(REPO / "OPPU.py", by_script["OPPU.py"][2:])
+    assert (oppu.epochs, oppu.lr) == (3, 1e-4)
 
 
 def test_run_task_encoder_is_the_papers_unless_encoder_says_otherwise(tmp_path):
@@ -549,9 +593,7 @@ def test_run_task_encoder_is_the_papers_unless_encoder_says_otherwise(tmp_path):
 def test_run_task_skips_finished_steps_and_runs_step_2_in_anchor_selection(tmp_path):
     """A real (not dry) run with a fake interpreter that logs its working dir and arguments."""
     log = tmp_path / "calls.log"
-    fake_py = tmp_path / "fakepy"
-    fake_py.write_text(f'#!/bin/sh\necho "$(basename "$PWD") $*" >> {log}\n')
-    fake_py.chmod(0o755)
+    fake_py = fake_python(tmp_path / "fakepy", f'echo "$(basename "$PWD") $*" >> {log}')
     (tmp_path / "anchor_selection").mkdir()
     out = tmp_path / "output/movie_tagging"
     for done in ["task-base_LLM/predictions/k4-profile.json", "task-base_LLM/predictions/kNP.json",

@@ -10,8 +10,8 @@ import pytest
 import lora_composition
 from perpcs.data.prepare import prepare_lamp
 from perpcs.data.sample import generate, sample_groups, write_sample
-from perpcs.evaluation.explain import (agreement, explain, explain_recipe, load_recipes, read_groups, routing,
-                                      weight_grid)
+from perpcs.evaluation.explain import (agreement, explain, explain_recipe, heatmap_pieces, load_recipes, read_groups,
+                                      routing, weight_grid)
 from perpcs.method.recipes import RECIPE_FORMAT
 from pipeline_fixture import one_thread, pipe  # noqa: F401  (fixtures)
 from pipeline_fixture import ROOT, TASK, file_digests
@@ -58,11 +58,25 @@ def test_explain_sums_equal_the_recipe():
     assert info["entropy_bits"] == pytest.approx(-sum(p * math.log(p) for p in shares if p) / math.log(2))
     # per piece: the heatmap's column and the (layer, module) cell are the recipe's entries
     grid = weight_grid(rec, info["sharers"])
-    for j, (piece, ws) in enumerate(rec["pieces"].items()):
-        expected = dict((u, w) for u, w in ws)
+    for j, piece in enumerate(heatmap_pieces(rec)):
+        expected = dict((u, w) for u, w in rec["pieces"][piece])
         assert {s: grid[i][j] for i, s in enumerate(info["sharers"]) if grid[i][j]} == pytest.approx(expected)
         la, mod = int(piece.split(".")[2]), piece.split(".")[-1]
         assert info["cells"][(la, mod)] == pytest.approx(expected)
+
+
+def test_heatmap_columns_go_by_layer_number_not_as_text():
+    """A recipe saved with sorted keys lists layer 10 before layer 2: the heatmap still runs 0, 1, 2, ..., 11."""
+    rec = random_recipe(random.Random(5), layers=12, modules=("q_proj", "v_proj"))
+    rec["pieces"] = dict(sorted(rec["pieces"].items()))   # as json.dumps(sort_keys=True) writes it
+    assert list(rec["pieces"])[4].startswith("model.layers.10.")
+    order = heatmap_pieces(rec)
+    assert [int(p.split(".")[2]) for p in order] == [la for la in range(12) for _ in range(2)]
+    assert [p.rsplit(".", 1)[1] for p in order[:2]] == ["q_proj", "v_proj"]   # within a layer: the recipe's order
+    grid = weight_grid(rec, rec["sharers"])
+    column = order.index("model.layers.2.self_attn.v_proj")
+    assert {s: grid[i][column] for i, s in enumerate(rec["sharers"]) if grid[i][column]} == \
+        pytest.approx(dict(rec["pieces"]["model.layers.2.self_attn.v_proj"]))
 
 
 def test_one_sharer_everywhere_has_zero_entropy_and_uniform_has_log2_s():

@@ -30,6 +30,12 @@ def outputs(pipe, tmp_path_factory):
                      (pipe.anchor_gate, "Anchor_PEFT/gate"), (pipe.composition, "LoRA-Composition")):
         shutil.copytree(src, root / rel)
     run_cli(lambda: OPPU.main(pipe.oppu_args(root / "OPPU")))
+    # leaderboard outputs (--test_split leaderboard writes them under leaderboard/): a test user's, renamed
+    uid = pipe.test_ids()[0]
+    shutil.copytree(root / "OPPU" / "adapters" / f"user_{uid}", root / "OPPU/leaderboard/adapters/user_lb1")
+    (root / "LoRA-Composition/leaderboard/recipes").mkdir(parents=True)
+    shutil.copyfile(root / "LoRA-Composition/recipes" / f"user_{uid}.json",
+                    root / "LoRA-Composition/leaderboard/recipes/user_lb1.json")
     return root
 
 
@@ -56,14 +62,14 @@ def stage_predictions(pipe, adapter: Path, predictions_file: Path, base=None) ->
     uid = adapter.name.removeprefix("user_")
     layout = pipe.layout
     user = next(u for u in json.loads(layout.test_users.read_text()) if user_id(u) == uid)
-    if base is None:
-        model = AutoPeftModelForCausalLM.from_pretrained(str(adapter.relative_to(Path.cwd())))
+    if base is None:   # by name: the adapter's config names the export's base
+        model = AutoPeftModelForCausalLM.from_pretrained(str(adapter))
     else:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter))
     model.eval()
-    tokenizer = load_tokenizer(Path.cwd() / "base" if base is None else base)
+    tokenizer = load_tokenizer(model.peft_config["default"].base_model_name_or_path if base is None else base)
     gen = GenerationConfig(**{**settings, "k_list": tuple(settings["k_list"])})
     got = predict_one_user(model, tokenizer, layout.task, user, layout.load_profiles(), layout.profiles,
                            torch.device("cpu"), gen)
@@ -76,21 +82,32 @@ def test_exported_adapters_give_the_stages_predictions(pipe, outputs, exported, 
     assert sorted(manifest["adapters"]["sharers"]) == sorted(pipe.sharer_ids())
     assert sorted(manifest["adapters"]["per-pcs"]) == sorted(pipe.test_ids())
     assert sorted(manifest["adapters"]["oppu"]) == sorted(pipe.test_ids())
-    for kind in ("sharers", "per-pcs", "oppu"):
+    assert list(manifest["adapters"]["oppu-leaderboard"]) == list(manifest["adapters"]["per-pcs-leaderboard"]) \
+        == ["lb1"]
+    for kind in manifest["adapters"]:
         for d in sorted((exported / "adapters" / kind).iterdir()):
             config = json.loads((d / "adapter_config.json").read_text())
-            assert config["base_model_name_or_path"] == "./base", d
-    # the export moves: copied elsewhere and loaded from there, nothing points back at the stage outputs
-    moved = exported.parent / "moved"
-    shutil.copytree(exported, moved)
-    monkeypatch.chdir(moved)
-    base = AutoModelForCausalLM.from_pretrained("base")
-    assert str(base.dtype) == "torch.float32"   # the tiny model's own dtype
+            assert config["base_model_name_or_path"] == str(exported.resolve() / "base"), d
     uid = pipe.test_ids()[0]
+    # by name from any working directory (peft reads a relative base path against it: "./base" failed here)
+    monkeypatch.chdir(exported.parent)
     for adapter, preds in ((Path("adapters/per-pcs") / f"user_{uid}", outputs / "LoRA-Composition"),
                            (Path("adapters/oppu") / f"user_{uid}", outputs / "OPPU")):
-        expected, got = stage_predictions(pipe, moved / adapter, preds / "user_predictions" / f"user_{uid}.json")
+        expected, got = stage_predictions(pipe, exported / adapter, preds / "user_predictions" / f"user_{uid}.json")
         assert got == expected, adapter
+    # the export moves: copied elsewhere (the original gone), base and adapter loaded from there
+    moved = exported.parent / "moved"
+    shutil.copytree(exported, moved)
+    hidden = exported.parent / "hidden"
+    exported.rename(hidden)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(str(moved / "base"))
+        assert str(base.dtype) == "torch.float32"   # the tiny model's own dtype
+        expected, got = stage_predictions(pipe, moved / "adapters/oppu" / f"user_{uid}",
+                                          outputs / "OPPU/user_predictions" / f"user_{uid}.json", base=moved / "base")
+        assert got == expected
+    finally:
+        hidden.rename(exported)
     # greedy text on a tiny random model hardly moves with the task LoRA: the logits must be those of raw base +
     # task LoRA merged + the stage's own adapter (built here with plain peft), not those of raw base + adapter
     import torch
@@ -100,7 +117,7 @@ def test_exported_adapters_give_the_stages_predictions(pipe, outputs, exported, 
                                        (Path("adapters/sharers") / f"user_{pipe.sharer_ids()[0]}",
                                         outputs / "Anchor_PEFT/LoRA")):
         original = original / exported_adapter.name
-        got = AutoPeftModelForCausalLM.from_pretrained(str(exported_adapter)).eval()(ids).logits
+        got = AutoPeftModelForCausalLM.from_pretrained(str(exported / exported_adapter)).eval()(ids).logits
         raw = AutoModelForCausalLM.from_pretrained(str(pipe.model))
         merged = PeftModel.from_pretrained(raw, str(outputs / "task-base_LLM")).merge_and_unload()
         want = PeftModel.from_pretrained(merged, str(original)).eval()(ids).logits
@@ -232,3 +249,52 @@ def test_refuses_a_recipe_whose_sharers_changed_after_its_gates(pipe, outputs, t
     err = cli_error(export_main, ["--task_name", TASK, "--output_dir", tmp_path / "d", "--output_root", root,
                                   "--llama_model_path", pipe.model], capsys)
     assert "recipes/user_" in err and "trained again" in err and not (tmp_path / "d").exists()
+
+
+def test_the_vllm_command_serves_every_exported_adapter(exported):
+    """The command built from export.json names the base and every adapter by a path that exists in the export,
+    with a unique served name each; serve.sh holds the same command and a request per adapter."""
+    import shlex
+
+    from perpcs.stages.serving import vllm_command
+    manifest = json.loads((exported / "export.json").read_text())
+    argv = vllm_command(manifest, str(exported))
+    assert argv[:3] == ["vllm", "serve", f"{exported}/base"] and (exported / "base" / "config.json").is_file()
+    assert argv[argv.index("--served-model-name") + 1] == "base" and "--enable-lora" in argv
+    assert argv[argv.index("--max-lora-rank") + 1] == "8"
+    modules = argv[argv.index("--lora-modules") + 1:]
+    names = [m.split("=", 1)[0] for m in modules]
+    assert len(modules) == sum(len(users) for users in manifest["adapters"].values()) == len(set(names))
+    for module in modules:
+        path = Path(module.split("=", 1)[1])
+        assert (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file(), module
+    script = (exported / "serve.sh").read_text()
+    assert shlex.join(vllm_command(manifest)[:8]) in script
+    assert all(f'"model": "{name}"' in script for name in names)
+
+
+def test_each_adapter_has_a_model_card_and_a_config_peft_017_reads(pipe, outputs, exported):
+    from perpcs.stages.serving import NEWER_LORA_KEYS
+    manifest = json.loads((exported / "export.json").read_text())
+    uid = pipe.test_ids()[0]
+    card = (exported / "adapters/oppu" / f"user_{uid}" / "README.md").read_text()
+    assert f"user: `{uid}`" in card and "OPPU" in card and f"OPPU/user_predictions/user_{uid}.json" in card
+    assert manifest["adapters"]["oppu"][uid]["predictions"] == f"OPPU/user_predictions/user_{uid}.json"
+    card = (exported / "adapters/per-pcs" / f"user_{uid}" / "README.md").read_text()
+    assert "Per-Pcs" in card and f"LoRA-Composition/recipes/user_{uid}.json" in card and '"topk"' in card
+    for kind, users in manifest["adapters"].items():
+        for entry in users.values():
+            config = json.loads((exported / entry["path"] / "adapter_config.json").read_text())
+            assert not set(config) & (set(NEWER_LORA_KEYS) | {"peft_version"}), entry
+    config = json.loads((exported / "base" / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert json.loads((exported / "base" / "tokenizer_config.json").read_text())["tokenizer_class"] != \
+        "TokenizersBackend"
+
+
+def test_the_compatibility_check_script_is_valid_bash():
+    """bench/check_export_compat.sh (run by hand: it builds a second venv from PyPI) at least parses."""
+    import subprocess
+    result = subprocess.run(["bash", "-n", str(ROOT / "bench" / "check_export_compat.sh")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr

@@ -39,7 +39,7 @@ COMPOSE = {"--agg_temperature": ["nan", "inf", "0", "-1"], "--share_ratio": ["na
            "--seed": ["-1"], "--sample_topk": ["0"], "--sample_temperature": ["nan", "0", "-1"],
            "--sample_top_p": ["nan", "0", "1.01"]}
 SCRIPTS = {   # script: (main, its arguments but the flag under test, {flag: refused values})
-    "task_LoRA": (task_LoRA.main, STAGE_ARGS, {**LORA, **TRAIN, **GENERATION}),
+    "task_LoRA": (task_LoRA.main, STAGE_ARGS, {**LORA, **TRAIN, **GENERATION, "--k": ["-1", "nan"]}),
     "train_anchor_PEFT": (train_anchor_PEFT.main, STAGE_ARGS, {**LORA, **TRAIN, **SHARDS}),
     "train_anchor_gate": (train_anchor_gate.main, STAGE_ARGS, {**TRAIN, **SHARDS, "--recent_k": ["0", "-1"]}),
     "lora_composition": (lora_composition.main, STAGE_ARGS, {**GENERATION, **SHARDS, **COMPOSE}),
@@ -75,6 +75,7 @@ ACCEPTED = [("task_LoRA", ["--temperature", "0", "--top_p", "1", "--lora_dropout
             ("lora_composition", ["--share_ratio", "1", "--sample_top_p", "1", "--max_gen_len", "4",
                                   "--max_seq_len", "53"]),   # 1 BOS + 48 words of the movie_tagging instruction + 4
             ("OPPU", ["--k", "0"]),
+            ("task_LoRA", ["--k", "0"]),   # the OPPU release's task_LoRA.py spelling
             ("gen_profile", ["--k", "0", "--temperature", "0"]),
             ("history_anchor", ["--min_history", "0"])]
 

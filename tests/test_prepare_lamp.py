@@ -401,3 +401,101 @@ def test_an_items_copies_in_several_profiles_share_their_values(tmp_path):
         assert last[k] == {"id": f"2{k}", "text": f"{long_text} {k}", "score": "4"}
         assert last[k]["text"] is first[k]["text"]      # one string for all copies
         assert read[2].item_keys[k] is read[0].item_keys[k]
+
+
+# ---- every download shape LaMP ships ----------------------------------------------------------------------
+
+def _lamp_download(root, based: str, subfolders: bool, with_dev: bool, with_test: bool = True,
+                   with_train: bool = True) -> dict:
+    """A tiny LaMP task folder in one of its shapes; returns {split: [question ids]}.
+    time-based: the same users in every split, each split's profile extending the previous one (prefixes);
+    user-based: every question is a user of its own, its profile that user's other documents."""
+    if based == "time":
+        def question(user, split, n):
+            base = {"A": 1, "B": 10}[user]
+            return _question(f"{split[:2]}{user}", list(range(base, base + n)))
+        splits = {"train": [question(u, "train", 2) for u in "AB"], "dev": [question(u, "dev", 3) for u in "AB"],
+                  "test": [question(u, "test", 4) for u in "AB"]}
+    else:
+        def question(qid):
+            return {"id": qid, "input": _input(f"film {qid} is new"),
+                    "profile": [_doc_item(f"Film {qid}-{k} of user {qid}.", f"{qid}-{k}") for k in range(2)]}
+        splits = {"train": [question(q) for q in ("t1", "t2", "t3")], "dev": [question("d1")],
+                  "test": [question("x1"), question("x2")]}
+    kept = {s: qs for s, qs in splits.items()
+            if {"train": with_train, "dev": with_dev, "test": with_test}[s]}
+    for split, questions in kept.items():
+        folder = root / split if subfolders else root
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{split}_questions.json").write_text(json.dumps(questions))
+        if split != "test":   # LaMP publishes no test outputs
+            golds = [{"id": q["id"], "output": "comedy"} for q in questions]
+            (folder / f"{split}_outputs.json").write_text(json.dumps({"task": "LaMP_2", "golds": golds}))
+    return {split: [q["id"] for q in qs] for split, qs in kept.items()}
+
+
+@pytest.mark.parametrize("based", ["user", "time"])
+@pytest.mark.parametrize("subfolders", [True, False], ids=["train-dev-test-folders", "flat"])
+@pytest.mark.parametrize("with_dev", [True, False], ids=["with-dev", "no-dev"])
+def test_every_lamp_download_shape_prepares(tmp_path, based, subfolders, with_dev):
+    ids = _lamp_download(tmp_path / "raw", based, subfolders, with_dev)
+    summary = prepare_lamp("LaMP_2", tmp_path / "raw", tmp_path / "out", n_test=1, verbose=False)
+    layout = Layout(tmp_path / "out", MOVIE)
+    users = [u for split in SPLITS for u in layout.load_split(split, need_gold=True)]
+    queries = sorted(q["id"] for u in users for q in u["query"])
+    assert queries == sorted(ids["train"] + ids.get("dev", []))
+    board = layout.load_split("leaderboard")
+    if based == "time":   # the same two users in train and dev (grouped by their shared history); test apart
+        assert len(users) == 2 and summary["leaderboard"]["users"] == len(board) == 2
+        assert sorted(len(u["query"]) for u in users) == ([2, 2] if with_dev else [1, 1])
+    else:                 # one user per question
+        assert len(users) == len(queries) and len(board) == 2
+    assert sorted(q["id"] for u in board for q in u["query"]) == sorted(ids["test"])
+    assert all(q.get("gold") is None for u in board for q in u["query"])
+
+
+@pytest.mark.parametrize("subfolders", [True, False], ids=["test-folder", "flat"])
+def test_a_test_only_download_writes_the_leaderboard_split_alone(tmp_path, subfolders, capsys):
+    ids = _lamp_download(tmp_path / "raw", "time", subfolders, with_dev=False, with_train=False)
+    summary = prepare_lamp("movie_tagging", tmp_path / "raw", tmp_path / "out", n_test=1)
+    layout = Layout(tmp_path / "out", MOVIE)
+    board = layout.load_split("leaderboard")
+    assert summary["leaderboard_only"] and len(board) == 2
+    assert sorted(q["id"] for u in board for q in u["query"]) == sorted(ids["test"])
+    assert not any(layout.split_path(s).exists() for s in SPLITS) and not layout.golds.exists()
+    assert "test questions only" in capsys.readouterr().out
+
+
+def test_a_test_only_download_leaves_the_prepared_splits_alone(tmp_path):
+    _lamp_download(tmp_path / "full", "time", True, with_dev=True, with_test=False)
+    prepare_lamp("movie_tagging", tmp_path / "full", tmp_path / "out", n_test=1, verbose=False)
+    layout = Layout(tmp_path / "out", MOVIE)
+    before = {s: layout.split_path(s).read_bytes() for s in SPLITS}
+    _lamp_download(tmp_path / "test_only", "time", True, with_dev=False, with_train=False)
+    prepare_lamp("movie_tagging", tmp_path / "test_only", tmp_path / "out", n_test=1, verbose=False)
+    assert {s: layout.split_path(s).read_bytes() for s in SPLITS} == before
+    assert len(layout.load_split("leaderboard")) == 2
+
+
+@pytest.mark.parametrize("task_name", ["LaMP_2", "movie_tagging"])
+def test_a_folder_without_question_files_says_they_are_missing_first(tmp_path, task_name):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "README.txt").write_text("download the files here")
+    with pytest.raises(PerpcsError) as err:
+        prepare_lamp(task_name, tmp_path / "raw", tmp_path / "out", n_test=1, verbose=False)
+    message = str(err.value)
+    assert message.startswith("no LaMP questions files in") and "README.txt" in message
+    assert "prompt" not in message and "LaMP_2M" not in message   # not LaMP_2's "which task?" question
+    with pytest.raises(PerpcsError, match="no such folder"):
+        prepare_lamp(task_name, tmp_path / "nowhere", tmp_path / "out", n_test=1, verbose=False)
+
+
+@pytest.mark.parametrize("placeholder", ["No reference found", " no reference  FOUND ", ""])
+def test_placeholder_golds_are_refused_naming_the_file(tmp_path, placeholder):
+    _lamp_download(tmp_path / "raw", "user", True, with_dev=True)
+    outputs = tmp_path / "raw" / "dev" / "dev_outputs.json"
+    outputs.write_text(json.dumps({"task": "LaMP_2", "golds": [{"id": "d1", "output": placeholder}]}))
+    with pytest.raises(PerpcsError) as err:
+        prepare_lamp("movie_tagging", tmp_path / "raw", tmp_path / "out", n_test=1, verbose=False)
+    assert str(outputs) in str(err.value) and "placeholder" in str(err.value) and "'d1'" in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -53,6 +53,17 @@ def test_oppu_release_spellings(capsys):
     assert OPPU.parse_args(["--task_name", TASK]).k_list == [1, 2, 4]
 
 
+def test_task_lora_takes_the_oppu_releases_k_spelling(capsys):
+    """The OPPU release's task_LoRA.py takes --k K (0: no retrieval) and --add_profile; ours did not."""
+    import cli_flags
+    from perpcs.stages.config import TaskLoRAStage
+    args = task_LoRA.parse_args(["--task_name", TASK, "--k", "0", "--add_profile"])
+    assert args.k_list == [] and "--k 0" in capsys.readouterr().out
+    assert cli_flags.config_from_args(TaskLoRAStage, args).generation.k_list == ()
+    assert task_LoRA.parse_args(["--task_name", TASK, "--k", "4"]).k_list == [4]
+    assert task_LoRA.parse_args(["--task_name", TASK]).k_list == [1, 2, 4]
+
+
 def test_stage5_published_dir_flags_with_our_old_names_as_hidden_aliases(capsys):
     published = lora_composition.parse_args(["--task_name", TASK, "--gate_dir", "g", "--anchor_dir", "a"])
     ours = lora_composition.parse_args(["--task_name", TASK, "--gate_path", "g", "--anchor_path", "a"])

@@ -592,3 +592,33 @@ def test_profile_prompt_takes_the_last_k_items(tiny):
     prompt = profile_prompt(task, items, 2)
     assert [i for i in range(5) if f"article number {i}" in prompt] == [3, 4]
     assert [i for i in range(5) if f"article number {i}" in profile_prompt(task, items, 0)] == list(range(5))
+
+
+def test_the_progress_bar_says_its_loss_is_an_average_of_the_last_steps():
+    """The bar's loss is a mean over recent steps, labelled so, not an unlabelled number beside "last loss"."""
+    from perpcs.engine.training import progress_loss
+    losses = [float(i) for i in range(15)]
+    assert progress_loss(losses) == f"loss (avg of last 10 steps) {np.mean(losses[-10:]):.4f}"   # 9.5, not 14
+    assert progress_loss([0.8, 0.4, 0.3]) == "loss (avg of last 3 steps) 0.5000"
+
+
+def test_wrapping_a_loaded_base_with_peft_gives_no_checkpointing_future_warning(tiny_model_dir):
+    """peft probes the deprecated model.is_gradient_checkpointing on every wrap: our loaded base does not warn,
+    other warnings still show, and the same wrap on a model loaded without it does warn (the test can tell)."""
+    import warnings
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def wrap_warnings(load):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = load()
+            get_peft_model(model, lora_config(4, 8, 0.0, ("q_proj",)))
+            warnings.warn("another warning", FutureWarning)
+        return [str(w.message) for w in caught]
+
+    plain = wrap_warnings(lambda: AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)))
+    assert any("is_gradient_checkpointing" in m for m in plain)
+    ours = wrap_warnings(lambda: load_base_model(str(tiny_model_dir), device="cpu")[0])
+    assert not any("is_gradient_checkpointing" in m for m in ours) and "another warning" in ours

@@ -17,6 +17,9 @@ from perpcs.paths import ID_RULE, is_safe_id
 
 SPLIT_FILES = ("train", "dev")
 LEADERBOARD_FILE = "test"      # LaMP's test questions: no outputs are published
+# golds that stand for "no gold" (copies of LaMP made by other tools write them for the unpublished test outputs):
+# training or scoring on them would be silently wrong, so they are refused (compared case- and space-blind)
+PLACEHOLDER_GOLDS = ("no reference found", "")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,25 @@ def check_task_folder(lamp_dir) -> None:
                  f"train and dev both become users (and test the leaderboard split)")
 
 
+def check_has_questions(lamp_dir) -> dict:
+    """{split: folder} of the question files there (train, dev, test), refusing a folder with none: checked first,
+    so that a missing download is reported as such (not as a prompt that tells no task)."""
+    lamp_dir = Path(lamp_dir)
+    if not lamp_dir.is_dir():
+        fail(f"--lamp_dir {lamp_dir}: {'not a folder' if lamp_dir.exists() else 'no such folder'}; pass the task's "
+             f"LaMP folder as downloaded (train/ dev/ test/ subfolders, or the *_questions.json files directly)")
+    check_task_folder(lamp_dir)
+    found = {split: split_folder(lamp_dir, split) for split in SPLIT_FILES + (LEADERBOARD_FILE,)}
+    found = {split: folder for split, folder in found.items() if folder is not None}
+    if not found:
+        held = sorted(p.name + ("/" if p.is_dir() else "") for p in lamp_dir.iterdir())
+        fail(f"no LaMP questions files in {lamp_dir} (it holds {', '.join(held[:12]) or 'nothing'}"
+             f"{', ...' if len(held) > 12 else ''}): expected train_questions.json and/or dev_questions.json (with "
+             f"train_outputs.json / dev_outputs.json), or test_questions.json alone, in that folder or in its "
+             f"train/, dev/ and test/ subfolders")
+    return found
+
+
 def read_questions(lamp_dir, task: Task) -> list:
     """All questions of train and dev (whichever exist) with their golds and parsed own documents."""
     lamp_dir = Path(lamp_dir)
@@ -117,7 +139,7 @@ def read_leaderboard_questions(lamp_dir, task: Task, other: list) -> list:
 def detect_lamp_2(lamp_dir) -> Task:
     """``LaMP_2`` is movie tagging or news categorization: the questions' prompt (the task's query marker) says."""
     lamp_dir = Path(lamp_dir)
-    check_task_folder(lamp_dir)
+    check_has_questions(lamp_dir)   # no files: say so, not that their prompt tells no task
     inputs = []
     for split in SPLIT_FILES + (LEADERBOARD_FILE,):
         folder = split_folder(lamp_dir, split)
@@ -147,6 +169,14 @@ def _read_golds(path: Path, task: Task) -> dict:
         if not isinstance(entry, dict) or "id" not in entry or "output" not in entry:
             fail(f"{path}: golds entry #{i} needs 'id' and 'output'")
         golds[str(entry["id"])] = entry["output"]
+    placeholders = [qid for qid, gold in golds.items()
+                    if isinstance(gold, str) and normalize(gold).lower() in PLACEHOLDER_GOLDS]
+    if placeholders:
+        example = golds[placeholders[0]]
+        fail(f"{path}: {len(placeholders)} of {len(golds)} golds are a placeholder, not an answer (e.g. question "
+             f"{placeholders[0]!r}: {example!r}); LaMP publishes no test outputs, and a copy that fills them in "
+             f"has no golds: train and score on LaMP's train/dev outputs, and put questions without golds in "
+             f"test_questions.json (the leaderboard split)")
     return golds
 
 

@@ -31,7 +31,11 @@ The authors never published this step (docs/method.md section 10); the choices m
   dropped silently. ``LaMP_2`` (both versions carry that name) is resolved from the questions' prompt.
 - Leaderboard: LaMP's test questions (``test_questions.json``, no outputs) are grouped into users the same way,
   among themselves only, and written as the separate ``leaderboard`` split (queries without gold); they never
-  join the train/dev users.
+  join the train/dev users. A test-only download (test questions, no train/dev) writes the leaderboard split
+  alone and leaves the other splits as they are (prepare train/dev into the same --out_dir for the stages).
+- Shapes: user-based and time-based releases (same file names; the grouping handles both), with or without dev,
+  flat or in subfolders, test-only. A folder with no questions files is reported as such first (before LaMP_2's
+  prompt detection). Placeholder golds ("No reference found", empty) are refused, naming the file.
 - Citation: raw LaMP-1 history items carry ``title`` and ``abstract``; the published prompts read
   ``title`` and ``citation``. ``citation`` is set from ``citation_field`` (default the abstract)
   unless an item already has one; the original fields are kept.
@@ -46,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from perpcs.atomic import write_json_atomic
-from perpcs.data.lamp_files import (Question, detect_lamp_2, normalize, read_leaderboard_questions, read_questions,
-                                    user_id_of)
+from perpcs.data.lamp_files import (SPLIT_FILES, Question, check_has_questions, detect_lamp_2, normalize,
+                                    read_leaderboard_questions, read_questions, user_id_of)
 from perpcs.data.layout import Layout, validate_users
 from perpcs.data.tasks import TASKS, Task, get_task, is_ambiguous_lamp_2
 from perpcs.errors import fail
@@ -204,9 +208,12 @@ def prepare_lamp(task_name: str, lamp_dir, out_dir="data", n_test: int = 100, se
                  base_frac: float = 0.5, candidate_frac: float = 0.4, reserve_frac: float = 0.1,
                  citation_field: str = "abstract", verbose: bool = True) -> dict:
     """Convert one task's raw LaMP files; returns the summary (and prints it when ``verbose``)."""
+    found = check_has_questions(lamp_dir)   # before the task: a missing download is the first thing to say
     task = detect_lamp_2(lamp_dir) if is_ambiguous_lamp_2(task_name) else get_task(task_name)
     if citation_field not in ("abstract", "title"):
         fail(f"--citation_field must be 'abstract' or 'title', got {citation_field!r}")
+    if not any(split in found for split in SPLIT_FILES):
+        return _prepare_leaderboard_only(task, lamp_dir, out_dir, citation_field, verbose)
     questions = read_questions(lamp_dir, task)
     board_questions = read_leaderboard_questions(lamp_dir, task, questions)
     grouping = group_questions(questions)
@@ -232,6 +239,25 @@ def prepare_lamp(task_name: str, lamp_dir, out_dir="data", n_test: int = 100, se
                                   "users": len(board)}
     if verbose:
         print(format_summary(summary))
+    return summary
+
+
+def _prepare_leaderboard_only(task: Task, lamp_dir, out_dir, citation_field: str, verbose: bool) -> dict:
+    """A test-only download: LaMP's test questions become the leaderboard split; nothing else is written."""
+    board_questions = read_leaderboard_questions(lamp_dir, task, [])
+    board = [build_user(qs, task, citation_field)[0] for qs in group_questions(board_questions).users]
+    layout = Layout(Path(out_dir), task)
+    validate_users(board, layout.leaderboard_users, task)
+    write_json_atomic(layout.leaderboard_users, board)
+    summary = {"task": task.name, "lamp_dir": str(lamp_dir), "leaderboard_only": True,
+               "leaderboard": {"path": str(layout.leaderboard_users), "questions": len(board_questions),
+                               "users": len(board)}}
+    if verbose:
+        missing = [s for s in ("base", "candidate", "test") if not layout.split_path(s).is_file()]
+        print(f"{task.name}: test questions only -> {len(board)} leaderboard users ({len(board_questions)} "
+              f"questions, no golds) {layout.leaderboard_users}; the train/dev splits were not touched"
+              + (f" (none yet: {', '.join(missing)} missing; prepare LaMP's train/dev files into the same "
+                 f"--out_dir before running the stages)" if missing else ""))
     return summary
 
 

@@ -161,6 +161,16 @@ def count_steps(n_examples: int, cfg: TrainConfig) -> int:
     return cfg.epochs * math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.accum_iter)
 
 
+PROGRESS_WINDOW = 10   # optimizer steps the progress bar's loss averages over
+
+
+def progress_loss(step_losses: list, window: int = PROGRESS_WINDOW) -> str:
+    """The progress bar's loss, saying what it is: a mean over the last steps smooths the noise of one batch, and
+    so differs from the last step's loss that the stages print at the end ("last loss")."""
+    recent = step_losses[-window:]
+    return f"loss (avg of last {len(recent)} steps) {float(np.mean(recent)):.4f}"
+
+
 def answer_loss_sum(model, batch: dict) -> tuple:
     """(sum of cross-entropy over answer tokens, number of answer tokens).
 
@@ -307,7 +317,7 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
     lengths = [len(t.input_ids) for t in tokenized] if cfg.group_by_length else None
     log = StepLog(log_path, desc) if log_path and rank == 0 else None
     bar = tqdm(total=total_steps, desc=desc, disable=not show_progress, leave=False)
-    state = {"step": 0, "micro": 0, "losses": [], "tokens": 0, "running": None}   # tokens: all ranks together
+    state = {"step": 0, "micro": 0, "losses": [], "tokens": 0, "step_losses": []}   # tokens: all ranks together
     t0 = time.perf_counter()
 
     def optimizer_step(x: float) -> None:
@@ -329,9 +339,9 @@ def train(model, tokenizer, examples: list, cfg: TrainConfig, device: torch.devi
         state["step"] += 1
         step_loss = float(np.mean(state["losses"][-state["micro"]:]))
         state["micro"] = 0
-        state["running"] = step_loss if state["running"] is None else 0.9 * state["running"] + 0.1 * step_loss
+        state["step_losses"].append(step_loss)
         bar.update(1)
-        bar.set_postfix(loss=f"{state['running']:.4f}")
+        bar.set_postfix_str(progress_loss(state["step_losses"]))
         if log:
             elapsed = time.perf_counter() - t0
             log.write({"desc": desc, "step": state["step"], "loss": step_loss, "lr": lr,

@@ -227,22 +227,35 @@ def format_routing(r: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ heatmap
 
+def heatmap_pieces(recipe: dict) -> list:
+    """The recipe's pieces by layer number (a recipe written with sorted keys has layer 10 before layer 2), each
+    layer's modules in the recipe's order; pieces of no layer last."""
+    names = list(recipe["pieces"])
+    order = {name: j for j, name in enumerate(names)}
+
+    def key(name):
+        layer = piece_location(name)[0]
+        return (layer is None, layer if layer is not None else 0, order[name])
+    return sorted(names, key=key)
+
+
 def weight_grid(recipe: dict, sharers: list) -> list:
-    """[sharer][piece] weight (0 where the piece does not use the sharer), pieces in the recipe's order."""
+    """[sharer][piece] weight (0 where the piece does not use the sharer), pieces in heatmap_pieces' order."""
     row = {s: i for i, s in enumerate(sharers)}
-    grid = [[0.0] * len(recipe["pieces"]) for _ in sharers]
-    for j, entries in enumerate(recipe["pieces"].values()):
-        for uid, weight in entries:
+    pieces = heatmap_pieces(recipe)
+    grid = [[0.0] * len(pieces) for _ in sharers]
+    for j, piece in enumerate(pieces):
+        for uid, weight in recipe["pieces"][piece]:
             grid[row[str(uid)]][j] += float(weight)
     return grid
 
 
 def plot_heatmap(path, info: dict, recipe: dict, groups: dict | None = None) -> Path:
-    """PNG: sharers (rows) x pieces (columns, in the recipe's layer order), colour = the sharer's weight."""
+    """PNG: sharers (rows) x pieces (columns, by layer number), colour = the sharer's weight."""
     import numpy as np
     plt = pyplot()
 
-    pieces, sharers = list(recipe["pieces"]), info["sharers"]
+    pieces, sharers = heatmap_pieces(recipe), info["sharers"]
     grid = np.array(weight_grid(recipe, sharers))
     fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, 0.12 * len(pieces) + 3)), 1.0 + 0.35 * len(sharers)))
     im = ax.imshow(grid, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")

@@ -23,6 +23,7 @@ import torch
 from perpcs.errors import fail
 from perpcs.models.devices import resolve_device
 from perpcs.models.families import family_of_dir
+from perpcs.models.lora import ignore_peft_checkpointing_probe
 from perpcs.models.folders import (EXPECTED_FORMATS, _checked_hf_dir, _conversion_lock, _has_hf_files, _listing,
                                    _publish_dir, _refuse_leftover, _remove_stale_temps, cache_root)
 from perpcs.models.meta import _converted_meta_dir, tokenizer_from_sentencepiece
@@ -157,6 +158,7 @@ def load_base_model(model_path="smollm2", tokenizer_path=None, device="auto", cp
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa",
                                                  device_map={"": device}, trust_remote_code=False)
     model.eval()
+    ignore_peft_checkpointing_probe()   # every stage wraps this model with peft next (perpcs/models/lora.py)
     model_vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > model_vocab:
         fail(f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens but model {model_dir} has only "

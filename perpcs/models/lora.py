@@ -152,9 +152,24 @@ def _check_adapter_fits(adapter_dir, model) -> None:
                          f"{getattr(module, feature)} (an adapter for another base model?)")
 
 
+# peft's PeftModel.__init__ (behind every get_peft_model / PeftModel.from_pretrained of ours) probes
+# ``model.is_gradient_checkpointing``, a property transformers 5 deprecated (FutureWarning on every model stage).
+# None of our arguments avoids the probe, and the property is read-only on the model; so this one message, from
+# that one module, is ignored (every other warning still shows). Training sets checkpointing itself
+# (engine/training.py), so what the probe returns changes nothing here.
+PEFT_PROBE_WARNING = r"`is_gradient_checkpointing` is deprecated"
+
+
+def ignore_peft_checkpointing_probe() -> None:
+    """Install the filter above (idempotent: filterwarnings replaces an identical entry)."""
+    warnings.filterwarnings("ignore", message=PEFT_PROBE_WARNING, category=FutureWarning,
+                            module="transformers.modeling_utils")
+
+
 def merge_lora_into_base(model, adapter_dir):
     """Load a PEFT adapter onto ``model``, merge it into the weights and return the plain model."""
     from peft import PeftModel
+    ignore_peft_checkpointing_probe()
 
     adapter_dir = resolve_lora_ckpt(adapter_dir)
     _check_adapter_fits(adapter_dir, model)

@@ -5,16 +5,21 @@
     D/adapters/sharers/user_<id>/    stage 3's sharer LoRAs
     D/adapters/per-pcs/user_<id>/    every target user's assembled LoRA, materialized from its recipe
     D/adapters/oppu/user_<id>/       the OPPU baseline's adapters
+    D/adapters/<kind>-leaderboard/   the same for LaMP's leaderboard questions (--test_split leaderboard)
+    D/adapters/.../README.md         each adapter's model card
     D/export.json                    what the export was made from (digests), and its adapters
+    D/serve.sh                       the vLLM command for these adapters and one request per user
 
-Every adapter sits on base + task LoRA, so its ``base_model_name_or_path`` is ``./base``: peft's
-AutoPeftModelForCausalLM passes that string to AutoModelForCausalLM.from_pretrained as is, i.e. relative to the
-working directory, so loading by name works from D (wherever D was copied to); servers that take the base on
-their command line (vLLM's --lora-modules) ignore it.
+Every adapter sits on base + task LoRA, so its ``base_model_name_or_path`` is D/base as an absolute path: peft's
+AutoPeftModelForCausalLM passes that string to AutoModelForCausalLM.from_pretrained as is, and a relative one
+(``./base``) resolves against the working directory, failing anywhere but in D ("Repo id must use alphanumeric
+chars"). A moved export loads with PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("D/base"), adapter)
+(docs/serving.md); servers that take the base on their command line (vLLM's --lora-modules) ignore the field.
 """
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -26,12 +31,15 @@ from perpcs.models.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_f
                                 resolve_lora_ckpt)
 from perpcs.models.provenance import SOURCE_FILE, base_model_fingerprint, read_source, training_sources
 from perpcs.paths import (COMPOSITION, OPPU, OUTPUT_ROOT, SHARER_GATES, SHARER_LORAS, TASK_LORA, safe_id,
-                          user_file_name)
+                          split_output_dir, user_file_name)
+from perpcs.stages.manifest import MANIFEST_FILE
+from perpcs.stages.serving import (make_base_portable, model_card, portable_adapter_config, serve_script,
+                                   vllm_command)
 
 BASE_DIR = "base"
-BASE_REF = f"./{BASE_DIR}"        # what every exported adapter_config.json names as its base (relative to D)
-KINDS = ("sharers", "per-pcs", "oppu")
+KINDS = ("sharers", "per-pcs", "oppu", "per-pcs-leaderboard", "oppu-leaderboard")
 MANIFEST = "export.json"
+SERVE_SCRIPT = "serve.sh"
 
 
 def _user_dirs(root: Path) -> list:
@@ -51,16 +59,17 @@ def export_sources(output_root: Path) -> dict:
         if is_complete_adapter(d):
             check_adapter_files(d)
             found["sharers"].append((_named_user(d), d, d / SOURCE_FILE, read_source(d / SOURCE_FILE)))
-    recipes = output_root / COMPOSITION / "recipes"
-    for path in sorted(recipes.glob("user_*.json")) if recipes.is_dir() else []:
-        recipe = read_json(path, "recipe")
-        if not isinstance(recipe, dict):
-            fail(f"{path}: expected a JSON object (a Per-Pcs recipe)")
-        found["per-pcs"].append((_named_user(path, ".json"), path, path, recipe.get("inputs")))
-    for d in _user_dirs(output_root / OPPU / "adapters"):
-        if is_complete_adapter(d):
-            check_adapter_files(d)
-            found["oppu"].append((_named_user(d), d, d / SOURCE_FILE, read_source(d / SOURCE_FILE)))
+    for suffix, split in (("", "test"), ("-leaderboard", "leaderboard")):   # leaderboard: outputs in leaderboard/
+        recipes = split_output_dir(output_root / COMPOSITION, split) / "recipes"
+        for path in sorted(recipes.glob("user_*.json")) if recipes.is_dir() else []:
+            recipe = read_json(path, "recipe")
+            if not isinstance(recipe, dict):
+                fail(f"{path}: expected a JSON object (a Per-Pcs recipe)")
+            found["per-pcs" + suffix].append((_named_user(path, ".json"), path, path, recipe.get("inputs")))
+        for d in _user_dirs(split_output_dir(output_root / OPPU, split) / "adapters"):
+            if is_complete_adapter(d):
+                check_adapter_files(d)
+                found["oppu" + suffix].append((_named_user(d), d, d / SOURCE_FILE, read_source(d / SOURCE_FILE)))
     return found
 
 
@@ -100,7 +109,7 @@ def check_sources(found: dict, wanted: dict, gate_dir: Path) -> None:
                      f"{' and '.join(k.replace('_sha256', '').replace('_', ' ') for k in changed)} than the one "
                      f"exported ({', '.join(f'{k} {had[k][:12]}... != {wanted[k][:12]}...' for k in changed)}); "
                      f"pass the --llama_model_path it was made from, or redo that stage")
-    if found["per-pcs"] and gate_dir.is_dir():
+    if (found["per-pcs"] or found["per-pcs-leaderboard"]) and gate_dir.is_dir():
         _check_recipes_fit_sharers(found, gate_dir)
 
 
@@ -109,7 +118,7 @@ def _check_recipes_fit_sharers(found: dict, gate_dir: Path) -> None:
     recipe records each sharer adapter's and gates' digest) or if their gates were trained on other LoRAs."""
     from perpcs.models.provenance import adapter_sha256, file_sha256
     sharer_dirs = {uid: d for uid, d, *_ in found["sharers"]}
-    for uid, path, _, inputs in found["per-pcs"]:
+    for uid, path, _, inputs in found["per-pcs"] + found["per-pcs-leaderboard"]:
         sharers = [safe_id(s, f"{path}: sharer") for s in read_json(path, "recipe").get("sharers", [])]
         mixed = inputs.get("sharer_adapters") if isinstance(inputs, dict) else None
         if not isinstance(mixed, dict) or not isinstance(inputs.get("gates"), dict):
@@ -162,28 +171,41 @@ def export_task(task_name: str, output_dir, output_root=None, model_path=None) -
         model = merge_lora_into_base(model, task_lora)
         model.save_pretrained(staging / BASE_DIR, safe_serialization=True)
         AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(staging / BASE_DIR)
+        make_base_portable(staging / BASE_DIR)
         del model
-        manifest = {"task": task.name, "base": BASE_REF, "base_model_path": str(model_path), "output_root": str(root), **wanted,
-                    "adapters": {kind: {} for kind in KINDS}}
+        manifest = {"task": task.name, "base": BASE_DIR, "base_model_path": str(model_path), "output_root": str(root),
+                    **wanted, "adapters": {kind: {} for kind in KINDS}}
+        # the absolute path of the published folder (staging is renamed to target): loadable from anywhere
+        base_ref = str(target.resolve() / BASE_DIR)
         for kind, rows in found.items():
             for uid, src, record, _ in rows:
-                out = staging / "adapters" / kind / user_file_name(uid)
-                if kind == "per-pcs":   # the recipe is the record; its adapter is rebuilt from the sharer LoRAs
+                rel = Path("adapters") / kind / user_file_name(uid)
+                out = staging / rel
+                if kind.startswith("per-pcs"):   # the recipe is the record; its adapter is rebuilt from the sharers
                     materialize(src, root / SHARER_LORAS, out)
                 else:
                     out.mkdir(parents=True)
                     for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
                         shutil.copyfile(src / name, out / name)
-                point_at_base(out / ADAPTER_CONFIG)
-                manifest["adapters"][kind][uid] = {"from": record.relative_to(root).as_posix(), "r": _rank(out)}
+                entry = {"from": record.relative_to(root).as_posix(), "path": rel.as_posix(), "r": _rank(out),
+                         "peft_version": _config(out / ADAPTER_CONFIG).get("peft_version")}
+                preds = _predictions_of(src, kind, uid, root)
+                if preds is not None:
+                    entry["predictions"] = preds
+                point_at_base(out / ADAPTER_CONFIG, base_ref)
+                manifest["adapters"][kind][uid] = entry
+                (out / "README.md").write_text(model_card(kind, uid, entry, manifest, _settings_of(src, kind)),
+                                               encoding="utf-8")
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        ranks.extend(a["r"] for kind in manifest["adapters"].values() for a in kind.values())
+        (staging / SERVE_SCRIPT).write_text(serve_script(manifest, task.max_gen_len), encoding="utf-8")
+        written.append(manifest)
 
-    ranks: list = []
+    written: list = []
     write_dir_atomic(target, write)
     counts = ", ".join(f"{len(rows)} {kind}" for kind, rows in found.items())
     print(f"exported {task.name} to {target}: {BASE_DIR}/ (base model {model_path} + task LoRA merged) and adapters "
-          f"({counts}); serve with --max-lora-rank {max(ranks, default=8)}")
+          f"({counts}). Serve them with vLLM from {target} ({SERVE_SCRIPT} also holds a request per user):\n"
+          f"  {shlex.join(vllm_command(written[0]))}")
     return target
 
 
@@ -194,10 +216,34 @@ def _config(config_file: Path) -> dict:
     return config
 
 
-def point_at_base(config_file: Path) -> None:
-    config = _config(config_file)
-    config["base_model_name_or_path"] = BASE_REF
+def point_at_base(config_file: Path, base_ref: str) -> None:
+    """Name the export's base; leave out the keys peft 0.17 would warn about (perpcs/stages/serving.py)."""
+    config = portable_adapter_config(_config(config_file))
+    config["base_model_name_or_path"] = base_ref
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def _predictions_of(src: Path, kind: str, uid: str, root: Path):
+    """The stage's prediction file of this user (relative to the output root), or None (sharers predict nothing)."""
+    if kind == "sharers":
+        return None
+    stage_dir = src.parent.parent   # recipes/user_<id>.json and adapters/user_<id>/ sit in the stage's folder
+    path = stage_dir / "user_predictions" / user_file_name(uid, ".json")
+    return path.relative_to(root).as_posix() if path.is_file() else None
+
+
+def _settings_of(src: Path, kind: str):
+    """The recipe's settings (Per-Pcs), else the training run's (the stage folder's run manifest), if recorded."""
+    if kind.startswith("per-pcs"):
+        recipe = read_json(src, "recipe")
+        lora = {k: v for k, v in (recipe.get("lora") or {}).items() if k != "base_model_name_or_path"}   # the raw base
+        return {"recipe": recipe.get("settings"), "lora": lora}
+    # stage 3 writes it beside the sharers' folders, OPPU above adapters/ (leaderboard runs: in leaderboard/ or above)
+    for folder in (src.parent, src.parent.parent, src.parent.parent.parent):
+        if (folder / MANIFEST_FILE).is_file():
+            record = read_json(folder / MANIFEST_FILE, "run manifest")
+            return record.get("settings") if isinstance(record, dict) else None
+    return None
 
 
 def _rank(adapter_dir: Path) -> int:
