@@ -76,12 +76,24 @@ def test_a_resume_with_another_users_per_batch_keeps_the_finished_users(pipe, tm
     assert file_digests(out / "recipes") == file_digests(full / "recipes")
 
 
+def test_auto_batches_users_only_in_fp32():
+    """In bf16 (CUDA's weights, --cpu_bf16) the batch a prompt is in changes low bits, which flipped one greedy
+    answer of the demo: auto keeps one user at a time there, and in fp32 batches (outputs identical, tested below);
+    a number still batches."""
+    from perpcs.engine.generation import resolve_users_per_batch
+    from perpcs.stages.target_users import users_per_batch
+    assert resolve_users_per_batch("auto", "cpu", 0.0, bf16=True) == 1
+    assert resolve_users_per_batch("auto", torch.device("cuda"), 0.0, bf16=True) == 1
+    assert resolve_users_per_batch(4, "cpu", 0.0, bf16=True) == 4
+    assert users_per_batch("auto", "cpu", 0.0, cpu_bf16=True) == 1
+    assert users_per_batch("auto", "cpu", 0.0, cpu_bf16=False) == 8
+
+
 def test_sampling_predicts_one_user_at_a_time(pipe, tmp_path, capsys):
     """A sampled draw depends on every row of its batch: auto is 1 user when sampling, more is refused."""
     from perpcs.engine.generation import resolve_users_per_batch
     assert resolve_users_per_batch("auto", "cpu", 0.1) == 1
     assert resolve_users_per_batch("auto", "cpu", 0.0) == 8
-    assert resolve_users_per_batch("auto", torch.device("cuda"), 0.0) == 32
     assert resolve_users_per_batch(5, "cpu", 0.0) == 5
     err = cli_error(lora_composition.main, pipe.compose_args(tmp_path / "c") + ["--temperature", "0.5",
                                                                                  "--users_per_batch", "4"], capsys)

@@ -23,18 +23,21 @@ AUTO = "auto"
 # --users_per_batch auto: users whose rows share a generation batch (each row on its own adapter). On the CPU the
 # batched matmuls stop gaining past ~8 users x 16 rows (compute bound) while memory grows with the batch; a GPU keeps
 # gaining up to larger batches (its decoding steps are launch bound), and an out-of-memory batch is split (generate).
-AUTO_USERS_PER_BATCH = {"cpu": 8, "cuda": 32}
+AUTO_USERS_PER_BATCH = {"cpu": 8}   # fp32 only (resolve_users_per_batch); CUDA runs in bf16
 STATIC_WIDTH_STEP = 64   # static cache: prompt widths rounded up to this, so few shapes get compiled
 DEFAULT_MAX_SEQ_LEN = 3000
 
 
-def resolve_users_per_batch(value, device, temperature: float) -> int:
-    """--users_per_batch as a number: ``auto`` is AUTO_USERS_PER_BATCH of the device's type when greedy, and 1 when
-    sampling (temperature > 0): a sampled draw depends on every row of its batch, so batching users would make a
-    user's predictions depend on the users beside it (which change with shards and resumes)."""
+def resolve_users_per_batch(value, device, temperature: float, bf16: bool = False) -> int:
+    """--users_per_batch as a number: ``auto`` is AUTO_USERS_PER_BATCH of the device's type for greedy decoding in
+    fp32, where batching users gives exactly the per-user loop's outputs (tested); 1 when sampling (temperature > 0:
+    a sampled draw depends on every row of its batch, so a user's predictions would depend on the users beside it,
+    which change with shards and resumes) and in bf16 (CUDA's weights, --cpu_bf16): there the batch a prompt is in
+    changes the low bits, which can flip a greedy token (measured: one answer of the demo's 16 changed), as
+    --gen_batch_size can. A number batches users anyway."""
     if value != AUTO:
         return int(value)
-    if temperature > 0:
+    if temperature > 0 or bf16:
         return 1
     return AUTO_USERS_PER_BATCH.get(torch.device(device).type, 1)
 

@@ -42,9 +42,11 @@ def users_per_batch_setting():
     """--users_per_batch of the stages that predict target users (stage 5 and its controls, OPPU)."""
     return setting(AUTO, help="users predicted together, each prompt on its own user's LoRA: their prompts sorted "
                    "by length into batches of --gen_batch_size, so fewer, fuller, less padded batches than one user "
-                   "at a time, with the same greedy outputs; 1 is one user at a time; auto "
-                   f"is {AUTO_USERS_PER_BATCH['cpu']} on the CPU and {AUTO_USERS_PER_BATCH['cuda']} on CUDA with "
-                   "--temperature 0, and 1 when sampling (a user's draws would depend on the users beside it)")
+                   "at a time; 1 is one user at a time; auto is "
+                   f"{AUTO_USERS_PER_BATCH['cpu']} on the CPU in fp32 with --temperature 0 (outputs identical to one "
+                   "user at a time), else 1: when sampling a user's draws would depend on the users beside it, and in "
+                   "bf16 (CUDA, --cpu_bf16) the batch changes low bits, which can flip a greedy token; a number "
+                   "batches users in bf16 anyway")
 
 
 def check_users_per_batch(value, temperature: float) -> None:

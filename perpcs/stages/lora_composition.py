@@ -289,7 +289,8 @@ def compose_users(cfg: CompositionStage, run: TargetRun, pool: PiecePool, inputs
 
     run.run_groups(lambda uid: recipe_path(out_root, uid).is_file() and run.predictions_path(uid).is_file()
                    and not scores_missing(uid), prepare, predict, "composition", cfg.shards,
-                   users_per_batch(cfg.users_per_batch, cfg.inputs.model.device, cfg.generation.temperature))
+                   users_per_batch(cfg.users_per_batch, cfg.inputs.model.device, cfg.generation.temperature,
+                                   cfg.inputs.model.cpu_bf16))
     report_stage("composition", log_totals(run.log_path, run.uids))
     if run.combine():
         write_summary(out_root, pool, run.uids)
@@ -322,7 +323,7 @@ def merge_control(cfg: CompositionStage, run: TargetRun, pool: PiecePool, shared
 
     run.run_groups(lambda uid: run.predictions_path(uid).is_file(), lambda uid, user: None, predict, "composition",
                    cfg.shards, users_per_batch(cfg.users_per_batch, cfg.inputs.model.device,
-                                               cfg.generation.temperature))
+                                               cfg.generation.temperature, cfg.inputs.model.cpu_bf16))
     if run.combine():
         size = adapter_bytes(out_root / "adapter")
         write_json_atomic(out_root / "summary.json", {"control": "peft_merge", "n_users": len(run.uids),

@@ -75,7 +75,8 @@ def train_oppu(cfg: OPPUStage) -> Path:
 
     with run.open(manifest, cfg.shards, check_outputs):
         run.run_groups(lambda uid: run.predictions_path(uid).is_file(), prepare, predict, "OPPU users", cfg.shards,
-                       users_per_batch(cfg.users_per_batch, cfg.inputs.model.device, cfg.generation.temperature))
+                       users_per_batch(cfg.users_per_batch, cfg.inputs.model.device, cfg.generation.temperature,
+                                   cfg.inputs.model.cpu_bf16))
         finish_per_user_stage("OPPU", out_root, run.uids)
         run.combine()
     return out_root

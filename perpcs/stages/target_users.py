@@ -139,13 +139,12 @@ def target_run(inputs: StageInputs, test_split: str, output_dir, default: Callab
     return TargetRun(task, layout, dirs, out_root, test_split, test_users, layout.load_profiles())
 
 
-def users_per_batch(value, device: str, temperature: float) -> int:
-    """--users_per_batch resolved on the device the run uses (engine.generation.resolve_users_per_batch); the
-    device is resolved only for auto with greedy decoding."""
-    if value == AUTO and temperature == 0:
-        from perpcs.models.devices import resolve_device
-        device = resolve_device(device)
-    return resolve_users_per_batch(value, device, temperature)
+def users_per_batch(value, device: str, temperature: float, cpu_bf16: bool) -> int:
+    """--users_per_batch resolved on the device the run uses and its numerics (engine.generation.
+    resolve_users_per_batch: auto batches users only where that leaves every output as it is)."""
+    from perpcs.models.devices import resolve_device
+    device = resolve_device(device)
+    return resolve_users_per_batch(value, device, temperature, bf16=device.type == "cuda" or cpu_bf16)
 
 
 def check_histories(task, users: list, profiles, profiles_path, users_path) -> None:
