@@ -222,20 +222,20 @@ def child_stage5(args) -> dict:
     write_json_atomic(layout.profiles, {**profiles, **{u["user_id"]: f"profile of {u['user_id']}" for u in users}})
 
     samples = []
-    real = target_users.run_per_user
+    real = target_users.run_user_groups   # stage 5's per-user loop (users prepared, then predicted in groups)
 
-    def sampled_run_per_user(users_, is_done, work, *a, **kw):
+    def sampled_run_user_groups(users_, is_done, prepare, predict, *a, **kw):
         samples.append({"when": "before the first user", "rss_mb": rss_mb()})
 
-        def sampled_work(uid, user):
-            out = work(uid, user)
-            done = sum(1 for x in samples if x["when"].startswith("after user"))
-            samples.append({"when": f"after user {done + 1}", "rss_mb": rss_mb()})
-            log(f"  stage5: user {done + 1}/{len(users_)}: RSS {samples[-1]['rss_mb']:.0f} MiB")
-            return out
-        return real(users_, is_done, sampled_work, *a, **kw)
+        def sampled_predict(group):
+            for item in predict(group):   # one item per user, after its predictions file is written
+                done = sum(1 for x in samples if x["when"].startswith("after user"))
+                samples.append({"when": f"after user {done + 1}", "rss_mb": rss_mb()})
+                log(f"  stage5: user {done + 1}/{len(users_)}: RSS {samples[-1]['rss_mb']:.0f} MiB")
+                yield item
+        return real(users_, is_done, prepare, sampled_predict, *a, **kw)
 
-    target_users.run_per_user = sampled_run_per_user
+    target_users.run_user_groups = sampled_run_user_groups
     argv = pipe.compose_args(root / "compose") + ["--max_gen_len", "2"]
     if args.recent_k:
         argv += ["--recent_k", str(args.recent_k)]
