@@ -13,7 +13,7 @@ from typing import Callable
 from perpcs.atomic import write_json_atomic
 from perpcs.data.layout import Layout, profile_text, read_json, user_id
 from perpcs.data.tasks import Task, get_task
-from perpcs.engine.generation import (AUTO, predict_users, predict_variants, resolve_users_per_batch,
+from perpcs.engine.generation import (predict_users, predict_variants, resolve_users_per_batch,
                                      write_variant_files)
 from perpcs.errors import fail
 from perpcs.models.provenance import refuse_other_sources
