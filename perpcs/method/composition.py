@@ -24,7 +24,8 @@ from torch import nn
 
 from perpcs.checks import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SEED, check_settings, setting
 from perpcs.errors import fail
-from perpcs.method.gates import answer_positions, answer_predicting_mask, gate_summary, summary_scores
+from perpcs.method.gates import (answer_positions, answer_predicting_mask, gate_scores, gate_summary,
+                                 summary_scores)
 from perpcs.method.pieces import PiecePool
 from perpcs.method.selection import SELECTION_MODES, SelectionMode, mode_name
 
@@ -181,7 +182,7 @@ class Composer:
 
     def scores(self, piece: str, x: torch.Tensor) -> torch.Tensor:
         """(S,) score of every sharer at ``piece`` for this forward's positions (gates.gate_scores)."""
-        return summary_scores(gate_summary(x, self._forward.positions), self.pool.G[piece])
+        return gate_scores(x, self._forward.positions, self.pool.G[piece])
 
     def choose(self, piece: str, scores: torch.Tensor) -> torch.Tensor:
         """Indices of the sharers mixed at this position, by the selection mode (method/selection.py); ties in the
