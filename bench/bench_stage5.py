@@ -321,6 +321,8 @@ def run_model(name: str, args, work: Path, report: dict) -> None:
     install_composer(model, composer)
     hook = instrument_composer(composer, device)
     overhead = micro_batch_overhead(args.split_batches, device)   # stage 5's default: length-sorted micro-batches
+    if args.split_batches and args.micro_batch_overhead is not None:   # measuring the constant itself
+        overhead = args.micro_batch_overhead
     generation = GenerationConfig(cpu_bf16=args.cpu_bf16)
     # one-time costs out of the first timed user: one batch of the shortest examples (cheap on any model)
     warm = sorted(users[args.sizes[0]][2], key=lambda t: len(t.input_ids))[:settings.batch_size]
@@ -430,6 +432,9 @@ def parse_args(argv=None):
     p.add_argument("--split_batches", action=argparse.BooleanOptionalAction, default=True,
                    help="stage 5's micro-batches (its default); --no-split_batches: each batch in one padded pass, as "
                         "published (the floor is always the published batches, one padded pass each)")
+    p.add_argument("--micro_batch_overhead", type=float, help="a micro-batch's fixed cost in padded tokens when "
+                   "cutting batches (default: stage 5's MICRO_BATCH_OVERHEAD for the device; a guess on CUDA, which "
+                   "gpu_session.sh measures by running a few values)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the JSON report here")
     args = p.parse_args(argv)
@@ -455,7 +460,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     report = {"quick": args.quick, "task": TASK, "device": args.device, "cpu_bf16": args.cpu_bf16,
-              "split_batches": args.split_batches,
+              "split_batches": args.split_batches, "micro_batch_overhead": args.micro_batch_overhead,
               "torch_threads": torch.get_num_threads(), "load_before": os.getloadavg(),
               "sizes": args.sizes, "queries": args.queries, "seed": args.seed,
               "compose": asdict(ComposeSettings(seed=args.seed)),

@@ -6,10 +6,15 @@
 #     bash bench/gpu_wheels.sh
 # Then one call of the device tool:
 #     run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
-# Everything comes back under $OUT (7 files): session.log (versions, each step's output and seconds),
+# Everything comes back under $OUT (8 files, the device tool's limit): session.log (versions, each step's output and seconds),
 # gpu.json (the four works, checkpointing on: the paper's setting), gpu_nockpt.json, gpu_static.json,
 # gpu_compile.json, cuda_tests.xml (pytest's report), stage5.json (issue 24: one target user of 200 and of 2,000
-# items through stage 5 on a Llama-2-7b-shaped random model: its parts, its floor, OPPU; bench/bench_stage5.py). Record the table of session.log in bench/NOTES.md with the card's name.
+# items through stage 5 on a Llama-2-7b-shaped random model: its parts, its floor, OPPU; bench/bench_stage5.py),
+# user_batches.json (issue 24 item 3: 32 users' predictions one user at a time vs 8 and 32 per batch, same shape),
+# and in session.log a line per micro-batch overhead tried (the assembly of the 200-item user with micro-batches cut
+# for a fixed cost of N padded tokens each: the CUDA value of MICRO_BATCH_OVERHEAD in perpcs/method/composition.py
+# is a guess until then; their JSON stays on the device machine: no more files come back).
+# Record the table of session.log in bench/NOTES.md with the card's name.
 # Steps run in priority order and each gets at most what is left of the budget, so a slow step costs the
 # later ones, never the whole call.
 set -u
@@ -20,10 +25,14 @@ BUDGET_S=${BUDGET_S:-560}
 # SMOKE=1: the same steps on the CPU with the benchmark's tiny shape (tests/test_bench.py keeps the script working)
 if [[ ${SMOKE:-0} == 1 ]]; then
     BENCH=(--smoke); TEST_DEVICE=cpu; STAGE5=(--quick --threads 1 --sizes 20)
+    USERS=(--models tiny --users 4 --groups 4); OVERHEAD=(--quick --threads 1 --sizes 20 --oppu_steps 1); OVERHEADS="32"
 else
     BENCH=(); TEST_DEVICE=cuda
     # the paper's sizes; 8 batches of each user's examples timed and scaled by padded tokens (bench_stage5.py)
     STAGE5=(--models llama7b --device cuda --sizes 200,2000 --max_batches 8 --oppu_steps 2)
+    USERS=(--models llama7b --device cuda --users 32 --groups 8 32)
+    OVERHEAD=(--models llama7b --device cuda --sizes 200 --max_batches 8 --oppu_steps 1 --no-oppu_warmup)
+    OVERHEADS="256 4096"   # 1024 (today's guess) is stage5's own run
 fi
 TESTS=${TESTS:-tests/test_all_tasks.py tests/test_pipeline.py tests/test_faults.py}
 mkdir -p "$OUT"
@@ -67,6 +76,16 @@ step cuda_tests 150 env PERPCS_TEST_DEVICE=$TEST_DEVICE CUBLAS_WORKSPACE_CONFIG=
     $PY -m pytest -q -p no:cacheprovider $TESTS --junitxml="$OUT/cuda_tests.xml"
 # 3. stage 5 per target user at 200 and 2,000 history items: assembly vs its floor, padding, OPPU (issue 24)
 step stage5 180 $PY bench/bench_stage5.py "${STAGE5[@]}" --out "$OUT/stage5.json"
+# 3b. many users per prediction batch (issue 24 item 3): throughput against the per-user loop, answers compared
+step user_batches 90 $PY bench/bench_user_batches.py "${USERS[@]}" --json "$OUT/user_batches.json"
+# 3c. the CUDA micro-batch overhead: the same user's assembly cut for other fixed costs (compare stage5.json's 200)
+for n in $OVERHEADS; do
+    step "stage5_overhead_$n" 60 $PY bench/bench_stage5.py "${OVERHEAD[@]}" --micro_batch_overhead "$n" \
+        --out "/tmp/perpcs-stage5-overhead-$n.json"
+    $PY -c "import json, sys; r = json.load(open(sys.argv[1])); m = next(iter(r['models'].values()))['users']
+for n, u in m.items(): print('overhead', sys.argv[2], 'items', n, {k: u[k] for k in ('assembly_s', 'floor_s',
+      'assembly_over_floor', 'tokens') if k in u})" "/tmp/perpcs-stage5-overhead-$n.json" "$n" >>"$LOG" 2>&1
+done
 # 4. training and gates without gradient checkpointing (--no-grad_ckpt in the stages)
 step bench_nockpt 90 $PY bench/bench_gpu.py "${BENCH[@]}" --only train,gate --no-grad_ckpt --json "$OUT/gpu_nockpt.json"
 # 5. generation with the static KV cache (--kv_cache static: transformers compiles the decoding step)

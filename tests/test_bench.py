@@ -82,8 +82,11 @@ def test_gpu_session_script_runs_every_step_and_writes_its_files(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     log = (out / "session.log").read_text()
     steps = re.findall(r"== (\w+): rc=(\d+)", log)
-    assert steps == [(name, "0") for name in ("bench", "cuda_tests", "stage5", "bench_nockpt", "bench_static",
-                                              "bench_compile")], log[-3000:]
+    assert steps == [(name, "0") for name in ("bench", "cuda_tests", "stage5", "user_batches", "stage5_overhead_32",
+                                              "bench_nockpt", "bench_static", "bench_compile")], log[-3000:]
+    users = json.loads((out / "user_batches.json").read_text())["models"]["tiny"]
+    assert users["batched"]["4"]["identical"] is True and users["batched"]["4"]["differing_predictions"] == 0
+    assert re.search(r"overhead 32 items 20 \{'assembly_s': [0-9.]+, 'floor_s'", log), log[-3000:]
     stage5 = json.loads((out / "stage5.json").read_text())
     assert stage5["quick"] is True and set(STAGE5_USER_FIELDS) <= set(stage5["models"]["tiny"]["users"]["20"])
     assert json.loads((out / "gpu_nockpt.json").read_text())["works"]["train"]["grad_ckpt"] is False
