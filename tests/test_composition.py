@@ -93,7 +93,7 @@ def reference_choice(pool, scores, mode, k, T=1.0, Ts=1.0, top_p=None, sample_to
 
 def reference_assembly(model, pool_dir, batches, tokenized, pad_id, topk, share_ratio, seed, temperature=1.0,
                        mode=1, sample_temperature=1.0, top_p=None, sample_topk=None, chosen_log=None,
-                       scores_log=None):
+                       scores_log=None, pooled_log=None):
     """docs/method.md section 7 written out with Python loops and forward hooks on a plain model. Draws come from a generator seeded
     with the user's seed, used in forward order (batch by batch, piece by piece)."""
     adapters = {uid: load_file(str(pool_dir / "anchor" / f"user_{uid}" / "adapter_model.safetensors"))
@@ -129,6 +129,10 @@ def reference_assembly(model, pool_dir, batches, tokenized, pad_id, topk, share_
                 chosen_log.append((pools[piece], scores, chosen))
             if scores_log is not None:
                 scores_log.setdefault(piece, []).append(scores)
+            if pooled_log is not None:   # the batch's evidence: per example the mean of LN(x) over its positions
+                per_ex = [torch.stack([F.layer_norm(x[b, t].float(), (d,), eps=1e-5) for t in range(x.shape[1])
+                                       if mask[b, t]]).mean(0) for b in range(x.shape[0])]
+                pooled_log.setdefault(piece, []).append(torch.stack(per_ex).mean(0))
             w = softmax_list([scores[s] / temperature for s in chosen])
             key = f"base_model.model.{piece}"
             a = sum(wi * adapters[SHARER_IDS[s]][f"{key}.lora_A.weight"] for wi, s in zip(w, chosen))
@@ -179,11 +183,12 @@ def test_assembly_matches_the_loop_reference(tiny_model_dir, sharer_pool, topk, 
     assembled = pool.build(weights)
 
     reference_model, _, _ = load_base_model(str(tiny_model_dir), device="cpu")
-    chosen, scores_log = [], {}
+    chosen, scores_log, pooled_log = [], {}, {}
     expected = reference_assembly(reference_model, sharer_pool, batches, tokenized, tokenizer.pad_token_id,
                                   topk, share_ratio, seed=7, temperature=temperature, mode=mode,
                                   sample_temperature=settings.sample_temperature, top_p=settings.sample_top_p,
-                                  sample_topk=settings.sample_topk, chosen_log=chosen, scores_log=scores_log)
+                                  sample_topk=settings.sample_topk, chosen_log=chosen, scores_log=scores_log,
+                                  pooled_log=pooled_log)
     assert set(expected) == set(assembled)
     # --save_scores: every sharer's score (share-ratio pools or not), the mean over the two batches
     final_scores = composer.final_scores()
@@ -191,6 +196,13 @@ def test_assembly_matches_the_loop_reference(tiny_model_dir, sharer_pool, topk, 
         assert len(per_batch) == 2
         torch.testing.assert_close(final_scores[piece], torch.tensor(per_batch, dtype=torch.float64).mean(0),
                                    rtol=1e-5, atol=1e-6)
+    # and the user's pooled vector per piece: the mean over the two batches of the batch's evidence
+    final_pooled = composer.final_pooled()
+    assert set(final_pooled) == set(pooled_log)
+    for piece, per_batch in pooled_log.items():
+        assert len(per_batch) == 2
+        torch.testing.assert_close(final_pooled[piece], torch.stack(per_batch).double().mean(0), rtol=1e-5,
+                                   atol=1e-6)
     for piece, (a_ref, b_ref) in expected.items():
         a, b = assembled[piece]
         assert max_rel_err(a, a_ref) < 1e-6, piece

@@ -1,19 +1,21 @@
 """The held-out-seed study: its plan (never the demo's seed, each sample apart, base rows first, shared stage runs
 once) and its scoring (gap closed, mean and spread over seeds) on a prepared sample with hand-made predictions."""
 import json
+import math
 import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from perpcs.data.layout import Layout
 from perpcs.data.prepare import prepare_lamp
 from perpcs.data.sample import write_sample
 from perpcs.data.tasks import get_task
 from perpcs.errors import PerpcsError
-from perpcs.method.recipes import GATE_SCORES_FORMAT, RECIPE_FORMAT
-from perpcs.experiments.study import (SampleDirs, Sample, StudyConfig, StudySetting, check_config, collect,
-                                      gap_closed, parse_sweeps, plan)
+from perpcs.method.recipes import GATE_SCORES_FORMAT, RECIPE_FORMAT, pooled_vectors_bytes
+from perpcs.experiments.study import (VARIANTS, SampleDirs, Sample, StudyConfig, StudySetting, check_config,
+                                      collect, gap_closed, parse_sweeps, plan)
 
 
 def _config(tmp_path, **kw):
@@ -54,14 +56,27 @@ def test_plan_keeps_samples_apart_and_runs_base_rows_first(tmp_path):
     assert all(not steps for s, steps in sweeps.items() if s.n_groups == 3)
     for s, steps in sweeps.items():
         if s.n_groups == 5:
-            assert [st.name for st in steps] == ["sharers k=8", "sharer LoRAs (20 steps)", "gates (8 steps)",
+            assert [st.name for st in steps] == ["sharers k=8", "sharer LoRAs (20 steps) for k=8", "gates (8 steps) for k=8",
                                                  "Per-Pcs k8-s20-g8-top1-r16", "Per-Pcs k4-s20-g8-top2-r16"]
             topk = steps[-1].argv
             assert topk[topk.index("--topk") + 1] == "2"
-            # a restart skips finished stages 3 and 4: they are done when their summary.json is there
+            # a restart skips finished stages 3 and 4: done when their summary.json is there and every sharer
+            # of this k's index has its file (the dirs are shared with the base's smaller pool)
             lora, gates = steps[1], steps[2]
-            assert lora.done == Path(lora.argv[lora.argv.index("--output_dir") + 1]) / "summary.json"
-            assert gates.done == Path(gates.argv[gates.argv.index("--output_dir") + 1]) / "summary.json"
+            index = Path(lora.argv[lora.argv.index("--anchor_idx_path") + 1])
+            for step, file in ((lora, "adapter_model.safetensors"), (gates, "gates.safetensors")):
+                out = Path(step.argv[step.argv.index("--output_dir") + 1])
+                out.mkdir(parents=True)
+                (out / "summary.json").write_text("{}")
+                assert not step.is_done()                      # no index yet
+                index.parent.mkdir(parents=True, exist_ok=True)
+                index.write_text(json.dumps({"user_ids": ["u1", "u2"]}))
+                (out / "user_u1").mkdir()
+                (out / "user_u1" / file).write_text("x")
+                assert not step.is_done()                      # u2, new in this pool, is missing
+                (out / "user_u2").mkdir()
+                (out / "user_u2" / file).write_text("x")
+                assert step.is_done()
     # Per-Pcs runs keep their gate scores (the study's "user / offset" columns); the controls need none
     for st in [st for steps in base.values() for st in steps]:
         assert ("--save_scores" in st.argv) == st.name.startswith("Per-Pcs"), st.name
@@ -102,7 +117,7 @@ def test_scores_gap_and_spread_over_seeds(tmp_path):
         _write_predictions(d.task_lora, golds, task, t)
         _write_predictions(d.oppu, golds, task, o)
         _write_predictions(d.composition(cfg.base), golds, task, p)
-        _write_predictions(d.composition(cfg.base, "uniform"), golds, task, u)
+        _write_predictions(d.composition(cfg.base, None, "uniform"), golds, task, u)   # gate-free: no variant
     # two recipes of seed 1 that agree on 3 of their 4 pieces' dominant sharer
     recipes = SampleDirs(cfg.root, Sample("movie_tagging", 1, 5)).composition(cfg.base) / "recipes"
     recipes.mkdir(parents=True)
@@ -119,6 +134,10 @@ def test_scores_gap_and_spread_over_seeds(tmp_path):
         (scores / f"user_{uid}.json").write_text(json.dumps({
             "format": GATE_SCORES_FORMAT, "user_id": uid, "sharers": ["x", "y"],
             "scores": {pieces[0]: [1.0 + part, -1.0 - part]}}))
+    # and their pooled vectors: mean (4, 1), each 2 away from it
+    for uid, vector in (("a", [4.0, 3.0]), ("b", [4.0, -1.0])):
+        (scores / f"user_{uid}.safetensors").write_bytes(pooled_vectors_bytes(
+            {pieces[0]: torch.tensor(vector)}, uid, "movie_tagging"))
     summary = collect(cfg)
     rows = {r["seed"]: r for r in summary["rows"]}
     assert rows[1]["same_sharer"]["same"] == pytest.approx(0.75) and "same_sharer" not in rows[2]
@@ -134,6 +153,76 @@ def test_scores_gap_and_spread_over_seeds(tmp_path):
     assert agg["kNP"]["task LoRA"]["mean"] == pytest.approx(0.25)
     table = (cfg.root / "study.md").read_text()
     assert "75% ± 0% (" in table      # same top sharer: seed 1 only
-    assert "| 0.25 ± 0.00 | - |" in table   # gate scores: user / offset; own group: no groups file here
+    # gate scores: user / offset; pooled spread and cosine (seed 1's two users: (4,3), (4,-1)); own group: none
+    assert rows[1]["pooled"]["spread"] == pytest.approx(2 / math.sqrt(17)) and "pooled" not in rows[2]
+    assert rows[1]["pooled"]["cosine"] == pytest.approx(13 / (5 * math.sqrt(17)))
+    assert f"| 0.25 ± 0.00 | {2 / math.sqrt(17):.0%} ± 0% | {13 / (5 * math.sqrt(17)):.2f} ± 0.00 | - |" in table
+    assert "| 5 | published | 4, 20, 8, 1, 16 (base) |" in table
+    assert "**published** at k4-s20-g8-top1-r16" in table and summary["summary"]["variant"] == "published"
     assert "75% ± 35%" in table and "the demo's seed 0 is not one" in table
     assert (cfg.root / "study.png").stat().st_size > 0
+
+
+def _flag(argv: list, name: str):
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_variants_put_their_flags_exactly_where_they_belong(tmp_path):
+    """Four variants and the k sweep on one 5-group sample: --gate_objective routing on the routing variants' gate
+    training only, --score_calibration center on the center variants' Per-Pcs and swapped runs only; the published
+    variant's commands are today's; the gate-free controls run once per setting (the k sweep's too)."""
+    cfg = _config(tmp_path, seeds=[1], n_groups=[5], sweeps={}, variants=tuple(VARIANTS), k_per_group=(1, 2),
+                  controls=("uniform", "swapped", "peft_merge", "nearest_sharer", "random_sharer"))
+    (_, base), (_, sweeps) = plan(cfg)
+    steps = base[Sample("movie_tagging", 1, 5)] + sweeps[Sample("movie_tagging", 1, 5)]
+    assert len({tuple(st.argv) for st in steps}) == len(steps)
+    by_name = {st.name: st.argv for st in steps}
+    assert len(by_name) == len(steps)        # every name (and log file) once
+    for st in steps:
+        routing, center = _flag(st.argv, "--gate_objective"), _flag(st.argv, "--score_calibration")
+        gates_step, compose_step = "--anchor_path" in st.argv, "lora_composition.py" in " ".join(st.argv)
+        assert routing == ("routing" if gates_step and "routing" in st.name else None), st.name
+        assigned = compose_step and "center" in st.name.split()[-1]
+        assert center == ("center" if assigned else None), st.name
+        if compose_step:   # routing gates for the routing variants' assemblies, the published ones elsewhere
+            gate_dir = _flag(st.argv, "--gate_dir")
+            assert gate_dir.endswith("-routing-k" + _flag(st.argv, "--anchor_idx_path").split("/k")[-1].split("/")[0]) \
+                == st.name.split()[-1].startswith("routing"), st.name
+    # the k sweep: base k 4, then 5 and 10, each with its controls; gate-free controls once per k, swapped per variant
+    ks = sorted({int(_flag(a, "--k")) for n, a in by_name.items() if n.startswith("sharers")})
+    assert ks == [4, 5, 10]
+    controls = [n for n in by_name if n.startswith("control")]
+    assert len([n for n in controls if n.startswith("control uniform")]) == 3
+    assert len([n for n in controls if n.startswith("control swapped")]) == 3 * len(VARIANTS)
+    assert "control nearest_sharer k10-s20-g8-top1-r16" in by_name
+    assert [n for n in by_name if n.startswith("Per-Pcs k4")] == [
+        "Per-Pcs k4-s20-g8-top1-r16", "Per-Pcs k4-s20-g8-top1-r16 center", "Per-Pcs k4-s20-g8-top1-r16 routing",
+        "Per-Pcs k4-s20-g8-top1-r16 routing+center"]
+    assert _flag(by_name["Per-Pcs k4-s20-g8-top1-r16 routing+center"], "--output_dir").endswith(
+        "compose/k4-s20-g8-top1-r16-routing-center")
+    # the published variant alone: no new flag anywhere (the commands the earlier study ran)
+    published = plan(_config(tmp_path, seeds=[1], n_groups=[5], sweeps={}))
+    flat = [a for _, phase in published for steps in phase.values() for st in steps for a in st.argv]
+    assert "--gate_objective" not in flat and "--score_calibration" not in flat
+    # only routing: the gate-free controls run on the routing gates (no published gate training planned)
+    only = plan(_config(tmp_path, seeds=[1], n_groups=[5], sweeps={}, variants=("routing",)))[0][1]
+    names = [st.name for st in only[Sample("movie_tagging", 1, 5)]]
+    assert "gates (8 steps)" not in names and "gates (8 steps, routing, k=4)" in names
+    with pytest.raises(PerpcsError, match="--variants"):
+        check_config(_config(tmp_path, variants=("bogus",)))
+    with pytest.raises(PerpcsError, match="demo"):
+        check_config(_config(tmp_path, seeds=[0], variants=tuple(VARIANTS)))
+
+
+def test_dry_run_prints_every_command_and_runs_none(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("study_script", Path(__file__).parents[1] / "scripts" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    study.main(["--dry_run", "--root", str(tmp_path / "s"), "--seeds", "1", "--n_groups", "5", "--tasks",
+                "product_rating", "--jobs", "1"])
+    out = capsys.readouterr().out
+    assert not (tmp_path / "s").exists()
+    commands = [line.strip() for line in out.splitlines() if line.startswith("    ")]
+    assert len(commands) == 53 and sum("--score_calibration center" in c for c in commands) == 12
+    assert "dry run: 53 steps to run:" in out and "24 x control swapped" not in out and "12 x control swapped" in out

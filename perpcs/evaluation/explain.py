@@ -282,7 +282,8 @@ def plot_heatmap(path, info: dict, recipe: dict, groups: dict | None = None) -> 
 def explain(recipes: list, output_dir=None, groups_file=None, scores_dir=None) -> str:
     """The text report of some recipes; with output_dir, also explain.md, explain.json and one heatmap PNG per
     user (heatmap_user_<id>.png) there; with scores_dir, the gate scores of these users too (gate_scores.py)."""
-    from perpcs.evaluation.gate_scores import decompose, format_gate_scores, load_gate_scores
+    from perpcs.evaluation.gate_scores import (decompose, format_gate_scores, format_pooled, load_gate_scores,
+                                               load_pooled, pooled_spread)
     groups = read_groups(groups_file) if groups_file else None
     infos = [(path, rec, explain_recipe(rec)) for path, rec in recipes]
     parts = [f"# What the Per-Pcs recipes say ({len(infos)} target user{'s' if len(infos) != 1 else ''})", ""]
@@ -293,13 +294,16 @@ def explain(recipes: list, output_dir=None, groups_file=None, scores_dir=None) -
     r = routing(recipes, groups, groups_file) if groups else None
     if r:
         parts.append(format_routing(r))
-    scores = None
+    scores = pooled = None
     if scores_dir:
         wanted = {str(rec.get("user_id")) for _, rec in recipes}
         scores = decompose(load_gate_scores(scores_dir, wanted), groups)
         parts.append(format_gate_scores(scores) if scores else
                      f"## gate scores\n\n{scores_dir}: fewer than two of these users have gate scores; the split "
                      "into a per-sharer offset and a user part needs two or more.\n")
+        pooled = pooled_spread(load_pooled(scores_dir, wanted))
+        if pooled:   # runs saved before the pooled vectors were kept have none
+            parts.append(format_pooled(pooled))
     text = "\n".join(parts)
     if output_dir:
         out = Path(output_dir)
@@ -311,5 +315,6 @@ def explain(recipes: list, output_dir=None, groups_file=None, scores_dir=None) -
         write_json_atomic(out / "explain.json", {
             "users": [{k: v for k, v in info.items() if k != "cells"}
                       | {"cells": [[la, mod, cell] for (la, mod), cell in info["cells"].items()]}
-                      for _, _, info in infos], "agreement": agree, "routing": r, "gate_scores": scores})
+                      for _, _, info in infos], "agreement": agree, "routing": r, "gate_scores": scores,
+            "pooled": pooled})
     return text

@@ -114,3 +114,87 @@ def format_gate_scores(d: dict) -> str:
         lines += ["", f"A user-blind pick (any sharer of the pool, equally) is of the user's own group "
                       f"{d['own_group_blind']:.1%} of the time."]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------- the pooled vectors
+
+def load_pooled(scores_dir, users=None) -> list:
+    """[(user id, {piece: float64 numpy vector})] of the ``user_*.safetensors`` pooled vectors in scores_dir
+    (lora_composition.py --save_scores; sorted by name); with users, only theirs. They must share their pieces
+    and widths."""
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+
+    from perpcs.method.recipes import POOLED_FORMAT, POOLED_METADATA
+    out = []
+    for path in sorted(Path(scores_dir).glob("user_*.safetensors")):
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = json.loads((f.metadata() or {}).get(POOLED_METADATA, "{}"))
+                vectors = {name: f.get_tensor(name).astype(np.float64) for name in f.keys()}
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, bad JSON: the file is named
+            fail(f"{path}: not a readable pooled-vectors file ({err}); run lora_composition.py --save_scores again")
+        if meta.get("format") != POOLED_FORMAT:
+            fail(f"{path}: not a pooled-vectors file (format {POOLED_FORMAT!r}, written by lora_composition.py "
+                 f"--save_scores)")
+        if users is None or str(meta.get("user_id")) in users:
+            out.append((str(meta.get("user_id")), vectors, path))
+    for uid, vectors, path in out:
+        first = out[0]
+        if sorted(vectors) != sorted(first[1]) or any(v.shape != first[1][p].shape for p, v in vectors.items()):
+            fail(f"{path}: other pieces or widths than {first[2]} (pooled vectors of two runs in one dir?)")
+    return [(uid, vectors) for uid, vectors, _ in out]
+
+
+def pooled_spread(users: list) -> dict | None:
+    """How user-specific the evidence is: per piece, over the users' pooled vectors v_u with mean m,
+    spread = sqrt(mean_u ||v_u - m||^2) / ||m|| (0: every user the same) and the mean cosine over pairs of users
+    (1: the same direction); each averaged over pieces, and per layer. None for fewer than two users."""
+    import numpy as np
+
+    from perpcs.models.families import layer_index
+    if len(users) < 2:
+        return None
+    per_piece = {}
+    for piece in users[0][1]:
+        V = np.stack([vectors[piece] for _, vectors in users])           # (U, d)
+        mean = V.mean(0)
+        norm = float(np.linalg.norm(mean))
+        spread = math.sqrt(float((np.linalg.norm(V - mean, axis=1) ** 2).mean())) / norm if norm > 0 else None
+        lengths = np.linalg.norm(V, axis=1)
+        unit = V / np.where(lengths > 0, lengths, 1.0)[:, None]
+        cos = unit @ unit.T
+        pairs = [(a, b) for a in range(len(V)) for b in range(a + 1, len(V))]
+        per_piece[piece] = {"spread": spread, "cosine": sum(float(cos[a, b]) for a, b in pairs) / len(pairs)}
+    layers: dict = {}
+    for piece, v in per_piece.items():
+        layers.setdefault(layer_index(piece), []).append(v)
+
+    def mean_of(items, key):
+        known = [v[key] for v in items if v[key] is not None]
+        return sum(known) / len(known) if known else None
+    return {"users": [uid for uid, _ in users], "pieces": len(per_piece),
+            "spread": mean_of(per_piece.values(), "spread"), "cosine": mean_of(per_piece.values(), "cosine"),
+            "per_layer": {str(la): {"spread": mean_of(vs, "spread"), "cosine": mean_of(vs, "cosine")}
+                          for la, vs in sorted(layers.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))},
+            "per_piece": per_piece}
+
+
+def format_pooled(p: dict) -> str:
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    def num(v):
+        return "-" if v is None else f"{v:.4f}"
+    lines = ["## how user-specific is the evidence: the users' pooled vectors", "",
+             f"The pooled vector of a user at a piece is what the gate scores are made from: the mean over the "
+             f"user's batches of the normalised module input at the answer positions (lora_composition.py "
+             f"--save_scores). Over {len(p['users'])} target users and {p['pieces']} pieces:", "",
+             f"- spread around the users' mean (RMS of ||v_u - mean|| / ||mean||): {pct(p['spread'])}; mean "
+             f"pairwise cosine: {num(p['cosine'])}. A spread of a few percent and a cosine near 1 mean every user "
+             "brings about the same evidence: a sharer's score is then nearly a fixed offset, and the same sharer "
+             "wins for everyone.", "", "| layer | spread | pairwise cosine |", "|---|---|---|"]
+    lines += [f"| {la} | {pct(v['spread'])} | {num(v['cosine'])} |" for la, v in p["per_layer"].items()]
+    return "\n".join(lines) + "\n"

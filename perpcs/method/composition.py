@@ -126,6 +126,7 @@ class Composer:
         self.mode = "off"                 # off | assemble
         self.weight_sum: dict = {}
         self.score_sum: dict = {}         # every sharer's score per piece, summed over batches (diagnostics)
+        self.pooled_sum: dict = {}        # the batches' gate summaries per piece, summed (diagnostics)
         self.allowed: dict = {}
         self.generator = torch.Generator()
         self.n_batches = 0
@@ -138,6 +139,7 @@ class Composer:
         device = self.pool.A[self.pool.pieces[0]].device
         self.weight_sum = {p: torch.zeros(S, dtype=torch.float64, device=device) for p in self.pool.pieces}
         self.score_sum = {p: torch.zeros(S, dtype=torch.float64, device=device) for p in self.pool.pieces}
+        self.pooled_sum = {}   # each piece's width is its module's input: filled at the first batch
         self.n_batches = 0
         rnd = random.Random(seed)
         size = int(self.settings.share_ratio * S)
@@ -162,6 +164,11 @@ class Composer:
         """{piece: every sharer's gate score, mean over the user's batches} (the whole pool, also sharers a
         share-ratio pool left out): what the choices were made from, for perpcs.evaluation.gate_scores."""
         return {p: (s / max(self.n_batches, 1)).cpu() for p, s in self.score_sum.items()}
+
+    def final_pooled(self) -> dict:
+        """{piece: the user's pooled vector, the mean over its batches of the gate summary} (what the scores are the
+        product of with the gates): how much it differs between users says how user-specific the evidence is."""
+        return {p: (v / max(self.n_batches, 1)).cpu() for p, v in self.pooled_sum.items()}
 
     # --- inside the forward ---------------------------------------------------------------------------
     def piece_for(self, piece: str, x: torch.Tensor):
@@ -209,6 +216,8 @@ class Composer:
         B (B times the LoRA scaling, so the forward adds B(A(x)) as it is)."""
         scores = summary_scores(summary, self.pool.G[piece])
         self.score_sum[piece] += scores.double()
+        pooled = self.pooled_sum.get(piece)
+        self.pooled_sum[piece] = summary.double() if pooled is None else pooled + summary.double()
         chosen = self.choose(piece, scores)
         w = torch.softmax(scores[chosen] / self.settings.agg_temperature, dim=0)
         self.weight_sum[piece].index_add_(0, chosen, w.double())

@@ -16,6 +16,8 @@ from perpcs.paths import resolve_sharer_lora_dir
 
 RECIPE_FORMAT = "perpcs-recipe/1"
 GATE_SCORES_FORMAT = "perpcs-gate-scores/1"
+POOLED_FORMAT = "perpcs-pooled-vectors/1"
+POOLED_METADATA = "perpcs"     # the one metadata entry of a pooled-vectors file (a JSON record)
 
 
 def make_recipe(pool: PiecePool, weights: dict, settings: ComposeSettings, user: str, task: str,
@@ -37,6 +39,15 @@ def gate_scores_record(pool: PiecePool, scores: dict, user: str, task: str, extr
     recipe chose what it chose (python -m perpcs explain)."""
     return {"format": GATE_SCORES_FORMAT, "user_id": user, "task": task, "sharers": pool.sharer_ids,
             "scores": {piece: [float(v) for v in scores[piece]] for piece in pool.pieces}, **(extra or {})}
+
+
+def pooled_vectors_bytes(pooled: dict, user: str, task: str, extra: dict | None = None) -> bytes:
+    """A user's pooled vectors (lora_composition.py --save_scores) as a safetensors file: per piece, the mean over
+    the user's batches of the gate summary (Composer.final_pooled). One JSON metadata entry with sorted keys:
+    safetensors writes a dict's entries in no fixed order, and files must be reproducible."""
+    from safetensors.torch import save
+    meta = json.dumps({"format": POOLED_FORMAT, "user_id": user, "task": task, **(extra or {})}, sort_keys=True)
+    return save({p: v.float().contiguous() for p, v in pooled.items()}, metadata={POOLED_METADATA: meta})
 
 
 def recipe_weights(recipe: dict, pool: PiecePool, path="recipe") -> dict:

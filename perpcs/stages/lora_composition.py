@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from perpcs.atomic import write_dir_atomic, write_json_atomic
+from perpcs.atomic import write_bytes_atomic, write_dir_atomic, write_json_atomic
 from perpcs.data.layout import read_json
 from perpcs.data.truncation import count_cuts, log_totals, report_stage, user_entry
 from perpcs.engine.training import tokenize_example, user_seed
@@ -17,7 +17,8 @@ from perpcs.method.controls import (MERGED_ADAPTER, ONE_SHARER, derangement, nea
                                     peft_merged_model, random_sharer, uniform_weights)
 from perpcs.method.gates import GATES_FILE
 from perpcs.method.pieces import PiecePool, composed_lora_model, load_composed
-from perpcs.method.recipes import gate_scores_record, make_recipe, recipe_weights, write_recipe
+from perpcs.method.recipes import (gate_scores_record, make_recipe, pooled_vectors_bytes, recipe_weights,
+                                   write_recipe)
 from perpcs.method.storage import adapter_bytes, format_bytes, recipe_payload
 from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, file_sha256, read_source, refuse_other_sources
 from perpcs.paths import (GATE_SCORES_DIR, control_dir_name, resolve_sharer_index, resolve_sharer_lora_dir,
@@ -38,6 +39,11 @@ def recipe_path(root, uid: str) -> Path:
 
 def gate_scores_path(root, uid: str) -> Path:
     return Path(root) / GATE_SCORES_DIR / user_file_name(uid, ".json")
+
+
+def pooled_path(root, uid: str) -> Path:
+    """--save_scores: the user's pooled vectors (the gate summary per piece), beside its scores."""
+    return Path(root) / GATE_SCORES_DIR / user_file_name(uid, ".safetensors")
 
 
 def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings, sharer_ids: list,
@@ -214,7 +220,7 @@ def compose_users(cfg: CompositionStage, run: TargetRun, pool: PiecePool, inputs
     save_scores = cfg.save_scores and control in (None, "swapped")   # the other controls run no gates: no scores
 
     def scores_missing(uid):   # a finished user is assembled again (deterministically) for its scores
-        return save_scores and not gate_scores_path(out_root, uid).is_file()
+        return save_scores and not (gate_scores_path(out_root, uid).is_file() and pooled_path(out_root, uid).is_file())
 
     @lazy
     def engine():   # loaded at the first user to do: a rerun with every user done loads no model
@@ -265,8 +271,11 @@ def compose_users(cfg: CompositionStage, run: TargetRun, pool: PiecePool, inputs
             if save_scores:
                 write_json_atomic(gate_scores_path(out_root, uid), gate_scores_record(
                     pool, composer.final_scores(), uid, task.name, {"batches": len(batches), **extra}))
+                write_bytes_atomic(pooled_path(out_root, uid), pooled_vectors_bytes(
+                    composer.final_pooled(), uid, task.name, {"batches": len(batches), **extra}))
             else:   # scores of an earlier assembly would no longer match this recipe
                 gate_scores_path(out_root, uid).unlink(missing_ok=True)
+                pooled_path(out_root, uid).unlink(missing_ok=True)
             recipe = make_recipe(pool, weights, settings, uid, task.name, batches,
                                  {"seed_user": seed, "examples": len(tokenized), "inputs": inputs(uid), **extra})
             write_recipe(recipe, path)
