@@ -39,6 +39,30 @@ def retrain(adapter_dir: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ the manifest
 
+def test_cpu_record_names_the_processor_its_bf16_flags_and_kernel_limits(monkeypatch):
+    """What moves a bf16 CPU run's numbers (docs/reference.md "Numbers across machines") is in every manifest's
+    record: the variables limiting the kernels' ISA when set (and only then), the bf16-relevant CPU flags."""
+    from pathlib import Path as P
+
+    import torch
+
+    from perpcs.stages.manifest import CPU_KERNEL_ENV, cpu_numerics
+    for key in CPU_KERNEL_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert cpu_numerics()["env"] == {}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    rec = cpu_numerics()
+    assert rec["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx2"}
+    assert rec["threads"] == torch.get_num_threads()
+    cpuinfo = P("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+        assert rec["flags"] == [f for f in ("avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni", "avx512f", "avx2")
+                                if f in flags]
+        assert rec["model"] in cpuinfo.read_text()
+
+
 def test_every_stage_folder_records_settings_data_inputs_and_environment(pipe):
     import peft
     import torch
@@ -53,6 +77,7 @@ def test_every_stage_folder_records_settings_data_inputs_and_environment(pipe):
         assert (rec["torch"], rec["transformers"], rec["peft"]) == (torch.__version__, transformers.__version__,
                                                                  peft.__version__)
         assert rec["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert rec["cpu"]["threads"] == torch.get_num_threads() and rec["cpu"]["model"]
         assert rec["command"][0].endswith(".py") and "--output_dir" in rec["command"]
     assert set(manifest(pipe.anchor_peft)["data"]) == set(sharers)
     assert manifest(pipe.anchor_peft)["settings"]["train"]["max_step"] == 2

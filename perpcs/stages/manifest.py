@@ -91,9 +91,38 @@ def environment(device_name: str) -> dict:
         env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()   # the CPU kernels' ISA (AVX2, AVX512, ...)
     except AttributeError:
         pass
+    env["cpu"] = cpu_numerics()
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
+
+
+# Environment variables that choose which CPU kernels run, so which float results a bf16 run gets (docs/reference.md,
+# "Numbers across machines"): oneDNN's and MKL's instruction-set limits, aten's kernel ISA, MKL's reproducibility
+# mode and the thread counts.
+CPU_KERNEL_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                  "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni", "avx512f", "avx2")
+
+
+def cpu_numerics() -> dict:
+    """What decides a CPU run's float results beyond its dtype: the processor (model name and the flags that pick
+    bf16 kernels: native AVX512-BF16 or AMX, else emulation), torch's threads and any kernel-limiting variables
+    that were set. Recorded, not compared: a resume on another CPU is allowed and said."""
+    import torch
+    info = {"threads": torch.get_num_threads(),
+            "env": {k: os.environ[k] for k in CPU_KERNEL_ENV if k in os.environ}}
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:   # not Linux: the platform's own name
+        info["model"] = platform.processor() or platform.machine()
+        return info
+    fields = dict(line.split(":", 1) for line in text.splitlines()[:40] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["model"] = fields.get("model name", platform.machine())
+    flags = set(fields.get("flags", "").split())
+    info["flags"] = [f for f in CPU_BF16_FLAGS if f in flags]
+    return info
 
 
 @dataclass(frozen=True)
