@@ -29,8 +29,9 @@ def test_each_mode_name_round_trips_from_the_flags(name):
 
 
 def test_the_mode_is_no_field_so_recipes_store_the_same_settings():
-    """make_recipe stores vars(settings): the mode must stay derived, never a field."""
-    assert list(vars(ComposeSettings())) == ["topk", "agg_temperature", "share_ratio", "epochs", "batch_size",
+    """make_recipe stores settings.recorded(): the mode must stay derived, never a field (and the opt-in
+    --score_calibration is recorded only when set)."""
+    assert list(ComposeSettings().recorded()) == ["topk", "agg_temperature", "share_ratio", "epochs", "batch_size",
                                              "recent_k", "seed", "sample", "sample_topk", "sample_temperature",
                                              "sample_top_p"]
 

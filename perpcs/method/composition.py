@@ -24,6 +24,7 @@ from torch import nn
 
 from perpcs.checks import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, SEED, check_settings, setting
 from perpcs.errors import fail
+from perpcs.method.calibration import CALIBRATIONS
 from perpcs.method.gates import (answer_positions, answer_predicting_mask, gate_scores, gate_summary,
                                  summary_scores)
 from perpcs.method.pieces import PiecePool
@@ -55,6 +56,12 @@ class ComposeSettings:
     sample_top_p: float | None = setting(None, rule=FRACTION, help="unset by default; set: without --sample, mix the "
                                          "nucleus of the scores (a variable number of pieces, --topk ignored); with "
                                          "--sample, draw from it")
+    # beyond the paper (docs/method.md section 7.1); recorded only when not "none", so published recipes stay as they are
+    score_calibration: str = setting("none", choices=CALIBRATIONS, help="none (published): the gate scores as they "
+                                     "are; center: the mean summary of the reference users (the sharers' own "
+                                     "histories, stored by train_anchor_gate.py) subtracted first, so the per-sharer "
+                                     "offset every user shares is gone; zscore: center, then each sharer's score "
+                                     "divided by its spread over the reference users")
 
     def __post_init__(self):
         """Every setting in its range, whatever the pool: a nan temperature would make every weight nan (and every
@@ -62,7 +69,15 @@ class ComposeSettings:
         the modes that use it refuse it (check)."""
         check_settings(self)
 
-    # properties, not fields: a recipe stores vars(settings), which must stay as it is
+    def recorded(self) -> dict:
+        """What a recipe and the run manifest store: every field, but score_calibration only when it is not the
+        published "none" (recipes of the published method stay byte-identical)."""
+        out = dict(vars(self))
+        if out["score_calibration"] == "none":
+            del out["score_calibration"]
+        return out
+
+    # properties, not fields: a recipe stores recorded(), which must stay as it is
     @property
     def selection(self) -> str:
         """The name of the selection mode (method/selection.py) that --sample and --sample_top_p pick."""
@@ -130,6 +145,7 @@ class Composer:
         self.allowed: dict = {}
         self.generator = torch.Generator()
         self.n_batches = 0
+        self.calibration = None           # method/calibration.Calibration with --score_calibration center / zscore
         self._forward = threading.local()   # positions, lockstep, the last input's summary
 
     # --- per user -------------------------------------------------------------------------------------
@@ -189,6 +205,8 @@ class Composer:
 
     def scores(self, piece: str, x: torch.Tensor) -> torch.Tensor:
         """(S,) score of every sharer at ``piece`` for this forward's positions (gates.gate_scores)."""
+        if self.calibration is not None:
+            return self.calibration.scores(piece, gate_summary(x, self._forward.positions), self.pool.G[piece])
         return gate_scores(x, self._forward.positions, self.pool.G[piece])
 
     def choose(self, piece: str, scores: torch.Tensor) -> torch.Tensor:
@@ -214,7 +232,8 @@ class Composer:
     def _decide(self, piece: str, summary: torch.Tensor):
         """Once per batch and piece, from the batch's summary: every sharer's score, the choice, the mixed A and
         B (B times the LoRA scaling, so the forward adds B(A(x)) as it is)."""
-        scores = summary_scores(summary, self.pool.G[piece])
+        scores = (summary_scores(summary, self.pool.G[piece]) if self.calibration is None
+                  else self.calibration.scores(piece, summary, self.pool.G[piece]))
         self.score_sum[piece] += scores.double()
         pooled = self.pooled_sum.get(piece)
         self.pooled_sum[piece] = summary.double() if pooled is None else pooled + summary.double()

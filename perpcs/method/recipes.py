@@ -27,7 +27,7 @@ def make_recipe(pool: PiecePool, weights: dict, settings: ComposeSettings, user:
         w = weights[piece]
         nz = torch.nonzero(w).flatten().tolist()
         pieces[piece] = [[pool.sharer_ids[i], float(w[i])] for i in nz]
-    return {"format": RECIPE_FORMAT, "user_id": user, "task": task, "settings": vars(settings).copy(),
+    return {"format": RECIPE_FORMAT, "user_id": user, "task": task, "settings": settings.recorded(),
             "lora": {k: pool.config.get(k) for k in ("r", "lora_alpha", "target_modules", "use_rslora",
                                                     "base_model_name_or_path")},
             "sharers": pool.sharer_ids, "batches": batches, "pieces": pieces, **(extra or {})}

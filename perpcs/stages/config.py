@@ -20,6 +20,7 @@ from perpcs.data.tasks import TASK_NAMES_HELP, get_task
 from perpcs.engine.generation import AUTO, AUTO_USERS_PER_BATCH
 from perpcs.engine.training import TrainConfig
 from perpcs.errors import fail
+from perpcs.method.calibration import OBJECTIVES
 from perpcs.method.composition import ComposeSettings
 from perpcs.models.families import DEFAULT_FAMILY
 from perpcs.paths import CONTROLS
@@ -207,6 +208,16 @@ class SharerGateStage:
                                              "Anchor_PEFT/ of its LoRA/); default ./output/<task>/Anchor_PEFT/LoRA")
     anchor_idx_path: str | Path | None = setting(None, help=ANCHOR_IDX_HELP)
     recent_k: int = setting(2000, rule=COUNT, help="gates train on the last recent_k history items")
+    # beyond the paper (docs/method.md section 7.1); steps: --max_step, batch: --batch_size, seed: --seed
+    gate_objective: str = setting("published", choices=OBJECTIVES, help="published: each sharer's gates trained "
+                                  "alone to scale its own LoRA (x * sigmoid(x . g)); routing: every sharer's gates "
+                                  "trained together (--max_step Adam steps on batches of --batch_size examples) so "
+                                  "that the composition's own score ranks the sharer whose examples they are first "
+                                  "(softmax over sharers, cross-entropy to the owner); not shardable")
+    routing_lr: float = setting(0.01, rule=POSITIVE, help="--gate_objective routing: Adam's learning rate (the "
+                                "gates' --lr suits the published training, not this fit)")
+    routing_temperature: float = setting(0.1, rule=POSITIVE, help="--gate_objective routing: the softmax "
+                                         "temperature of the scores in the fit's cross-entropy")
     output_dir: str | Path | None = output_dir_setting("default ./output/<task>/Anchor_PEFT/gate "
                                                        "(user_<id>/gates.safetensors each)")
 

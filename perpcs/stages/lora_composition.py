@@ -11,6 +11,7 @@ from perpcs.data.layout import read_json
 from perpcs.data.truncation import count_cuts, log_totals, report_stage, user_entry
 from perpcs.engine.training import tokenize_example, user_seed
 from perpcs.errors import fail
+from perpcs.method.calibration import Calibration
 from perpcs.method.composition import (Composer, ComposeSettings, assemble_user, composer_removed, install_composer,
                                        micro_batch_overhead)
 from perpcs.method.controls import (MERGED_ADAPTER, ONE_SHARER, derangement, nearest_sharer, one_sharer_weights,
@@ -27,6 +28,7 @@ from perpcs.stages.common import (last_per_user, lazy, load_merged_base, load_sh
                                   refuse_other_settings, users_data)
 from perpcs.stages.config import CompositionStage, StageInputs
 from perpcs.stages.manifest import canonical_sha256
+from perpcs.stages.sharer_gates import reference_summaries
 from perpcs.stages.target_users import TargetRun, target_run, users_per_batch
 
 USER_ADAPTER = "default"   # composed_lora_model's adapter (peft's default name)
@@ -54,7 +56,7 @@ def check_existing_recipes(out_root: Path, uids: list, settings: ComposeSettings
     output dir would report the old recipes as the new run's."""
     if overwrite:
         return
-    wanted = vars(settings)
+    wanted = settings.recorded()
     for uid in uids:
         path = recipe_path(out_root, uid)
         if path.is_file():
@@ -77,12 +79,13 @@ def composition_inputs(inputs: StageInputs, pool: PiecePool, gate_dir: Path) -> 
     and each sharer's LoRA and gates (in pool order). Gates trained on another sharer LoRA than the one in
     --anchor_dir are refused here: mixing them would describe neither."""
     sources = merged_base_sources(inputs)
-    adapters, gates = {}, {}
+    adapters, gates, objectives = {}, {}, {}
     for uid in pool.sharer_ids:
         adapters[uid] = adapter_sha256(pool.anchor_dir / user_file_name(uid))
         gate_path = gate_dir / user_file_name(uid)
         gates[uid] = file_sha256(gate_path / GATES_FILE)
         recorded = read_source(gate_path / SOURCE_FILE)
+        objectives[uid] = (recorded or {}).get("gate_objective")   # --gate_objective routing records it
         refuse_other_sources(f"{gate_path / SOURCE_FILE} (the gates of sharer {uid})", recorded, sources, "trained",
                              remedy=f"pass the --llama_model_path / --lora_ckpt they were trained on, or train them "
                                     f"again: train_anchor_gate.py --overwrite --output_dir {gate_dir}")
@@ -91,7 +94,8 @@ def composition_inputs(inputs: StageInputs, pool: PiecePool, gate_dir: Path) -> 
                  f"{pool.anchor_dir / user_file_name(uid)} (adapter {str(recorded.get('adapter_sha256'))[:12]}... "
                  f"there, {adapters[uid][:12]}... now): the sharer LoRAs changed after the gates; run "
                  f"train_anchor_gate.py --overwrite on them, or pass the --anchor_dir the gates were trained on")
-    return {**sources, "sharers": list(pool.sharer_ids), "sharer_adapters": adapters, "gates": gates}
+    extra = {"gate_objective": objectives} if any(objectives.values()) else {}   # none recorded: published gates
+    return {**sources, "sharers": list(pool.sharer_ids), "sharer_adapters": adapters, "gates": gates, **extra}
 
 
 def recipe_inputs(shared: dict, max_seq_len: int, user_data: str) -> dict:
@@ -172,7 +176,11 @@ def compose(cfg: CompositionStage) -> Path:
     run.check_histories()
     cfg.shards.resolve()   # a bad --shard_id is refused here, before the inputs are digested
     shared = composition_inputs(cfg.inputs, pool, gate_dir)
-    recorded = {"compose": vars(settings), "control": control, "max_seq_len": cfg.max_seq_len,
+    calibration = None
+    if settings.score_calibration != "none":   # the reference's digests: inputs of every recipe and of the manifest
+        means, shared["reference_summaries"] = reference_summaries(gate_dir, pool.sharer_ids)
+        calibration = Calibration(settings.score_calibration, means, pool.G)
+    recorded = {"compose": settings.recorded(), "control": control, "max_seq_len": cfg.max_seq_len,
                 "generation": cfg.generation.recorded(task)}
     if encoder is not None:   # nearest_sharer: the encoder's files are an input of every choice, its length a setting
         shared["encoder_sha256"] = encoder["sha256"]
@@ -206,11 +214,11 @@ def compose(cfg: CompositionStage) -> Path:
     with run.open(manifest, cfg.shards, check_outputs):
         if control == "peft_merge":
             return merge_control(cfg, run, pool, shared, predicted_from)
-        return compose_users(cfg, run, pool, recipe_made_from, predicted_from, history_of, choose)
+        return compose_users(cfg, run, pool, recipe_made_from, predicted_from, history_of, choose, calibration)
 
 
 def compose_users(cfg: CompositionStage, run: TargetRun, pool: PiecePool, inputs: Callable, predicted_from: Callable,
-                  history_of: dict, choose: Callable | None = None) -> Path:
+                  history_of: dict, choose: Callable | None = None, calibration=None) -> Path:
     """Per-Pcs (and the swapped / uniform / one-sharer controls): each user's recipe, then its predictions,
     resumably. ``inputs(uid)`` / ``predicted_from(uid)``: what the user's recipe / predictions record they were
     made from; ``history_of``: swapped's partners; ``choose``: the one-sharer controls' choice
@@ -228,6 +236,7 @@ def compose_users(cfg: CompositionStage, run: TargetRun, pool: PiecePool, inputs
         pool.to(device)   # read and checked before the model load; it lives beside the model
         peft_model = composed_lora_model(model, pool)   # one adapter: each user's LoRA is loaded into it
         composer = Composer(pool, settings)
+        composer.calibration = calibration.to(device) if calibration is not None else None
         install_composer(model, composer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return model, peft_model, tokenizer, device, composer, pad_id

@@ -1,22 +1,75 @@
-"""Stage 4: one gate vector per piece of each (frozen) sharer LoRA.
+"""Stage 4: one gate vector per piece of each (frozen) sharer LoRA, and each sharer's mean summary beside its gates.
+
+``--gate_objective published`` (default) trains each sharer's gates alone, as published (docs/method.md section
+6); ``routing`` trains every sharer's gates together so that the composition's own score ranks the owner of a
+batch first (docs/method.md section 7.1, perpcs/method/calibration.py). Either way each sharer's folder also gets
+summary.safetensors, its mean score summary per piece (the reference of lora_composition.py
+--score_calibration), its digest in the gates' source.json; a rerun on a finished folder only adds missing ones.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from perpcs.atomic import write_dir_atomic, write_json_atomic
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from perpcs.atomic import write_bytes_atomic, write_dir_atomic, write_json_atomic
 from perpcs.data.truncation import finish_per_user_stage
-from perpcs.engine.training import train, user_seed
+from perpcs.engine.training import tokenize_example, train, user_seed
 from perpcs.errors import fail
+from perpcs.method.calibration import (SUMMARY_FILE, example_summaries, fit_routing_gates,
+                                       routing_report_line)
 from perpcs.method.gates import GATES_FILE, install_gates, remove_gates, save_gates
-from perpcs.models.lora import check_adapter_files, is_complete_adapter
-from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, read_source, refuse_other_sources
-from perpcs.paths import resolve_sharer_lora_dir
+from perpcs.method.pieces import ADAPTER_PREFIX
+from perpcs.models.lora import check_adapter_files, is_complete_adapter, read_safetensors
+from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, file_sha256, read_source, refuse_other_sources
+from perpcs.paths import resolve_sharer_lora_dir, user_file_name
 from perpcs.stages.common import (made_from, run_per_user, sharer_run, stage_manifest, staging_dirs, user_dir,
                                 user_record)
 from perpcs.stages.config import SharerGateStage
-from perpcs.stages.manifest import open_run
+from perpcs.stages.manifest import canonical_sha256, open_run
+
+ROUTING_CACHE = "routing_summaries"   # --gate_objective routing: each sharer's per-example summaries, for resuming
+ROUTING_REPORT = "routing_fit.json"
+
+
+def adapter_pieces(adapter_dir: Path) -> list:
+    """The piece names (model.layers.0.self_attn.q_proj, ...) of a peft adapter, in file order."""
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as f:
+        keys = [k for k in f.keys() if k.endswith(".lora_A.weight")]
+    return [k[:-len(".lora_A.weight")].removeprefix(ADAPTER_PREFIX) for k in keys]
+
+
+def write_tensors(path: Path, tensors: dict, kind: str) -> None:
+    """A safetensors file written atomically, with one metadata entry (files must be reproducible)."""
+    write_bytes_atomic(path, safetensors_bytes({k: v.contiguous() for k, v in tensors.items()},
+                                               metadata={"format": kind}))
+
+
+def summary_means(summaries: dict) -> dict:
+    return {p: x.mean(dim=0) for p, x in summaries.items()}
+
+
+def reference_summaries(gate_dir, sharer_ids: list) -> tuple:
+    """([{piece: (d,)} mean summary of each sharer], {sharer: digest}) for --score_calibration: each sharer's
+    summary.safetensors beside its gates, checked against the digest its gates' source.json records."""
+    means, digests = [], {}
+    for uid in sharer_ids:
+        folder = Path(gate_dir) / user_file_name(uid)
+        path = folder / SUMMARY_FILE
+        recorded = (read_source(folder / SOURCE_FILE) or {}).get("summary_sha256")
+        if not path.is_file() or recorded is None:
+            fail(f"--score_calibration needs each sharer's mean summary beside its gates, and {path} "
+                 f"{'is missing' if not path.is_file() else 'is not recorded in its source.json'} (gates trained "
+                 f"before summaries existed): run train_anchor_gate.py again with the flags that trained "
+                 f"{gate_dir}: it adds the missing summaries and keeps the gates")
+        digests[uid] = file_sha256(path)
+        if digests[uid] != recorded:
+            fail(f"{path} is not the summary its gates' source.json records (changed since): run "
+                 f"train_anchor_gate.py again with the flags that trained {gate_dir}")
+        means.append(read_safetensors(path, "summary"))
+    return means, digests
 
 
 def train_sharer_gates(cfg: SharerGateStage) -> Path:
@@ -25,6 +78,10 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
     if cfg.recent_k < 1:
         fail(f"--recent_k must be at least 1, got {cfg.recent_k}")
     run = sharer_run(cfg.inputs, cfg.shards, cfg.anchor_idx_path, cfg.recent_k)
+    routing = cfg.gate_objective == "routing"
+    if routing and run.shard[0] > 1:
+        fail("--gate_objective routing trains every sharer's gates together, in one process: run it without "
+             "--num_shards (and without torchrun); only the summaries' forward passes scale with the sharers")
     anchor_dir = resolve_sharer_lora_dir(cfg.anchor_path or run.dirs["sharer_loras"])
     out_root = Path(cfg.output_dir or run.dirs["sharer_gates"])
     for uid, _ in run.sharers:   # every sharer LoRA readable before anything is written
@@ -33,27 +90,50 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
         check_adapter_files(user_dir(anchor_dir, uid))
     base_cfg, examples = cfg.train, run.examples
     adapters = {uid: adapter_sha256(user_dir(anchor_dir, uid)) for uid, _ in run.sharers}
-    manifest = stage_manifest("sharer_gates", {"train": asdict(cfg.train), "recent_k": cfg.recent_k}, run.data,
+    settings = {"train": asdict(cfg.train), "recent_k": cfg.recent_k}
+    if routing:   # recorded only when not published: the manifests of published runs stay as they are
+        settings.update(gate_objective=cfg.gate_objective, routing_lr=cfg.routing_lr,
+                        routing_temperature=cfg.routing_temperature)
+    manifest = stage_manifest("sharer_gates", settings, run.data,
                               {**run.sources, "sharers": list(adapters), "sharer_adapters": adapters},
                               cfg.inputs.model)
 
     def source(uid) -> dict:   # what one sharer's gates are made from: its own LoRA among them
-        return made_from(manifest, uid, adapter_sha256=adapters[uid])
+        extra = ({"gate_objective": "routing", "sharers_data_sha256": canonical_sha256(manifest.data)}
+                 if routing else {})   # routing gates: from every sharer's data
+        return made_from(manifest, uid, adapter_sha256=adapters[uid], **extra)
+
+    def summaries(uid) -> dict:   # {piece: (n, d)}: the sharer's examples on base + task model, no LoRA
+        model, tokenizer, device = run.engine()
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        tokenized = [tokenize_example(tokenizer, ex, base_cfg.max_seq_len) for ex in examples[uid]]
+        return example_summaries(model, adapter_pieces(user_dir(anchor_dir, uid)), tokenized, pad_id, device,
+                                 base_cfg.batch_size, cfg.inputs.model.cpu_bf16)
+
+    def write_gates(uid, write_gate_file, means: dict) -> None:   # the gates, the summary, their record
+        def write(d: Path) -> None:
+            write_gate_file(d / GATES_FILE)
+            write_tensors(d / SUMMARY_FILE, means, "perpcs-summary")
+            write_json_atomic(d / SOURCE_FILE, {**source(uid), "summary_sha256": file_sha256(d / SUMMARY_FILE)})
+        write_dir_atomic(user_dir(out_root, uid), write)
 
     def work(uid, user):
+        if gates_done(uid):   # gates of an older run: only the summary is added
+            means = summary_means(summaries(uid))
+            folder = user_dir(out_root, uid)
+            write_tensors(folder / SUMMARY_FILE, means, "perpcs-summary")
+            recorded = read_source(folder / SOURCE_FILE)
+            write_json_atomic(folder / SOURCE_FILE, {**recorded, "summary_sha256": file_sha256(folder / SUMMARY_FILE)})
+            return {"examples": len(examples[uid]), "summary_added": True}
         model, tokenizer, device = run.engine()
+        means = summary_means(summaries(uid))   # before the sharer's LoRA is put on the model
         seed = user_seed(base_cfg.seed, uid)
         peft_model = PeftModel.from_pretrained(model, str(user_dir(anchor_dir, uid)), is_trainable=False)
         try:
             gates = install_gates(peft_model)
             stats = train(peft_model, tokenizer, examples[uid], replace(base_cfg, seed=seed), device,
                           desc=f"gates {uid}", log_path=out_root / "train_log.jsonl")
-
-            def write(d: Path) -> None:
-                save_gates(gates, d / GATES_FILE)
-                write_json_atomic(d / SOURCE_FILE, source(uid))
-
-            write_dir_atomic(user_dir(out_root, uid), write)
+            write_gates(uid, lambda path: save_gates(gates, path), means)
             remove_gates(peft_model)
         finally:
             peft_model.unload()
@@ -68,9 +148,53 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
         refuse_other_sources(gate_dir, read_source(gate_dir / SOURCE_FILE), source(uid), "trained")
         return True
 
+    def summary_done(uid) -> bool:
+        folder = user_dir(out_root, uid)
+        recorded = (read_source(folder / SOURCE_FILE) or {}).get("summary_sha256")
+        return (folder / SUMMARY_FILE).is_file() and recorded == file_sha256(folder / SUMMARY_FILE)
+
+    def done(uid) -> bool:
+        return gates_done(uid) and summary_done(uid)
+
     with open_run(out_root, manifest, *run.shard, cfg.shards.overwrite,
                   lambda: [gates_done(u) for u, _ in run.sharers]):
-        run_per_user(run.sharers, gates_done, work, "sharer gates", out_root / "users_log.jsonl", *run.shard,
-                     cfg.shards.overwrite, staging_dirs(out_root))
+        if routing:
+            fit_routing(cfg, run, out_root, summaries, write_gates, done)
+        else:
+            run_per_user(run.sharers, done, work, "sharer gates", out_root / "users_log.jsonl", *run.shard,
+                         cfg.shards.overwrite, staging_dirs(out_root))
         finish_per_user_stage("sharer gates", out_root, [uid for uid, _ in run.sharers])
     return out_root
+
+
+def fit_routing(cfg: SharerGateStage, run, out_root: Path, summaries, write_gates, done) -> None:
+    """--gate_objective routing: each sharer's per-example summaries (cached under routing_summaries/, so a killed
+    run resumes from the sharers it had summarised), then every gate fitted together and written."""
+    overwrite = cfg.shards.overwrite
+    if not overwrite and all(done(uid) for uid, _ in run.sharers):
+        print("sharer gates (routing): every sharer's gates are done")
+        return
+    cache = out_root / ROUTING_CACHE
+
+    def cached(uid) -> bool:
+        return (cache / user_file_name(uid, ".safetensors")).is_file()
+
+    def work(uid, user):
+        tensors = summaries(uid)
+        write_tensors(cache / user_file_name(uid, ".safetensors"), tensors, "perpcs-example-summaries")
+        return {"examples": next(iter(tensors.values())).shape[0], "routing_summaries": True}
+
+    run_per_user(run.sharers, cached, work, "routing summaries", out_root / "users_log.jsonl", 1, 0, overwrite,
+                 [cache])
+    per_sharer = [read_safetensors(cache / user_file_name(uid, ".safetensors"), "routing summaries")
+                  for uid, _ in run.sharers]
+    steps = cfg.train.max_step or 200
+    gates, report = fit_routing_gates(per_sharer, steps, cfg.routing_lr, cfg.routing_temperature,
+                                      cfg.train.batch_size, cfg.train.seed)
+    for i, (uid, _) in enumerate(run.sharers):
+        mine = {p: g[i] for p, g in gates.items()}   # the published file format: one vector per piece
+        write_gates(uid, lambda path: write_tensors(path, mine, "perpcs-gates"), summary_means(per_sharer[i]))
+    report = {"sharers": [uid for uid, _ in run.sharers], "steps": steps, "batch_size": cfg.train.batch_size,
+              "lr": cfg.routing_lr, "temperature": cfg.routing_temperature, **report}
+    write_json_atomic(out_root / ROUTING_REPORT, report)
+    print(routing_report_line(report) + f" -> {out_root / ROUTING_REPORT}")
