@@ -17,7 +17,10 @@ from perpcs.experiments.scripts import script
 DEMO_SEED = 0      # the seed of the demo's sample (data/make_sample.py's default): never part of the study
 # Each stage runs offline (the bundled model), and the tokenizers' threads do not fight torch's.
 ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-COMMON = ["--device", "cpu", "--cpu_bf16"]
+# fp32, not --cpu_bf16: bf16 autocast's kernels differ between CPUs (native AVX512-BF16, AMX, or emulated), and
+# with them the assembled recipes and greedy answers, so a bf16 table is one CPU's; fp32 gave the same table under
+# other CPU ISA limits here (docs/demo-and-results.md, "Numbers across machines"), at ~1.6x bf16's training cost.
+COMMON = ["--device", "cpu"]
 # --group_by_length: length-grouped batches, kept on for speed (opt-in since the published loops shuffle; the
 # training stages' default is a seeded shuffle). The demo's settings were chosen with it on, and with it the
 # demo's outputs stay what they were.
