@@ -213,11 +213,14 @@ def test_routing_stage_writes_gates_stage_5_reads_and_records_the_objective(pipe
     import lora_composition
     import train_anchor_gate
     gate_dir = tmp_path / "routing"
-    args = pipe.gate_args(gate_dir) + ["--gate_objective", "routing", "--max_step", "20"]
+    args = pipe.gate_args(gate_dir) + ["--gate_objective", "routing", "--routing_steps", "20"]
     out = run_stage(train_anchor_gate.main, args, capsys)
     assert "top-1 owner rate" in out
     report = json.loads((gate_dir / "routing_fit.json").read_text())
+    # the fit's own step count, not --max_step (the published gates' LM steps: the demo's 8 would leave the gates
+    # near their random start)
     assert report["steps"] == 20 and report["sharers"] == pipe.sharer_ids()
+    assert json.loads((gate_dir / "run_manifest.json").read_text())["settings"]["routing_steps"] == 20
     for uid in pipe.sharer_ids():
         source = json.loads((gate_dir / f"user_{uid}" / "source.json").read_text())
         assert source["gate_objective"] == "routing"

@@ -208,12 +208,15 @@ class SharerGateStage:
                                              "Anchor_PEFT/ of its LoRA/); default ./output/<task>/Anchor_PEFT/LoRA")
     anchor_idx_path: str | Path | None = setting(None, help=ANCHOR_IDX_HELP)
     recent_k: int = setting(2000, rule=COUNT, help="gates train on the last recent_k history items")
-    # beyond the paper (docs/method.md section 7.1); steps: --max_step, batch: --batch_size, seed: --seed
+    # beyond the paper (docs/method.md section 7.1); batch: --batch_size, seed: --seed
     gate_objective: str = setting("published", choices=OBJECTIVES, help="published: each sharer's gates trained "
                                   "alone to scale its own LoRA (x * sigmoid(x . g)); routing: every sharer's gates "
-                                  "trained together (--max_step Adam steps on batches of --batch_size examples) so "
+                                  "trained together (--routing_steps Adam steps on batches of --batch_size examples) so "
                                   "that the composition's own score ranks the sharer whose examples they are first "
                                   "(softmax over sharers, cross-entropy to the owner); not shardable")
+    # not --max_step: that counts the published gates' LM-training steps (the demo's 8 would leave routing gates
+    # near their random start); the fit on fixed summaries costs seconds for hundreds of steps
+    routing_steps: int = setting(300, rule=COUNT, help="--gate_objective routing: Adam steps of the fit")
     routing_lr: float = setting(0.01, rule=POSITIVE, help="--gate_objective routing: Adam's learning rate (the "
                                 "gates' --lr suits the published training, not this fit)")
     routing_temperature: float = setting(0.1, rule=POSITIVE, help="--gate_objective routing: the softmax "

@@ -92,7 +92,7 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
     adapters = {uid: adapter_sha256(user_dir(anchor_dir, uid)) for uid, _ in run.sharers}
     settings = {"train": asdict(cfg.train), "recent_k": cfg.recent_k}
     if routing:   # recorded only when not published: the manifests of published runs stay as they are
-        settings.update(gate_objective=cfg.gate_objective, routing_lr=cfg.routing_lr,
+        settings.update(gate_objective=cfg.gate_objective, routing_steps=cfg.routing_steps, routing_lr=cfg.routing_lr,
                         routing_temperature=cfg.routing_temperature)
     manifest = stage_manifest("sharer_gates", settings, run.data,
                               {**run.sources, "sharers": list(adapters), "sharer_adapters": adapters},
@@ -188,7 +188,7 @@ def fit_routing(cfg: SharerGateStage, run, out_root: Path, summaries, write_gate
                  [cache])
     per_sharer = [read_safetensors(cache / user_file_name(uid, ".safetensors"), "routing summaries")
                   for uid, _ in run.sharers]
-    steps = cfg.train.max_step or 200
+    steps = cfg.routing_steps
     gates, report = fit_routing_gates(per_sharer, steps, cfg.routing_lr, cfg.routing_temperature,
                                       cfg.train.batch_size, cfg.train.seed)
     for i, (uid, _) in enumerate(run.sharers):
