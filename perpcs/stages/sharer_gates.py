@@ -118,7 +118,8 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
         write_dir_atomic(user_dir(out_root, uid), write)
 
     def work(uid, user):
-        if gates_done(uid):   # gates of an older run: only the summary is added
+        # gates of an older run (not --overwrite, which trains them again): only the summary is added
+        if not cfg.shards.overwrite and gates_done(uid):
             means = summary_means(summaries(uid))
             folder = user_dir(out_root, uid)
             write_tensors(folder / SUMMARY_FILE, means, "perpcs-summary")
