@@ -206,8 +206,14 @@ class Composer:
     def scores(self, piece: str, x: torch.Tensor) -> torch.Tensor:
         """(S,) score of every sharer at ``piece`` for this forward's positions (gates.gate_scores)."""
         if self.calibration is not None:
-            return self.calibration.scores(piece, gate_summary(x, self._forward.positions), self.pool.G[piece])
+            return self._scores_of(piece, gate_summary(x, self._forward.positions))
         return gate_scores(x, self._forward.positions, self.pool.G[piece])
+
+    def _scores_of(self, piece: str, summary: torch.Tensor) -> torch.Tensor:
+        """(S,) every sharer's score from a batch's summary: published, or calibrated (--score_calibration)."""
+        if self.calibration is None:
+            return summary_scores(summary, self.pool.G[piece])
+        return self.calibration.scores(piece, summary, self.pool.G[piece])
 
     def choose(self, piece: str, scores: torch.Tensor) -> torch.Tensor:
         """Indices of the sharers mixed at this position, by the selection mode (method/selection.py); ties in the
@@ -232,8 +238,7 @@ class Composer:
     def _decide(self, piece: str, summary: torch.Tensor):
         """Once per batch and piece, from the batch's summary: every sharer's score, the choice, the mixed A and
         B (B times the LoRA scaling, so the forward adds B(A(x)) as it is)."""
-        scores = (summary_scores(summary, self.pool.G[piece]) if self.calibration is None
-                  else self.calibration.scores(piece, summary, self.pool.G[piece]))
+        scores = self._scores_of(piece, summary)
         self.score_sum[piece] += scores.double()
         pooled = self.pooled_sum.get(piece)
         self.pooled_sum[piece] = summary.double() if pooled is None else pooled + summary.double()

@@ -93,11 +93,9 @@ class PiecePool:
         raw = read_safetensors(path, "sharer LoRA weights")
         pieces: dict = {}
         for key, tensor in raw.items():
-            for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
-                if key.endswith(part):
-                    piece = key[:-len(part)]
-                    piece = piece[len(ADAPTER_PREFIX):] if piece.startswith(ADAPTER_PREFIX) else piece
-                    pieces.setdefault(piece, [None, None])[slot] = tensor
+            named = piece_of_key(key)
+            if named is not None:
+                pieces.setdefault(named[0], [None, None])[named[1]] = tensor
         broken = [p for p, ab in pieces.items() if ab[0] is None or ab[1] is None]
         if not pieces or broken:
             fail(f"{path}: not a complete LoRA adapter (pieces without A or B: {broken[:3]})")
@@ -130,6 +128,15 @@ class PiecePool:
             shutil.copyfile(config_src, staging / "adapter_config.json")
 
         return write_dir_atomic(target, write)
+
+
+def piece_of_key(key: str) -> tuple | None:
+    """(piece, 0 for A / 1 for B) of a peft adapter file's key ('base_model.model.<piece>.lora_A.weight'), None
+    for any other key."""
+    for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+        if key.endswith(part):
+            return key[:-len(part)].removeprefix(ADAPTER_PREFIX), slot
+    return None
 
 
 def _norm(value):

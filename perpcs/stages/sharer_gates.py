@@ -21,7 +21,7 @@ from perpcs.errors import fail
 from perpcs.method.calibration import (SUMMARY_FILE, example_summaries, fit_routing_gates,
                                        routing_report_line)
 from perpcs.method.gates import GATES_FILE, install_gates, remove_gates, save_gates
-from perpcs.method.pieces import ADAPTER_PREFIX
+from perpcs.method.pieces import piece_of_key
 from perpcs.models.lora import check_adapter_files, is_complete_adapter, read_safetensors
 from perpcs.models.provenance import SOURCE_FILE, adapter_sha256, file_sha256, read_source, refuse_other_sources
 from perpcs.paths import resolve_sharer_lora_dir, user_file_name
@@ -37,8 +37,8 @@ ROUTING_REPORT = "routing_fit.json"
 def adapter_pieces(adapter_dir: Path) -> list:
     """The piece names (model.layers.0.self_attn.q_proj, ...) of a peft adapter, in file order."""
     with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), "pt") as f:
-        keys = [k for k in f.keys() if k.endswith(".lora_A.weight")]
-    return [k[:-len(".lora_A.weight")].removeprefix(ADAPTER_PREFIX) for k in keys]
+        named = [piece_of_key(k) for k in f.keys()]
+    return [piece for piece, slot in filter(None, named) if slot == 0]
 
 
 def write_tensors(path: Path, tensors: dict, kind: str) -> None:
