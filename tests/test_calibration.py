@@ -227,9 +227,19 @@ def test_routing_stage_writes_gates_stage_5_reads_and_records_the_objective(pipe
         published = file_digest(pipe.anchor_gate / f"user_{uid}" / "gates.safetensors")
         assert file_digest(gate_dir / f"user_{uid}" / "gates.safetensors") != published
     assert json.loads((gate_dir / "run_manifest.json").read_text())["settings"]["gate_objective"] == "routing"
+    # summary.json is the stage's "done" file (the study's resume reads it): the fit's figures and the examples'
+    # truncation counts, one per sharer
+    summary = json.loads((gate_dir / "summary.json").read_text())
+    assert summary["routing_fit"]["held_out_top1"] == report["held_out_top1"]
+    assert summary["routing_fit"]["steps"] == 20
+    assert summary["truncated"]["examples"]["users"] == len(pipe.sharer_ids())
     again = file_digests(gate_dir)
     assert "every sharer's gates are done" in run_stage(train_anchor_gate.main, args, capsys)   # resume: nothing
     assert file_digests(gate_dir) == again
+    # a folder of the earlier code (no summary.json): a rerun adds it and changes nothing else
+    (gate_dir / "summary.json").unlink()
+    assert "every sharer's gates are done" in run_stage(train_anchor_gate.main, args, capsys)
+    assert json.loads((gate_dir / "summary.json").read_text())["routing_fit"] == summary["routing_fit"]
     comp = tmp_path / "comp"
     run_stage(lora_composition.main, pipe.compose_args(comp, gate_path=gate_dir), capsys)
     recipe = json.loads(next((comp / "recipes").iterdir()).read_text())

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from perpcs.atomic import write_bytes_atomic, write_dir_atomic, write_json_atomic
-from perpcs.data.truncation import finish_per_user_stage
+from perpcs.data.layout import read_json
+from perpcs.data.truncation import count_cuts, finish_per_user_stage, user_entry
 from perpcs.engine.training import tokenize_example, train, user_seed
 from perpcs.errors import fail
 from perpcs.method.calibration import (SUMMARY_FILE, example_summaries, fit_routing_gates,
@@ -103,12 +104,15 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
                  if routing else {})   # routing gates: from every sharer's data
         return made_from(manifest, uid, adapter_sha256=adapters[uid], **extra)
 
-    def summaries(uid) -> dict:   # {piece: (n, d)}: the sharer's examples on base + task model, no LoRA
+    def summaries(uid) -> tuple:
+        """({piece: (n, d)}, cut counts): the sharer's examples on base + task model, no LoRA, and how many of
+        them were shortened to fit --max_seq_len."""
         model, tokenizer, device = run.engine()
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         tokenized = [tokenize_example(tokenizer, ex, base_cfg.max_seq_len) for ex in examples[uid]]
-        return example_summaries(model, adapter_pieces(user_dir(anchor_dir, uid)), tokenized, pad_id, device,
-                                 base_cfg.batch_size, cfg.inputs.model.cpu_bf16)
+        return (example_summaries(model, adapter_pieces(user_dir(anchor_dir, uid)), tokenized, pad_id, device,
+                                  base_cfg.batch_size, cfg.inputs.model.cpu_bf16),
+                count_cuts([t.cut for t in tokenized], base_cfg.max_seq_len))
 
     def write_gates(uid, write_gate_file, means: dict) -> None:   # the gates, the summary, their record
         def write(d: Path) -> None:
@@ -120,14 +124,14 @@ def train_sharer_gates(cfg: SharerGateStage) -> Path:
     def work(uid, user):
         # gates of an older run (not --overwrite, which trains them again): only the summary is added
         if not cfg.shards.overwrite and gates_done(uid):
-            means = summary_means(summaries(uid))
+            means = summary_means(summaries(uid)[0])
             folder = user_dir(out_root, uid)
             write_tensors(folder / SUMMARY_FILE, means, "perpcs-summary")
             recorded = read_source(folder / SOURCE_FILE)
             write_json_atomic(folder / SOURCE_FILE, {**recorded, "summary_sha256": file_sha256(folder / SUMMARY_FILE)})
             return {"examples": len(examples[uid]), "summary_added": True}
         model, tokenizer, device = run.engine()
-        means = summary_means(summaries(uid))   # before the sharer's LoRA is put on the model
+        means = summary_means(summaries(uid)[0])   # before the sharer's LoRA is put on the model
         seed = user_seed(base_cfg.seed, uid)
         peft_model = PeftModel.from_pretrained(model, str(user_dir(anchor_dir, uid)), is_trainable=False)
         try:
@@ -172,8 +176,9 @@ def fit_routing(cfg: SharerGateStage, run, out_root: Path, summaries, write_gate
     """--gate_objective routing: each sharer's per-example summaries (cached under routing_summaries/, so a killed
     run resumes from the sharers it had summarised), then every gate fitted together and written."""
     overwrite = cfg.shards.overwrite
-    if not overwrite and all(done(uid) for uid, _ in run.sharers):
+    if not overwrite and all(done(uid) for uid, _ in run.sharers) and (out_root / ROUTING_REPORT).is_file():
         print("sharer gates (routing): every sharer's gates are done")
+        record_routing_fit(out_root)
         return
     cache = out_root / ROUTING_CACHE
 
@@ -181,9 +186,10 @@ def fit_routing(cfg: SharerGateStage, run, out_root: Path, summaries, write_gate
         return (cache / user_file_name(uid, ".safetensors")).is_file()
 
     def work(uid, user):
-        tensors = summaries(uid)
+        tensors, cuts = summaries(uid)
         write_tensors(cache / user_file_name(uid, ".safetensors"), tensors, "perpcs-example-summaries")
-        return {"examples": next(iter(tensors.values())).shape[0], "routing_summaries": True}
+        return {"examples": next(iter(tensors.values())).shape[0], "routing_summaries": True,
+                "truncated": user_entry(uid, cuts)}
 
     run_per_user(run.sharers, cached, work, "routing summaries", out_root / "users_log.jsonl", 1, 0, overwrite,
                  [cache])
@@ -198,4 +204,19 @@ def fit_routing(cfg: SharerGateStage, run, out_root: Path, summaries, write_gate
     report = {"sharers": [uid for uid, _ in run.sharers], "steps": steps, "batch_size": cfg.train.batch_size,
               "lr": cfg.routing_lr, "temperature": cfg.routing_temperature, **report}
     write_json_atomic(out_root / ROUTING_REPORT, report)
+    record_routing_fit(out_root)
     print(routing_report_line(report) + f" -> {out_root / ROUTING_REPORT}")
+
+
+def record_routing_fit(out_root: Path) -> None:
+    """The fit's overall figures in summary.json, the stage's "done" file (a routing run logs no training, so no
+    truncation totals may write it); unchanged content is not rewritten, so a resumed run leaves the folder as is."""
+    report = read_json(out_root / ROUTING_REPORT, "routing fit report")
+    entry = {"report": ROUTING_REPORT, **{key: report.get(key) for key in
+                                           ("steps", "held_out_top1", "train_top1", "chance_top1", "loss")}}
+    path = out_root / "summary.json"
+    summary = read_json(path, "summary") if path.is_file() else {}
+    if not isinstance(summary, dict):
+        fail(f"{path}: expected a JSON object")
+    if summary.get("routing_fit") != entry:
+        write_json_atomic(path, {**summary, "routing_fit": entry})
