@@ -191,6 +191,19 @@ def test_variants_put_their_flags_exactly_where_they_belong(tmp_path):
     # the k sweep: base k 4, then 5 and 10, each with its controls; gate-free controls once per k, swapped per variant
     ks = sorted({int(_flag(a, "--k")) for n, a in by_name.items() if n.startswith("sharers")})
     assert ks == [4, 5, 10]
+    # each pool trains in its own folder (stage 3 refuses to add sharers to a smaller pool's); the base k's is
+    # where it always was, so earlier studies resume; every run reads the pool of its own sharer index
+    lora_dirs = {int(_flag(a, "--anchor_idx_path").split("/k")[-1].split("/")[0]): _flag(a, "--output_dir")
+                 for n, a in by_name.items() if n.startswith("sharer LoRAs")}
+    assert lora_dirs[4].endswith("sharers/steps20/LoRA") and lora_dirs[5].endswith("sharers/steps20-k5/LoRA")
+    assert len(set(lora_dirs.values())) == 3
+    for n, a in by_name.items():
+        k = _flag(a, "--anchor_idx_path")
+        lora = _flag(a, "--anchor_dir") or _flag(a, "--anchor_path")
+        if k and lora:
+            assert lora == lora_dirs[int(k.split("/k")[-1].split("/")[0])], n
+            gates = _flag(a, "--gate_dir") or _flag(a, "--output_dir")
+            assert Path(gates).parent == Path(lora).parent, n
     controls = [n for n in by_name if n.startswith("control")]
     assert len([n for n in controls if n.startswith("control uniform")]) == 3
     assert len([n for n in controls if n.startswith("control swapped")]) == 3 * len(VARIANTS)

@@ -10,9 +10,10 @@ sample in its own folder ``<root>/<task>/seed<s>-groups<g>/`` (data, outputs, lo
     the controls (uniform, swapped, peft merge, PEFT retrieval)        for the base setting and the k sweep
 
 A setting is (k, sharer steps, gate steps, top-k, recent_k); the k sweep sets k = groups x m, other sweeps vary one
-setting at a time around the base setting; a variant is published, center, routing or routing+center (issue 25). Sharer LoRAs depend only on the sharer and its step count, gates on those LoRAs and the gate step
-count, so settings share them through per-user resumable dirs (``sharers/steps<S>/LoRA``,
-``sharers/steps<S>/gate<G>``). Every step whose output exists is skipped: an interrupted study continues.
+setting at a time around the base setting; a variant is published, center, routing or routing+center (issue 25). Sharer LoRAs depend on the pool (k) and the step count, gates on those LoRAs and the gate step
+count, so settings with the same k share them through per-user resumable dirs (``sharers/steps<S>/LoRA``,
+``sharers/steps<S>/gate<G>``; another k than the base's: ``sharers/steps<S>-k<k>/...``, since stages 3 and 4
+refuse to add sharers to a folder a smaller pool made). Every step whose output exists is skipped: an interrupted study continues.
 
 Scored on the no-retrieval variant (``kNP``: personalization must come from the weights) and on BM25 k=1:
 the metric, the share of the task LoRA -> OPPU gap that Per-Pcs closes, the routing share (recipe weight on

@@ -127,7 +127,7 @@ class Step:
 @dataclass(frozen=True)
 class PoolDone:
     """Stage 3 or 4 over a sharer index is done when its summary.json is there and every sharer of the index has
-    its file: settings with another k share the dir, and summary.json alone would skip a larger pool's sharers."""
+    its file (summary.json alone would count a folder done whose run had fewer sharers)."""
     index: Path
     out_dir: Path
     file: str
@@ -140,9 +140,10 @@ class PoolDone:
 
 
 class SampleDirs:
-    def __init__(self, root: Path, sample: Sample):
+    def __init__(self, root: Path, sample: Sample, base_k: int | None = None):
         self.root = Path(root) / sample.task / f"seed{sample.seed}-groups{sample.n_groups}"
         self.sample = sample
+        self.base_k = base_k
 
     raw = property(lambda self: self.root / "raw")
     data = property(lambda self: self.root / "data")
@@ -155,14 +156,20 @@ class SampleDirs:
     def anchors(self, s: StudySetting) -> Path:
         return self.root / "anchors" / f"k{s.k}"
 
+    def pool(self, s: StudySetting) -> Path:
+        """The sharers of setting s: one folder per pool (k) beside the base k's, since stage 3 and 4 refuse to add
+        sharers to a folder another pool made (their manifest records the sharers and their data)."""
+        other_k = self.base_k is not None and s.k != self.base_k
+        return self.root / "sharers" / (f"steps{s.sharer_steps}" + (f"-k{s.k}" if other_k else ""))
+
     def sharer_loras(self, s: StudySetting) -> Path:
-        return self.root / "sharers" / f"steps{s.sharer_steps}" / "LoRA"
+        return self.pool(s) / "LoRA"
 
     def gates(self, s: StudySetting, variant: Variant = PUBLISHED) -> Path:
-        """Published gates are per sharer (shared by every k); routing gates are trained over the pool: per k."""
+        """In the pool's folder: published gates per sharer, routing gates (trained over the pool) in their own."""
         name = f"gate{s.gate_steps}" + ("" if variant.gate_objective == "published"
                                         else f"-{variant.gate_objective}-k{s.k}")
-        return self.root / "sharers" / f"steps{s.sharer_steps}" / name
+        return self.pool(s) / name
 
     def composition(self, s: StudySetting, variant: Variant | None = PUBLISHED, control: str | None = None) -> Path:
         """variant None: a gate-free control's run, the same for every variant."""
@@ -257,7 +264,7 @@ def plan(cfg: StudyConfig) -> list:
     base, sweeps = {}, {}
     variants = cfg.variant_list()
     for sample in cfg.samples():
-        d = SampleDirs(cfg.root, sample)
+        d = SampleDirs(cfg.root, sample, cfg.base.k)
         with_controls = cfg.control_settings(sample)
 
         def steps_of(setting):
