@@ -155,16 +155,22 @@ def log_totals(log_path, uids=None) -> dict:
             for kind, per_user in sorted(last.items())}
 
 
-def record_in_summary(out_dir, truncated: dict) -> Path:
-    """Merge ``truncated`` ({kind: counts}) into <out_dir>/summary.json (written atomically); other keys, and
-    kinds this run did not count (a reused adapter's training), stay."""
+def update_summary(out_dir, key: str, value: dict, merge: bool = False) -> Path:
+    """Set ``key`` of <out_dir>/summary.json (written atomically) to ``value``, or with ``merge`` to the old
+    entry updated by it; the other keys stay."""
     path = Path(out_dir) / "summary.json"
     summary = read_json(path, "summary") if path.is_file() else {}
     if not isinstance(summary, dict):
         fail(f"{path}: expected a JSON object")
-    summary["truncated"] = {**summary.get("truncated", {}), **truncated}
+    summary[key] = {**summary.get(key, {}), **value} if merge else value
     write_json_atomic(path, summary)
     return path
+
+
+def record_in_summary(out_dir, truncated: dict) -> Path:
+    """Merge ``truncated`` ({kind: counts}) into <out_dir>/summary.json; other keys, and kinds this run did not
+    count (a reused adapter's training), stay."""
+    return update_summary(out_dir, "truncated", truncated, merge=True)
 
 
 def report_stage(who: str, totals: dict, where=None) -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from perpcs.atomic import write_bytes_atomic, write_dir_atomic, write_json_atomic
 from perpcs.data.layout import read_json
-from perpcs.data.truncation import count_cuts, finish_per_user_stage, user_entry
+from perpcs.data.truncation import count_cuts, finish_per_user_stage, update_summary, user_entry
 from perpcs.engine.training import tokenize_example, train, user_seed
 from perpcs.errors import fail
 from perpcs.method.calibration import (SUMMARY_FILE, example_summaries, fit_routing_gates,
@@ -210,13 +210,7 @@ def fit_routing(cfg: SharerGateStage, run, out_root: Path, summaries, write_gate
 
 def record_routing_fit(out_root: Path) -> None:
     """The fit's overall figures in summary.json, the stage's "done" file (a routing run logs no training, so no
-    truncation totals may write it); unchanged content is not rewritten, so a resumed run leaves the folder as is."""
+    truncation totals may write it)."""
     report = read_json(out_root / ROUTING_REPORT, "routing fit report")
-    entry = {"report": ROUTING_REPORT, **{key: report.get(key) for key in
-                                           ("steps", "held_out_top1", "train_top1", "chance_top1", "loss")}}
-    path = out_root / "summary.json"
-    summary = read_json(path, "summary") if path.is_file() else {}
-    if not isinstance(summary, dict):
-        fail(f"{path}: expected a JSON object")
-    if summary.get("routing_fit") != entry:
-        write_json_atomic(path, {**summary, "routing_fit": entry})
+    update_summary(out_root, "routing_fit", {"report": ROUTING_REPORT, **{
+        key: report.get(key) for key in ("steps", "held_out_top1", "train_top1", "chance_top1", "loss")}})
